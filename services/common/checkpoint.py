@@ -1,0 +1,158 @@
+"""Locating and reading an original OpenGVLab InternVL 2.5 checkpoint directory.
+
+A checkpoint is `config.json` (model_type `internvl_chat`), weights in `model.safetensors` or in shards listed by
+`model.safetensors.index.json`, and tokenizer files. This module validates the directory, exposes the weights
+lazily (one shard open at a time), and computes the model fingerprint that all services share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from services.common.errors import CheckpointError
+from services.common.spec import ModelSpec
+
+CONFIG_FILE = "config.json"
+SINGLE_WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Bytes hashed from each end of every shard's data: enough to tell two checkpoints with the same shapes apart (a
+# fine-tune, another random seed) without reading tens of gigabytes at start-up.
+_FINGERPRINT_SAMPLE_BYTES = 1 << 20
+
+
+def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub id (`OpenGVLab/InternVL2_5-1B`) fetched or found in the hub cache.
+
+    Offline with no local copy this raises a one-line CheckpointError naming the directory it looked in.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise CheckpointError(f"model directory {path} does not exist (and {model!r} is not a hub id)")
+    from huggingface_hub import constants, snapshot_download
+
+    looked_in = Path(cache_dir or constants.HF_HUB_CACHE)
+    try:
+        # Weights, config and tokenizer only: the remote code is never executed.
+        return Path(snapshot_download(model, cache_dir=cache_dir, allow_patterns=["*.json", "*.safetensors",
+                                                                                 "*.txt", "*.model"]))
+    except Exception as exc:  # the hub client raises a zoo of types for "offline", "not found", "gated"
+        raise CheckpointError(
+            f"cannot fetch {model!r} from the hub and no local copy was found in {looked_in} "
+            f"({type(exc).__name__}); pass a local checkpoint directory with --model"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A validated checkpoint directory. `weight_map` maps every original weight name to its shard file."""
+
+    path: Path
+    config: dict
+    spec: ModelSpec
+    weight_map: dict[str, str]
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def shards_for(self, prefixes: tuple[str, ...]) -> list[str]:
+        """Shard files holding any weight under one of `prefixes`, in a stable order."""
+        return sorted({shard for key, shard in self.weight_map.items() if key.startswith(prefixes)})
+
+    def tensors(self, prefixes: tuple[str, ...]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields (original name, tensor as stored) for weights under `prefixes`, one shard open at a time."""
+        for shard in self.shards_for(prefixes):
+            with safe_open(self.path / shard, framework="pt") as reader:
+                for key in reader.keys():
+                    if key.startswith(prefixes):
+                        yield key, reader.get_tensor(key)
+
+
+def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
+    """Validates the directory (config, index, every shard present and readable) and fingerprints it."""
+    path = resolve_model_path(str(model))
+    config = _read_json(path / CONFIG_FILE)
+    spec = ModelSpec.from_config(config, source=str(path / CONFIG_FILE))
+    weight_map = _read_weight_map(path)
+    return Checkpoint(path=path, config=config, spec=spec, weight_map=weight_map,
+                      fingerprint=_fingerprint(path, config, weight_map))
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: file not found")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
+def _read_weight_map(path: Path) -> dict[str, str]:
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        weight_map = _read_json(index_file).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_file}: missing or empty 'weight_map'")
+    elif (path / SINGLE_WEIGHTS_FILE).is_file():
+        weight_map = {key: SINGLE_WEIGHTS_FILE for key in _safetensors_header(path / SINGLE_WEIGHTS_FILE)}
+    else:
+        raise CheckpointError(f"{path}: no {SINGLE_WEIGHTS_FILE} and no {INDEX_FILE}")
+    for shard in sorted(set(weight_map.values())):
+        shard_file = path / shard
+        if not shard_file.is_file():
+            raise CheckpointError(f"{shard_file}: shard listed in {INDEX_FILE} is missing")
+        missing = [k for k, s in weight_map.items() if s == shard and k not in _safetensors_header(shard_file)]
+        if missing:
+            raise CheckpointError(f"{shard_file}: lacks {len(missing)} weights its index lists, e.g. {missing[0]}")
+    return dict(weight_map)
+
+
+def _safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets) without reading the tensors."""
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 1024 * 1024:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _fingerprint(path: Path, config: dict, weight_map: dict[str, str]) -> str:
+    """sha256 over the canonical config, every shard's header and a sample of each shard's bytes.
+
+    Stable across machines and copies of the same weights; different for another model, another size, or the same
+    architecture with other weights. 16 hex digits are plenty to name a model inside one deployment.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    for shard in sorted(set(weight_map.values())):
+        file = path / shard
+        header = _safetensors_header(file)
+        digest.update(shard.encode())
+        digest.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            digest.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
+            f.seek(max(0, size - _FINGERPRINT_SAMPLE_BYTES))
+            digest.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]

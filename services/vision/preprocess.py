@@ -1,0 +1,194 @@
+"""InternVL 2.5 image preprocessing: decode, dynamic tiling and normalisation.
+
+A bit-for-bit port of ``dynamic_preprocess`` / ``build_transform`` / ``load_image`` from the InternVL
+2.5 model card, using Pillow and torch only (torchvision's ``Resize`` on a PIL image is PIL's own
+``resize``, and ``ToTensor`` + ``Normalize`` are two float32 operations we do directly).
+
+An image becomes a grid of ``cols x rows`` tiles of ``image_size`` pixels, chosen so the grid's shape
+follows the image's aspect ratio, plus one downscaled thumbnail of the whole image when the grid has
+more than one tile. Each tile costs the language model 256 tokens, so ``count_tiles`` is also how the
+gateway budgets context before any pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from services.common.errors import InvalidMediaError
+
+IMAGE_SIZE = 448
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# 64 megapixels is an 8000x8000 photo, well beyond any camera a user sends, while a decoded RGB
+# image of that size still fits in memory (192 MB). Pillow's own guard only fires at ~179 MP.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+ImageSource = str | PathLike[str] | bytes | bytearray | memoryview | Image.Image
+
+
+def _candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    """Every (cols, rows) with ``min_num <= cols*rows <= max_num``, ordered by area.
+
+    Built as the original (the same set, filled in the same order, then a stable sort by area) so that grids of equal area keep
+    the original's relative order, which decides the winner when two of them tie on aspect ratio.
+    """
+    grids = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
+    return sorted(grids, key=lambda x: x[0] * x[1])
+
+
+def tile_grid(
+    width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = IMAGE_SIZE
+) -> tuple[int, int]:
+    """The (cols, rows) tile grid InternVL 2.5 picks for a ``width x height`` image.
+
+    The grid whose cols/rows ratio is closest to width/height wins. On an exact tie (a square image
+    ties 1x1, 2x2 and 3x3; a 3:2 image ties 1x1 and 2x1) the later, larger grid wins only when the
+    image has more pixels than half that grid's area: a small image is not blown up into many tiles
+    of upscaled blur, while a large one keeps its detail. So 634x634 gives 2x2 and 1000x1000 gives 3x3.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if min_num < 1 or max_num < min_num:
+        raise ValueError(f"need 1 <= min_num <= max_num, got min_num={min_num}, max_num={max_num}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+
+    aspect_ratio = width / height
+    area = width * height
+    best_diff = float("inf")
+    best = (1, 1)
+    for cols, rows in _candidate_grids(min_num, max_num):
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best_diff = diff
+            best = (cols, rows)
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def count_tiles(
+    width: int, height: int, max_num: int = 12, image_size: int = IMAGE_SIZE, use_thumbnail: bool = True
+) -> int:
+    """How many tiles ``dynamic_tiles`` makes for a ``width x height`` image, without decoding it."""
+    cols, rows = tile_grid(width, height, 1, max_num, image_size)
+    n = cols * rows
+    return n + 1 if use_thumbnail and n > 1 else n
+
+
+def dynamic_tiles(
+    image: Image.Image,
+    min_num: int = 1,
+    max_num: int = 12,
+    image_size: int = IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> list[Image.Image]:
+    """Split ``image`` into ``cols*rows`` tiles of ``image_size x image_size`` (+1 thumbnail).
+
+    Tiles come in row-major order (tile k is column k % cols, row k // cols); the thumbnail, the whole
+    image squashed to one tile, is last and only present when there is more than one tile.
+    """
+    cols, rows = tile_grid(image.width, image.height, min_num, max_num, image_size)
+    # No filter argument: the original relies on Pillow's default, BICUBIC.
+    resized = image.resize((image_size * cols, image_size * rows))
+    tiles = []
+    for k in range(cols * rows):
+        x, y = (k % cols) * image_size, (k // cols) * image_size
+        tiles.append(resized.crop((x, y, x + image_size, y + image_size)))
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size)))
+    return tiles
+
+
+def tiles_to_tensor(tiles: Sequence[Image.Image], image_size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Stack tiles into a float32 tensor [n, 3, image_size, image_size], ImageNet-normalised.
+
+    Same arithmetic as torchvision's ``ToTensor`` then ``Normalize`` (uint8 -> float32, /255, minus
+    mean, divided by std, all in float32), so the values match the reference bit for bit.
+    """
+    if not tiles:
+        raise ValueError("no tiles to convert")
+    arrays = []
+    for tile in tiles:
+        if tile.mode != "RGB":
+            tile = tile.convert("RGB")
+        if tile.size != (image_size, image_size):
+            # torchvision's Resize((s, s), BICUBIC) on a PIL image is this call.
+            tile = tile.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(tile, dtype=np.uint8))
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32).div(255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
+    return pixels.sub_(mean).div_(std).contiguous()
+
+
+def open_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``source`` (a path, encoded bytes or a PIL image) into a fully loaded RGB image.
+
+    Raises ``InvalidMediaError`` for empty, undecodable or truncated data, and for images with more
+    than ``max_pixels`` pixels (``None`` disables that limit). The size is checked from the header,
+    before the pixels are decoded, so a small file that claims a huge image costs nothing.
+    A path that cannot be read raises the usual ``OSError``: that is the caller's file, not bad media.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (str, PathLike)):
+            data = Path(source).read_bytes()
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytes(source)
+        else:
+            raise TypeError(f"expected a path, bytes or PIL image, got {type(source).__name__}")
+        if not data:
+            raise InvalidMediaError("image data is empty")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise InvalidMediaError(f"image is too large: {exc}") from exc
+        except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+            raise InvalidMediaError(f"cannot decode image: {exc}") from exc
+
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidMediaError(f"image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise InvalidMediaError(
+            f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
+        )
+    try:
+        # convert() forces the full decode, so truncated data fails here rather than later.
+        return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise InvalidMediaError(f"image is too large: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidMediaError(f"cannot decode image: {exc}") from exc
+
+
+def load_image(
+    source: ImageSource,
+    max_num: int = 12,
+    image_size: int = IMAGE_SIZE,
+    use_thumbnail: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """Decode, tile and normalise one image: float32 [tiles, 3, image_size, image_size].
+
+    ``tiles == count_tiles(width, height, max_num, image_size, use_thumbnail)``.
+    """
+    image = open_image(source, max_pixels=max_pixels)
+    tiles = dynamic_tiles(image, max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail)
+    return tiles_to_tensor(tiles, image_size)
