@@ -1,0 +1,110 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+
+class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_CODE_UNSPECIFIED: _ClassVar[ErrorCode]
+    ERROR_CODE_INVALID_ARGUMENT: _ClassVar[ErrorCode]
+    ERROR_CODE_INVALID_MEDIA: _ClassVar[ErrorCode]
+    ERROR_CODE_MEDIA_TOO_LARGE: _ClassVar[ErrorCode]
+    ERROR_CODE_EMBEDDINGS_MISSING: _ClassVar[ErrorCode]
+    ERROR_CODE_MODEL_MISMATCH: _ClassVar[ErrorCode]
+    ERROR_CODE_CONTEXT_TOO_LONG: _ClassVar[ErrorCode]
+    ERROR_CODE_OVERLOADED: _ClassVar[ErrorCode]
+    ERROR_CODE_NOT_READY: _ClassVar[ErrorCode]
+    ERROR_CODE_INTERNAL: _ClassVar[ErrorCode]
+DTYPE_UNSPECIFIED: DType
+DTYPE_BFLOAT16: DType
+DTYPE_FLOAT16: DType
+DTYPE_FLOAT32: DType
+ERROR_CODE_UNSPECIFIED: ErrorCode
+ERROR_CODE_INVALID_ARGUMENT: ErrorCode
+ERROR_CODE_INVALID_MEDIA: ErrorCode
+ERROR_CODE_MEDIA_TOO_LARGE: ErrorCode
+ERROR_CODE_EMBEDDINGS_MISSING: ErrorCode
+ERROR_CODE_MODEL_MISMATCH: ErrorCode
+ERROR_CODE_CONTEXT_TOO_LONG: ErrorCode
+ERROR_CODE_OVERLOADED: ErrorCode
+ERROR_CODE_NOT_READY: ErrorCode
+ERROR_CODE_INTERNAL: ErrorCode
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TensorHeader(_message.Message):
+    __slots__ = ("dtype", "shape", "total_bytes")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    total_bytes: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("header", "offset", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: TensorHeader
+    offset: int
+    data: bytes
+    def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("fingerprint", "model_name", "llm_hidden_size", "dtype", "tokens_per_tile", "image_size", "llm_architecture", "vision_architecture")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    LLM_HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_TILE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LLM_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    VISION_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    model_name: str
+    llm_hidden_size: int
+    dtype: DType
+    tokens_per_tile: int
+    image_size: int
+    llm_architecture: str
+    vision_architecture: str
+    def __init__(self, fingerprint: _Optional[str] = ..., model_name: _Optional[str] = ..., llm_hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tokens_per_tile: _Optional[int] = ..., image_size: _Optional[int] = ..., llm_architecture: _Optional[str] = ..., vision_architecture: _Optional[str] = ...) -> None: ...
+
+class PreprocessOptions(_message.Message):
+    __slots__ = ("max_num", "use_thumbnail")
+    MAX_NUM_FIELD_NUMBER: _ClassVar[int]
+    USE_THUMBNAIL_FIELD_NUMBER: _ClassVar[int]
+    max_num: int
+    use_thumbnail: bool
+    def __init__(self, max_num: _Optional[int] = ..., use_thumbnail: _Optional[bool] = ...) -> None: ...
+
+class ErrorDetail(_message.Message):
+    __slots__ = ("code", "item_index", "missing_keys")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ITEM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    MISSING_KEYS_FIELD_NUMBER: _ClassVar[int]
+    code: ErrorCode
+    item_index: int
+    missing_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., item_index: _Optional[int] = ..., missing_keys: _Optional[_Iterable[str]] = ...) -> None: ...

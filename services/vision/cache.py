@@ -1,0 +1,367 @@
+"""The shared embedding cache: content-addressed keys, a self-describing value codec, a Redis store.
+
+Transport-free (no gRPC). Three parts:
+
+* ``cache_key``: a SHA-256 content address over the schema version, the model fingerprint, every
+  preprocessing parameter that changes the embeddings, and the media bytes, each length-prefixed and
+  type-tagged so no two different inputs can encode to the same byte string.
+* ``encode_value`` / ``decode_value``: ``MAGIC | u32 header length | JSON header | raw tensor bytes``.
+  The header holds dtype, shape, payload length, a SHA-256 of the payload, the model fingerprint and the
+  schema version. Never pickle. A value that fails any check decodes to ``None``, which callers treat as a
+  miss and re-encode (ARCHITECTURE decision 3).
+* ``EmbeddingCache``: get / put / exists over ``redis.asyncio.Redis`` with per-process single-flight
+  (``get_or_compute``). Redis should run with ``maxmemory-policy allkeys-lru`` so that, under memory
+  pressure, the least recently used embeddings are evicted rather than writes failing; entries also carry a
+  TTL. An eviction is an ordinary miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import struct
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import torch
+from redis.asyncio import Redis
+
+logger = logging.getLogger(__name__)
+
+# Bump when the key derivation, the value layout or the embeddings' meaning changes: old entries then
+# simply stop being found (their keys differ) and age out by TTL or LRU.
+SCHEMA_VERSION = 1
+DEFAULT_NAMESPACE = "internvl"
+MEDIA_KINDS = ("image", "frame")
+
+# 8 bytes that start every stored value; the last byte is the layout version of what follows.
+MAGIC = b"IVLEMB\x00\x01"
+_HEADER_LEN = struct.Struct(">I")
+# A header is a few hundred bytes; anything far larger is garbage, not a header.
+_MAX_HEADER_BYTES = 64 * 1024
+
+# Element types the cache stores, by the name written in the header.
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+_DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+def _field_head(tag: bytes, name: str, payload_len: int) -> bytes:
+    """What precedes a field's payload: ``tag | u64 len(name) | name | u64 len(payload)``."""
+    name_b = name.encode()
+    return tag + struct.pack(">Q", len(name_b)) + name_b + struct.pack(">Q", payload_len)
+
+
+def _field(tag: bytes, name: str, payload: bytes) -> bytes:
+    """One type-tagged, length-prefixed field; ``tag`` is i (int), b (bool), s (str) or y (bytes)."""
+    return _field_head(tag, name, len(payload)) + payload
+
+
+def _int_field(name: str, value: int) -> bytes:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return _field(b"i", name, str(value).encode())
+
+
+def _bool_field(name: str, value: bool) -> bytes:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return _field(b"b", name, b"\x01" if value else b"\x00")
+
+
+def _str_field(name: str, value: str) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    return _field(b"s", name, value.encode())
+
+
+def frame_media(rgb: bytes, height: int, width: int) -> bytes:
+    """The ``media`` bytes of a raw RGB frame for ``cache_key(..., media_kind="frame")``.
+
+    The shape is part of the content: the same pixel bytes read as 2x6 or 3x4 are different images.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"frame shape must be positive, got {height}x{width}")
+    if len(rgb) != height * width * 3:
+        raise ValueError(f"an RGB frame of {height}x{width} has {height * width * 3} bytes, got {len(rgb)}")
+    return struct.pack(">QQ", height, width) + bytes(rgb)
+
+
+def cache_key(
+    model_fingerprint: str,
+    max_num: int,
+    use_thumbnail: bool,
+    image_size: int,
+    media: bytes,
+    media_kind: str,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> str:
+    """The Redis key of one image's embeddings: ``{namespace}:emb:v{SCHEMA_VERSION}:{sha256 hex}``.
+
+    ``media`` is the encoded image file for ``media_kind="image"`` and ``frame_media(...)`` for
+    ``media_kind="frame"``. Every argument that changes the embeddings is hashed; add new preprocessing
+    parameters here (and bump ``SCHEMA_VERSION`` if existing keys would change meaning).
+    """
+    if media_kind not in MEDIA_KINDS:
+        raise ValueError(f"media_kind must be one of {MEDIA_KINDS}, got {media_kind!r}")
+    if not model_fingerprint:
+        raise ValueError("model_fingerprint must not be empty")
+    h = hashlib.sha256()
+    for part in (
+        _int_field("schema_version", SCHEMA_VERSION),
+        _str_field("model_fingerprint", model_fingerprint),
+        _int_field("max_num", max_num),
+        _bool_field("use_thumbnail", use_thumbnail),
+        _int_field("image_size", image_size),
+        _str_field("media_kind", media_kind),
+    ):
+        h.update(part)
+    # The media last, streamed into the hash without building one more copy of it.
+    media_b = memoryview(media).cast("B")
+    h.update(_field_head(b"y", "media", media_b.nbytes))
+    h.update(media_b)
+    return f"{namespace}:emb:v{SCHEMA_VERSION}:{h.hexdigest()}"
+
+
+# -------------------------------------------------------------------------------------------- tensors
+
+
+def tensor_to_bytes(tensor: torch.Tensor) -> tuple[str, list[int], bytes]:
+    """``(dtype name, shape, little-endian row-major bytes)`` of a tensor; no pickle, no numpy dtypes."""
+    name = _DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise ValueError(f"unsupported embedding dtype {tensor.dtype}; expected one of {list(DTYPES)}")
+    if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
+        raise RuntimeError("the embedding codec assumes a little-endian host")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    # Reinterpret the elements as bytes (bf16 has no numpy dtype; uint8 does), then copy them out once.
+    data = flat.view(torch.uint8).numpy().tobytes()
+    return name, list(tensor.shape), data
+
+
+def tensor_from_bytes(
+    dtype: str, shape: list[int] | tuple[int, ...], data: bytes | bytearray
+) -> torch.Tensor:
+    """The inverse of ``tensor_to_bytes``; raises ``ValueError`` when ``data`` does not fit the shape."""
+    torch_dtype = DTYPES.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"unsupported dtype {dtype!r}")
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        raise ValueError(f"bad shape {shape!r}")
+    expected = math.prod(shape) * torch_dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(f"{len(data)} bytes do not hold a {dtype} tensor of shape {list(shape)}")
+    if expected == 0:
+        return torch.empty(tuple(shape), dtype=torch_dtype)
+    # A writable copy the tensor owns (torch.frombuffer shares memory and warns on read-only buffers).
+    buf = bytearray(data)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(torch_dtype).reshape(tuple(shape))
+
+
+# ---------------------------------------------------------------------------------------------- codec
+
+
+def encode_value(tensor: torch.Tensor, model_fingerprint: str) -> bytes:
+    """Serialise one image's embeddings for the cache: magic, header length, JSON header, raw bytes."""
+    dtype, shape, data = tensor_to_bytes(tensor)
+    header = {
+        "schema_version": SCHEMA_VERSION,
+        "dtype": dtype,
+        "shape": shape,
+        "byteorder": "little",
+        "nbytes": len(data),
+        "checksum": "sha256:" + hashlib.sha256(data).hexdigest(),
+        "model_fingerprint": model_fingerprint,
+    }
+    header_b = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    return b"".join((MAGIC, _HEADER_LEN.pack(len(header_b)), header_b, data))
+
+
+def _decode(blob: bytes, expected_fingerprint: str) -> tuple[torch.Tensor | None, str]:
+    """``(tensor, "")`` for a valid value, else ``(None, reason)``."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        return None, f"value is {type(blob).__name__}, not bytes"
+    view = memoryview(blob).cast("B")
+    prefix = len(MAGIC) + _HEADER_LEN.size
+    if len(view) < prefix:
+        return None, f"truncated: {len(view)} bytes"
+    if view[: len(MAGIC)] != MAGIC:
+        return None, "bad magic"
+    (header_len,) = _HEADER_LEN.unpack(view[len(MAGIC) : prefix])
+    if header_len > _MAX_HEADER_BYTES or prefix + header_len > len(view):
+        return None, f"bad header length {header_len}"
+    try:
+        header = json.loads(bytes(view[prefix : prefix + header_len]))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, "header is not JSON"
+    if not isinstance(header, dict):
+        return None, "header is not an object"
+    if header.get("schema_version") != SCHEMA_VERSION:
+        return None, f"schema version {header.get('schema_version')!r} != {SCHEMA_VERSION}"
+    if header.get("model_fingerprint") != expected_fingerprint:
+        return None, "written by another model (fingerprint mismatch)"
+    if header.get("byteorder") != sys.byteorder:
+        return None, f"byte order {header.get('byteorder')!r}"
+    payload = view[prefix + header_len :]
+    if header.get("nbytes") != len(payload):
+        return None, f"truncated payload: {len(payload)} bytes, header says {header.get('nbytes')!r}"
+    checksum = header.get("checksum")
+    if not isinstance(checksum, str) or checksum != "sha256:" + hashlib.sha256(payload).hexdigest():
+        return None, "checksum mismatch"
+    shape = header.get("shape")
+    if not isinstance(shape, list):
+        return None, "shape is not a list"
+    try:
+        return tensor_from_bytes(header.get("dtype"), shape, payload), ""
+    except (TypeError, ValueError) as exc:
+        return None, str(exc)
+
+
+def decode_value(blob: bytes, expected_fingerprint: str) -> torch.Tensor | None:
+    """The tensor stored in ``blob``, or ``None`` if it is corrupt, truncated or from another model."""
+    tensor, _reason = _decode(blob, expected_fingerprint)
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------- store
+
+
+@dataclass
+class _Flight:
+    """One in-progress fill of a key, shared by every caller waiting for it."""
+
+    task: asyncio.Task
+    waiters: int = 0
+
+
+class EmbeddingCache:
+    """Embeddings in Redis under content-addressed keys, for one model.
+
+    Redis errors (connection refused, OOM on write) propagate to the caller: without the cache the
+    embeddings cannot reach the LLM service. Only bad *values* are misses.
+    """
+
+    def __init__(self, redis: Redis, model_fingerprint: str, default_ttl_s: int | None = None) -> None:
+        if not model_fingerprint:
+            raise ValueError("model_fingerprint must not be empty")
+        if default_ttl_s is not None and default_ttl_s <= 0:
+            raise ValueError(f"default_ttl_s must be positive or None, got {default_ttl_s}")
+        self.redis = redis
+        self.model_fingerprint = model_fingerprint
+        # TTL of entries written by ``put`` when it is given none; ``None``: no expiry (LRU eviction only).
+        self.default_ttl_s = default_ttl_s
+
+        # Counters for a metrics layer to read; they only grow.
+        self.hits = 0
+        self.misses = 0
+        # Values found but rejected (corrupt, truncated, another model's); each also counts as a miss.
+        self.corrupt = 0
+        self.bytes_written = 0
+        # Times ``get_or_compute`` ran its ``compute`` callable.
+        self.computes = 0
+        # Calls to ``get_or_compute`` that joined a fill already in progress instead of starting one.
+        self.single_flight_joins = 0
+
+        self._inflight: dict[str, _Flight] = {}
+
+    async def get(self, key: str) -> torch.Tensor | None:
+        """The embeddings under ``key``, or ``None`` when absent or invalid (an invalid value is deleted)."""
+        blob = await self.redis.get(key)
+        if blob is None:
+            self.misses += 1
+            return None
+        # Checksumming and copying tens of MiB would stall the event loop; hashlib releases the GIL.
+        tensor, reason = await asyncio.to_thread(_decode, blob, self.model_fingerprint)
+        if tensor is None:
+            self.corrupt += 1
+            self.misses += 1
+            logger.warning("embedding cache: discarding value of %s: %s", key, reason)
+            # Deleted so that ``exists`` stops reporting it and the next Encode rewrites it. A good value
+            # written concurrently by another replica could be deleted too; that only costs a re-encode.
+            await self.redis.delete(key)
+            return None
+        self.hits += 1
+        return tensor
+
+    async def put(self, key: str, tensor: torch.Tensor, ttl_s: int | None = None) -> int:
+        """Store ``tensor`` under ``key`` with ``ttl_s`` (else ``default_ttl_s``); returns bytes written."""
+        ttl = ttl_s if ttl_s is not None else self.default_ttl_s
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl}")
+        blob = await asyncio.to_thread(encode_value, tensor, self.model_fingerprint)
+        await self.redis.set(key, blob, ex=ttl)
+        self.bytes_written += len(blob)
+        return len(blob)
+
+    async def exists(self, keys: list[str]) -> list[bool]:
+        """Whether each key is present now (it may be evicted at any later moment)."""
+        if not keys:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.exists(key)
+            counts = await pipe.execute()
+        return [bool(c) for c in counts]
+
+    async def get_or_compute(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[torch.Tensor]],
+        ttl_s: int | None = None,
+    ) -> tuple[torch.Tensor, bool]:
+        """The embeddings under ``key``, computing and storing them on a miss: ``(tensor, hit)``.
+
+        Concurrent callers in this process for the same key share one lookup and at most one
+        ``compute``; all of them get the first caller's ``hit`` flag (``False`` when it had to compute).
+        The shared work runs in its own task: a caller that is cancelled stops waiting, and the work is
+        cancelled only when no caller is left waiting for it. An exception from ``compute`` or Redis
+        reaches every waiting caller; the next call starts afresh.
+        """
+        flight = self._inflight.get(key)
+        if flight is None:
+            task = asyncio.get_running_loop().create_task(
+                self._fill(key, compute, ttl_s), name=f"embedding-cache-fill {key}"
+            )
+            flight = _Flight(task)
+            self._inflight[key] = flight
+            task.add_done_callback(lambda _t, k=key, f=flight: self._forget(k, f))
+        else:
+            self.single_flight_joins += 1
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            if not flight.task.done() and flight.waiters == 1:
+                # This caller was the last one waiting: stop the work, and let the next caller start
+                # a fresh fill rather than join one that is being cancelled.
+                self._forget(key, flight)
+                flight.task.cancel()
+            raise
+        finally:
+            flight.waiters -= 1
+
+    def _forget(self, key: str, flight: _Flight) -> None:
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
+
+    async def _fill(
+        self, key: str, compute: Callable[[], Awaitable[torch.Tensor]], ttl_s: int | None
+    ) -> tuple[torch.Tensor, bool]:
+        tensor = await self.get(key)
+        if tensor is not None:
+            return tensor, True
+        self.computes += 1
+        tensor = await compute()
+        await self.put(key, tensor, ttl_s)
+        return tensor, False

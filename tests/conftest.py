@@ -1,0 +1,57 @@
+"""Fixtures shared by the whole test suite."""
+
+import contextlib
+
+import pytest
+
+# tests/ is on sys.path here (pytest's rootdir conftest, no tests/__init__.py).
+from redis_server import RedisServerError, redis_server
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """URL of a private redis-server for the session (``allkeys-lru``, 256 MiB, no persistence).
+
+    Tests share the server: use keys unique to the test (e.g. a uuid namespace). Fails, never skips,
+    when redis-server is missing, so the integration tests cannot silently stop running.
+    """
+    with contextlib.ExitStack() as stack:
+        error = None
+        try:
+            url = stack.enter_context(redis_server())
+        except RedisServerError as exc:
+            error = str(exc)
+        if error is not None:
+            pytest.fail(error, pytrace=False)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: tiny_checkpoint(llm="qwen2"|"internlm2", vision="300m"|"6b", seed=0, shards=1) -> directory.
+
+    Random checkpoints in the original OpenGVLab format, written once per session and parameter set.
+    """
+    from services.common.tiny import make_tiny
+
+    made: dict[tuple, object] = {}
+
+    def make(llm: str = "qwen2", vision: str = "300m", seed: int = 0, shards: int = 1):
+        key = (llm, vision, seed, shards)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"ckpt-{llm}-{vision}-s{seed}-x{shards}")
+            made[key] = make_tiny(out, llm=llm, vision=vision, seed=seed, shards=shards)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def golden_dir():
+    """../shared/golden beside the repository: the preprocessing golden files and their images."""
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+    if not path.is_dir():
+        pytest.fail(f"golden data not found at {path}", pytrace=False)
+    return path
