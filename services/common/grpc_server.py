@@ -1,0 +1,97 @@
+"""Lifecycle shared by every gRPC server of the project: error interceptor, message limits, grpc.health.v1,
+reflection, a Prometheus `/metrics` port, and a graceful SIGTERM (NOT_SERVING, drain streams, stop).
+
+Readiness: the health service reports NOT_SERVING for "" and for each service name until `mark_ready()` is called,
+i.e. until the model is loaded and has run once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.grpc_errors import ErrorMappingInterceptor
+
+log = logging.getLogger(__name__)
+
+# Big enough for a 78B tile's embeddings in one chunk message (4 MiB) plus framing, small enough to bound memory.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Transport settings common to the services (built once by each service's CLI)."""
+
+    port: int
+    host: str = "0.0.0.0"
+    metrics_port: int | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Seconds a draining server lets running calls finish after SIGTERM (keep below the pod's grace period).
+    drain_seconds: float = 30.0
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+class GrpcServer:
+    """An aio server with the project's interceptor, health and reflection. `add` servicers, then `start`."""
+
+    def __init__(self, options: ServerOptions, service_names: Sequence[str]):
+        self.options = options
+        self.service_names = list(service_names)
+        self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()],
+                                      options=channel_options(options.max_message_bytes))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server)
+        self.port: int | None = None
+
+    def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object) -> None:
+        register(servicer, self.server)
+
+    async def start(self) -> int:
+        """Binds (port 0 picks a free one), starts serving NOT_SERVING, returns the bound port."""
+        for name in ("", *self.service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
+        await self.server.start()
+        if self.options.metrics_port is not None:
+            prometheus_client.start_http_server(self.options.metrics_port, addr=self.options.host)
+        log.info("listening on %s:%d (metrics on %s)", self.options.host, self.port, self.options.metrics_port)
+        return self.port
+
+    async def mark_ready(self) -> None:
+        for name in ("", *self.service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: %s", ", ".join(self.service_names))
+
+    async def serve_until_signalled(self) -> None:
+        """Runs until SIGTERM/SIGINT, then drains: NOT_SERVING at once, calls get `drain_seconds` to finish."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server_done = asyncio.ensure_future(self.server.wait_for_termination())
+        signalled = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({server_done, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        await self.stop()
+        server_done.cancel()
+        signalled.cancel()
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.options.drain_seconds)
