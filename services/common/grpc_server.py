@@ -61,8 +61,12 @@ class GrpcServer:
     def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object) -> None:
         register(servicer, self.server)
 
-    async def start(self) -> int:
-        """Binds (port 0 picks a free one), starts serving NOT_SERVING, returns the bound port."""
+    async def start(self, registry: prometheus_client.CollectorRegistry = prometheus_client.REGISTRY) -> int:
+        """Binds (port 0 picks a free one), starts serving NOT_SERVING, returns the bound port.
+
+        `registry` is what `/metrics` exports; services keep their metrics in a registry of their own so that
+        several can live in one test process.
+        """
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
@@ -70,7 +74,7 @@ class GrpcServer:
             raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
         await self.server.start()
         if self.options.metrics_port is not None:
-            prometheus_client.start_http_server(self.options.metrics_port, addr=self.options.host)
+            prometheus_client.start_http_server(self.options.metrics_port, addr=self.options.host, registry=registry)
         log.info("listening on %s:%d (metrics on %s)", self.options.host, self.port, self.options.metrics_port)
         return self.port
 
