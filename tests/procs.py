@@ -72,7 +72,7 @@ def run_service(command: str, *args: str, health_name: str, timeout_s: float = 1
     Stopped with SIGTERM (the graceful path) and killed if it does not exit in 20 s. Its log is kept for messages.
     """
     port, metrics_port = free_port(), free_port()
-    log_file = tempfile.NamedTemporaryFile(prefix=f"{command}-", suffix=".log", delete=False)
+    log_file = tempfile.NamedTemporaryFile(prefix=f"{command}-", suffix=".log", delete=False)  # noqa: SIM115 - outlives this frame
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", command, "--port", str(port), "--host", "127.0.0.1",
          "--metrics-port", str(metrics_port), *args],

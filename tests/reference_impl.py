@@ -26,7 +26,7 @@ def read_original(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     weights: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(file, framework="pt") as reader:
-            for key in reader.keys():
+            for key in reader.keys():  # noqa: SIM118 - safe_open is not iterable
                 weights[key] = reader.get_tensor(key).float()
     return config, weights
 
@@ -190,11 +190,11 @@ def native_config(config: dict) -> InternVLConfig:
     rope = {"rope_type": scaling.get("type", "default"), "rope_theta": lc["rope_theta"]}
     if "factor" in scaling:
         rope["factor"] = scaling["factor"]
-    common = dict(vocab_size=lc["vocab_size"], hidden_size=lc["hidden_size"], intermediate_size=lc["intermediate_size"],
-                  num_hidden_layers=lc["num_hidden_layers"], num_attention_heads=lc["num_attention_heads"],
-                  num_key_value_heads=lc["num_key_value_heads"], rms_norm_eps=lc["rms_norm_eps"],
-                  max_position_embeddings=lc["max_position_embeddings"], rope_parameters=rope,
-                  tie_word_embeddings=False)
+    common = {"vocab_size": lc["vocab_size"], "hidden_size": lc["hidden_size"],
+              "intermediate_size": lc["intermediate_size"], "num_hidden_layers": lc["num_hidden_layers"],
+              "num_attention_heads": lc["num_attention_heads"], "num_key_value_heads": lc["num_key_value_heads"],
+              "rms_norm_eps": lc["rms_norm_eps"], "max_position_embeddings": lc["max_position_embeddings"],
+              "rope_parameters": rope, "tie_word_embeddings": False}
     if lc["architectures"][0] == "InternLM2ForCausalLM":
         text = LlamaConfig(**common, attention_bias=False)
     else:

@@ -47,7 +47,7 @@ def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
         # Weights, config and tokenizer only: the remote code is never executed.
         return Path(snapshot_download(model, cache_dir=cache_dir, allow_patterns=["*.json", "*.safetensors",
                                                                                  "*.txt", "*.model"]))
-    except Exception as exc:  # the hub client raises a zoo of types for "offline", "not found", "gated"
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many types for offline, not found, gated
         raise CheckpointError(
             f"cannot fetch {model!r} from the hub and no local copy was found in {looked_in} "
             f"({type(exc).__name__}); pass a local checkpoint directory with --model"
@@ -76,7 +76,7 @@ class Checkpoint:
         """Yields (original name, tensor as stored) for weights under `prefixes`, one shard open at a time."""
         for shard in self.shards_for(prefixes):
             with safe_open(self.path / shard, framework="pt") as reader:
-                for key in reader.keys():
+                for key in reader.keys():  # noqa: SIM118 - safe_open is not iterable
                     if key.startswith(prefixes):
                         yield key, reader.get_tensor(key)
 

@@ -161,23 +161,23 @@ class ModelSpec:
 
     def text_hf_config(self) -> Qwen2Config | LlamaConfig:
         c = self.llm_config
-        common = dict(
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_hidden_layers=c["num_hidden_layers"],
-            num_attention_heads=c["num_attention_heads"],
-            num_key_value_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-            max_position_embeddings=c.get("max_position_embeddings", 32768),
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            hidden_act=c.get("hidden_act", "silu"),
-            rope_parameters=rope_parameters(c),
+        common = {
+            "vocab_size": c["vocab_size"],
+            "hidden_size": c["hidden_size"],
+            "intermediate_size": c["intermediate_size"],
+            "num_hidden_layers": c["num_hidden_layers"],
+            "num_attention_heads": c["num_attention_heads"],
+            "num_key_value_heads": c.get("num_key_value_heads") or c["num_attention_heads"],
+            "max_position_embeddings": c.get("max_position_embeddings", 32768),
+            "rms_norm_eps": c.get("rms_norm_eps", 1e-6),
+            "hidden_act": c.get("hidden_act", "silu"),
+            "rope_parameters": rope_parameters(c),
             # InternVLChatConfig forces untied embeddings for every size; the checkpoints ship lm_head.weight.
-            tie_word_embeddings=False,
-            bos_token_id=c.get("bos_token_id"),
-            eos_token_id=c.get("eos_token_id"),
-            pad_token_id=c.get("pad_token_id"),
-        )
+            "tie_word_embeddings": False,
+            "bos_token_id": c.get("bos_token_id"),
+            "eos_token_id": c.get("eos_token_id"),
+            "pad_token_id": c.get("pad_token_id"),
+        }
         if self.llm_architecture == "Qwen2ForCausalLM":
             return Qwen2Config(
                 **common,

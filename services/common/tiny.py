@@ -7,10 +7,10 @@ checkpoints, and the config is written in the transformers-4.37 key style the pu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 
 import torch

@@ -3,12 +3,13 @@ and transformers' native InternVLForConditionalGeneration.generate, token for to
 
 import pytest
 import torch
+from reference_impl import internlm2_logits, native_config, read_original, to_native_state_dict
 from transformers import InternVLForConditionalGeneration
 
-from reference_impl import internlm2_logits, native_config, read_original, to_native_state_dict
 from services.common.chat import GenerationParams, InternVLChat
 from services.common.checkpoint import open_checkpoint
 from services.common.model import load_language_model
+from services.llm.template import video_prefix
 from services.vision.preprocess import load_image
 
 SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -87,15 +88,18 @@ def test_multi_image_and_history_prompt_match_native(tiny_checkpoint, golden_dir
     assert chat.generate_ids(prompt, pixels, params) == _native_generate(native, chat, prompt, pixels, 6)
 
 
-def test_video_frames_prompt(tiny_checkpoint, golden_dir):
-    chat = InternVLChat.load(str(tiny_checkpoint()), dtype="float32", device="cpu")
-    frames = torch.cat([load_image(golden_dir / "small_120x90.png", max_num=1)] * 3)
-    from services.llm.template import video_prefix
-
+def test_video_frames_equal_native(tiny_checkpoint, golden_dir):
+    """Video as the original: one tile per frame, `Frame{i}: <image>` lines, one embedding block per frame."""
+    directory = tiny_checkpoint(llm="internlm2", vision="300m")
+    chat = InternVLChat.load(str(directory), dtype="float32", device="cpu")
+    frames = torch.cat([load_image(golden_dir / name, max_num=1) for name in
+                        ("small_120x90.png", "wide_2200x300.png", "portrait_333x1200.png")])
     question = video_prefix(3) + "What happens?"
     assert question == "Frame1: <image>\nFrame2: <image>\nFrame3: <image>\nWhat happens?"
     _, prompt = chat.build_prompt(question, None, [1, 1, 1])
     assert "Frame2: <img>" + "<IMG_CONTEXT>" * 256 + "</img>\nFrame3: " in prompt
+    params = GenerationParams(max_new_tokens=6)
+    assert chat.generate_ids(prompt, frames, params) == _native_generate(_native(directory), chat, prompt, frames, 6)
 
 
 def test_seeded_sampling_is_reproducible(tiny_checkpoint):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from reference_impl import internvit_forward, native_config, read_original, to_native_state_dict
 from transformers import InternVLModel
 
-from reference_impl import internvit_forward, native_config, read_original, to_native_state_dict
 from services.common.checkpoint import open_checkpoint
 from services.common.model import load_vision
 from services.vision.preprocess import load_image

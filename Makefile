@@ -1,0 +1,49 @@
+# The two commands of the README: `make run` and `make test`. Both bootstrap everything they need on a fresh
+# Debian machine with Python 3.11 (virtualenv, packages, redis-server) and download nothing but packages.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CHECKPOINT ?= checkpoints/tiny-qwen2-300m
+PYTEST_ARGS ?=
+
+.PHONY: bootstrap system-deps run demo test test-fast protos protos-check lint clean
+
+bootstrap: system-deps $(STAMP)
+
+# redis-server backs the embedding cache in tests and in `make run`.
+system-deps:
+	@command -v redis-server >/dev/null || { \
+		echo "installing redis-server (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
+
+# torch is pinned to the CPU wheel (pyproject.toml); pip finds it on this kind of machine without a CUDA download.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+$(CHECKPOINT)/config.json: | $(STAMP)
+	$(BIN)/internvl-serve make-tiny --out $(CHECKPOINT)
+
+run: bootstrap $(CHECKPOINT)/config.json
+	$(BIN)/internvl-serve demo --model $(CHECKPOINT) --image ../shared/golden/small_120x90.png --max-num 4
+
+test: bootstrap
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: bootstrap
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+protos-check: $(STAMP)
+	$(BIN)/python protos/generate.py --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check services gateway tests protos/generate.py
+
+clean:
+	rm -rf $(VENV) checkpoints .pytest_cache
