@@ -44,9 +44,9 @@ def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
 
     looked_in = Path(cache_dir or constants.HF_HUB_CACHE)
     try:
-        # Weights, config and tokenizer only: the remote code is never executed.
-        return Path(snapshot_download(model, cache_dir=cache_dir, allow_patterns=["*.json", "*.safetensors",
-                                                                                 "*.txt", "*.model"]))
+        # Weights, config and tokenizer only; of the remote code, only InternLM2's tokenizer is ever used.
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenization_*.py"]
+        return Path(snapshot_download(model, cache_dir=cache_dir, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - the hub client raises many types for offline, not found, gated
         raise CheckpointError(
             f"cannot fetch {model!r} from the hub and no local copy was found in {looked_in} "

@@ -1,8 +1,8 @@
 """Lifecycle shared by every gRPC server of the project: error interceptor, message limits, grpc.health.v1,
 reflection, a Prometheus `/metrics` port, and a graceful SIGTERM (NOT_SERVING, drain streams, stop).
 
-Readiness: the health service reports NOT_SERVING for "" and for each service name until `mark_ready()` is called,
-i.e. until the model is loaded and has run once.
+Health: "" (liveness) is SERVING while the process runs; each service name (readiness) is NOT_SERVING until
+`mark_ready()`, i.e. until the model is loaded and has run once, and again from the moment a drain starts.
 """
 
 from __future__ import annotations
@@ -67,7 +67,10 @@ class GrpcServer:
         `registry` is what `/metrics` exports; services keep their metrics in a registry of their own so that
         several can live in one test process.
         """
-        for name in ("", *self.service_names):
+        # Liveness ("") is SERVING as soon as the process serves RPCs; readiness (the service names) only once the
+        # model is loaded and warm, so a probe never kills a pod that is still loading weights.
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name in self.service_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
         if self.port == 0:
@@ -79,7 +82,7 @@ class GrpcServer:
         return self.port
 
     async def mark_ready(self) -> None:
-        for name in ("", *self.service_names):
+        for name in self.service_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %s", ", ".join(self.service_names))
 

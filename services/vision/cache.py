@@ -188,8 +188,26 @@ def encode_value(tensor: torch.Tensor, model_fingerprint: str) -> bytes:
     return b"".join((MAGIC, _HEADER_LEN.pack(len(header_b)), header_b, data))
 
 
-def _decode(blob: bytes, expected_fingerprint: str) -> tuple[torch.Tensor | None, str]:
-    """``(tensor, "")`` for a valid value, else ``(None, reason)``."""
+@dataclass(frozen=True)
+class StoredEmbeddings:
+    """A validated cache value, not yet copied into a tensor: what ``FetchEmbeddings`` streams as is."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    # prod(shape) * itemsize little-endian, row-major bytes; a view into the value read from the store.
+    data: memoryview
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def to_tensor(self) -> torch.Tensor:
+        """A tensor owning a copy of the bytes."""
+        return tensor_from_bytes(self.dtype, list(self.shape), self.data)
+
+
+def _parse(blob: bytes, expected_fingerprint: str) -> tuple[StoredEmbeddings | None, str]:
+    """``(value, "")`` for a valid value (checksum verified, nothing copied), else ``(None, reason)``."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         return None, f"value is {type(blob).__name__}, not bytes"
     view = memoryview(blob).cast("B")
@@ -219,11 +237,25 @@ def _decode(blob: bytes, expected_fingerprint: str) -> tuple[torch.Tensor | None
     checksum = header.get("checksum")
     if not isinstance(checksum, str) or checksum != "sha256:" + hashlib.sha256(payload).hexdigest():
         return None, "checksum mismatch"
-    shape = header.get("shape")
-    if not isinstance(shape, list):
-        return None, "shape is not a list"
+    dtype, shape = header.get("dtype"), header.get("shape")
+    if dtype not in DTYPES:
+        return None, f"unsupported dtype {dtype!r}"
+    if not isinstance(shape, list) or any(
+        not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape
+    ):
+        return None, f"bad shape {shape!r}"
+    if math.prod(shape) * DTYPES[dtype].itemsize != len(payload):
+        return None, f"{len(payload)} bytes do not hold a {dtype} tensor of shape {shape}"
+    return StoredEmbeddings(dtype, tuple(shape), payload), ""
+
+
+def _decode(blob: bytes, expected_fingerprint: str) -> tuple[torch.Tensor | None, str]:
+    """``(tensor, "")`` for a valid value, else ``(None, reason)``."""
+    value, reason = _parse(blob, expected_fingerprint)
+    if value is None:
+        return None, reason
     try:
-        return tensor_from_bytes(header.get("dtype"), shape, payload), ""
+        return value.to_tensor(), ""
     except (TypeError, ValueError) as exc:
         return None, str(exc)
 
@@ -277,13 +309,20 @@ class EmbeddingCache:
 
     async def get(self, key: str) -> torch.Tensor | None:
         """The embeddings under ``key``, or ``None`` when absent or invalid (an invalid value is deleted)."""
+        return await self._load(key, _decode)
+
+    async def read(self, key: str) -> StoredEmbeddings | None:
+        """Like ``get`` but without building a tensor: the validated dtype, shape and raw bytes."""
+        return await self._load(key, _parse)
+
+    async def _load(self, key: str, decode: Callable[[bytes, str], tuple[object, str]]):
         blob = await self.redis.get(key)
         if blob is None:
             self.misses += 1
             return None
         # Checksumming and copying tens of MiB would stall the event loop; hashlib releases the GIL.
-        tensor, reason = await asyncio.to_thread(_decode, blob, self.model_fingerprint)
-        if tensor is None:
+        value, reason = await asyncio.to_thread(decode, blob, self.model_fingerprint)
+        if value is None:
             self.corrupt += 1
             self.misses += 1
             logger.warning("embedding cache: discarding value of %s: %s", key, reason)
@@ -292,7 +331,7 @@ class EmbeddingCache:
             await self.redis.delete(key)
             return None
         self.hits += 1
-        return tensor
+        return value
 
     async def put(self, key: str, tensor: torch.Tensor, ttl_s: int | None = None) -> int:
         """Store ``tensor`` under ``key`` with ``ttl_s`` (else ``default_ttl_s``); returns bytes written."""
