@@ -18,6 +18,8 @@ class ErrorCode(enum.IntEnum):
     OVERLOADED = 7
     NOT_READY = 8
     INTERNAL = 9
+    # Not (yet) in internvl.common.v1.ErrorCode: add ERROR_CODE_NOT_FOUND = 10 there to keep the mirror.
+    NOT_FOUND = 10
 
 
 class InternVLError(Exception):
@@ -50,6 +52,12 @@ class EmbeddingsMissingError(InternVLError):
     def __init__(self, missing_keys: list[str]):
         super().__init__(f"embeddings not in the cache (evicted or never encoded): {', '.join(missing_keys)}")
         self.missing_keys = list(missing_keys)
+
+
+class NotFoundError(InternVLError):
+    """What the caller named does not exist, e.g. FetchEmbeddings of a key that is not in the cache."""
+
+    code = ErrorCode.NOT_FOUND
 
 
 class ModelMismatchError(InternVLError):

@@ -13,6 +13,8 @@ Transport-free (no gRPC). Three parts:
   (``get_or_compute``). Redis should run with ``maxmemory-policy allkeys-lru`` so that, under memory
   pressure, the least recently used embeddings are evicted rather than writes failing; entries also carry a
   TTL. An eviction is an ordinary miss.
+
+``services.vision.memstore.InProcessRedis`` serves the same Redis calls from memory for single-process demos.
 """
 
 from __future__ import annotations
@@ -83,6 +85,23 @@ def _str_field(name: str, value: str) -> bytes:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     return _field(b"s", name, value.encode())
+
+
+def model_identity(model_fingerprint: str, dtype: str) -> str:
+    """The ``model_fingerprint`` argument of ``cache_key`` for a model computing in ``dtype``.
+
+    The same weights give different embeddings in bfloat16 and float32, so the compute dtype is part of the
+    identity a key is derived from. Every service that derives keys (vision, gateway) must use this, with
+    the fingerprint and dtype that ``GetModelInfo`` reports. Stored values carry the plain fingerprint.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPES)}")
+    return f"{model_fingerprint}:{dtype}"
+
+
+def key_prefix(namespace: str = DEFAULT_NAMESPACE) -> str:
+    """What every embedding key of ``namespace`` starts with, for telling embedding keys from others."""
+    return f"{namespace}:emb:"
 
 
 def frame_media(rgb: bytes, height: int, width: int) -> bytes:
