@@ -18,7 +18,6 @@ class ErrorCode(enum.IntEnum):
     OVERLOADED = 7
     NOT_READY = 8
     INTERNAL = 9
-    # Not (yet) in internvl.common.v1.ErrorCode: add ERROR_CODE_NOT_FOUND = 10 there to keep the mirror.
     NOT_FOUND = 10
 
 
@@ -42,6 +41,12 @@ class InvalidMediaError(InternVLError, ValueError):
     """Media bytes that cannot be decoded, are empty, or exceed a configured limit."""
 
     code = ErrorCode.INVALID_MEDIA
+
+
+class MediaTooLargeError(InvalidMediaError):
+    """An image over the configured pixel limit (a decompression bomb guard)."""
+
+    code = ErrorCode.MEDIA_TOO_LARGE
 
 
 class EmbeddingsMissingError(InternVLError):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from services.common.errors import InvalidMediaError
+from services.common.errors import InvalidMediaError, MediaTooLargeError
 
 IMAGE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -158,24 +158,27 @@ def open_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         try:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
-            raise InvalidMediaError(f"image is too large: {exc}") from exc
-        except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+            raise MediaTooLargeError(f"image is too large: {exc}") from exc
+        except Image.UnidentifiedImageError as exc:
+            # Pillow's own message names an in-memory stream object; say what matters to the caller instead.
+            raise InvalidMediaError("cannot decode image: not a supported image format") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
             raise InvalidMediaError(f"cannot decode image: {exc}") from exc
 
     width, height = image.size
     if width < 1 or height < 1:
         raise InvalidMediaError(f"image has no pixels ({width}x{height})")
     if max_pixels is not None and width * height > max_pixels:
-        raise InvalidMediaError(
+        raise MediaTooLargeError(
             f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
         )
     try:
         # convert() forces the full decode, so truncated data fails here rather than later.
         return image.convert("RGB")
     except Image.DecompressionBombError as exc:
-        raise InvalidMediaError(f"image is too large: {exc}") from exc
+        raise MediaTooLargeError(f"image is too large: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidMediaError(f"cannot decode image: {exc}") from exc
+        raise InvalidMediaError(f"cannot decode image (truncated or corrupt data): {exc}") from exc
 
 
 def load_image(

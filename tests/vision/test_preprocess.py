@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from services.common.errors import InvalidMediaError
+from services.common.errors import InvalidMediaError, MediaTooLargeError
 from services.vision.preprocess import (
     count_tiles,
     dynamic_tiles,
@@ -185,7 +185,7 @@ def _noise_png(size=(64, 64)) -> bytes:
     ("data", "max_pixels", "message"),
     [
         (b"", None, "empty"),
-        (b"this is not an image, just some text", None, "cannot decode"),
+        (b"this is not an image, just some text", None, "cannot decode image: not a supported image format$"),
         (_noise_png()[:400], None, "cannot decode"),  # header intact, pixel data cut short
         # 5000x5000 1-bit PNG: a few KB on the wire, 75 MB once decoded to RGB.
         (_png(Image.new("1", (5000, 5000))), 1_000_000, "5000x5000"),
@@ -198,7 +198,7 @@ def test_open_image_rejects_bad_media(data, max_pixels, message):
 
 
 def test_load_image_enforces_pixel_limit():
-    with pytest.raises(InvalidMediaError, match="above the limit"):
+    with pytest.raises(MediaTooLargeError, match="above the limit"):
         load_image(GOLDEN / "small_120x90.png", max_pixels=120 * 90 - 1)
 
 

@@ -26,6 +26,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_CODE_OVERLOADED: _ClassVar[ErrorCode]
     ERROR_CODE_NOT_READY: _ClassVar[ErrorCode]
     ERROR_CODE_INTERNAL: _ClassVar[ErrorCode]
+    ERROR_CODE_NOT_FOUND: _ClassVar[ErrorCode]
 DTYPE_UNSPECIFIED: DType
 DTYPE_BFLOAT16: DType
 DTYPE_FLOAT16: DType
@@ -40,6 +41,7 @@ ERROR_CODE_CONTEXT_TOO_LONG: ErrorCode
 ERROR_CODE_OVERLOADED: ErrorCode
 ERROR_CODE_NOT_READY: ErrorCode
 ERROR_CODE_INTERNAL: ErrorCode
+ERROR_CODE_NOT_FOUND: ErrorCode
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
