@@ -43,7 +43,7 @@ protos-check: $(STAMP)
 	$(BIN)/python protos/generate.py --check
 
 lint: $(STAMP)
-	$(BIN)/ruff check services gateway tests protos/generate.py
+	$(BIN)/ruff check services gateway tests deploy protos/generate.py
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

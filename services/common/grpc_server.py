@@ -38,6 +38,12 @@ class ServerOptions:
     drain_seconds: float = 30.0
 
 
+# Clients balance round-robin over the pods their DNS lookup returned, and gRPC re-resolves only when a connection
+# closes. Ageing connections out (GOAWAY after 2 minutes) makes every client re-resolve, so new replicas get traffic;
+# the grace outlasts the longest stream (the gateway's 300 s default deadline) so no stream is cut.
+_CONNECTION_AGE = [("grpc.max_connection_age_ms", 120_000), ("grpc.max_connection_age_grace_ms", 330_000)]
+
+
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes)]
@@ -50,7 +56,7 @@ class GrpcServer:
         self.options = options
         self.service_names = list(service_names)
         self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()],
-                                      options=channel_options(options.max_message_bytes))
+                                      options=[*channel_options(options.max_message_bytes), *_CONNECTION_AGE])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -1,0 +1,106 @@
+"""What each overlay must carry, visible in its rendered objects (issue 6, points 2 and 3)."""
+
+import manifest_checks as mc
+import pytest
+
+POOLS = ("vision", "llm")
+
+
+def pod_spec(objects, name: str) -> dict:
+    return mc.pod_template(mc.one(objects, "Deployment", name))["spec"]
+
+
+def main_container(objects, name: str) -> dict:
+    return pod_spec(objects, name)["containers"][0]
+
+
+def volume(spec: dict, name: str) -> dict:
+    return next(v for v in spec["volumes"] if v["name"] == name)
+
+
+def test_pools_sit_behind_headless_services(objects):
+    for pool in POOLS:
+        service = mc.one(objects, "Service", f"{pool}-headless")
+        assert service["spec"]["clusterIP"] == "None"
+    args = main_container(objects, "gateway")["args"]
+    assert "--vision-target=dns:///vision-headless:50052" in args
+    assert "--llm-target=dns:///llm-headless:50053" in args
+
+
+def test_lifecycle_is_visible(objects):
+    for name in (*POOLS, "gateway"):
+        c = main_container(objects, name)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert "grpc" in c[probe], (name, probe)
+        assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+        assert pod_spec(objects, name)["terminationGracePeriodSeconds"] > 30
+
+
+def test_redis_is_a_bounded_lru_cache(objects):
+    redis = mc.one(objects, "StatefulSet", "redis")
+    command = mc.pod_template(redis)["spec"]["containers"][0]["command"]
+    assert "--maxmemory" in command
+    assert "maxmemory-policy allkeys-lru" in mc.one(objects, "ConfigMap", "redis-config")["data"]["redis.conf"]
+
+
+def test_settings_identity_and_policies(objects):
+    config = mc.one(objects, "ConfigMap", "internvl-config")["data"]
+    assert {"model", "redis-url", "cache-namespace", "cache-ttl-s", "redis-maxmemory", "kv-cache-budget-mb"} <= \
+        set(config)
+    account = mc.one(objects, "ServiceAccount", "internvl")
+    for name in (*POOLS, "gateway"):
+        spec = pod_spec(objects, name)
+        assert spec["serviceAccountName"] == account["metadata"]["name"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+    assert len(mc.find(objects, "NetworkPolicy")) >= 5
+    assert {p["metadata"]["name"] for p in mc.find(objects, "PodDisruptionBudget")} == {*POOLS, "gateway"}
+
+
+def test_gpu_overlay_runs_internvl2_5_8b_on_gpus():
+    objects = mc.render("gpu")
+    assert mc.one(objects, "ConfigMap", "internvl-config")["data"]["model"].endswith("InternVL2_5-8B")
+    for pool in POOLS:
+        spec = pod_spec(objects, pool)
+        resources = spec["containers"][0]["resources"]
+        assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] >= 1
+        assert spec["nodeSelector"]
+        assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+        shm = next(m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm")
+        assert volume(spec, shm["name"])["emptyDir"]["medium"] == "Memory"
+        # Weights from a volume, never from the image.
+        models = volume(spec, "models")
+        assert models["persistentVolumeClaim"]["claimName"] == "internvl-models" and "emptyDir" not in models
+        assert mc.one(objects, "PersistentVolumeClaim", "internvl-models")
+    for cpu_only in (pod_spec(objects, "gateway"), mc.pod_template(mc.one(objects, "StatefulSet", "redis"))["spec"]):
+        assert "nvidia.com/gpu" not in str(cpu_only)
+
+
+def test_gpu_overlay_scales_each_pool_on_its_own_queue():
+    objects = mc.render("gpu")
+    metrics = {h["metadata"]["name"]: {m.get("pods", m.get("resource", {})).get("metric", {}).get("name") or
+                                       m["resource"]["name"] for m in h["spec"]["metrics"]}
+               for h in mc.find(objects, "HorizontalPodAutoscaler")}
+    assert metrics == {"vision": {"internvl_vision_queue_tiles"},
+                       "llm": {"internvl_llm_running_sequences", "internvl_llm_waiting_sequences"},
+                       "gateway": {"cpu"}}
+    assert mc.one(objects, "ServiceMonitor", "internvl")
+    assert mc.one(objects, "ConfigMap", "prometheus-adapter-rules")
+
+
+def test_cpu_demo_overlay_runs_anywhere():
+    objects = mc.render("cpu-demo")
+    assert "nvidia.com" not in str(objects)
+    assert not mc.find(objects, "PersistentVolumeClaim")
+    init_args = []
+    for pool in POOLS:
+        spec = pod_spec(objects, pool)
+        init = next(c for c in spec["initContainers"] if c["name"] == "make-tiny")
+        assert init["command"] == ["internvl-serve"] and init["args"][0] == "make-tiny"
+        assert "emptyDir" in volume(spec, "models")
+        init_args.append(init["args"])
+    assert init_args[0] == init_args[1]
+
+
+@pytest.mark.parametrize("name", ["vision", "llm", "gateway"])
+def test_no_replica_count_fights_the_autoscaler(objects, name):
+    assert "replicas" not in mc.one(objects, "Deployment", name)["spec"]
