@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "vision": ("services.vision.server", "run the vision encoder gRPC service"),
     "llm": ("services.llm.server", "run the language model gRPC service"),
     "gateway": ("gateway.server", "run the public gateway (gRPC and OpenAI-compatible HTTP)"),
+    "up": ("services.tools.up", "run redis, vision, llm and gateway locally as separate processes until Ctrl-C"),
 }
 
 

@@ -1,0 +1,251 @@
+"""gRPC clients of the vision and LLM services: the one place the gateway reads or builds their messages.
+
+Channels balance calls over every address a `dns:///` target resolves to (client-side `round_robin`), so a headless
+Kubernetes Service spreads the gateway's calls over all replicas instead of pinning one HTTP/2 connection to one pod.
+Failed calls become domain errors (services.common.errors / gateway.errors) with the callee's caller-safe message;
+a deadline is passed on every call so the caller's deadline reaches both services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+from internvl.common.v1 import common_pb2
+from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
+from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
+
+from gateway.backends import Embeddings, EncodedItem, EncodeItem, GenerateFinish, ModelIdentity
+from gateway.conversation import Conversation, ImageRef, Part, VideoRef
+from gateway.errors import DeadlineExceededError
+from gateway.types import Delta, FinishReason, Sampling, TokenLogprob
+from services.common.errors import (
+    EmbeddingsMissingError,
+    ErrorCode,
+    InvalidArgumentError,
+    InvalidMediaError,
+    ModelMismatchError,
+    NotReadyError,
+    OverloadedError,
+)
+from services.common.grpc_errors import error_detail
+from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+
+log = logging.getLogger(__name__)
+
+DTYPE_NAMES = {common_pb2.DTYPE_BFLOAT16: "bfloat16", common_pb2.DTYPE_FLOAT16: "float16",
+               common_pb2.DTYPE_FLOAT32: "float32"}
+_FINISH = {llm_pb2.FINISH_REASON_STOP: FinishReason.STOP, llm_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+           llm_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED}
+# Inline embeddings are sent in chunks of this size (the LLM service's gRPC limit is 16 MiB).
+INLINE_CHUNK_BYTES = 1 << 20
+
+
+def balanced_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
+    """An insecure aio channel that round-robins calls over every address of `target`."""
+    options = [*channel_options(max_message_bytes), ("grpc.lb_policy_name", "round_robin"),
+               # Notice dead replicas between calls, and re-resolve DNS when scaled.
+               ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+               ("grpc.dns_min_time_between_resolutions_ms", 5_000)]
+    return grpc.aio.insecure_channel(target, options=options)
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+
+
+def model_identity_from_pb(info: common_pb2.ModelInfo) -> ModelIdentity:
+    return ModelIdentity(info.fingerprint, info.model_name, DTYPE_NAMES.get(info.dtype, ""), info.tokens_per_tile,
+                         info.image_size, info.llm_hidden_size)
+
+
+def translate(error: grpc.aio.AioRpcError, service: str) -> Exception:
+    """The domain error for a failed call to `service`."""
+    code, message = error.code(), error.details() or ""
+    detail = error_detail(error)
+    index = detail.item_index if detail is not None and detail.HasField("item_index") else None
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        media = detail is not None and detail.code in (ErrorCode.INVALID_MEDIA, ErrorCode.MEDIA_TOO_LARGE)
+        return (InvalidMediaError if media else InvalidArgumentError)(message, item_index=index)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        if detail is not None and detail.code == ErrorCode.EMBEDDINGS_MISSING:
+            return EmbeddingsMissingError(list(detail.missing_keys))
+        return ModelMismatchError(f"the {service} service refused the call: {message}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return OverloadedError(f"the {service} service is overloaded, retry later: {message}")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return NotReadyError(f"the {service} service is unavailable, retry later")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceededError(f"the deadline passed while waiting for the {service} service")
+    if code == grpc.StatusCode.CANCELLED:
+        return NotReadyError(f"the {service} service cancelled the call (it may be draining), retry")
+    log.error("%s service failed: %s %s", service, code.name, message)
+    return RuntimeError(f"{service} service: {code.name}")
+
+
+# ----------------------------------------------------------------------------------------------------- vision
+
+
+class VisionClient:
+    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.channel = balanced_channel(target, max_message_bytes)
+        self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def model_info(self, timeout: float | None = None, wait_for_ready: bool = False) -> ModelIdentity:
+        try:
+            reply = await self.stub.GetModelInfo(vision_pb2.GetModelInfoRequest(), timeout=timeout,
+                                                 wait_for_ready=wait_for_ready)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "vision") from None
+        return model_identity_from_pb(reply.model_info)
+
+    async def lookup(self, keys: Sequence[str], timeout: float | None) -> list[bool]:
+        if not keys:
+            return []
+        try:
+            reply = await self.stub.Lookup(vision_pb2.LookupRequest(keys=list(keys)), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "vision") from None
+        if len(reply.exists) != len(keys):
+            raise RuntimeError(f"vision Lookup answered {len(reply.exists)} flags for {len(keys)} keys")
+        return list(reply.exists)
+
+    async def encode(self, items: Sequence[EncodeItem], max_num: int, use_thumbnail: bool,
+                     timeout: float | None) -> list[EncodedItem]:
+        request = vision_pb2.EncodeRequest(
+            items=[vision_pb2.EncodeItem(image_bytes=i.data) if i.kind == "image" else
+                   vision_pb2.EncodeItem(frame=vision_pb2.RawFrame(rgb=i.data, height=i.height, width=i.width))
+                   for i in items],
+            options=common_pb2.PreprocessOptions(max_num=max_num, use_thumbnail=use_thumbnail))
+        try:
+            reply = await self.stub.Encode(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "vision") from None
+        if len(reply.items) != len(items):
+            raise RuntimeError(f"vision Encode answered {len(reply.items)} items for {len(items)}")
+        return [EncodedItem(r.key, r.num_tiles, r.cache_hit) for r in reply.items]
+
+    async def fetch(self, key: str, timeout: float | None) -> Embeddings:
+        """One cached tensor; EmbeddingsMissingError when the key is not (or no longer) cached."""
+        header, parts = None, []
+        try:
+            async for reply in self.stub.FetchEmbeddings(vision_pb2.FetchEmbeddingsRequest(key=key),
+                                                         timeout=timeout):
+                if reply.chunk.HasField("header"):
+                    header = reply.chunk.header
+                parts.append(reply.chunk.data)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise EmbeddingsMissingError([key]) from None
+            raise translate(exc, "vision") from None
+        data = b"".join(parts)
+        if header is None or len(data) != header.total_bytes:
+            raise RuntimeError(f"vision FetchEmbeddings of {key} returned {len(data)} bytes and no matching header")
+        return Embeddings(header.dtype, tuple(header.shape), data)
+
+
+# -------------------------------------------------------------------------------------------------------- llm
+
+
+def _ref_pb(ref: ImageRef) -> llm_pb2.ImageRef:
+    return llm_pb2.ImageRef(key=ref.key, num_tiles=ref.num_tiles)
+
+
+def _part_pb(part: Part) -> llm_pb2.ContentPart:
+    if isinstance(part, str):
+        return llm_pb2.ContentPart(text=part)
+    if isinstance(part, ImageRef):
+        return llm_pb2.ContentPart(image=_ref_pb(part))
+    assert isinstance(part, VideoRef)
+    return llm_pb2.ContentPart(video=llm_pb2.VideoRef(frames=[_ref_pb(f) for f in part.frames]))
+
+
+def generate_start(conversation: Conversation, sampling: Sampling, request_id: str,
+                   inline: bool) -> llm_pb2.GenerateStart:
+    start = llm_pb2.GenerateStart(
+        history=[llm_pb2.Turn(user_parts=[_part_pb(p) for p in t.user_parts], assistant_text=t.assistant_text)
+                 for t in conversation.history],
+        user_parts=[_part_pb(p) for p in conversation.user_parts],
+        sampling=llm_pb2.SamplingParams(
+            max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, repetition_penalty=sampling.repetition_penalty,
+            stop_strings=list(sampling.stop_strings), seed=sampling.seed, top_logprobs=sampling.top_logprobs),
+        inline_embeddings=inline, request_id=request_id)
+    if conversation.system_message is not None:
+        start.system_message = conversation.system_message
+    return start
+
+
+def _embedding_messages(key: str, value: Embeddings) -> list[llm_pb2.GenerateRequest]:
+    header = common_pb2.TensorHeader(dtype=value.dtype, shape=list(value.shape), total_bytes=len(value.data))
+    messages = []
+    for offset in range(0, max(len(value.data), 1), INLINE_CHUNK_BYTES):
+        chunk = common_pb2.TensorChunk(offset=offset, data=value.data[offset:offset + INLINE_CHUNK_BYTES])
+        if offset == 0:
+            chunk.header.CopyFrom(header)
+        messages.append(llm_pb2.GenerateRequest(embedding=llm_pb2.EmbeddingChunk(key=key, chunk=chunk)))
+    return messages
+
+
+def _delta(message: llm_pb2.TokenDelta) -> Delta:
+    logprobs = tuple(
+        TokenLogprob(token_id, top.logprob, tuple(zip(top.token_ids, top.logprobs, strict=False)))
+        for token_id, top in zip(message.token_ids, message.top_logprobs, strict=False))
+    return Delta(message.text, tuple(message.token_ids), logprobs)
+
+
+class LLMClient:
+    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.channel = balanced_channel(target, max_message_bytes)
+        self.stub = llm_pb2_grpc.LLMServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def model_info(self, timeout: float | None = None, wait_for_ready: bool = False) -> ModelIdentity:
+        try:
+            reply = await self.stub.GetModelInfo(llm_pb2.GetModelInfoRequest(), timeout=timeout,
+                                                 wait_for_ready=wait_for_ready)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "LLM") from None
+        return model_identity_from_pb(reply.model_info)
+
+    async def generate(self, conversation: Conversation, sampling: Sampling, request_id: str,
+                       inline: dict[str, Embeddings] | None, timeout: float | None
+                       ) -> AsyncIterator[Delta | GenerateFinish]:
+        """Streams `Delta`s, then one `GenerateFinish`. Leaving the iteration early cancels the call."""
+        call = self.stub.Generate(timeout=timeout)
+        try:
+            try:
+                await call.write(llm_pb2.GenerateRequest(start=generate_start(
+                    conversation, sampling, request_id, inline is not None)))
+                for key, value in (inline or {}).items():
+                    for message in _embedding_messages(key, value):
+                        await call.write(message)
+                await call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # The server ended the call while we were still writing (e.g. it rejected the request):
+                # its status says why.
+                pass
+            async for reply in call:
+                kind = reply.WhichOneof("message")
+                if kind == "delta":
+                    yield _delta(reply.delta)
+                elif kind == "finish":
+                    usage = reply.finish.usage
+                    yield GenerateFinish(_FINISH.get(reply.finish.reason, FinishReason.STOP), usage.prompt_tokens,
+                                         usage.completion_tokens, usage.cached_prompt_tokens)
+                    return
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                raise grpc.aio.AioRpcError(code, await call.initial_metadata(), await call.trailing_metadata(),
+                                           await call.details())
+            raise RuntimeError("the LLM stream ended without a finish message")
+        except grpc.aio.AioRpcError as exc:
+            raise translate(exc, "LLM") from None
+        finally:
+            call.cancel()

@@ -1,0 +1,135 @@
+"""The gateway's settings: one frozen object, built once from the command line and passed down.
+
+Environment variables are read here and nowhere else, and only when `from_args` runs (never at import time):
+`INTERNVL_REDIS_URL` supplies `--redis-url` when the flag is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from services.common.errors import InvalidArgumentError
+from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
+from services.vision.cache import DEFAULT_NAMESPACE
+from services.vision.config import MAX_NUM_LIMIT  # noqa: F401 - re-exported: checked before any media is read
+from services.vision.preprocess import DEFAULT_MAX_PIXELS
+
+ENV_REDIS_URL = "INTERNVL_REDIS_URL"
+DEFAULT_PORT = 50051
+DEFAULT_HTTP_PORT = 8000
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything `internvl-serve gateway` can be told. Validated on construction."""
+
+    # gRPC targets of the two pools. `dns:///name:port` with a headless Service resolves to every replica, and the
+    # gateway balances calls over them with client-side round_robin.
+    vision_target: str
+    llm_target: str
+    server: ServerOptions = field(default_factory=lambda: ServerOptions(port=DEFAULT_PORT))
+    # OpenAI-compatible HTTP API port; None: no HTTP API.
+    http_port: int | None = None
+    # Sessions; None: an in-process store (one gateway replica only, lost on restart).
+    redis_url: str | None = None
+    session_ttl_s: int = 3600
+    # Files a request may name by path must lie under this directory; None: paths are refused.
+    media_root: str | None = None
+    # Largest image or video a request may carry or name (bytes).
+    max_media_bytes: int = 64 * 1024 * 1024
+    # Images and video frames with more pixels are refused before decoding (decompression-bomb guard).
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Most frames one video may be sampled into (num_segments).
+    max_video_frames: int = 64
+    # Images per vision Encode call: a request's cache misses are split into calls of this many, sent
+    # concurrently, so round_robin spreads a video's frames over the vision replicas.
+    encode_items_per_call: int = 4
+    # Prefix of embedding cache keys (must equal the vision service's --namespace) and of session keys.
+    namespace: str = DEFAULT_NAMESPACE
+    # Deadline given to the services when the caller set none (seconds).
+    default_timeout_s: float = 600.0
+    # Threads for media work (file reads, base64, image probing, video decoding, key hashing).
+    media_threads: int = 4
+
+    def __post_init__(self) -> None:
+        checks = [
+            (bool(self.vision_target), "--vision-target is required"),
+            (bool(self.llm_target), "--llm-target is required"),
+            (self.session_ttl_s >= 1, f"--session-ttl-s must be >= 1, got {self.session_ttl_s}"),
+            (self.max_media_bytes >= 1, f"--max-media-bytes must be >= 1, got {self.max_media_bytes}"),
+            (self.max_pixels >= 1, f"--max-pixels must be >= 1, got {self.max_pixels}"),
+            (self.max_video_frames >= 1, f"--max-video-frames must be >= 1, got {self.max_video_frames}"),
+            (self.encode_items_per_call >= 1,
+             f"--encode-items-per-call must be >= 1, got {self.encode_items_per_call}"),
+            (bool(self.namespace) and ":" not in self.namespace,
+             f"--namespace must be non-empty and contain no ':', got {self.namespace!r}"),
+            (self.default_timeout_s > 0, f"--default-timeout-s must be > 0, got {self.default_timeout_s}"),
+            (self.media_threads >= 1, f"--media-threads must be >= 1, got {self.media_threads}"),
+            (self.media_root is None or os.path.isdir(self.media_root),
+             f"--media-root {self.media_root!r} is not a directory"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidArgumentError(message)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+        environ = os.environ if environ is None else environ
+        return cls(
+            vision_target=args.vision_target,
+            llm_target=args.llm_target,
+            server=ServerOptions(port=args.port, host=args.host, metrics_port=args.metrics_port,
+                                 max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds),
+            http_port=args.http_port,
+            redis_url=args.redis_url or environ.get(ENV_REDIS_URL) or None,
+            session_ttl_s=args.session_ttl_s,
+            media_root=args.media_root,
+            max_media_bytes=args.max_media_bytes,
+            max_pixels=args.max_pixels,
+            max_video_frames=args.max_video_frames,
+            encode_items_per_call=args.encode_items_per_call,
+            namespace=args.namespace,
+            default_timeout_s=args.default_timeout_s,
+            media_threads=args.media_threads,
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `internvl-serve gateway` flags; defaults come from `GatewayConfig`."""
+    d = GatewayConfig(vision_target="-", llm_target="-")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT})")
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="OpenAI-compatible HTTP API port (default: no HTTP API)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: none)")
+    parser.add_argument("--vision-target", required=True,
+                        help="vision service, e.g. dns:///vision-headless:50052 (round_robin over its addresses)")
+    parser.add_argument("--llm-target", required=True, help="LLM service, e.g. dns:///llm-headless:50053")
+    parser.add_argument("--redis-url", default=None,
+                        help=f"session store, e.g. redis://redis:6379/0 (default: ${ENV_REDIS_URL}; without either, "
+                             "sessions live in this process only)")
+    parser.add_argument("--session-ttl-s", type=int, default=d.session_ttl_s,
+                        help=f"a session expires this long after its last turn (default {d.session_ttl_s})")
+    parser.add_argument("--media-root", default=None,
+                        help="directory whose files requests may name by path (default: paths refused)")
+    parser.add_argument("--max-media-bytes", type=int, default=d.max_media_bytes,
+                        help=f"largest image or video per part (default {d.max_media_bytes})")
+    parser.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                        help=f"largest image or frame in pixels (default {d.max_pixels})")
+    parser.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
+                        help=f"most frames sampled from one video (default {d.max_video_frames})")
+    parser.add_argument("--encode-items-per-call", type=int, default=d.encode_items_per_call,
+                        help=f"images per vision Encode call when fanning out (default {d.encode_items_per_call})")
+    parser.add_argument("--namespace", default=d.namespace,
+                        help=f"cache key prefix, as the vision service's --namespace (default {d.namespace!r})")
+    parser.add_argument("--default-timeout-s", type=float, default=d.default_timeout_s,
+                        help=f"deadline for requests that set none (default {d.default_timeout_s})")
+    parser.add_argument("--media-threads", type=int, default=d.media_threads,
+                        help=f"threads reading and decoding media (default {d.media_threads})")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="gRPC message size limit (default %(default)s)")
+    parser.add_argument("--drain-seconds", type=float, default=30.0,
+                        help="grace period for running calls after SIGTERM (default %(default)s)")

@@ -1,0 +1,321 @@
+"""The OpenAI-compatible HTTP API, served by aiohttp on the gateway's event loop (beside gRPC).
+
+`POST /v1/chat/completions` (JSON or SSE streaming) and `GET /v1/models`, translated into the same domain request
+the gRPC `Chat` takes. Supported: `messages` with `system`/`user`/`assistant` roles, string or part-list content
+(`text`, `image_url` with a base64 `data:` URL or a path under the gateway's media root, and the `video` extension
+part), `max_tokens`/`max_completion_tokens`, `temperature` (default 1, as OpenAI's), `top_p`, `stop`, `seed`,
+`logprobs`/`top_logprobs`, `stream` and `stream_options.include_usage`. Extensions: `top_k`, `repetition_penalty`,
+`max_num` (tiles per image), `session_id` (continue a session; every response carries `session_id`), and
+`multi_image_mode` ("separate" or "combined"). The extension part:
+
+    {"type": "video", "video": {"url": "data:video/mp4;base64,..." | "path": "clips/a.mp4",
+                                "num_segments": 8, "bound": [start_s, end_s], "max_num": 1}}
+
+The gateway holds no tokenizer: a logprob entry's `token` is the text of its delta, and alternatives are named
+`token_id:N`; every entry also carries `token_id`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from gateway.metrics import GatewayMetrics, status_name
+from gateway.orchestrator import Orchestrator
+from gateway.types import (
+    ChatRequest,
+    Delta,
+    Finish,
+    ImageInput,
+    MultiImageMode,
+    Part,
+    Sampling,
+    Turn,
+    VideoInput,
+)
+from services.common.errors import InternVLError, InvalidArgumentError
+
+log = logging.getLogger(__name__)
+RPC = "openai.chat_completions"
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+               "ABORTED": 409, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "INTERNAL": 500, "UNAVAILABLE": 503,
+               "DEADLINE_EXCEEDED": 504}
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+# ------------------------------------------------------------------------------------------------- parsing
+
+
+def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise InvalidArgumentError(f"{name} must be a number")
+    if not isinstance(value, kind):
+        raise InvalidArgumentError(f"{name} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _image(spec: Any, where: str) -> ImageInput:
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str) or not url:
+        raise InvalidArgumentError(f"{where}.image_url.url must be a non-empty string")
+    if url.startswith(("data:", "http://", "https://")):
+        return ImageInput(url=url)
+    return ImageInput(path=url)
+
+
+def _video(spec: Any, where: str) -> VideoInput:
+    if not isinstance(spec, dict):
+        raise InvalidArgumentError(f"{where}.video must be an object")
+    options: dict[str, Any] = {}
+    url = spec.get("url")
+    if isinstance(url, str) and url.startswith(("data:", "http://", "https://")):
+        options["url"] = url  # decoded (or refused) off the event loop, with the images
+    elif isinstance(spec.get("path") or url, str):
+        options["path"] = spec.get("path") or url
+    else:
+        raise InvalidArgumentError(f"{where}.video needs a url (base64 data: URL) or a path")
+    if spec.get("num_segments") is not None:
+        options["num_segments"] = int(spec["num_segments"])
+    if spec.get("max_num") is not None:
+        options["max_num"] = int(spec["max_num"])
+    bound = spec.get("bound")
+    if bound is not None:
+        if not (isinstance(bound, list) and len(bound) == 2 and all(isinstance(b, (int, float)) for b in bound)):
+            raise InvalidArgumentError(f"{where}.video.bound must be [start_seconds, end_seconds]")
+        options["bound"] = (float(bound[0]), float(bound[1]))
+    return VideoInput(**options)
+
+
+def _parts(content: Any, where: str) -> list[Part]:
+    if isinstance(content, str):
+        return [Part(text=content)]
+    if not isinstance(content, list):
+        raise InvalidArgumentError(f"{where}.content must be a string or a list of parts")
+    parts = []
+    for i, item in enumerate(content):
+        at = f"{where}.content[{i}]"
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text" and isinstance(item.get("text"), str):
+            parts.append(Part(text=item["text"]))
+        elif kind == "image_url":
+            parts.append(Part(image=_image(item.get("image_url"), at)))
+        elif kind == "video":
+            parts.append(Part(video=_video(item.get("video"), at)))
+        else:
+            raise InvalidArgumentError(f"{at}: unsupported part type {kind!r} (text, image_url, video)")
+    return parts
+
+
+def _text(content: Any, where: str) -> str:
+    parts = _parts(content, where)
+    if any(p.text is None for p in parts):
+        raise InvalidArgumentError(f"{where}: only text is allowed here")
+    return "".join(p.text for p in parts)
+
+
+def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
+    """(request, stream, include_usage, top_logprobs to report) from a chat completions body."""
+    if not isinstance(body, dict):
+        raise InvalidArgumentError("the body must be a JSON object")
+    messages = _field(body, "messages", list)
+    if not messages:
+        raise InvalidArgumentError("messages must be a non-empty list")
+    if _field(body, "n", int, 1) != 1:
+        raise InvalidArgumentError("only n = 1 is supported")
+    system: list[str] = []
+    turns: list[Turn] = []
+    pending: list[Part] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        role = message.get("role") if isinstance(message, dict) else None
+        if role in ("system", "developer"):
+            system.append(_text(message.get("content"), where))
+        elif role == "user":
+            pending += _parts(message.get("content"), where)
+        elif role == "assistant":
+            if not pending:
+                raise InvalidArgumentError(f"{where}: an assistant message must follow a user message")
+            turns.append(Turn(tuple(pending), _text(message.get("content") or "", where)))
+            pending = []
+        else:
+            raise InvalidArgumentError(f"{where}: unsupported role {role!r} (system, user, assistant)")
+    if not pending:
+        raise InvalidArgumentError("the last message must be a user message")
+    stop = body.get("stop")
+    stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(s, str) for s in stop_strings):
+        raise InvalidArgumentError("stop must be a string or a list of strings")
+    want_logprobs = bool(_field(body, "logprobs", bool, False))
+    top = _field(body, "top_logprobs", int, 0)
+    if top and not want_logprobs:
+        raise InvalidArgumentError("top_logprobs requires logprobs = true")
+    mode = _field(body, "multi_image_mode", str, "separate")
+    if mode not in ("separate", "combined"):
+        raise InvalidArgumentError("multi_image_mode must be 'separate' or 'combined'")
+    sampling = Sampling(
+        max_new_tokens=_field(body, "max_completion_tokens", int, None) or _field(body, "max_tokens", int, 0),
+        temperature=float(_field(body, "temperature", (int, float), 1.0)),
+        top_p=float(_field(body, "top_p", (int, float), 1.0)),
+        top_k=_field(body, "top_k", int, 0),
+        repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 0.0)),
+        stop_strings=stop_strings, seed=_field(body, "seed", int, None),
+        # The LLM service reports a token's own logprob only alongside alternatives: ask for at least one.
+        top_logprobs=max(top, 1) if want_logprobs else 0)
+    request = ChatRequest(
+        content=tuple(pending), history=tuple(turns), session_id=_field(body, "session_id", str, None),
+        max_num=_field(body, "max_num", int, 12), multi_image_mode=MultiImageMode(mode), sampling=sampling,
+        system_message="\n".join(system) if system else None, request_id=str(body.get("user") or ""))
+    stream = bool(_field(body, "stream", bool, False))
+    include_usage = bool((_field(body, "stream_options", dict, {}) or {}).get("include_usage", False))
+    return request, stream, include_usage, top if want_logprobs else -1
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def _usage(finish: Finish) -> dict:
+    u = finish.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}, "internvl": u.as_dict()}
+
+
+def _logprobs(delta: Delta, top: int) -> list[dict]:
+    entries = []
+    for lp in delta.logprobs:
+        text = delta.text if len(delta.token_ids) == 1 else ""
+        entries.append({"token": text, "token_id": lp.token_id, "logprob": lp.logprob,
+                        "bytes": list(text.encode()),
+                        "top_logprobs": [{"token": f"token_id:{t}", "token_id": t, "logprob": v, "bytes": None}
+                                         for t, v in lp.top[:top]]})
+    return entries
+
+
+def error_body(exc: BaseException) -> tuple[int, dict]:
+    """HTTP status and OpenAI error body; unexpected errors are logged with their traceback, never returned."""
+    if not isinstance(exc, InternVLError):
+        log.error("chat completion failed", exc_info=exc)
+    status = status_name(exc)
+    message = str(exc) if isinstance(exc, InternVLError) else "internal error"
+    kind = "invalid_request_error" if HTTP_STATUS.get(status, 500) < 500 else "server_error"
+    return HTTP_STATUS.get(status, 500), {"error": {"message": message, "type": kind, "param": None,
+                                                   "code": status.lower()}}
+
+
+# ---------------------------------------------------------------------------------------------------- app
+
+
+class OpenAIHandlers:
+    def __init__(self, orchestrator: Orchestrator, metrics: GatewayMetrics, is_ready: Callable[[], bool]):
+        self.orchestrator = orchestrator
+        self.metrics = metrics
+        self.is_ready = is_ready
+
+    @property
+    def model_name(self) -> str:
+        model = self.orchestrator.model
+        return model.model_name if model is not None else "internvl"
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "internvl-serve"}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ready": self.is_ready()}, status=200 if self.is_ready() else 503)
+
+    async def chat_completions(self, http: web.Request) -> web.StreamResponse:
+        events = self.metrics.track_stream(RPC, self._events(http))
+        async with contextlib.aclosing(events):
+            try:
+                options = await anext(events)
+                first = await anext(events)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
+                status, body = error_body(exc)
+                return web.json_response(body, status=status)
+            model, stream, include_usage, top = options
+            ident, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+            if stream:
+                return await self._stream(http, events, first, ident, created, model, include_usage, top)
+            deltas = [first]
+            try:
+                async for event in events:
+                    deltas.append(event)
+            except Exception as exc:  # noqa: BLE001
+                status, body = error_body(exc)
+                return web.json_response(body, status=status)
+            finish = deltas.pop()
+            assert isinstance(finish, Finish)
+            text = "".join(d.text for d in deltas)
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": FINISH[finish.reason.value],
+                      "logprobs": {"content": [e for d in deltas for e in _logprobs(d, top)]} if top >= 0 else None}
+            return web.json_response({"id": ident, "object": "chat.completion", "created": created, "model": model,
+                                      "choices": [choice], "usage": _usage(finish),
+                                      "session_id": finish.session_id})
+
+    async def _events(self, http: web.Request):
+        """The parsed options, then the orchestrator's events (failures, parsing included, are tracked)."""
+        try:
+            body = await http.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InvalidArgumentError("the body is not valid JSON") from None
+        request, stream, include_usage, top = parse_request(body)
+        model = body.get("model") if isinstance(body.get("model"), str) else self.model_name
+        yield (model, stream, include_usage, top)
+        async with contextlib.aclosing(self.orchestrator.chat(request)) as events:
+            async for event in events:
+                yield event
+
+    async def _stream(self, http: web.Request, events, first, ident: str, created: int, model: str,
+                      include_usage: bool, top: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(http)
+
+        async def send(payload: dict | str) -> None:
+            data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+            await response.write(f"data: {data}\n\n".encode())
+
+        def chunk(delta: dict, finish_reason: str | None = None, **extra) -> dict:
+            return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, **extra}]}
+
+        await send(chunk({"role": "assistant", "content": ""}))
+        event = first
+        try:
+            while True:
+                if isinstance(event, Finish):
+                    await send({**chunk({}, FINISH[event.reason.value]), "session_id": event.session_id})
+                    if include_usage:
+                        await send({"id": ident, "object": "chat.completion.chunk", "created": created,
+                                    "model": model, "choices": [], "usage": _usage(event)})
+                    break
+                extra = {"logprobs": {"content": _logprobs(event, top)}} if top >= 0 else {}
+                await send(chunk({"content": event.text}, **extra))
+                event = await anext(events)
+        except (ConnectionResetError, ConnectionError):
+            return response  # the client went away; closing `events` cancels the services' calls
+        except Exception as exc:  # noqa: BLE001 - a stream fails with an error event
+            _, body = error_body(exc)
+            await send(body)
+        await send("[DONE]")
+        await response.write_eof()
+        return response
+
+
+def create_app(orchestrator: Orchestrator, metrics: GatewayMetrics, is_ready: Callable[[], bool]) -> web.Application:
+    handlers = OpenAIHandlers(orchestrator, metrics, is_ready)
+    app = web.Application(client_max_size=orchestrator.config.max_media_bytes * 2)
+    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/health", handlers.health)
+    return app

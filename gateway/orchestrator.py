@@ -1,0 +1,335 @@
+"""The gateway's core, free of any transport: a chat request in, a stream of deltas and one finish out.
+
+For each request:
+1. Plan (gateway.planning, in a thread pool): read and probe every image, decode and sample every video, compute
+   each image's cache key and tile count the way the vision service does, check `<image>` placeholders.
+2. `Lookup` every key of the prompt (the session's earlier images included) in one call; send only the misses to
+   `Encode`, split into calls of `encode_items_per_call` sent concurrently, which client-side round_robin spreads
+   over the vision replicas.
+3. Stream `Generate` from the LLM service with the images by reference. If it answers FAILED_PRECONDITION with
+   missing keys (evicted between Lookup and Generate), re-encode those and retry once.
+4. Store the round in the session (texts and keys, never pixels), so any replica can continue it.
+
+The caller's deadline bounds every call to both services, and cancelling the request (the transport cancels this
+generator's task) cancels them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from gateway.backends import (
+    Embeddings,
+    EncodedItem,
+    GenerateFinish,
+    LLMBackend,
+    ModelIdentity,
+    VisionBackend,
+    check_same_model,
+    strip_item_prefix,
+)
+from gateway.config import MAX_NUM_LIMIT, GatewayConfig
+from gateway.conversation import Conversation, ImageRef, Part, TurnRecord, VideoRef, part_refs
+from gateway.errors import DeadlineExceededError, SessionMediaEvictedError
+from gateway.media import MediaResolver
+from gateway.metrics import GatewayMetrics
+from gateway.planning import (
+    Keyer,
+    PendingCombined,
+    PendingImage,
+    PendingVideo,
+    Plan,
+    PlannedTurn,
+    arrange_turn,
+    check_max_num,
+    flatten,
+    turn_jobs,
+)
+from gateway.sessions import Session, SessionStore, new_session_id
+from gateway.types import ChatRequest, ChatResult, Delta, Finish, Usage
+from services.common.errors import (
+    EmbeddingsMissingError,
+    InternVLError,
+    InvalidArgumentError,
+    InvalidMediaError,
+    NotReadyError,
+)
+from services.llm import template
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_BATCH_REQUESTS = 64
+
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceededError("the request's deadline passed")
+        return left
+
+
+class Orchestrator:
+    def __init__(self, config: GatewayConfig, vision: VisionBackend, llm: LLMBackend, sessions: SessionStore,
+                 metrics: GatewayMetrics | None = None):
+        self.config = config
+        self.vision = vision
+        self.llm = llm
+        self.sessions = sessions
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
+        self.media = MediaResolver(config.media_root, config.max_media_bytes, config.max_pixels,
+                                   config.max_video_frames)
+        self._pool = ThreadPoolExecutor(config.media_threads, thread_name_prefix="gateway-media")
+        self.model: ModelIdentity | None = None
+        self._keyer: Keyer | None = None
+        self._warned_key_mismatch = False
+
+    async def connect(self, timeout: float | None = None) -> ModelIdentity:
+        """Waits for both services, checks they serve the same model, and learns what keys depend on."""
+        vision, llm = await asyncio.gather(self.vision.model_info(timeout, wait_for_ready=True),
+                                           self.llm.model_info(timeout, wait_for_ready=True))
+        check_same_model(vision, llm)
+        self.model, self._keyer = vision, Keyer(vision, self.config.namespace)
+        log.info("serving %s (fingerprint %s, %s embeddings)", vision.model_name, vision.fingerprint, vision.dtype)
+        return vision
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    # ------------------------------------------------------------------------------------------------ chat
+
+    async def chat(self, request: ChatRequest, timeout: float | None = None) -> AsyncIterator[Delta | Finish]:
+        """Streams the answer's deltas, then one Finish; raises domain errors before or during the stream."""
+        if self._keyer is None or self.model is None:
+            raise NotReadyError("the gateway is still connecting to the vision and LLM services")
+        deadline = Deadline(timeout if timeout is not None else self.config.default_timeout_s)
+        if not request.content:
+            raise InvalidArgumentError("content is empty: the new user turn needs text, an image or a video")
+        check_max_num(request.max_num, "max_num", MAX_NUM_LIMIT)
+        for where, video in _videos(request):
+            check_max_num(video.max_num, f"{where} (video)", MAX_NUM_LIMIT)
+        continuing = request.session_id is not None
+        session_id = request.session_id if continuing else new_session_id()
+        # A new session's id is known to nobody else yet: only a continued one needs the one-round-at-a-time lock.
+        lock = self.sessions.lock(session_id, deadline.remaining() + 5) if continuing else contextlib.nullcontext()
+        async with lock:
+            if continuing:
+                session = await self.sessions.load(session_id)
+                if request.system_message is not None and request.system_message != session.system_message:
+                    raise InvalidArgumentError("system_message differs from the one this session started with; "
+                                               "leave it unset when continuing a session")
+            else:
+                session = Session(session_id, request.system_message)
+            plan = await self._plan(request)
+            refs = await self._ensure_cached(plan, session, deadline)
+            history = (*session.turns, *(TurnRecord(refs[n], t.assistant_text or "")
+                                         for n, t in enumerate(plan.turns[:-1])))
+            conversation = Conversation(refs[-1], history, session.system_message)
+            answer: list[str] = []
+            async with contextlib.aclosing(self._generate(conversation, plan, request, deadline)) as events:
+                async for event in events:
+                    if isinstance(event, Delta):
+                        answer.append(event.text)
+                        yield event
+                        continue
+                    turn = TurnRecord(refs[-1], template.clean_response("".join(answer)))
+                    await self.sessions.save(Session(session_id, session.system_message, (*history, turn)))
+                    self.metrics.sessions.labels("continued" if continuing else "started").inc()
+                    yield Finish(event.reason, self._usage(event, conversation, plan), session_id)
+
+    async def batch_chat(self, requests: list[ChatRequest], timeout: float | None = None) -> list[ChatResult]:
+        """Answers independent requests concurrently (the LLM service batches them); any failure fails all."""
+        if not requests:
+            raise InvalidArgumentError("requests is empty")
+        if len(requests) > MAX_BATCH_REQUESTS:
+            raise InvalidArgumentError(f"{len(requests)} requests; at most {MAX_BATCH_REQUESTS} per batch")
+
+        async def one(index: int, request: ChatRequest) -> ChatResult:
+            deltas, finish = [], None
+            try:
+                async with contextlib.aclosing(self.chat(request, timeout)) as events:
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            deltas.append(event)
+                        else:
+                            finish = event
+            except InternVLError as exc:
+                exc.args = (f"requests[{index}]: {exc}",)
+                exc.item_index = index
+                raise
+            assert finish is not None
+            return ChatResult.gather(deltas, finish)
+
+        tasks = [asyncio.ensure_future(one(i, r)) for i, r in enumerate(requests)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------------------------------------ plan
+
+    async def _plan(self, request: ChatRequest) -> Plan:
+        jobs = turn_jobs(request.history, request.content, request.max_num, self.media, self._keyer)
+        resolved = await asyncio.gather(*(asyncio.gather(*(self._run(job) for job in parts))
+                                          for _, _, parts in jobs))
+        turns = [PlannedTurn(where, arrange_turn(where, list(parts), request.multi_image_mode), answer)
+                 for (where, answer, _), parts in zip(jobs, resolved, strict=True)]
+        return Plan(turns, [image for turn in turns for image in flatten(turn.parts)])
+
+    # ------------------------------------------------------------------------------------------ embeddings
+
+    async def _ensure_cached(self, plan: Plan, session: Session, deadline: Deadline) -> list[tuple[Part, ...]]:
+        """Looks up every key, encodes the misses, and returns each planned turn's parts as references."""
+        stored = [leaf.key for turn in session.turns for ref in part_refs(turn.user_parts) for leaf in ref.leaves()]
+        keys = list(dict.fromkeys([*stored, *(image.key for image in plan.images)]))
+        exists = dict(zip(keys, await self.vision.lookup(keys, deadline.remaining()), strict=True))
+        evicted = [key for key in dict.fromkeys(stored) if not exists[key]]
+        if evicted:
+            raise SessionMediaEvictedError(evicted)
+        await self._encode([image for image in plan.images if not exists[image.key]], deadline)
+        return [tuple(self._ref(part) for part in turn.parts) for turn in plan.turns]
+
+    async def _encode(self, images: list[PendingImage], deadline: Deadline) -> None:
+        """Encodes each distinct image once, in concurrent calls of at most `encode_items_per_call` items."""
+        unique: dict[str, list[PendingImage]] = {}
+        for image in images:
+            unique.setdefault(image.key, []).append(image)
+        by_options: dict[int, list[list[PendingImage]]] = {}
+        for same in unique.values():
+            by_options.setdefault(same[0].max_num, []).append(same)
+        size = self.config.encode_items_per_call
+        calls = [(max_num, groups[i:i + size]) for max_num, groups in by_options.items()
+                 for i in range(0, len(groups), size)]
+        await asyncio.gather(*(self._encode_call(max_num, groups, deadline) for max_num, groups in calls))
+
+    async def _encode_call(self, max_num: int, groups: list[list[PendingImage]], deadline: Deadline) -> None:
+        items = [group[0].item for group in groups]
+        self.metrics.encode_calls.inc()
+        for item in items:
+            self.metrics.media_bytes_sent.labels(item.kind).inc(len(item.data))
+        try:
+            results = await self.vision.encode(items, max_num, True, deadline.remaining())
+        except (InvalidMediaError, InvalidArgumentError) as exc:
+            if exc.item_index is not None and 0 <= exc.item_index < len(groups):
+                raise type(exc)(f"{groups[exc.item_index][0].where}: {strip_item_prefix(str(exc))}") from None
+            raise
+        for group, result in zip(groups, results, strict=True):
+            self._confirm(group, result)
+
+    def _confirm(self, group: list[PendingImage], result: EncodedItem) -> None:
+        first = group[0]
+        if result.key != first.key and not self._warned_key_mismatch:
+            self._warned_key_mismatch = True
+            log.warning("the vision service keys images differently from the gateway (%s vs %s): every Lookup will "
+                        "miss; check that both use the same --namespace", result.key, first.key)
+        if result.num_tiles != first.num_tiles:
+            log.warning("%s: the vision service cut %d tiles, the gateway expected %d", first.where,
+                        result.num_tiles, first.num_tiles)
+        for image in group:
+            image.key, image.num_tiles = result.key, result.num_tiles
+        first.encoded = not result.cache_hit
+
+    def _ref(self, part) -> Part:
+        if isinstance(part, str):
+            return part
+        if isinstance(part, PendingImage):
+            return ImageRef(part.key, part.num_tiles)
+        if isinstance(part, PendingVideo):
+            return VideoRef(tuple(ImageRef(f.key, f.num_tiles) for f in part.frames))
+        assert isinstance(part, PendingCombined)
+        leaves = tuple(ImageRef(i.key, i.num_tiles) for i in part.images)
+        return ImageRef(_combined_key(self.config.namespace, leaves), sum(r.num_tiles for r in leaves), leaves)
+
+    async def _inline(self, conversation: Conversation, deadline: Deadline) -> dict[str, Embeddings]:
+        """Every referenced image's embeddings, fetched from the vision service (combined mode)."""
+        refs = {ref.key: ref for ref in conversation.refs()}
+        leaves = list(dict.fromkeys(leaf.key for ref in refs.values() for leaf in ref.leaves()))
+        fetched = dict(zip(leaves, await asyncio.gather(*(self.vision.fetch(k, deadline.remaining())
+                                                          for k in leaves)), strict=True))
+        out = {}
+        for key, ref in refs.items():
+            parts = [fetched[leaf.key] for leaf in ref.leaves()]
+            rows = sum(p.shape[0] for p in parts)
+            out[key] = Embeddings(parts[0].dtype, (rows, *parts[0].shape[1:]), b"".join(p.data for p in parts))
+        return out
+
+    # -------------------------------------------------------------------------------------------- generate
+
+    async def _generate(self, conversation: Conversation, plan: Plan, request: ChatRequest,
+                        deadline: Deadline) -> AsyncIterator[Delta | GenerateFinish]:
+        pending = {image.key: image for image in plan.images}
+        for attempt in (1, 2):
+            started = False
+            try:
+                inline = await self._inline(conversation, deadline) if conversation.inline else None
+                self._count_embedding_bytes(conversation, inline)
+                stream = self.llm.generate(conversation, request.sampling, request.request_id, inline,
+                                           deadline.remaining())
+                async with contextlib.aclosing(stream):
+                    async for event in stream:
+                        started = True
+                        yield event
+                return
+            except EmbeddingsMissingError as exc:
+                if started or attempt == 2 or isinstance(exc, SessionMediaEvictedError):
+                    raise
+                lost = [key for key in exc.missing_keys if key not in pending]
+                if lost:
+                    raise SessionMediaEvictedError(lost) from None
+                log.info("re-encoding %d evicted image(s) and retrying Generate", len(exc.missing_keys))
+                self.metrics.missing_retries.inc()
+                await self._encode([pending[key] for key in exc.missing_keys], deadline)
+
+    def _count_embedding_bytes(self, conversation: Conversation, inline: dict[str, Embeddings] | None) -> None:
+        if inline is not None:
+            self.metrics.embedding_bytes.labels("inline").inc(sum(len(e.data) for e in inline.values()))
+            return
+        tiles = {ref.key: ref.num_tiles for ref in conversation.refs()}
+        self.metrics.embedding_bytes.labels("reference").inc(sum(tiles.values()) * self.model.bytes_per_tile)
+
+    def _usage(self, finish: GenerateFinish, conversation: Conversation, plan: Plan) -> Usage:
+        leaves = [leaf for ref in conversation.refs() for leaf in ref.leaves()]
+        fresh = {image.key for image in plan.images if image.encoded}
+        encoded = 0
+        for leaf in leaves:
+            if leaf.key in fresh:
+                encoded += leaf.num_tiles
+                fresh.discard(leaf.key)  # a second occurrence in the prompt reuses the first
+        total = sum(leaf.num_tiles for leaf in leaves)
+        self.metrics.tiles_encoded.inc(encoded)
+        self.metrics.tiles_reused.inc(total - encoded)
+        return Usage(finish.prompt_tokens, finish.completion_tokens, finish.cached_prompt_tokens,
+                     tuple(leaf.num_tiles for leaf in leaves), encoded, total - encoded)
+
+
+def _combined_key(namespace: str, leaves: tuple[ImageRef, ...]) -> str:
+    """A request-local name for several images' concatenated embeddings; deterministic, so the LLM service's
+    prefix cache still recognises the same images in the next round."""
+    digest = hashlib.sha256("\n".join(leaf.key for leaf in leaves).encode()).hexdigest()
+    return f"{namespace}:combined:v1:{digest}"
+
+
+def _videos(request: ChatRequest):
+    for n, turn in enumerate(request.history):
+        for i, part in enumerate(turn.user):
+            if part.video is not None:
+                yield f"history[{n}].user_content[{i}]", part.video
+    for i, part in enumerate(request.content):
+        if part.video is not None:
+            yield f"content[{i}]", part.video
+

@@ -1,0 +1,133 @@
+"""Multi-round sessions, kept in Redis so that any gateway replica can continue any session.
+
+A session holds its system message and its rounds: each round's user parts (text and image references, i.e. cache
+keys and tile counts, never pixels) and the assistant's answer as the original stores it (cut at `<|im_end|>` and
+stripped). Replaying them gives the LLM service the same prompt prefix as the last round, so its prefix KV cache and
+the embedding cache make the next round cheap. A session expires `ttl_s` after its last round.
+
+One round at a time: a round holds a short-lived lock (SET NX PX, released by compare-and-delete) so that two
+concurrent rounds of one session cannot both append to the same history; the second gets SessionBusyError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from gateway.conversation import TurnRecord, turn_from_json, turn_to_json
+from gateway.errors import SessionBusyError, SessionNotFoundError
+from services.common.errors import InvalidArgumentError
+
+SCHEMA_VERSION = 1
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# Deletes the lock only if it still holds our token (it may have expired and been taken by another round).
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    system_message: str | None = None
+    turns: tuple[TurnRecord, ...] = field(default=())
+
+    def to_json(self) -> str:
+        return json.dumps({"v": SCHEMA_VERSION, "system_message": self.system_message,
+                           "turns": [turn_to_json(t) for t in self.turns]}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, session_id: str, raw: str | bytes) -> Session:
+        data = json.loads(raw)
+        if data.get("v") != SCHEMA_VERSION:
+            raise SessionNotFoundError(f"session {session_id!r} was stored by an incompatible gateway version")
+        return cls(session_id, data.get("system_message"), tuple(turn_from_json(t) for t in data["turns"]))
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_session_id(session_id: str) -> str:
+    if not _ID.match(session_id):
+        raise InvalidArgumentError("session_id must be 1-128 characters of letters, digits, '.', '_' or '-'")
+    return session_id
+
+
+class RedisSessionStore:
+    def __init__(self, redis: Redis, namespace: str, ttl_s: int):
+        self.redis = redis
+        self.namespace = namespace
+        self.ttl_s = ttl_s
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.namespace}:session:v{SCHEMA_VERSION}:{session_id}"
+
+    async def load(self, session_id: str) -> Session:
+        raw = await self.redis.get(self._key(check_session_id(session_id)))
+        if raw is None:
+            raise SessionNotFoundError(f"session {session_id!r} does not exist or has expired (sessions expire "
+                                       f"{self.ttl_s} s after their last round); start a new one without session_id")
+        return Session.from_json(session_id, raw)
+
+    async def save(self, session: Session) -> None:
+        await self.redis.set(self._key(session.id), session.to_json(), ex=self.ttl_s)
+
+    @contextlib.asynccontextmanager
+    async def lock(self, session_id: str, hold_s: float) -> AsyncIterator[None]:
+        key = self._key(check_session_id(session_id)) + ":lock"
+        token = secrets.token_hex(8)
+        if not await self.redis.set(key, token, nx=True, px=max(1000, int(hold_s * 1000))):
+            raise SessionBusyError(f"session {session_id!r} is answering another round; wait for it to finish")
+        try:
+            yield
+        finally:
+            await self.redis.eval(_RELEASE, 1, key, token)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class MemorySessionStore:
+    """The same contract in this process only: for a single gateway without Redis (demos, tests)."""
+
+    def __init__(self, ttl_s: int):
+        self.ttl_s = ttl_s
+        self._sessions: dict[str, tuple[float, str]] = {}
+        self._locked: set[str] = set()
+
+    async def load(self, session_id: str) -> Session:
+        entry = self._sessions.get(check_session_id(session_id))
+        if entry is None or entry[0] < time.monotonic():
+            self._sessions.pop(session_id, None)
+            raise SessionNotFoundError(f"session {session_id!r} does not exist or has expired (sessions expire "
+                                       f"{self.ttl_s} s after their last round); start a new one without session_id")
+        return Session.from_json(session_id, entry[1])
+
+    async def save(self, session: Session) -> None:
+        now = time.monotonic()
+        self._sessions = {k: v for k, v in self._sessions.items() if v[0] >= now}
+        self._sessions[session.id] = (now + self.ttl_s, session.to_json())
+
+    @contextlib.asynccontextmanager
+    async def lock(self, session_id: str, hold_s: float) -> AsyncIterator[None]:
+        check_session_id(session_id)
+        if session_id in self._locked:
+            raise SessionBusyError(f"session {session_id!r} is answering another round; wait for it to finish")
+        self._locked.add(session_id)
+        try:
+            yield
+        finally:
+            self._locked.discard(session_id)
+
+    async def close(self) -> None:
+        self._sessions.clear()
+
+
+SessionStore = RedisSessionStore | MemorySessionStore

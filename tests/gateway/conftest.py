@@ -1,0 +1,257 @@
+"""Fixtures of the gateway tests: media made on the fly, and fake vision / LLM services behind a real gateway.
+
+The fakes are real gRPC servers (the project's GrpcServer, so errors travel through the same interceptor and
+ErrorDetail trailers as in production) whose servicers keep a dict as the "shared cache" and record every call.
+They let the orchestration be tested without a model: keys, Lookup-before-Encode, fan-out, retries on eviction,
+deadlines and cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import struct
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import av
+import grpc
+import numpy as np
+import pytest
+from internvl.common.v1 import common_pb2
+from internvl.gateway.v1 import gateway_pb2_grpc
+from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
+from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
+from PIL import Image
+
+from gateway.clients import LLMClient, VisionClient
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.orchestrator import Orchestrator
+from gateway.server import SERVICE_NAME, ChatServicer
+from gateway.sessions import MemorySessionStore
+from services.common.errors import EmbeddingsMissingError, InvalidMediaError, NotFoundError
+from services.common.grpc_server import GrpcServer, ServerOptions
+from services.vision.cache import cache_key, frame_media, model_identity
+from services.vision.preprocess import count_tiles
+
+FINGERPRINT = "feedfacefeedface"
+TOKENS_PER_TILE = 256
+HIDDEN = 4  # float32: 4 KiB per tile keeps inline transfers small
+
+
+# --------------------------------------------------------------------------------------------------- media
+
+
+def png(width: int, height: int, color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_video(frames: int = 12, fps: int = 6, size=(64, 48)) -> bytes:
+    """A small MPEG-4 clip: each frame a different solid colour with a horizontal gradient."""
+    width, height = size
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            pixels = np.zeros((height, width, 3), np.uint8)
+            pixels[..., 0] = (i * 37) % 256
+            pixels[..., 1] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+            pixels[..., 2] = 255 - (i * 19) % 256
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------- fakes
+
+
+@dataclass
+class FakeCache:
+    """The "shared cache": key -> tiles. Both fakes read it, as both real services read Redis."""
+
+    tiles: dict[str, int] = field(default_factory=dict)
+
+
+class FakeVision(vision_pb2_grpc.VisionServiceServicer):
+    def __init__(self, cache: FakeCache, fingerprint: str = FINGERPRINT):
+        self.cache = cache
+        self.fingerprint = fingerprint
+        self.calls: list[tuple[str, int]] = []
+        self.time_remaining: list[float | None] = []
+
+    async def Encode(self, request, context):
+        self.calls.append(("Encode", len(request.items)))
+        self.time_remaining.append(context.time_remaining())
+        max_num, thumb = request.options.max_num, request.options.use_thumbnail
+        out = []
+        for i, item in enumerate(request.items):
+            if item.WhichOneof("media") == "image_bytes":
+                if item.image_bytes.startswith(b"\x89PNG") and b"BROKEN" in item.image_bytes:
+                    raise InvalidMediaError(f"items[{i}]: cannot decode image: broken", item_index=i)
+                width, height = Image.open(io.BytesIO(item.image_bytes)).size
+                media, kind = item.image_bytes, "image"
+            else:
+                frame = item.frame
+                width, height = frame.width, frame.height
+                media, kind = frame_media(frame.rgb, frame.height, frame.width), "frame"
+            key = cache_key(model_identity(self.fingerprint, "float32"), max_num, thumb, 448, media, kind)
+            tiles = count_tiles(width, height, max_num, 448, thumb)
+            hit = key in self.cache.tiles
+            self.cache.tiles[key] = tiles
+            out.append(vision_pb2.EncodedItem(key=key, num_tiles=tiles, num_tokens=tiles * TOKENS_PER_TILE,
+                                              cache_hit=hit))
+        return vision_pb2.EncodeResponse(items=out)
+
+    async def Lookup(self, request, context):
+        self.calls.append(("Lookup", len(request.keys)))
+        return vision_pb2.LookupResponse(exists=[k in self.cache.tiles for k in request.keys])
+
+    async def FetchEmbeddings(self, request, context):
+        self.calls.append(("FetchEmbeddings", 1))
+        if request.key not in self.cache.tiles:
+            raise NotFoundError(f"no embeddings under {request.key}")
+        data = embedding_bytes(request.key, self.cache.tiles[request.key])
+        header = common_pb2.TensorHeader(dtype=common_pb2.DTYPE_FLOAT32, total_bytes=len(data),
+                                         shape=[self.cache.tiles[request.key] * TOKENS_PER_TILE, HIDDEN])
+        half = len(data) // 2
+        yield vision_pb2.FetchEmbeddingsResponse(chunk=common_pb2.TensorChunk(header=header, offset=0,
+                                                                              data=data[:half]))
+        yield vision_pb2.FetchEmbeddingsResponse(chunk=common_pb2.TensorChunk(offset=half, data=data[half:]))
+
+    async def GetModelInfo(self, request, context):
+        return vision_pb2.GetModelInfoResponse(model_info=model_info(self.fingerprint))
+
+
+def embedding_bytes(key: str, tiles: int) -> bytes:
+    """Deterministic stand-in embeddings of `key`: float32 [tiles*256, HIDDEN]."""
+    seed = sum(key.encode()) % 1000
+    return b"".join(struct.pack("<f", float(seed + i)) for i in range(tiles * TOKENS_PER_TILE * HIDDEN))
+
+
+def model_info(fingerprint: str) -> common_pb2.ModelInfo:
+    return common_pb2.ModelInfo(fingerprint=fingerprint, model_name="fake", llm_hidden_size=HIDDEN,
+                                dtype=common_pb2.DTYPE_FLOAT32, tokens_per_tile=TOKENS_PER_TILE, image_size=448)
+
+
+class FakeLLM(llm_pb2_grpc.LLMServiceServicer):
+    """Answers "a b c" (token ids 1 2 3); reads referenced keys from the fake cache like the real service."""
+
+    def __init__(self, cache: FakeCache, fingerprint: str = FINGERPRINT):
+        self.cache = cache
+        self.fingerprint = fingerprint
+        self.starts: list[llm_pb2.GenerateStart] = []
+        self.inline: list[dict[str, bytes]] = []
+        self.time_remaining: list[float | None] = []
+        # Called with the start message before the cache is read (e.g. to evict keys).
+        self.before_read = None
+        self.block = False
+        self.blocked = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def Generate(self, request_iterator, context):
+        first = await anext(aiter(request_iterator))
+        start = first.start
+        self.starts.append(start)
+        self.time_remaining.append(context.time_remaining())
+        inline: dict[str, bytearray] = {}
+        async for message in request_iterator:
+            inline.setdefault(message.embedding.key, bytearray()).extend(message.embedding.chunk.data)
+        self.inline.append({k: bytes(v) for k, v in inline.items()})
+        if self.before_read is not None:
+            self.before_read(start)
+        if not start.inline_embeddings:
+            refs = [p.image for t in [*start.history, start] for p in t.user_parts if p.HasField("image")]
+            refs += [f for t in [*start.history, start] for p in t.user_parts if p.HasField("video")
+                     for f in p.video.frames]
+            missing = list(dict.fromkeys(r.key for r in refs if r.key not in self.cache.tiles))
+            if missing:
+                raise EmbeddingsMissingError(missing)
+        if self.block:
+            self.blocked.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        for token_id, text in ((1, "a"), (2, " b"), (3, " c")):
+            top = [llm_pb2.TopLogprobs(logprob=-0.5, token_ids=[token_id, 9], logprobs=[-0.5, -1.5])]
+            yield llm_pb2.GenerateResponse(delta=llm_pb2.TokenDelta(
+                text=text, token_ids=[token_id], top_logprobs=top if start.sampling.top_logprobs else []))
+        yield llm_pb2.GenerateResponse(finish=llm_pb2.GenerateFinish(
+            reason=llm_pb2.FINISH_REASON_STOP,
+            usage=llm_pb2.Usage(prompt_tokens=100, completion_tokens=3, cached_prompt_tokens=10 * len(start.history))))
+
+    async def GetModelInfo(self, request, context):
+        return llm_pb2.GetModelInfoResponse(model_info=model_info(self.fingerprint))
+
+
+@dataclass
+class FakeStack:
+    cache: FakeCache
+    visions: list[FakeVision]
+    llm: FakeLLM
+    orchestrator: Orchestrator
+    metrics: GatewayMetrics
+    config: GatewayConfig
+    channel: grpc.aio.Channel
+    stub: gateway_pb2_grpc.ChatServiceStub
+    # The gateway's host:port.
+    address: str
+
+    def vision_calls(self, method: str) -> list[int]:
+        return [n for v in self.visions for m, n in v.calls if m == method]
+
+
+async def _serve(register, servicer, name: str) -> GrpcServer:
+    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1", drain_seconds=0.5), [name])
+    server.add(register, servicer)
+    await server.start()
+    await server.mark_ready()
+    return server
+
+
+@contextlib.asynccontextmanager
+async def fake_stack(media_root=None, vision_replicas: int = 2, llm_fingerprint: str = FINGERPRINT,
+                     connect: bool = True, **config):
+    """Fake vision replicas and a fake LLM on free ports, and a real gateway (gRPC) in front of them."""
+    cache = FakeCache()
+    visions = [FakeVision(cache) for _ in range(vision_replicas)]
+    llm = FakeLLM(cache, llm_fingerprint)
+    servers = [await _serve(vision_pb2_grpc.add_VisionServiceServicer_to_server, v, "internvl.vision.v1.VisionService")
+               for v in visions]
+    servers.append(await _serve(llm_pb2_grpc.add_LLMServiceServicer_to_server, llm, "internvl.llm.v1.LLMService"))
+    cfg = GatewayConfig(vision_target="ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in servers[:-1]),
+                        llm_target=f"ipv4:127.0.0.1:{servers[-1].port}", media_root=media_root,
+                        server=ServerOptions(port=0, host="127.0.0.1", drain_seconds=0.5), **config)
+    metrics = GatewayMetrics()
+    vision_client, llm_client = VisionClient(cfg.vision_target), LLMClient(cfg.llm_target)
+    orchestrator = Orchestrator(cfg, vision_client, llm_client, MemorySessionStore(cfg.session_ttl_s), metrics)
+    gateway = await _serve(gateway_pb2_grpc.add_ChatServiceServicer_to_server, ChatServicer(orchestrator, metrics),
+                           SERVICE_NAME)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
+    try:
+        if connect:
+            await orchestrator.connect(timeout=10)
+        yield FakeStack(cache, visions, llm, orchestrator, metrics, cfg, channel,
+                        gateway_pb2_grpc.ChatServiceStub(channel), f"127.0.0.1:{gateway.port}")
+    finally:
+        await channel.close()
+        for server in (gateway, *servers):
+            await server.stop()
+        await orchestrator.close()
+        await vision_client.close()
+        await llm_client.close()
+
+
+@pytest.fixture(scope="session")
+def fakes():
+    """The helpers above, for test modules (which cannot import this conftest by name)."""
+    return SimpleNamespace(stack=fake_stack, png=png, video=write_video, embedding_bytes=embedding_bytes,
+                           FINGERPRINT=FINGERPRINT, TOKENS_PER_TILE=TOKENS_PER_TILE, HIDDEN=HIDDEN)

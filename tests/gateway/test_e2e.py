@@ -1,0 +1,366 @@
+"""End to end: Redis, the vision service, the LLM service and the gateway as four real processes on a tiny checkpoint
+(float32), started by `internvl-serve up` (what `make run` runs), against the single-process reference path
+(`InternVLChat`, the original `chat()`).
+
+Greedy answers through the gateway must equal the reference token for token for one image, two images (explicit and
+automatic placeholders), a video the test writes with PyAV, a text-only question, and the second round of a session
+(which must reuse the cached tiles and prompt prefix and encode nothing). The OpenAI-compatible API is checked with
+the official `openai` client, `internvl-chat` as a process, the gateway's /metrics counters are checked to move, and
+Ctrl-C must stop every process.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import grpc
+import pytest
+import torch
+from internvl.gateway.v1 import gateway_pb2 as G
+from internvl.gateway.v1 import gateway_pb2_grpc
+from PIL import Image
+from procs import REPO, free_port
+
+from gateway.video import frame_indices
+from services.common.chat import GenerationParams, InternVLChat
+from services.llm import template
+from services.vision.preprocess import load_image
+
+pytestmark = pytest.mark.timeout(300)
+
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint()
+
+
+@dataclass
+class Stack:
+    address: str
+    http_port: int
+    metrics_port: int
+    vision_metrics_port: int
+    media_root: Path
+
+    def metrics_text(self, port: int | None = None) -> str:
+        url = f"http://127.0.0.1:{port or self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def stack(checkpoint, tmp_path_factory):
+    """The whole stack as `make run` starts it: `internvl-serve up` runs redis-server, vision, llm and gateway as
+    separate processes and prints a banner once all report SERVING; Ctrl-C (SIGINT) must then stop them all."""
+    logs, media_root = tmp_path_factory.mktemp("up-logs"), tmp_path_factory.mktemp("media")
+    port, http_port, metrics_port = free_port(), free_port(), free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up", "--model", str(checkpoint), "--dtype", "float32",
+         "--gateway-port", str(port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+         "--media-root", str(media_root), "--log-dir", str(logs)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    banner = []
+    for line in up.stdout:
+        banner.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    output = "".join(banner)
+    if "Ctrl-C stops everything" not in output:
+        up.kill()
+        tails = "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-2000:]}" for f in logs.glob("*.log"))
+        pytest.fail(f"`internvl-serve up` did not come up:\n{output}\n{tails}", pytrace=False)
+    assert f"on localhost:{port}" in output and "internvl-chat --target" in output
+    vision_metrics = int(re.search(r"vision-0 http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
+    try:
+        yield Stack(f"127.0.0.1:{port}", http_port, metrics_port, vision_metrics, media_root)
+    finally:
+        up.send_signal(signal.SIGINT)
+        rest, _ = up.communicate(timeout=90)
+    assert up.returncode == 0 and "stopped" in rest, rest
+    assert processes_mentioning(str(logs)) == [], "redis-server outlived `up`"
+    assert processes_mentioning(str(checkpoint)) == [], "a service outlived `up`"
+
+
+@pytest.fixture(scope="module")
+def stub(stack):
+    with grpc.insecure_channel(stack.address) as channel:
+        yield gateway_pb2_grpc.ChatServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return InternVLChat.load(str(checkpoint), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(golden_dir):
+    return {name: (golden_dir / f"{name}.png").read_bytes()
+            for name in ("small_120x90", "landscape_1000x700", "portrait_333x1200")}
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def image(data: bytes) -> G.ContentPart:
+    return G.ContentPart(image=G.ImageInput(data=data))
+
+
+def text(value: str) -> G.ContentPart:
+    return G.ContentPart(text=value)
+
+
+def ask(stub, content, **fields):
+    """(token ids, text, finish) of one greedy Chat."""
+    request = G.ChatRequest(content=content, sampling=G.SamplingParams(max_new_tokens=MAX_NEW), **fields)
+    ids, chunks, finish = [], [], None
+    for response in stub.Chat(request, timeout=120):
+        if response.HasField("delta"):
+            ids += response.delta.token_ids
+            chunks.append(response.delta.text)
+        else:
+            finish = response.finish
+    return ids, "".join(chunks), finish
+
+
+class Expected(list):
+    """Greedy token ids of the reference path, and the length of the prompt it built."""
+
+    prompt_tokens: int
+
+
+def expected(reference: InternVLChat, question: str, tiles: list[torch.Tensor], history=None) -> Expected:
+    """What the original `chat()` generates greedily (its prompt, its own placeholder rules)."""
+    pixels = torch.cat(tiles) if tiles else None
+    _, prompt = reference.build_prompt(question, history, [t.shape[0] for t in tiles])
+    out = Expected(reference.generate_ids(prompt, pixels, GenerationParams(max_new_tokens=MAX_NEW)))
+    out.prompt_tokens = len(reference.tokenizer(prompt).input_ids)
+    return out
+
+
+def check(got: tuple, want: Expected) -> None:
+    """Same tokens, and the same prompt length (so the same placeholders and template were used)."""
+    ids, _, finish = got
+    assert ids == want
+    assert finish.usage.prompt_tokens == want.prompt_tokens
+    assert finish.usage.completion_tokens == len(ids)
+
+
+def metric(text_: str, name: str, **labels) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.escape(name) + (r"\{" + re.escape(selector) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
+    found = re.search(r"^" + pattern + r"$", text_, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def write_video(path: Path | None = None, frames: int = 16, fps: int = 8, size=(96, 64)) -> bytes:
+    """An MPEG-4 clip of solid colours with a moving gradient, written with PyAV."""
+    width, height = size
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        xs = torch.arange(width)
+        for i in range(frames):
+            pixels = torch.zeros(height, width, 3, dtype=torch.uint8)
+            pixels[..., 0] = (i * 29) % 256
+            pixels[..., 1] = ((xs * 255 // width + i * 16) % 256).to(torch.uint8)[None, :]
+            pixels[..., 2] = 200 if i % 2 else 40
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels.numpy(), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def reference_frames(data: bytes, num_segments: int) -> list[torch.Tensor]:
+    """The original `load_video`: every frame decoded, `get_index` picks, one tile per frame (max_num=1)."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate)
+        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    picks = frame_indices(len(decoded), fps, num_segments)
+    return [load_image(Image.fromarray(decoded[i]).convert("RGB"), max_num=1) for i in picks]
+
+
+# -------------------------------------------------------------------------------------------------------- tests
+
+
+def test_one_image(stub, reference, images):
+    data = images["landscape_1000x700"]
+    got = ask(stub, [image(data), text("Describe the image.")], max_num=4)
+    tiles = load_image(data, max_num=4)
+    check(got, expected(reference, "Describe the image.", [tiles]))
+    finish = got[2]
+    assert list(finish.usage.image_tiles) == [tiles.shape[0]] == [5]
+    assert finish.usage.encoded_tiles + finish.usage.reused_tiles == 5
+
+
+def test_two_images_explicit_placeholders(stub, reference, images):
+    a, b = images["small_120x90"], images["portrait_333x1200"]
+    question = "Image-1: <image>\nImage-2: <image>\nWhat differs between them?"
+    got = ask(stub, [text(question), image(a), image(b)], max_num=3)
+    tiles = [load_image(a, max_num=3), load_image(b, max_num=3)]
+    check(got, expected(reference, question, tiles))
+    assert list(got[2].usage.image_tiles) == [t.shape[0] for t in tiles]
+
+
+def test_two_images_automatic_placeholders(stub, reference, images):
+    a, b = images["portrait_333x1200"], images["small_120x90"]
+    got = ask(stub, [image(a), image(b), text("Describe both.")], max_num=2)
+    tiles = [load_image(a, max_num=2), load_image(b, max_num=2)]
+    check(got, expected(reference, template.multi_image_prefix(2) + "Describe both.", tiles))
+    assert list(got[2].usage.image_tiles) == [t.shape[0] for t in tiles]
+
+
+def test_video(stub, reference):
+    data = write_video()
+    video = G.VideoInput(data=data, num_segments=4)
+    got = ask(stub, [G.ContentPart(video=video), text("What happens in the video?")])
+    frames = reference_frames(data, 4)
+    check(got, expected(reference, template.video_prefix(4) + "What happens in the video?", frames))
+    assert list(got[2].usage.image_tiles) == [1, 1, 1, 1]
+
+
+def test_text_only(stub, reference):
+    got = ask(stub, [text("Hello, who are you?")])
+    check(got, expected(reference, "Hello, who are you?", []))
+    assert list(got[2].usage.image_tiles) == [] and got[2].usage.encoded_tiles == 0
+
+
+def test_session_second_round_reuses_everything(stub, reference, images, stack):
+    data = images["portrait_333x1200"]
+    tiles = load_image(data, max_num=6)
+    got1 = ask(stub, [image(data), text("What is in the picture?")], max_num=6)
+    check(got1, expected(reference, "What is in the picture?", [tiles]))
+    ids1, first = got1[0], got1[2]
+
+    vision_before = stack.metrics_text(stack.vision_metrics_port)
+    got2 = ask(stub, [text("Tell me more.")], session_id=first.session_id)
+    vision_after = stack.metrics_text(stack.vision_metrics_port)
+    second = got2[2]
+
+    # The original's history: the first question as stored (with its `<image>\n`), the decoded, cleaned answer.
+    answer1 = template.clean_response(reference.tokenizer.decode(ids1, skip_special_tokens=True))
+    history = [("<image>\nWhat is in the picture?", answer1)]
+    check(got2, expected(reference, "Tell me more.", [tiles], history))
+    assert second.session_id == first.session_id
+    assert second.usage.encoded_tiles == 0 and second.usage.reused_tiles == tiles.shape[0]
+    assert list(second.usage.image_tiles) == [tiles.shape[0]]
+    assert second.usage.cached_prompt_tokens > tiles.shape[0] * 256
+    for name in ("internvl_vision_tiles_encoded_total", "internvl_vision_cache_misses_total"):
+        assert metric(vision_after, name) == metric(vision_before, name), name
+
+
+def test_unknown_session_is_not_found(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        ask(stub, [text("Hi")], session_id="does-not-exist")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_openai_client(stack, reference, images):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.http_port}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [reference.checkpoint.name]
+
+    data = images["small_120x90"]
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    want = template.clean_response(reference.tokenizer.decode(
+        expected(reference, "What is this?", [load_image(data)]), skip_special_tokens=True))
+
+    reply = client.chat.completions.create(model="internvl", messages=messages, max_tokens=MAX_NEW, temperature=0)
+    assert reply.choices[0].message.content.strip() == want
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 256
+
+    stream = client.chat.completions.create(model="internvl", messages=messages, max_tokens=MAX_NEW, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}, logprobs=True,
+                                            top_logprobs=2)
+    content, logprobs, usage, reasons = [], [], None, []
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            content.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+            if choice.logprobs is not None:
+                logprobs += choice.logprobs.content
+    assert "".join(content).strip() == want
+    assert reasons[-1] in ("stop", "length")
+    assert usage is not None and usage.completion_tokens == len(logprobs)
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in logprobs)
+
+    with pytest.raises(openai.BadRequestError, match="remote URLs are not fetched"):
+        client.chat.completions.create(model="internvl", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+
+
+def test_media_path_and_metrics_move(stack, stub, images):
+    (stack.media_root / "cat.png").write_bytes(images["small_120x90"])
+    before = stack.metrics_text()
+    _, _, finish = ask(stub, [G.ContentPart(image=G.ImageInput(path="cat.png")), text("And this?")], max_num=1)
+    with pytest.raises(grpc.RpcError) as info:
+        ask(stub, [G.ContentPart(image=G.ImageInput(path="/etc/hostname")), text("?")])
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    after = stack.metrics_text()
+
+    assert list(finish.usage.image_tiles) == [1]
+
+    def grew(name: str, **labels) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert grew("internvl_gateway_requests_total", rpc="Chat", code="OK") == 1
+    assert grew("internvl_gateway_requests_total", rpc="Chat", code="PERMISSION_DENIED") == 1
+    assert grew("internvl_gateway_generated_tokens_total", rpc="Chat") == finish.usage.completion_tokens
+    assert grew("internvl_gateway_time_to_first_token_seconds_count", rpc="Chat") == 1
+    assert grew("internvl_gateway_request_seconds_count", rpc="Chat") == 2
+    tiles = grew("internvl_gateway_tiles_encoded_total") + grew("internvl_gateway_tiles_reused_total")
+    assert tiles == 1
+    assert grew("internvl_gateway_embedding_bytes_total", path="reference") > 0
+    assert metric(after, "internvl_gateway_in_flight_requests", rpc="Chat") == 0
+    # Over the whole module: tiles were both encoded (first sight) and reused (sessions, repeated images).
+    assert metric(after, "internvl_gateway_tiles_encoded_total") > 0
+    assert metric(after, "internvl_gateway_tiles_reused_total") > 0
+
+
+def test_internvl_chat_cli(stack, golden_dir):
+    """The command the banner suggests, as a separate process."""
+    chat = subprocess.run(
+        [sys.executable, "-m", "gateway.chat_cli", "--target", stack.address, "--image",
+         str(golden_dir / "small_120x90.png"), "--max-tokens", "3", "--top-logprobs", "2", "--json",
+         "Describe the image."],
+        check=False, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=60)
+    assert chat.returncode == 0, chat.stderr
+    last = json.loads(chat.stdout.splitlines()[-1])
+    assert len(last["token_ids"]) == last["usage"]["completion_tokens"] == len(last["logprobs"]) >= 1
+    assert all(len(lp["top"]) == 2 for lp in last["logprobs"])
+    assert last["usage"]["image_tiles"] == [13] and last["finish_reason"] in ("stop", "length")
+    assert last["session_id"]

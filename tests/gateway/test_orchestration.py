@@ -1,0 +1,324 @@
+"""The gateway's orchestration through its real gRPC servicer, against fake vision and LLM services.
+
+What the fakes let us check without a model: keys are looked up before any bytes are sent and only misses are
+encoded; parts reach the LLM in order, by reference; a video's frames fan out over the vision replicas; evicted
+embeddings are re-encoded and Generate retried once; sessions continue by id; deadlines and cancellation reach the
+services; bad input is refused with the right status, naming the part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+
+import grpc
+import pytest
+from internvl.gateway.v1 import gateway_pb2
+
+from services.common.errors import ModelMismatchError
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+G = gateway_pb2
+
+
+def image_part(data: bytes | None = None, **source) -> G.ContentPart:
+    return G.ContentPart(image=G.ImageInput(data=data) if data is not None else G.ImageInput(**source))
+
+
+def text(t: str) -> G.ContentPart:
+    return G.ContentPart(text=t)
+
+
+async def chat(stack, request: G.ChatRequest, timeout: float = 20):
+    """(deltas, finish) of one Chat call."""
+    deltas, finish = [], None
+    async for response in stack.stub.Chat(request, timeout=timeout):
+        if response.HasField("delta"):
+            deltas.append(response.delta)
+        else:
+            finish = response.finish
+    return deltas, finish
+
+
+async def status_of(stack, request: G.ChatRequest) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await chat(stack, request)
+    return info.value.code(), info.value.details()
+
+
+async def test_one_image_is_looked_up_encoded_once_then_reused(fakes):
+    async with fakes.stack() as stack:
+        request = G.ChatRequest(content=[image_part(fakes.png(900, 448)), text("What is this?")],
+                                sampling=G.SamplingParams(top_logprobs=2))
+        deltas, finish = await chat(stack, request)
+        assert "".join(d.text for d in deltas) == "a b c"
+        assert [t for d in deltas for t in d.token_ids] == [1, 2, 3]
+        assert [lp.top[1].token_id for d in deltas for lp in d.logprobs] == [9, 9, 9]
+        assert finish.reason == G.FINISH_REASON_STOP
+        # 900x448 is a 2x1 grid plus the thumbnail.
+        assert list(finish.usage.image_tiles) == [3]
+        assert (finish.usage.encoded_tiles, finish.usage.reused_tiles) == (3, 0)
+        assert stack.vision_calls("Lookup") == [1] and stack.vision_calls("Encode") == [1]
+
+        start = stack.llm.starts[-1]
+        kinds = [p.WhichOneof("part") for p in start.user_parts]
+        assert kinds == ["image", "text"]
+        assert start.user_parts[0].image.num_tiles == 3
+        assert start.user_parts[0].image.key in stack.cache.tiles
+        assert not start.inline_embeddings and not start.HasField("system_message")
+
+        _, again = await chat(stack, request)
+        assert (again.usage.encoded_tiles, again.usage.reused_tiles) == (0, 3)
+        assert stack.vision_calls("Encode") == [1], "a cached image must not be sent to the vision service"
+        assert stack.llm.starts[-1].user_parts[0].image.key == start.user_parts[0].image.key
+
+
+async def test_explicit_placeholders_keep_part_order(fakes):
+    async with fakes.stack() as stack:
+        request = G.ChatRequest(content=[text("Image-1: <image>\nImage-2: <image>\nCompare them."),
+                                         image_part(fakes.png(100, 100)), image_part(fakes.png(100, 100, (0, 0, 255)))],
+                                max_num=6)
+        _, finish = await chat(stack, request)
+        assert list(finish.usage.image_tiles) == [1, 1]
+        start = stack.llm.starts[-1]
+        assert [p.WhichOneof("part") for p in start.user_parts] == ["text", "image", "image"]
+        assert start.user_parts[1].image.key != start.user_parts[2].image.key
+
+
+@pytest.mark.parametrize(("content", "count"), [
+    (["<image> and <image>", "img"], "2 <image> placeholder(s) but 1 images"),
+    (["<image>", "img", "img", "img"], "1 <image> placeholder(s) but 3 images"),
+])
+async def test_placeholder_count_must_match_before_any_work(fakes, content, count):
+    async with fakes.stack() as stack:
+        parts = [image_part(fakes.png(64, 64)) if c == "img" else text(c) for c in content]
+        code, details = await status_of(stack, G.ChatRequest(content=parts))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and count in details
+        assert stack.vision_calls("Lookup") == [] and stack.llm.starts == []
+
+
+async def test_video_frames_fan_out_over_vision_replicas(fakes):
+    async with fakes.stack(vision_replicas=2, encode_items_per_call=1) as stack:
+        video = G.VideoInput(data=fakes.video(frames=12, fps=6), num_segments=6)
+        _, finish = await chat(stack, G.ChatRequest(content=[G.ContentPart(video=video), text("What happens?")]))
+        assert list(finish.usage.image_tiles) == [1] * 6
+        assert finish.usage.encoded_tiles == 6
+        per_replica = [sum(n for m, n in v.calls if m == "Encode") for v in stack.visions]
+        assert sum(per_replica) == 6 and all(n > 0 for n in per_replica), per_replica
+        start = stack.llm.starts[-1]
+        assert start.user_parts[0].WhichOneof("part") == "video"
+        assert len(start.user_parts[0].video.frames) == 6
+
+
+async def test_evicted_embeddings_are_reencoded_and_generate_retried_once(fakes):
+    async with fakes.stack() as stack:
+        evictions = []
+
+        def evict_first_time(start):
+            if not evictions:
+                evictions.append(start.user_parts[0].image.key)
+                stack.cache.tiles.pop(start.user_parts[0].image.key)
+
+        stack.llm.before_read = evict_first_time
+        _, finish = await chat(stack, G.ChatRequest(content=[image_part(fakes.png(300, 200)), text("Hi")]))
+        assert finish.reason == G.FINISH_REASON_STOP and evictions
+        assert len(stack.llm.starts) == 2 and stack.vision_calls("Encode") == [1, 1]
+        assert stack.metrics.missing_retries._value.get() == 1
+
+        # Evicted again on the retry: the caller gets FAILED_PRECONDITION, not a loop.
+        stack.llm.before_read = lambda start: stack.cache.tiles.clear()
+        code, details = await status_of(stack, G.ChatRequest(content=[image_part(fakes.png(301, 200)), text("Hi")]))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "not in the cache" in details
+
+
+async def test_session_continues_by_reference_and_reports_reuse(fakes):
+    async with fakes.stack() as stack:
+        _, first = await chat(stack, G.ChatRequest(content=[image_part(fakes.png(900, 448)), text("Describe it.")],
+                                                   system_message="Be brief."))
+        encodes = len(stack.vision_calls("Encode"))
+        _, second = await chat(stack, G.ChatRequest(content=[text("And the colour?")], session_id=first.session_id))
+        assert second.session_id == first.session_id
+        assert len(stack.vision_calls("Encode")) == encodes, "the second round must encode nothing"
+        assert (second.usage.encoded_tiles, second.usage.reused_tiles) == (0, 3)
+        assert list(second.usage.image_tiles) == [3]
+        assert second.usage.cached_prompt_tokens == 10  # the fake reports 10 per history turn
+
+        start = stack.llm.starts[-1]
+        assert start.system_message == "Be brief."
+        assert len(start.history) == 1
+        turn = start.history[0]
+        assert [p.WhichOneof("part") for p in turn.user_parts] == ["image", "text"]
+        assert turn.assistant_text == "a b c"
+        assert [p.text for p in start.user_parts] == ["And the colour?"]
+
+        # The session's image was evicted: it cannot be re-encoded (no pixels are kept), say so.
+        stack.cache.tiles.clear()
+        code, details = await status_of(stack, G.ChatRequest(content=[text("Again?")], session_id=first.session_id))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "earlier rounds" in details
+
+        code, details = await status_of(stack, G.ChatRequest(content=[text("?")], session_id="no-such-session"))
+        assert code == grpc.StatusCode.NOT_FOUND and "no-such-session" in details
+        code, _ = await status_of(stack, G.ChatRequest(content=[text("?")], session_id="bad id!"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_session_answers_one_round_at_a_time(fakes):
+    async with fakes.stack() as stack:
+        _, first = await chat(stack, G.ChatRequest(content=[text("Hello")]))
+        stack.llm.block = True
+        running = asyncio.ensure_future(chat(stack, G.ChatRequest(content=[text("1")], session_id=first.session_id)))
+        await asyncio.wait_for(stack.llm.blocked.wait(), 10)
+        code, details = await status_of(stack, G.ChatRequest(content=[text("2")], session_id=first.session_id))
+        assert code == grpc.StatusCode.ABORTED and "another round" in details
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_caller_deadline_reaches_both_services(fakes):
+    async with fakes.stack() as stack:
+        await chat(stack, G.ChatRequest(content=[image_part(fakes.png(64, 64)), text("Hi")]), timeout=5)
+        # Without propagation they would see the gateway's own default (600 s); allow for clock granularity.
+        vision_left = [t for v in stack.visions for t in v.time_remaining]
+        assert vision_left and all(t is not None and t < 5.5 for t in vision_left)
+        assert stack.llm.time_remaining[-1] is not None and stack.llm.time_remaining[-1] < 5.5
+
+
+async def test_cancelling_the_call_cancels_generation(fakes):
+    async with fakes.stack() as stack:
+        stack.llm.block = True
+        call = stack.stub.Chat(G.ChatRequest(content=[text("Tell me a long story")]))
+        reading = asyncio.ensure_future(call.read())
+        await asyncio.wait_for(stack.llm.blocked.wait(), 10)
+        call.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await asyncio.wait_for(stack.llm.cancelled.wait(), 10)
+        for _ in range(50):  # the gateway records the cancelled request once its handler unwinds
+            if stack.metrics.requests.labels("Chat", "CANCELLED")._value.get() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert stack.metrics.requests.labels("Chat", "CANCELLED")._value.get() == 1
+        assert stack.metrics.in_flight.labels("Chat")._value.get() == 0
+
+
+async def test_combined_mode_sends_concatenated_embeddings_inline(fakes):
+    async with fakes.stack() as stack:
+        a, b = fakes.png(900, 448), fakes.png(100, 100, (0, 255, 0))
+        request = G.ChatRequest(content=[image_part(a), image_part(b), text("Describe the two images.")],
+                                multi_image_mode=G.MULTI_IMAGE_MODE_COMBINED)
+        _, finish = await chat(stack, request)
+        assert list(finish.usage.image_tiles) == [3, 1]
+        start = stack.llm.starts[-1]
+        assert start.inline_embeddings
+        assert [p.WhichOneof("part") for p in start.user_parts] == ["image", "text"]
+        combined = start.user_parts[0].image
+        assert combined.num_tiles == 4
+        leaves = [k for k in stack.cache.tiles]
+        sent = stack.llm.inline[-1]
+        assert list(sent) == [combined.key]
+        assert sent[combined.key] == b"".join(fakes.embedding_bytes(k, stack.cache.tiles[k]) for k in leaves)
+        assert len(sent[combined.key]) == 4 * fakes.TOKENS_PER_TILE * fakes.HIDDEN * 4
+        assert stack.metrics.embedding_bytes.labels("inline")._value.get() == len(sent[combined.key])
+
+
+async def test_batch_chat_answers_in_order(fakes):
+    async with fakes.stack() as stack:
+        requests = [G.ChatRequest(content=[image_part(fakes.png(64 + i, 64)), text(f"Q{i}")]) for i in range(3)]
+        requests.append(G.ChatRequest(content=[text("text only")]))
+        reply = await stack.stub.BatchChat(G.BatchChatRequest(requests=requests), timeout=20)
+        assert [r.text for r in reply.results] == ["a b c"] * 4
+        assert [list(r.usage.image_tiles) for r in reply.results] == [[1], [1], [1], []]
+        assert len({r.session_id for r in reply.results}) == 4
+
+        requests[2] = G.ChatRequest(content=[image_part(b"not an image"), text("?")])
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stack.stub.BatchChat(G.BatchChatRequest(requests=requests), timeout=20)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "requests[2]" in info.value.details() and "content[0] (image)" in info.value.details()
+
+
+async def test_model_mismatch_is_refused(fakes):
+    async with fakes.stack(llm_fingerprint="0123456789abcdef", connect=False) as stack:
+        with pytest.raises(ModelMismatchError, match=fakes.FINGERPRINT):
+            await stack.orchestrator.connect(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+async def test_media_paths_only_inside_the_media_root(fakes, tmp_path):
+    root = tmp_path / "media"
+    root.mkdir()
+    (root / "cat.png").write_bytes(fakes.png(64, 64))
+    (tmp_path / "secret.png").write_bytes(fakes.png(64, 64))
+    os.symlink(tmp_path / "secret.png", root / "link.png")
+    async with fakes.stack(media_root=str(root)) as stack:
+        for path in ("cat.png", str(root / "cat.png")):
+            _, finish = await chat(stack, G.ChatRequest(content=[image_part(path=path), text("?")]))
+            assert list(finish.usage.image_tiles) == [1]
+        for path in (str(tmp_path / "secret.png"), "../secret.png", "link.png", "/etc/passwd"):
+            code, details = await status_of(stack, G.ChatRequest(content=[image_part(path=path), text("?")]))
+            assert code == grpc.StatusCode.PERMISSION_DENIED, (path, details)
+            assert "content[0] (image)" in details and "outside the gateway's media root" in details
+        code, details = await status_of(stack, G.ChatRequest(content=[image_part(path="missing.png")]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "no such file" in details
+    async with fakes.stack() as stack:
+        code, details = await status_of(stack, G.ChatRequest(content=[image_part(path="cat.png")]))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "no --media-root" in details
+
+
+BAD_INPUTS = [
+    ("empty content", G.ChatRequest(), "content is empty"),
+    ("empty part", G.ChatRequest(content=[text("?"), G.ContentPart()]), "content[1] is empty"),
+    ("no image source", G.ChatRequest(content=[G.ContentPart(image=G.ImageInput())]),
+     "content[0] (image) has no source"),
+    ("not an image", G.ChatRequest(content=[text("?"), image_part(b"hello")]), "content[1] (image): cannot decode"),
+    ("empty image", G.ChatRequest(content=[image_part(b"")]), "content[0] (image): the media is empty"),
+    ("remote url", G.ChatRequest(content=[image_part(url="https://example.com/cat.png")]), "not fetched"),
+    ("plain data url", G.ChatRequest(content=[image_part(url="data:image/png,abc")]), "must be base64"),
+    ("bad base64", G.ChatRequest(content=[image_part(url="data:image/png;base64,***")]), "not valid base64"),
+    ("max_num 0", G.ChatRequest(content=[text("?")], max_num=0), "max_num must be between 1 and 40"),
+    ("video max_num", G.ChatRequest(content=[G.ContentPart(video=G.VideoInput(data=b"x", max_num=99))]),
+     "content[0] (video): max_num"),
+    ("not a video", G.ChatRequest(content=[G.ContentPart(video=G.VideoInput(data=b"garbage" * 20))]),
+     "content[0] (video): cannot decode the video"),
+    ("too many segments", G.ChatRequest(content=[G.ContentPart(video=G.VideoInput(data=b"v", num_segments=500))]),
+     "num_segments must be between 1 and 64"),
+    ("reserved markup", G.ChatRequest(content=[text("<IMG_CONTEXT>")]), "only the server writes"),
+    ("history image", G.ChatRequest(content=[text("?")], history=[G.Turn(user_content=[image_part(b"zz")])]),
+     "history[0].user_content[0] (image)"),
+]
+
+
+@pytest.mark.parametrize(("request_pb", "message"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+async def test_bad_input_is_invalid_argument_naming_the_part(fakes, request_pb, message):
+    async with fakes.stack() as stack:
+        code, details = await status_of(stack, request_pb)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in details
+        assert stack.llm.starts == []
+
+
+async def test_vision_media_errors_name_the_part(fakes):
+    broken = fakes.png(64, 64) + b"BROKEN"  # the header probes fine; the fake vision service refuses it
+    async with fakes.stack() as stack:
+        code, details = await status_of(stack, G.ChatRequest(content=[image_part(fakes.png(80, 80)), image_part(broken)]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith("content[1] (image): cannot decode image"), details
+
+
+async def test_data_url_image_and_metrics(fakes):
+    async with fakes.stack() as stack:
+        url = "data:image/png;base64," + base64.b64encode(fakes.png(64, 64)).decode()
+        _, finish = await chat(stack, G.ChatRequest(content=[image_part(url=url), text("?")]))
+        assert list(finish.usage.image_tiles) == [1]
+        m = stack.metrics
+        assert m.requests.labels("Chat", "OK")._value.get() == 1
+        assert m.generated_tokens.labels("Chat")._value.get() == 3
+        assert m.tiles_encoded._value.get() == 1 and m.tiles_reused._value.get() == 0
+        assert m.embedding_bytes.labels("reference")._value.get() == fakes.TOKENS_PER_TILE * fakes.HIDDEN * 4
+        assert m.media_bytes_sent.labels("image")._value.get() == len(fakes.png(64, 64))
+        assert m.time_to_first_token.labels("Chat")._sum.get() > 0
+        await status_of(stack, G.ChatRequest())
+        assert m.requests.labels("Chat", "INVALID_ARGUMENT")._value.get() == 1

@@ -1,0 +1,70 @@
+"""Session stores: the Redis one (real redis-server) and the in-process one keep the same contract."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from gateway.conversation import ImageRef, TurnRecord, VideoRef
+from gateway.errors import SessionBusyError, SessionNotFoundError
+from gateway.sessions import MemorySessionStore, RedisSessionStore, Session
+from services.common.errors import InvalidArgumentError
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
+
+TURNS = (
+    TurnRecord(("Describe it.", ImageRef("ns:emb:v1:aa", 5)), "A cat."),
+    TurnRecord((VideoRef((ImageRef("ns:emb:v1:f1", 1), ImageRef("ns:emb:v1:f2", 1))), "And now?"), "It runs."),
+    TurnRecord((ImageRef("ns:combined:v1:cc", 3, (ImageRef("k1", 2), ImageRef("k2", 1))), "Both?"), ""),
+)
+
+
+@pytest_asyncio.fixture(params=["redis", "memory"])
+async def store(request, redis_url):
+    if request.param == "memory":
+        yield MemorySessionStore(ttl_s=60)
+        return
+    redis_store = RedisSessionStore(Redis.from_url(redis_url), f"test{uuid.uuid4().hex[:8]}", ttl_s=60)
+    yield redis_store
+    await redis_store.close()
+
+
+async def test_round_trip_and_not_found(store):
+    session = Session("abc-1", "Be brief.", TURNS)
+    await store.save(session)
+    assert await store.load("abc-1") == session
+    with pytest.raises(SessionNotFoundError, match="'abc-2' does not exist or has expired"):
+        await store.load("abc-2")
+    with pytest.raises(InvalidArgumentError, match="session_id must be"):
+        await store.load("no spaces allowed")
+
+
+async def test_one_round_at_a_time(store):
+    async with store.lock("s1", hold_s=10):
+        with pytest.raises(SessionBusyError):
+            async with store.lock("s1", hold_s=10):
+                pass
+        async with store.lock("s2", hold_s=10):  # other sessions are not affected
+            pass
+    async with store.lock("s1", hold_s=10):  # released
+        pass
+
+
+async def test_redis_sessions_expire_and_locks_time_out(redis_url):
+    redis = Redis.from_url(redis_url)
+    store = RedisSessionStore(redis, f"test{uuid.uuid4().hex[:8]}", ttl_s=1)
+    await store.save(Session("s", None, TURNS[:1]))
+    assert 0 < await redis.ttl(store._key("s")) <= 1
+    await asyncio.sleep(1.2)
+    with pytest.raises(SessionNotFoundError):
+        await store.load("s")
+    # A lock left by a gateway that died mid-round frees itself.
+    await redis.set(store._key("t") + ":lock", "someone-else", px=200)
+    await asyncio.sleep(0.3)
+    async with store.lock("t", hold_s=5):
+        pass
+    await store.close()
