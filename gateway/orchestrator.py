@@ -94,10 +94,24 @@ class Orchestrator:
         self._keyer: Keyer | None = None
         self._warned_key_mismatch = False
 
-    async def connect(self, timeout: float | None = None) -> ModelIdentity:
-        """Waits for both services, checks they serve the same model, and learns what keys depend on."""
-        vision, llm = await asyncio.gather(self.vision.model_info(timeout, wait_for_ready=True),
-                                           self.llm.model_info(timeout, wait_for_ready=True))
+    async def connect(self, timeout: float | None = None, retry_interval_s: float = 2.0) -> ModelIdentity:
+        """Waits for both services, checks they serve the same model, and learns what keys depend on.
+
+        A peer that is still loading its weights answers UNAVAILABLE; that is waited out (up to `timeout`, forever
+        when None), so a gateway started beside its pools becomes ready with them instead of crash-looping.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = None if timeout is None else loop.time() + timeout
+        while True:
+            try:
+                vision, llm = await asyncio.gather(self.vision.model_info(retry_interval_s * 5, wait_for_ready=True),
+                                                   self.llm.model_info(retry_interval_s * 5, wait_for_ready=True))
+                break
+            except (NotReadyError, DeadlineExceededError) as exc:
+                if give_up is not None and loop.time() + retry_interval_s > give_up:
+                    raise
+                log.info("peers not ready yet (%s); retrying in %.0fs", exc, retry_interval_s)
+                await asyncio.sleep(retry_interval_s)
         check_same_model(vision, llm)
         self.model, self._keyer = vision, Keyer(vision, self.config.namespace)
         log.info("serving %s (fingerprint %s, %s embeddings)", vision.model_name, vision.fingerprint, vision.dtype)

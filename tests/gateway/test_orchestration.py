@@ -16,7 +16,7 @@ import grpc
 import pytest
 from internvl.gateway.v1 import gateway_pb2
 
-from services.common.errors import ModelMismatchError
+from services.common.errors import ModelMismatchError, NotReadyError
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -322,3 +322,34 @@ async def test_data_url_image_and_metrics(fakes):
         assert m.time_to_first_token.labels("Chat")._sum.get() > 0
         await status_of(stack, G.ChatRequest())
         assert m.requests.labels("Chat", "INVALID_ARGUMENT")._value.get() == 1
+
+
+class _LoadingBackend:
+    """A peer whose GetModelInfo answers UNAVAILABLE (NotReadyError) until it has been asked `ready_after` times."""
+
+    def __init__(self, identity, ready_after: int):
+        self.identity, self.ready_after, self.calls = identity, ready_after, 0
+
+    async def model_info(self, timeout=None, wait_for_ready=False):
+        self.calls += 1
+        if self.calls <= self.ready_after:
+            raise NotReadyError("the service is unavailable, retry later")
+        return self.identity
+
+
+async def test_connect_waits_for_peers_that_are_still_loading():
+    from gateway.backends import ModelIdentity
+    from gateway.config import GatewayConfig
+    from gateway.orchestrator import Orchestrator
+    from gateway.sessions import MemorySessionStore
+
+    identity = ModelIdentity("f" * 16, "tiny", "float32", 256, 448, 64)
+    vision, llm = _LoadingBackend(identity, 0), _LoadingBackend(identity, 3)
+    config = GatewayConfig(vision_target="dns:///v:1", llm_target="dns:///l:1")
+    orchestrator = Orchestrator(config, vision, llm, MemorySessionStore(60))
+
+    assert await orchestrator.connect(timeout=10, retry_interval_s=0.01) == identity
+    assert llm.calls == 4
+    never = _LoadingBackend(identity, 10**6)
+    with pytest.raises(NotReadyError):
+        await Orchestrator(config, vision, never, MemorySessionStore(60)).connect(timeout=0.05, retry_interval_s=0.01)
