@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CHECKPOINT ?= checkpoints/tiny-qwen2-300m
+TINY_CHECKPOINT := checkpoints/tiny-qwen2-300m
+# A checkpoint directory or a hub id, e.g. `MODEL=OpenGVLab/InternVL2_5-1B make run` (downloaded when online).
+MODEL ?= $(TINY_CHECKPOINT)
 PYTEST_ARGS ?=
 
 .PHONY: bootstrap system-deps run demo test test-fast protos protos-check lint clean
@@ -24,11 +26,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-$(CHECKPOINT)/config.json: | $(STAMP)
-	$(BIN)/internvl-serve make-tiny --out $(CHECKPOINT)
+$(TINY_CHECKPOINT)/config.json: | $(STAMP)
+	$(BIN)/internvl-serve make-tiny --out $(TINY_CHECKPOINT)
 
-run: bootstrap $(CHECKPOINT)/config.json
-	$(BIN)/internvl-serve demo --model $(CHECKPOINT) --image ../shared/golden/small_120x90.png --max-num 4
+# Redis (a local redis-server child), vision, llm and gateway as separate processes; Ctrl-C stops them all.
+run: bootstrap $(if $(filter $(TINY_CHECKPOINT),$(MODEL)),$(TINY_CHECKPOINT)/config.json)
+	$(BIN)/internvl-serve up --model $(MODEL) --media-root $(CURDIR)
+
+demo: bootstrap $(TINY_CHECKPOINT)/config.json
+	$(BIN)/internvl-serve demo --model $(MODEL) --image ../shared/golden/small_120x90.png --max-num 4
 
 test: bootstrap
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
