@@ -1,0 +1,93 @@
+"""The LLM service's one configuration object, built once by the CLI (`internvl-serve llm ...`) and passed down."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from services.common.grpc_server import ServerOptions
+
+SERVICE_NAME = "internvl.llm.v1.LLMService"
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Everything the LLM service reads at start-up. Frozen: nothing changes it after the CLI built it."""
+
+    model: str
+    server: ServerOptions = field(default_factory=lambda: ServerOptions(port=0))
+    # Shared embedding cache; None: every request must send its embeddings inline.
+    redis_url: str | None = None
+    # Compute dtype name (float32 | bfloat16 | float16); None: bfloat16 on a GPU, float32 on CPU.
+    dtype: str | None = None
+    # torch device ("cuda", "cuda:1", "cpu"); None: the first GPU if there is one.
+    device: str | None = None
+    # Sequences decoded together in one forward (prefilling one included).
+    max_batch_size: int = 32
+    # Requests admitted but not yet running; one more is answered RESOURCE_EXHAUSTED.
+    max_queue: int = 256
+    # Memory the prefix KV cache of finished turns may hold; 0 disables it.
+    kv_cache_budget_mb: float = 1024.0
+    # Prompt tokens prefilled per scheduler step, so a long prompt does not stall running streams.
+    prefill_chunk_tokens: int = 512
+    # max_new_tokens of a request that leaves it 0.
+    max_new_tokens_default: int = 512
+    # Longest prompt + answer in tokens; None: the language model's max_position_embeddings.
+    max_context_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "prefill_chunk_tokens", "max_new_tokens_default"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_budget_mb < 0:
+            raise ValueError(f"kv_cache_budget_mb must be >= 0, got {self.kv_cache_budget_mb}")
+        if self.max_context_tokens is not None and self.max_context_tokens < 2:
+            raise ValueError(f"max_context_tokens must be >= 2, got {self.max_context_tokens}")
+
+    @property
+    def kv_cache_budget_bytes(self) -> int:
+        return int(self.kv_cache_budget_mb * 1024 * 1024)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LLMConfig:
+        return cls(
+            model=args.model,
+            server=ServerOptions(port=args.port, host=args.host, metrics_port=args.metrics_port,
+                                 drain_seconds=args.drain_seconds),
+            redis_url=args.redis_url,
+            dtype=args.dtype,
+            device=args.device,
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+            kv_cache_budget_mb=args.kv_cache_budget_mb,
+            prefill_chunk_tokens=args.prefill_chunk_tokens,
+            max_new_tokens_default=args.max_new_tokens_default,
+            max_context_tokens=args.max_context_tokens,
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = LLMConfig(model="")
+    parser.add_argument("--model", required=True, help="checkpoint directory (original OpenGVLab format) or hub id")
+    parser.add_argument("--port", type=int, default=50052, help="gRPC port (0: any free port)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: none)")
+    parser.add_argument("--redis-url", default=None,
+                        help="shared embedding cache, e.g. redis://redis:6379/0 (default: inline embeddings only)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (default: bfloat16 on a GPU, float32 on CPU)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                        help="sequences decoded together per step")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="waiting requests before RESOURCE_EXHAUSTED")
+    parser.add_argument("--kv-cache-budget-mb", type=float, default=defaults.kv_cache_budget_mb,
+                        help="memory for the prefix KV cache of finished turns (0: off)")
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=defaults.prefill_chunk_tokens,
+                        help="prompt tokens prefilled per scheduler step")
+    parser.add_argument("--max-new-tokens-default", type=int, default=defaults.max_new_tokens_default,
+                        help="max_new_tokens when a request leaves it 0")
+    parser.add_argument("--max-context-tokens", type=int, default=None,
+                        help="prompt + answer limit (default: the model's max_position_embeddings)")
+    parser.add_argument("--drain-seconds", type=float, default=ServerOptions(port=0).drain_seconds,
+                        help="grace period for running streams after SIGTERM")

@@ -1,0 +1,58 @@
+"""What goes into the engine (a request with its prompt, embeddings and sampling) and what comes out of it (token
+deltas, then one finish with its usage). Transport-free; services.llm.wire maps them to and from the protos."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from services.llm.prompt import Prompt
+from services.llm.sampling import SamplingParams, TopLogprobs
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One generated token, the text it completes, and its log-probabilities when they were asked for."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    top_logprobs: tuple[TopLogprobs, ...] = ()
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+    usage: Usage
+
+
+Event = TokenDelta | Finish
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    prompt: Prompt
+    sampling: SamplingParams
+    # Already resolved against the server default and the room left in the context.
+    max_new_tokens: int
+    # Embeddings for the prompt's IMG_CONTEXT slots, in slot order: [slots, hidden]; None without images.
+    image_rows: torch.Tensor | None = None
+    # time.monotonic() after which the request is dropped; None: no deadline.
+    deadline: float | None = None
+    # time.monotonic() when the request reached the service (time to first token counts from here).
+    arrival: float | None = None
+    request_id: str = ""

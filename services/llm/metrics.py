@@ -1,0 +1,88 @@
+"""Prometheus metrics of the LLM service, in a registry of its own (`internvl_llm_*`).
+
+The engine calls these hooks on the asyncio thread only: `on_step` and `on_tokens` after every step, `on_finish` for
+every finished request, `on_schedule` whenever its counts change. The prefix cache's own counters are exported as
+deltas, so this module never reaches into the worker thread.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class LLMMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "internvl_llm_time_to_first_token_seconds", "Request arrival to its first generated token.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "internvl_llm_inter_token_latency_seconds", "Time between consecutive tokens of one stream.",
+            buckets=ITL_BUCKETS, registry=r)
+        self.generated_tokens = Counter("internvl_llm_generated_tokens", "Tokens generated.", registry=r)
+        self.prompt_tokens = Counter("internvl_llm_prompt_tokens", "Prompt tokens of finished requests.",
+                                     registry=r)
+        self.cached_prompt_tokens = Counter(
+            "internvl_llm_cached_prompt_tokens", "Prompt tokens whose KV came from the prefix cache.", registry=r)
+        self.requests = Counter("internvl_llm_requests", "Finished generations by finish reason.",
+                                ["finish_reason"], registry=r)
+        self.running = Gauge("internvl_llm_running_sequences", "Sequences decoding or prefilling.", registry=r)
+        self.waiting = Gauge("internvl_llm_waiting_sequences", "Requests queued for admission.", registry=r)
+        self.kv_cache_usage = Gauge(
+            "internvl_llm_kv_cache_usage_bytes",
+            "KV state held: 'running' (the decode batch) and 'prefix' (finished turns kept for reuse).",
+            ["pool"], registry=r)
+        self.kv_cache_budget = Gauge("internvl_llm_prefix_cache_budget_bytes", "Prefix cache byte budget.",
+                                     registry=r)
+        self.prefix_lookups = Counter("internvl_llm_prefix_cache_lookups", "Prefix cache lookups (one per "
+                                      "admitted request).", registry=r)
+        self.prefix_hits = Counter("internvl_llm_prefix_cache_hits", "Lookups that reused a cached prefix "
+                                   "(hit rate = hits / lookups).", registry=r)
+        self.forward_steps = Counter("internvl_llm_forward_steps", "Model forwards by kind (decode, prefill).",
+                                     ["kind"], registry=r)
+        self.scheduler_steps = Counter("internvl_llm_scheduler_steps", "Scheduler steps (one decode forward for "
+                                       "all running sequences plus at most one prefill chunk).", registry=r)
+        self.batch_size = Histogram("internvl_llm_decode_batch_size", "Sequences per decode forward.",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self._seen = {"lookups": 0, "hits": 0}
+
+    def on_step(self, decode_batch_size: int, prefill_tokens: int) -> None:
+        self.scheduler_steps.inc()
+        if decode_batch_size:
+            self.forward_steps.labels("decode").inc()
+            self.batch_size.observe(decode_batch_size)
+        if prefill_tokens:
+            self.forward_steps.labels("prefill").inc()
+
+    def on_tokens(self, timed: list, now: float) -> None:
+        """`timed`: (arrival, previous token time or None, TokenDelta) for each token delivered at `now`."""
+        for arrival, previous, delta in timed:
+            if previous is None:
+                self.time_to_first_token.observe(now - arrival)
+            else:
+                self.inter_token_latency.observe(now - previous)
+            self.generated_tokens.inc(len(delta.token_ids))
+
+    def on_finish(self, reason: str, prompt_tokens: int, cached_prompt_tokens: int) -> None:
+        self.requests.labels(reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.cached_prompt_tokens.inc(cached_prompt_tokens)
+
+    def on_schedule(self, engine) -> None:
+        """Gauges and the prefix cache's own counters, after any change of the engine's state."""
+        cache = engine.prefix_cache
+        self.running.set(engine.stats.running)
+        self.waiting.set(engine.stats.waiting)
+        self.kv_cache_usage.labels("prefix").set(cache.nbytes)
+        self.kv_cache_usage.labels("running").set(engine.running_kv_bytes)
+        self.kv_cache_budget.set(cache.budget_bytes)
+        for name, value, counter in (("lookups", cache.lookups, self.prefix_lookups),
+                                     ("hits", cache.hits, self.prefix_hits)):
+            if value > self._seen[name]:
+                counter.inc(value - self._seen[name])
+                self._seen[name] = value

@@ -1,0 +1,188 @@
+"""The LLM service's transport-free core: conversation in, stream of generation events out.
+
+`LLMService.generate` validates the request, builds the prompt (tokenisation off the event loop), resolves every
+referenced image's embeddings (from the shared Redis cache, or from what the client sent inline), checks them against
+the prompt, and hands the request to the continuous-batching engine. Errors are domain errors
+(services.common.errors); the gRPC layer maps them to statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from services.common.checkpoint import Checkpoint, open_checkpoint
+from services.common.errors import (
+    CheckpointError,
+    EmbeddingsMissingError,
+    InvalidArgumentError,
+    OverloadedError,
+)
+from services.common.model import default_device, load_language_model, load_tokenizer, resolve_dtype
+from services.llm import template
+from services.llm.config import LLMConfig
+from services.llm.engine import Engine, GenerationStream
+from services.llm.events import EngineRequest
+from services.llm.metrics import LLMMetrics
+from services.llm.prompt import Conversation, Prompt, PromptBuilder, TextPart
+from services.llm.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    conversation: Conversation
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # The client sends every referenced image's embeddings in the stream instead of the server reading Redis.
+    inline_embeddings: bool = False
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    fingerprint: str
+    model_name: str
+    llm_hidden_size: int
+    dtype: str
+    tokens_per_tile: int
+    image_size: int
+    llm_architecture: str
+    vision_architecture: str
+
+
+class LLMService:
+    """One language model, its tokenizer, the engine, and the embedding cache client."""
+
+    def __init__(self, config: LLMConfig, checkpoint: Checkpoint, model: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase, metrics: LLMMetrics | None = None):
+        self.config = config
+        self.checkpoint = checkpoint
+        self.model = model
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        spec = checkpoint.spec
+        self.hidden_size = spec.llm_hidden_size
+        self.tokens_per_tile = spec.tokens_per_tile
+        self.max_context_tokens = min(config.max_context_tokens or model.config.max_position_embeddings,
+                                      model.config.max_position_embeddings)
+        self.prompts = PromptBuilder(tokenizer, self.tokens_per_tile, spec.system_message, self.max_context_tokens)
+        self.engine = Engine(
+            model, tokenizer, stop_token_id=tokenizer.convert_tokens_to_ids(template.STOP_TOKEN),
+            img_context_id=self.prompts.img_context_id, max_context_tokens=self.max_context_tokens,
+            max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+            prefill_chunk_tokens=config.prefill_chunk_tokens, kv_cache_budget_bytes=config.kv_cache_budget_bytes,
+            observer=metrics)
+        self.embedding_cache = None
+        # Tokenisation and embedding concatenation, off the event loop and out of the model's worker thread.
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-prompt")
+
+    @classmethod
+    def load(cls, config: LLMConfig, metrics: LLMMetrics | None = None) -> LLMService:
+        """Opens the checkpoint and loads the language model and tokenizer (blocking: call it off the loop)."""
+        checkpoint = open_checkpoint(config.model)
+        device = torch.device(config.device) if config.device else default_device()
+        model = load_language_model(checkpoint, resolve_dtype(config.dtype, device), device)
+        if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or ()):
+            raise CheckpointError(f"{checkpoint.path}: sliding-window attention is not supported by the LLM service")
+        log.info("loaded %s (%s, %s on %s)", checkpoint.name, checkpoint.spec.llm_architecture, model.dtype, device)
+        return cls(config, checkpoint, model, load_tokenizer(checkpoint), metrics)
+
+    async def start(self) -> None:
+        if self.config.redis_url:
+            from redis.asyncio import Redis
+
+            from services.vision.cache import EmbeddingCache
+
+            self.embedding_cache = EmbeddingCache(Redis.from_url(self.config.redis_url), self.checkpoint.fingerprint)
+        await self.engine.start()
+
+    async def warm_up(self) -> None:
+        """One token through the whole path, so the first request does not pay for lazy initialisation."""
+        request = GenerateRequest(Conversation(user_parts=(TextPart("Hello"),)), SamplingParams(max_new_tokens=1))
+        async for _ in await self.generate(request):
+            pass
+
+    async def close(self) -> None:
+        await self.engine.close()
+        self._cpu.shutdown(wait=False, cancel_futures=True)
+        if self.embedding_cache is not None:
+            await self.embedding_cache.redis.aclose()
+
+    def model_info(self) -> ModelInfo:
+        spec = self.checkpoint.spec
+        vision_arch = (self.checkpoint.config["vision_config"].get("architectures") or ["InternVisionModel"])[0]
+        return ModelInfo(
+            fingerprint=self.checkpoint.fingerprint, model_name=self.checkpoint.name,
+            llm_hidden_size=self.hidden_size, dtype=str(self.model.dtype).removeprefix("torch."),
+            tokens_per_tile=self.tokens_per_tile, image_size=spec.image_size,
+            llm_architecture=spec.llm_architecture, vision_architecture=vision_arch)
+
+    async def generate(self, request: GenerateRequest, inline: dict[str, torch.Tensor] | None = None,
+                       timeout: float | None = None) -> GenerationStream:
+        """Starts generating; the returned stream yields TokenDelta events and ends with one Finish.
+
+        Raises InvalidArgumentError, ContextTooLongError, EmbeddingsMissingError (listing every missing key) or
+        OverloadedError before anything is generated.
+        """
+        arrival = time.monotonic()
+        request.sampling.validate()
+        if self.engine.queue_full:  # before any work; submit checks again
+            raise OverloadedError(f"the LLM server's queue is full ({self.config.max_queue} waiting requests)")
+        loop = asyncio.get_running_loop()
+        prompt = await loop.run_in_executor(self._cpu, self.prompts.build, request.conversation)
+        rows = await self._image_rows(prompt, inline if request.inline_embeddings else None,
+                                      request.inline_embeddings)
+        room = self.max_context_tokens - len(prompt)
+        max_new = min(request.sampling.max_new_tokens or self.config.max_new_tokens_default, room)
+        return self.engine.submit(EngineRequest(
+            prompt=prompt, sampling=request.sampling, max_new_tokens=max_new, image_rows=rows,
+            deadline=None if timeout is None else arrival + timeout, arrival=arrival,
+            request_id=request.request_id))
+
+    async def _image_rows(self, prompt: Prompt, inline: dict[str, torch.Tensor] | None,
+                          inline_expected: bool) -> torch.Tensor | None:
+        """The embeddings of the prompt's images, concatenated in slot order: [slots, hidden]."""
+        tiles: dict[str, int] = {}
+        for image in prompt.images:
+            if tiles.setdefault(image.key, image.num_tiles) != image.num_tiles:
+                raise InvalidArgumentError(f"image {image.key} is referenced with {tiles[image.key]} and "
+                                           f"{image.num_tiles} tiles")
+        if inline_expected:
+            inline = inline or {}
+            absent = [key for key in tiles if key not in inline]
+            extra = [key for key in inline if key not in tiles]
+            if absent or extra:
+                problems = ([f"not sent: {', '.join(absent)}"] if absent else []) + (
+                    [f"not referenced: {', '.join(extra)}"] if extra else [])
+                raise InvalidArgumentError("with inline_embeddings every referenced image must be sent exactly "
+                                           f"once ({'; '.join(problems)})")
+            found = inline
+        elif not tiles:
+            return None
+        elif self.embedding_cache is None:
+            raise InvalidArgumentError("this LLM server has no shared embedding cache (--redis-url); send the "
+                                       "embeddings inline (inline_embeddings = true)")
+        else:
+            keys = list(tiles)
+            values = await asyncio.gather(*(self.embedding_cache.get(key) for key in keys))
+            missing = [key for key, value in zip(keys, values, strict=True) if value is None]
+            if missing:
+                raise EmbeddingsMissingError(missing)
+            found = dict(zip(keys, values, strict=True))
+        if not tiles:
+            return None
+        for key, num_tiles in tiles.items():
+            shape = tuple(found[key].shape)
+            expected = (num_tiles * self.tokens_per_tile, self.hidden_size)
+            if shape != expected:
+                raise InvalidArgumentError(f"embeddings of {key} have shape {list(shape)}, but {num_tiles} tiles of "
+                                           f"this model need {list(expected)}")
+        rows = [found[image.key] for image in prompt.images]
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, torch.cat, rows)

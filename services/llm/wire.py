@@ -1,0 +1,171 @@
+"""The one place where `internvl.llm.v1` messages become the service's domain objects and back.
+
+Nothing else in services/llm imports the generated stubs, except the servicer that registers them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+import torch
+from internvl.common.v1 import common_pb2
+from internvl.llm.v1 import llm_pb2
+
+from services.common.errors import InvalidArgumentError
+from services.llm.events import Event, Finish, FinishReason, TokenDelta
+from services.llm.prompt import Conversation, ImagePart, Part, TextPart, Turn, VideoPart
+from services.llm.sampling import SamplingParams
+from services.llm.service import GenerateRequest, ModelInfo
+from services.vision.cache import DTYPES, tensor_from_bytes
+
+DTYPE_NAMES = {common_pb2.DTYPE_BFLOAT16: "bfloat16", common_pb2.DTYPE_FLOAT16: "float16",
+               common_pb2.DTYPE_FLOAT32: "float32"}
+DTYPE_ENUMS = {name: value for value, name in DTYPE_NAMES.items()}
+FINISH_REASONS = {FinishReason.STOP: llm_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: llm_pb2.FINISH_REASON_LENGTH,
+                  FinishReason.CANCELLED: llm_pb2.FINISH_REASON_CANCELLED}
+
+
+# -- requests ---------------------------------------------------------------------------------------------------
+
+
+def _image(message: llm_pb2.ImageRef) -> ImagePart:
+    return ImagePart(key=message.key, num_tiles=message.num_tiles)
+
+
+def _parts(messages, where: str) -> tuple[Part, ...]:
+    parts: list[Part] = []
+    for index, message in enumerate(messages):
+        kind = message.WhichOneof("part")
+        if kind == "text":
+            parts.append(TextPart(message.text))
+        elif kind == "image":
+            parts.append(_image(message.image))
+        elif kind == "video":
+            parts.append(VideoPart(tuple(_image(frame) for frame in message.video.frames)))
+        else:
+            raise InvalidArgumentError(f"{where}[{index}] sets none of text, image, video")
+    return tuple(parts)
+
+
+def sampling_from_pb(message: llm_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=message.max_new_tokens, temperature=message.temperature, top_p=message.top_p,
+        top_k=message.top_k, repetition_penalty=message.repetition_penalty,
+        stop_strings=tuple(message.stop_strings), seed=message.seed if message.HasField("seed") else None,
+        top_logprobs=message.top_logprobs)
+
+
+def generate_request_from_pb(start: llm_pb2.GenerateStart) -> GenerateRequest:
+    history = tuple(Turn(_parts(turn.user_parts, f"history[{n}].user_parts"), turn.assistant_text)
+                    for n, turn in enumerate(start.history))
+    conversation = Conversation(
+        user_parts=_parts(start.user_parts, "user_parts"), history=history,
+        system_message=start.system_message if start.HasField("system_message") else None)
+    return GenerateRequest(conversation, sampling_from_pb(start.sampling), start.inline_embeddings,
+                           start.request_id)
+
+
+async def read_inline_embeddings(messages: AsyncIterator[llm_pb2.GenerateRequest],
+                                 max_bytes: int) -> dict[str, torch.Tensor]:
+    """Assembles the EmbeddingChunk messages that follow `start` into one tensor per key.
+
+    A malformed chunk fails the call only after the client has half-closed: the rest of its messages are read and
+    discarded, so the client sees INVALID_ARGUMENT rather than a broken send.
+    """
+    assembler = _Assembler(max_bytes)
+    error: InvalidArgumentError | None = None
+    async for message in messages:
+        if error is None:
+            try:
+                assembler.add(message)
+            except InvalidArgumentError as exc:
+                error = exc
+    if error is not None:
+        raise error
+    return assembler.tensors()
+
+
+class _Assembler:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.headers: dict[str, common_pb2.TensorHeader] = {}
+        self.buffers: dict[str, bytearray] = {}
+        self.total = 0
+
+    def add(self, message: llm_pb2.GenerateRequest) -> None:
+        if message.WhichOneof("message") != "embedding":
+            raise InvalidArgumentError("only `embedding` messages may follow `start`")
+        key, chunk = message.embedding.key, message.embedding.chunk
+        if not key:
+            raise InvalidArgumentError("an embedding chunk has no key")
+        if key not in self.buffers:
+            if not chunk.HasField("header") or chunk.offset != 0:
+                raise InvalidArgumentError(f"the first chunk of {key} must carry the header, at offset 0")
+            header = chunk.header
+            if header.dtype not in DTYPE_NAMES or len(header.shape) != 2 or any(d < 0 for d in header.shape):
+                raise InvalidArgumentError(f"embeddings of {key} must be a 2-D bfloat16, float16 or float32 tensor")
+            nbytes = math.prod(header.shape) * DTYPES[DTYPE_NAMES[header.dtype]].itemsize
+            if header.total_bytes != nbytes:
+                raise InvalidArgumentError(f"header of {key}: total_bytes {header.total_bytes} != {nbytes}")
+            self.total += nbytes
+            if self.total > self.max_bytes:
+                raise InvalidArgumentError(f"inline embeddings exceed {self.max_bytes} bytes, more than the "
+                                           "context holds")
+            self.headers[key], self.buffers[key] = header, bytearray()
+        elif chunk.HasField("header"):
+            raise InvalidArgumentError(f"only the first chunk of {key} may carry a header")
+        buffer = self.buffers[key]
+        if chunk.offset != len(buffer):
+            raise InvalidArgumentError(f"chunk of {key} at offset {chunk.offset}, expected {len(buffer)}")
+        if len(buffer) + len(chunk.data) > self.headers[key].total_bytes:
+            raise InvalidArgumentError(f"chunks of {key} run past total_bytes {self.headers[key].total_bytes}")
+        buffer += chunk.data
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, header in self.headers.items():
+            data = self.buffers.pop(key)
+            if len(data) != header.total_bytes:
+                raise InvalidArgumentError(f"embeddings of {key} are incomplete: {len(data)} of "
+                                           f"{header.total_bytes} bytes")
+            out[key] = tensor_from_bytes(DTYPE_NAMES[header.dtype], list(header.shape), data)
+        return out
+
+
+def embedding_messages(key: str, tensor: torch.Tensor, chunk_bytes: int = 1 << 20) -> list[llm_pb2.GenerateRequest]:
+    """Client side: one image's embeddings as EmbeddingChunk requests of at most `chunk_bytes` each."""
+    from services.vision.cache import tensor_to_bytes
+
+    dtype, shape, data = tensor_to_bytes(tensor)
+    header = common_pb2.TensorHeader(dtype=DTYPE_ENUMS[dtype], shape=shape, total_bytes=len(data))
+    messages = []
+    for offset in range(0, max(len(data), 1), chunk_bytes):
+        chunk = common_pb2.TensorChunk(offset=offset, data=data[offset:offset + chunk_bytes])
+        if offset == 0:
+            chunk.header.CopyFrom(header)
+        messages.append(llm_pb2.GenerateRequest(embedding=llm_pb2.EmbeddingChunk(key=key, chunk=chunk)))
+    return messages
+
+
+# -- responses --------------------------------------------------------------------------------------------------
+
+
+def event_to_pb(event: Event) -> llm_pb2.GenerateResponse:
+    if isinstance(event, TokenDelta):
+        return llm_pb2.GenerateResponse(delta=llm_pb2.TokenDelta(
+            text=event.text, token_ids=event.token_ids,
+            top_logprobs=[llm_pb2.TopLogprobs(logprob=t.logprob, token_ids=t.token_ids, logprobs=t.logprobs)
+                          for t in event.top_logprobs]))
+    assert isinstance(event, Finish)
+    usage = llm_pb2.Usage(prompt_tokens=event.usage.prompt_tokens, completion_tokens=event.usage.completion_tokens,
+                          cached_prompt_tokens=event.usage.cached_prompt_tokens)
+    return llm_pb2.GenerateResponse(finish=llm_pb2.GenerateFinish(reason=FINISH_REASONS[event.reason], usage=usage))
+
+
+def model_info_to_pb(info: ModelInfo) -> llm_pb2.GetModelInfoResponse:
+    return llm_pb2.GetModelInfoResponse(model_info=common_pb2.ModelInfo(
+        fingerprint=info.fingerprint, model_name=info.model_name, llm_hidden_size=info.llm_hidden_size,
+        dtype=DTYPE_ENUMS.get(info.dtype, common_pb2.DTYPE_UNSPECIFIED), tokens_per_tile=info.tokens_per_tile,
+        image_size=info.image_size, llm_architecture=info.llm_architecture,
+        vision_architecture=info.vision_architecture))
