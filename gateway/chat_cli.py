@@ -3,6 +3,7 @@
     internvl-chat --image photo.jpg "What is in this picture?"
     internvl-chat --video clip.mp4 --num-segments 8 "What happens?"
     internvl-chat --session SESSION_ID "And what colour is it?"
+    internvl-chat --tls-ca ca.pem --token-file token "Hello"    # a gateway with TLS and a bearer token
 
 Images and videos are read here and sent as bytes. By default the answer streams to stdout and the session id and
 usage go to stderr; with `--json` each delta is one JSON line and the last line is the whole answer: `text`,
@@ -13,11 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import grpc
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from services.common.errors import InternVLError
+from services.common.tls import ClientTls
+
+ENV_API_TOKEN = "INTERNVL_API_TOKEN"
 
 FINISH = {gateway_pb2.FINISH_REASON_STOP: "stop", gateway_pb2.FINISH_REASON_LENGTH: "length",
           gateway_pb2.FINISH_REASON_CANCELLED: "cancelled"}
@@ -48,7 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-logprobs", type=int, default=0, help="alternatives to report per token")
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    parser.add_argument("--tls-ca", metavar="PEM",
+                        help="CA bundle that signed the gateway's certificate; connects with TLS")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate, for a gateway requiring mutual TLS")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    parser.add_argument("--token-file", metavar="PATH",
+                        help=f"file holding the gateway's bearer token (default: ${ENV_API_TOKEN} when set)")
     return parser
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """A plaintext channel, or TLS (mutual with --tls-cert/--tls-key) when any TLS option is given."""
+    tls = ClientTls.from_files(args.tls_ca, args.tls_cert, args.tls_key)
+    if tls is None and args.tls:
+        tls = ClientTls()
+    if tls is None:
+        return grpc.insecure_channel(args.target)
+    return grpc.secure_channel(args.target, tls.credentials())
+
+
+def call_metadata(args: argparse.Namespace, environ=None) -> list[tuple[str, str]]:
+    environ = os.environ if environ is None else environ
+    token = Path(args.token_file).read_text().strip() if args.token_file else environ.get(ENV_API_TOKEN, "").strip()
+    return [("authorization", f"Bearer {token}")] if token else []
 
 
 def build_request(args: argparse.Namespace) -> gateway_pb2.ChatRequest:
@@ -94,9 +124,9 @@ def logprob_dicts(delta: gateway_pb2.ChatDelta) -> list[dict]:
 def chat(args: argparse.Namespace, out=sys.stdout, err=sys.stderr) -> int:
     request = build_request(args)
     text, token_ids, logprobs = [], [], []
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args) as channel:
         stub = gateway_pb2_grpc.ChatServiceStub(channel)
-        for response in stub.Chat(request, timeout=args.timeout):
+        for response in stub.Chat(request, timeout=args.timeout, metadata=call_metadata(args)):
             if response.HasField("delta"):
                 delta = response.delta
                 text.append(delta.text)
@@ -126,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return chat(args)
-    except OSError as exc:
+    except (OSError, InternVLError) as exc:
         print(f"internvl-chat: error: {exc}", file=sys.stderr)
         return 2
     except grpc.RpcError as exc:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 from internvl.common.v1 import common_pb2
@@ -27,11 +29,13 @@ from services.common.errors import (
     InvalidArgumentError,
     InvalidMediaError,
     ModelMismatchError,
+    NotFoundError,
     NotReadyError,
     OverloadedError,
 )
 from services.common.grpc_errors import error_detail
 from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from services.common.tls import ClientTls, secure_or_insecure_channel
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +45,20 @@ _FINISH = {llm_pb2.FINISH_REASON_STOP: FinishReason.STOP, llm_pb2.FINISH_REASON_
            llm_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED}
 # Inline embeddings are sent in chunks of this size (the LLM service's gRPC limit is 16 MiB).
 INLINE_CHUNK_BYTES = 1 << 20
+# Attempts of an idempotent vision call failing UNAVAILABLE, and the pause before the n-th retry (n times this).
+RETRY_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.05
+T = TypeVar("T")
 
 
-def balanced_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
-    """An insecure aio channel that round-robins calls over every address of `target`."""
+def balanced_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                     tls: ClientTls | None = None) -> grpc.aio.Channel:
+    """An aio channel (TLS when `tls` is given) that round-robins calls over every address of `target`."""
     options = [*channel_options(max_message_bytes), ("grpc.lb_policy_name", "round_robin"),
                # Notice dead replicas between calls, and re-resolve DNS when scaled.
                ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
                ("grpc.dns_min_time_between_resolutions_ms", 5_000)]
-    return grpc.aio.insecure_channel(target, options=options)
+    return secure_or_insecure_channel(target, options, tls)
 
 
 # ----------------------------------------------------------------------------------------------------- errors
@@ -80,6 +89,8 @@ def translate(error: grpc.aio.AioRpcError, service: str) -> Exception:
         return DeadlineExceededError(f"the deadline passed while waiting for the {service} service")
     if code == grpc.StatusCode.CANCELLED:
         return NotReadyError(f"the {service} service cancelled the call (it may be draining), retry")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(message)
     log.error("%s service failed: %s %s", service, code.name, message)
     return RuntimeError(f"{service} service: {code.name}")
 
@@ -88,12 +99,38 @@ def translate(error: grpc.aio.AioRpcError, service: str) -> Exception:
 
 
 class VisionClient:
-    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.channel = balanced_channel(target, max_message_bytes)
+    """Lookup, Encode and FetchEmbeddings are idempotent (keys are content addresses): a call that fails UNAVAILABLE
+    (a replica died, drained or lost its cache connection) is tried again, up to `RETRY_ATTEMPTS` times in all,
+    within the caller's deadline; round_robin sends the new attempt to another ready replica."""
+
+    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: ClientTls | None = None, on_retry: Callable[[str], None] | None = None):
+        self.channel = balanced_channel(target, max_message_bytes, tls)
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
+        # Called with the method name before each retry (metrics).
+        self.on_retry = on_retry
 
     async def close(self) -> None:
         await self.channel.close()
+
+    async def _retrying(self, method: str, call: Callable[[float | None], Awaitable[T]], timeout: float | None) -> T:
+        end = None if timeout is None else time.monotonic() + timeout
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                raise DeadlineExceededError("the deadline passed while waiting for the vision service")
+            try:
+                return await call(left)
+            except grpc.aio.AioRpcError as exc:
+                error = translate(exc, "vision")
+                if not isinstance(error, NotReadyError) or attempt == RETRY_ATTEMPTS:
+                    raise error from None
+                log.info("vision %s failed with %s (%s); trying again (attempt %d of %d)", method, exc.code().name,
+                         exc.details(), attempt + 1, RETRY_ATTEMPTS)
+            if self.on_retry is not None:
+                self.on_retry(method)
+            await asyncio.sleep(RETRY_BACKOFF_S * attempt)
+        raise AssertionError("unreachable")
 
     async def model_info(self, timeout: float | None = None, wait_for_ready: bool = False) -> ModelIdentity:
         try:
@@ -106,10 +143,8 @@ class VisionClient:
     async def lookup(self, keys: Sequence[str], timeout: float | None) -> list[bool]:
         if not keys:
             return []
-        try:
-            reply = await self.stub.Lookup(vision_pb2.LookupRequest(keys=list(keys)), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise translate(exc, "vision") from None
+        request = vision_pb2.LookupRequest(keys=list(keys))
+        reply = await self._retrying("Lookup", lambda left: self.stub.Lookup(request, timeout=left), timeout)
         if len(reply.exists) != len(keys):
             raise RuntimeError(f"vision Lookup answered {len(reply.exists)} flags for {len(keys)} keys")
         return list(reply.exists)
@@ -121,27 +156,26 @@ class VisionClient:
                    vision_pb2.EncodeItem(frame=vision_pb2.RawFrame(rgb=i.data, height=i.height, width=i.width))
                    for i in items],
             options=common_pb2.PreprocessOptions(max_num=max_num, use_thumbnail=use_thumbnail))
-        try:
-            reply = await self.stub.Encode(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise translate(exc, "vision") from None
+        reply = await self._retrying("Encode", lambda left: self.stub.Encode(request, timeout=left), timeout)
         if len(reply.items) != len(items):
             raise RuntimeError(f"vision Encode answered {len(reply.items)} items for {len(items)}")
         return [EncodedItem(r.key, r.num_tiles, r.cache_hit) for r in reply.items]
 
     async def fetch(self, key: str, timeout: float | None) -> Embeddings:
         """One cached tensor; EmbeddingsMissingError when the key is not (or no longer) cached."""
-        header, parts = None, []
-        try:
-            async for reply in self.stub.FetchEmbeddings(vision_pb2.FetchEmbeddingsRequest(key=key),
-                                                         timeout=timeout):
+
+        async def attempt(left: float | None):
+            header, parts = None, []
+            async for reply in self.stub.FetchEmbeddings(vision_pb2.FetchEmbeddingsRequest(key=key), timeout=left):
                 if reply.chunk.HasField("header"):
                     header = reply.chunk.header
                 parts.append(reply.chunk.data)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise EmbeddingsMissingError([key]) from None
-            raise translate(exc, "vision") from None
+            return header, parts
+
+        try:
+            header, parts = await self._retrying("FetchEmbeddings", attempt, timeout)
+        except NotFoundError:
+            raise EmbeddingsMissingError([key]) from None
         data = b"".join(parts)
         if header is None or len(data) != header.total_bytes:
             raise RuntimeError(f"vision FetchEmbeddings of {key} returned {len(data)} bytes and no matching header")
@@ -199,8 +233,9 @@ def _delta(message: llm_pb2.TokenDelta) -> Delta:
 
 
 class LLMClient:
-    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.channel = balanced_channel(target, max_message_bytes)
+    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: ClientTls | None = None):
+        self.channel = balanced_channel(target, max_message_bytes, tls)
         self.stub = llm_pb2_grpc.LLMServiceStub(self.channel)
 
     async def close(self) -> None:

@@ -1,7 +1,9 @@
 """The gateway's settings: one frozen object, built once from the command line and passed down.
 
 Environment variables are read here and nowhere else, and only when `from_args` runs (never at import time):
-`INTERNVL_REDIS_URL` supplies `--redis-url` when the flag is absent.
+`INTERNVL_REDIS_URL` supplies `--redis-url` when the flag is absent, `INTERNVL_API_TOKEN` the bearer token when
+`--api-token-file` is absent, and the `INTERNVL_TLS_*` / `INTERNVL_UPSTREAM_TLS_*` variables of
+`services.common.tls` the certificate paths.
 """
 
 from __future__ import annotations
@@ -10,14 +12,23 @@ import argparse
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.common.errors import InvalidArgumentError
 from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
+from services.common.tls import (
+    ClientTls,
+    add_server_arguments,
+    add_upstream_arguments,
+    server_tls_from_args,
+    upstream_tls_from_args,
+)
 from services.vision.cache import DEFAULT_NAMESPACE
 from services.vision.config import MAX_NUM_LIMIT  # noqa: F401 - re-exported: checked before any media is read
 from services.vision.preprocess import DEFAULT_MAX_PIXELS
 
 ENV_REDIS_URL = "INTERNVL_REDIS_URL"
+ENV_API_TOKEN = "INTERNVL_API_TOKEN"
 DEFAULT_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
 
@@ -44,6 +55,9 @@ class GatewayConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Most frames one video may be sampled into (num_segments).
     max_video_frames: int = 64
+    # Most image tiles (images, video frames and a session's earlier images together) one request may put in the
+    # prompt, checked before anything is encoded. Each tile is 256 tokens: 128 tiles fill a 32k context.
+    max_request_tiles: int = 128
     # Images per vision Encode call: a request's cache misses are split into calls of this many, sent
     # concurrently, so round_robin spreads a video's frames over the vision replicas.
     encode_items_per_call: int = 4
@@ -53,6 +67,11 @@ class GatewayConfig:
     default_timeout_s: float = 600.0
     # Threads for media work (file reads, base64, image probing, video decoding, key hashing).
     media_threads: int = 4
+    # TLS (and mutual TLS) towards the vision and LLM services; None: plaintext.
+    upstream_tls: ClientTls | None = None
+    # Bearer token every public call must carry (gRPC `authorization` metadata, HTTP Authorization header);
+    # None: no authentication (e.g. behind an authenticating proxy). Health and metrics stay open.
+    api_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         checks = [
@@ -62,6 +81,7 @@ class GatewayConfig:
             (self.max_media_bytes >= 1, f"--max-media-bytes must be >= 1, got {self.max_media_bytes}"),
             (self.max_pixels >= 1, f"--max-pixels must be >= 1, got {self.max_pixels}"),
             (self.max_video_frames >= 1, f"--max-video-frames must be >= 1, got {self.max_video_frames}"),
+            (self.max_request_tiles >= 1, f"--max-request-tiles must be >= 1, got {self.max_request_tiles}"),
             (self.encode_items_per_call >= 1,
              f"--encode-items-per-call must be >= 1, got {self.encode_items_per_call}"),
             (bool(self.namespace) and ":" not in self.namespace,
@@ -70,6 +90,9 @@ class GatewayConfig:
             (self.media_threads >= 1, f"--media-threads must be >= 1, got {self.media_threads}"),
             (self.media_root is None or os.path.isdir(self.media_root),
              f"--media-root {self.media_root!r} is not a directory"),
+            (self.api_token is None or (len(self.api_token) >= 16 and self.api_token.isprintable()
+                                        and " " not in self.api_token),
+             "the API token must be at least 16 printable characters without spaces"),
         ]
         for ok, message in checks:
             if not ok:
@@ -82,7 +105,8 @@ class GatewayConfig:
             vision_target=args.vision_target,
             llm_target=args.llm_target,
             server=ServerOptions(port=args.port, host=args.host, metrics_port=args.metrics_port,
-                                 max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds),
+                                 max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds,
+                                 tls=server_tls_from_args(args, environ)),
             http_port=args.http_port,
             redis_url=args.redis_url or environ.get(ENV_REDIS_URL) or None,
             session_ttl_s=args.session_ttl_s,
@@ -90,11 +114,27 @@ class GatewayConfig:
             max_media_bytes=args.max_media_bytes,
             max_pixels=args.max_pixels,
             max_video_frames=args.max_video_frames,
+            max_request_tiles=args.max_request_tiles,
             encode_items_per_call=args.encode_items_per_call,
             namespace=args.namespace,
             default_timeout_s=args.default_timeout_s,
             media_threads=args.media_threads,
+            upstream_tls=upstream_tls_from_args(args, environ),
+            api_token=_api_token(getattr(args, "api_token_file", None), environ),
         )
+
+
+def _api_token(path: str | None, environ: Mapping[str, str]) -> str | None:
+    """The token from `--api-token-file` (surrounding whitespace stripped), else `INTERNVL_API_TOKEN`, else None."""
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidArgumentError(f"--api-token-file {path}: cannot read it ({exc})") from None
+        if not token:
+            raise InvalidArgumentError(f"--api-token-file {path} is empty")
+        return token
+    return environ.get(ENV_API_TOKEN, "").strip() or None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +161,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"largest image or frame in pixels (default {d.max_pixels})")
     parser.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
                         help=f"most frames sampled from one video (default {d.max_video_frames})")
+    parser.add_argument("--max-request-tiles", type=int, default=d.max_request_tiles,
+                        help="most image tiles one request may put in the prompt, refused before encoding "
+                             f"(default {d.max_request_tiles}: 256 tokens each, a 32k context)")
     parser.add_argument("--encode-items-per-call", type=int, default=d.encode_items_per_call,
                         help=f"images per vision Encode call when fanning out (default {d.encode_items_per_call})")
     parser.add_argument("--namespace", default=d.namespace,
@@ -133,3 +176,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gRPC message size limit (default %(default)s)")
     parser.add_argument("--drain-seconds", type=float, default=30.0,
                         help="grace period for running calls after SIGTERM (default %(default)s)")
+    parser.add_argument("--api-token-file", default=None,
+                        help="file holding the bearer token every gRPC and HTTP call must carry (default: "
+                             f"${ENV_API_TOKEN}; without either, no authentication)")
+    add_server_arguments(parser)
+    add_upstream_arguments(parser)

@@ -28,6 +28,13 @@ class MediaAccessError(InvalidArgumentError):
     status = "PERMISSION_DENIED"
 
 
+class RequestTooLargeError(InvalidArgumentError):
+    """A request body over the size limit (gRPC refuses such messages itself, with the same status)."""
+
+    status = "RESOURCE_EXHAUSTED"
+    http_status = 413
+
+
 class DeadlineExceededError(InternVLError):
     """The caller's deadline passed while the gateway waited on a service."""
 

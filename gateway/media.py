@@ -24,7 +24,12 @@ from PIL import Image
 
 from gateway.errors import MediaAccessError
 from gateway.video import frame_indices
-from services.common.errors import InvalidArgumentError, InvalidMediaError
+from services.common.errors import InternVLError, InvalidArgumentError, InvalidMediaError, MediaTooLargeError
+from services.vision.preprocess import UNSUPPORTED_FORMAT, open_untrusted
+
+# Containers a video may come in (FFmpeg demuxer names; a demuxer is named e.g. "mov,mp4,m4a,3gp,3g2,mj2").
+# Playlists and concat scripts, which make FFmpeg open further files or URLs, are never among them.
+VIDEO_CONTAINERS = frozenset({"mov", "mp4", "matroska", "webm", "avi", "mpeg", "mpegts", "flv", "ogg", "gif"})
 
 
 @dataclass(frozen=True)
@@ -137,17 +142,22 @@ def decode_data_url(url: str, where: str, max_bytes: int) -> bytes:
 def probe_image(data: bytes, max_pixels: int, where: str) -> tuple[int, int]:
     """(width, height) from an image file's header; InvalidMediaError if it is not an image or too large."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_untrusted(data) as image:
             width, height = image.size
-    except Image.DecompressionBombError as exc:
-        raise InvalidMediaError(f"{where}: the image is too large: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+    except Image.DecompressionBombError:
+        raise MediaTooLargeError(f"{where}: the image is too large: more pixels than the limit of "
+                                 f"{max_pixels}") from None
+    except Image.UnidentifiedImageError:
+        raise InvalidMediaError(f"{where}: cannot decode the image: {UNSUPPORTED_FORMAT}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidMediaError(f"{where}: cannot decode the image: {exc}") from None
+    except Exception:  # noqa: BLE001 - a parser tripping over hostile bytes (struct.error, ...) is bad media
+        raise InvalidMediaError(f"{where}: cannot decode the image: corrupt header") from None
     if width < 1 or height < 1:
         raise InvalidMediaError(f"{where}: the image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise InvalidMediaError(f"{where}: the image is {width}x{height} = {width * height} pixels, above the "
-                                f"limit of {max_pixels}")
+        raise MediaTooLargeError(f"{where}: the image is {width}x{height} = {width * height} pixels, above the "
+                                 f"limit of {max_pixels}")
     return width, height
 
 
@@ -160,9 +170,19 @@ def decode_video(data: bytes, num_segments: int, bound: tuple[float, float] | No
     """
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
+            demuxer = container.format.name
+            if not VIDEO_CONTAINERS.intersection(demuxer.split(",")):
+                raise InvalidMediaError(f"{where}: unsupported video container {demuxer!r}; send MP4/MOV, WebM/MKV, "
+                                        "AVI, MPEG(-TS), FLV, Ogg or GIF")
             if not container.streams.video:
                 raise InvalidMediaError(f"{where}: the file has no video stream")
             stream = container.streams.video[0]
+            context = stream.codec_context
+            if context is None:
+                raise InvalidMediaError(f"{where}: the video stream has no decoder")
+            if context.width * context.height > max_pixels:  # refused before any frame is decoded
+                raise MediaTooLargeError(f"{where}: video frames are {context.width}x{context.height}, above the "
+                                         f"limit of {max_pixels} pixels")
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else 0.0
             num_frames = sum(1 for packet in container.demux(stream) if packet.size)
@@ -187,9 +207,20 @@ def decode_video(data: bytes, num_segments: int, bound: tuple[float, float] | No
                 if index >= last:
                     break
     except av.FFmpegError as exc:
-        raise InvalidMediaError(f"{where}: cannot decode the video: {exc}") from None
+        raise InvalidMediaError(f"{where}: cannot decode the video: {_ffmpeg_reason(exc)}") from None
+    except InternVLError:
+        raise
+    except (ValueError, TypeError, IndexError, OverflowError, ZeroDivisionError, EOFError, MemoryError,
+            AttributeError):
+        # Demuxers tripping over hostile bytes in ways PyAV does not wrap (a stream without a codec context, ...).
+        raise InvalidMediaError(f"{where}: cannot decode the video: corrupt data") from None
     missing = [i for i in wanted if i not in frames]
     if missing:
         raise InvalidMediaError(f"{where}: the video has fewer decodable frames than its container lists "
                                 f"(frame {missing[0]} of {num_frames} is missing)")
     return [frames[i] for i in wanted]
+
+
+def _ffmpeg_reason(exc: av.FFmpegError) -> str:
+    """FFmpeg's reason without PyAV's repr of the (in-memory) file it was reading."""
+    return exc.strerror or type(exc).__name__

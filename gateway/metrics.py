@@ -58,6 +58,9 @@ class GatewayMetrics:
         self.encode_calls = Counter(PREFIX + "encode_calls", "Encode calls made to the vision pool", registry=r)
         self.missing_retries = Counter(PREFIX + "missing_embeddings_retries",
                                        "Generate calls retried after re-encoding evicted embeddings", registry=r)
+        self.upstream_retries = Counter(PREFIX + "upstream_retries",
+                                        "Calls to the vision or LLM pool tried again after failing UNAVAILABLE "
+                                        "(a replica died, drained or lost Redis)", ["service", "method"], registry=r)
         self.sessions = Counter(PREFIX + "sessions", "Session rounds by whether they started or continued a session",
                                 ["event"], registry=r)
         for path in ("reference", "inline"):

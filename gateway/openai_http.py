@@ -27,6 +27,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.auth import http_middleware
+from gateway.errors import RequestTooLargeError
 from gateway.metrics import GatewayMetrics, status_name
 from gateway.orchestrator import Orchestrator
 from gateway.types import (
@@ -64,6 +66,21 @@ def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = 
     return value
 
 
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be an integer")
+    return value
+
+
+def _float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"{name} must be a number")
+    try:
+        return float(value)
+    except OverflowError:
+        raise InvalidArgumentError(f"{name} is out of range") from None
+
+
 def _image(spec: Any, where: str) -> ImageInput:
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url:
@@ -85,14 +102,14 @@ def _video(spec: Any, where: str) -> VideoInput:
     else:
         raise InvalidArgumentError(f"{where}.video needs a url (base64 data: URL) or a path")
     if spec.get("num_segments") is not None:
-        options["num_segments"] = int(spec["num_segments"])
+        options["num_segments"] = _integer(spec["num_segments"], f"{where}.video.num_segments")
     if spec.get("max_num") is not None:
-        options["max_num"] = int(spec["max_num"])
+        options["max_num"] = _integer(spec["max_num"], f"{where}.video.max_num")
     bound = spec.get("bound")
     if bound is not None:
-        if not (isinstance(bound, list) and len(bound) == 2 and all(isinstance(b, (int, float)) for b in bound)):
+        if not (isinstance(bound, list) and len(bound) == 2):
             raise InvalidArgumentError(f"{where}.video.bound must be [start_seconds, end_seconds]")
-        options["bound"] = (float(bound[0]), float(bound[1]))
+        options["bound"] = (_float(bound[0], f"{where}.video.bound"), _float(bound[1], f"{where}.video.bound"))
     return VideoInput(**options)
 
 
@@ -152,6 +169,8 @@ def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
     if not pending:
         raise InvalidArgumentError("the last message must be a user message")
     stop = body.get("stop")
+    if stop is not None and not isinstance(stop, (str, list)):
+        raise InvalidArgumentError("stop must be a string or a list of strings")
     stop_strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if not all(isinstance(s, str) for s in stop_strings):
         raise InvalidArgumentError("stop must be a string or a list of strings")
@@ -164,10 +183,10 @@ def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
         raise InvalidArgumentError("multi_image_mode must be 'separate' or 'combined'")
     sampling = Sampling(
         max_new_tokens=_field(body, "max_completion_tokens", int, None) or _field(body, "max_tokens", int, 0),
-        temperature=float(_field(body, "temperature", (int, float), 1.0)),
-        top_p=float(_field(body, "top_p", (int, float), 1.0)),
+        temperature=_float(_field(body, "temperature", (int, float), 1.0), "temperature"),
+        top_p=_float(_field(body, "top_p", (int, float), 1.0), "top_p"),
         top_k=_field(body, "top_k", int, 0),
-        repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 0.0)),
+        repetition_penalty=_float(_field(body, "repetition_penalty", (int, float), 0.0), "repetition_penalty"),
         stop_strings=stop_strings, seed=_field(body, "seed", int, None),
         # The LLM service reports a token's own logprob only alongside alternatives: ask for at least one.
         top_logprobs=max(top, 1) if want_logprobs else 0)
@@ -207,9 +226,9 @@ def error_body(exc: BaseException) -> tuple[int, dict]:
         log.error("chat completion failed", exc_info=exc)
     status = status_name(exc)
     message = str(exc) if isinstance(exc, InternVLError) else "internal error"
-    kind = "invalid_request_error" if HTTP_STATUS.get(status, 500) < 500 else "server_error"
-    return HTTP_STATUS.get(status, 500), {"error": {"message": message, "type": kind, "param": None,
-                                                   "code": status.lower()}}
+    http_status = getattr(exc, "http_status", None) or HTTP_STATUS.get(status, 500)
+    kind = "invalid_request_error" if http_status < 500 else "server_error"
+    return http_status, {"error": {"message": message, "type": kind, "param": None, "code": status.lower()}}
 
 
 # ---------------------------------------------------------------------------------------------------- app
@@ -269,6 +288,10 @@ class OpenAIHandlers:
             body = await http.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InvalidArgumentError("the body is not valid JSON") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestTooLargeError(f"the request body is larger than the limit of "
+                                       f"{max_body_bytes(self.orchestrator.config)} bytes; send smaller media "
+                                       "(the gateway's --max-media-bytes sets it)") from None
         request, stream, include_usage, top = parse_request(body)
         model = body.get("model") if isinstance(body.get("model"), str) else self.model_name
         yield (model, stream, include_usage, top)
@@ -312,9 +335,16 @@ class OpenAIHandlers:
         return response
 
 
+def max_body_bytes(config) -> int:
+    """The largest HTTP request body read: room for one medium at the limit, base64-encoded (4/3), and the rest."""
+    return config.max_media_bytes * 2
+
+
 def create_app(orchestrator: Orchestrator, metrics: GatewayMetrics, is_ready: Callable[[], bool]) -> web.Application:
     handlers = OpenAIHandlers(orchestrator, metrics, is_ready)
-    app = web.Application(client_max_size=orchestrator.config.max_media_bytes * 2)
+    token = orchestrator.config.api_token
+    app = web.Application(client_max_size=max_body_bytes(orchestrator.config),
+                          middlewares=[http_middleware(token)] if token else [])
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)

@@ -7,7 +7,8 @@ For each request:
    `Encode`, split into calls of `encode_items_per_call` sent concurrently, which client-side round_robin spreads
    over the vision replicas.
 3. Stream `Generate` from the LLM service with the images by reference. If it answers FAILED_PRECONDITION with
-   missing keys (evicted between Lookup and Generate), re-encode those and retry once.
+   missing keys (evicted between Lookup and Generate), re-encode those and retry (twice at most; then the caller
+   gets UNAVAILABLE: the cache is evicting faster than requests can use it, retry later).
 4. Store the round in the session (texts and keys, never pixels), so any replica can continue it.
 
 The caller's deadline bounds every call to both services, and cancelling the request (the transport cancels this
@@ -55,6 +56,7 @@ from gateway.planning import (
 from gateway.sessions import Session, SessionStore, new_session_id
 from gateway.types import ChatRequest, ChatResult, Delta, Finish, Usage
 from services.common.errors import (
+    ContextTooLongError,
     EmbeddingsMissingError,
     InternVLError,
     InvalidArgumentError,
@@ -66,6 +68,11 @@ from services.llm import template
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BATCH_REQUESTS = 64
+# Pause before Generate is tried again after failing UNAVAILABLE before its first token.
+GENERATE_RETRY_PAUSE_S = 0.2
+# Times Generate is tried again after the LLM found some of the request's embeddings evicted (each time after
+# re-encoding exactly those).
+MISSING_EMBEDDINGS_RETRIES = 2
 
 
 class Deadline:
@@ -132,6 +139,7 @@ class Orchestrator:
         deadline = Deadline(timeout if timeout is not None else self.config.default_timeout_s)
         if not request.content:
             raise InvalidArgumentError("content is empty: the new user turn needs text, an image or a video")
+        request.sampling.validate()
         check_max_num(request.max_num, "max_num", MAX_NUM_LIMIT)
         for where, video in _videos(request):
             check_max_num(video.max_num, f"{where} (video)", MAX_NUM_LIMIT)
@@ -148,6 +156,7 @@ class Orchestrator:
             else:
                 session = Session(session_id, request.system_message)
             plan = await self._plan(request)
+            self._check_tiles(plan, session)
             refs = await self._ensure_cached(plan, session, deadline)
             history = (*session.turns, *(TurnRecord(refs[n], t.assistant_text or "")
                                          for n, t in enumerate(plan.turns[:-1])))
@@ -204,6 +213,18 @@ class Orchestrator:
         turns = [PlannedTurn(where, arrange_turn(where, list(parts), request.multi_image_mode), answer)
                  for (where, answer, _), parts in zip(jobs, resolved, strict=True)]
         return Plan(turns, [image for turn in turns for image in flatten(turn.parts)])
+
+    def _check_tiles(self, plan: Plan, session: Session) -> None:
+        """Refuses, before encoding anything, a prompt with more tiles than any context this gateway serves holds."""
+        earlier = sum(leaf.num_tiles for turn in session.turns for ref in part_refs(turn.user_parts)
+                      for leaf in ref.leaves())
+        tiles = earlier + sum(image.num_tiles for image in plan.images)
+        limit = self.config.max_request_tiles
+        if tiles > limit:
+            raise ContextTooLongError(
+                f"the prompt's images and video frames take {tiles} tiles ({tiles * self.model.tokens_per_tile} "
+                f"tokens){' including ' + str(earlier) + ' from earlier rounds' if earlier else ''}; at most "
+                f"{limit} fit: send fewer or smaller images, a lower max_num, or fewer video segments")
 
     # ------------------------------------------------------------------------------------------ embeddings
 
@@ -287,7 +308,8 @@ class Orchestrator:
     async def _generate(self, conversation: Conversation, plan: Plan, request: ChatRequest,
                         deadline: Deadline) -> AsyncIterator[Delta | GenerateFinish]:
         pending = {image.key: image for image in plan.images}
-        for attempt in (1, 2):
+        missing_retries, retried_unavailable = 0, False
+        while True:
             started = False
             try:
                 inline = await self._inline(conversation, deadline) if conversation.inline else None
@@ -300,14 +322,30 @@ class Orchestrator:
                         yield event
                 return
             except EmbeddingsMissingError as exc:
-                if started or attempt == 2 or isinstance(exc, SessionMediaEvictedError):
+                if started or isinstance(exc, SessionMediaEvictedError):
                     raise
                 lost = [key for key in exc.missing_keys if key not in pending]
                 if lost:
                     raise SessionMediaEvictedError(lost) from None
+                if missing_retries == MISSING_EMBEDDINGS_RETRIES:
+                    # Evicted again each time before the LLM read them: the cache is too small for the load now.
+                    # Transient for the caller, who can do nothing about it but retry: UNAVAILABLE.
+                    raise NotReadyError("the embedding cache evicted this request's images again before they could "
+                                        "be read (it is full); retry later") from None
                 log.info("re-encoding %d evicted image(s) and retrying Generate", len(exc.missing_keys))
+                missing_retries += 1
                 self.metrics.missing_retries.inc()
                 await self._encode([pending[key] for key in exc.missing_keys], deadline)
+            except NotReadyError as exc:
+                # Nothing was generated yet, so trying once more (on another replica, or after a Redis restart)
+                # is invisible to the caller. A stream that already sent tokens fails: the caller must not take a
+                # truncated answer for a complete one.
+                if started or retried_unavailable:
+                    raise
+                log.info("Generate failed before its first token (%s); trying once more", exc)
+                retried_unavailable = True
+                self.metrics.upstream_retries.labels("llm", "Generate").inc()
+                await asyncio.sleep(GENERATE_RETRY_PAUSE_S)
 
     def _count_embedding_bytes(self, conversation: Conversation, inline: dict[str, Embeddings] | None) -> None:
         if inline is not None:

@@ -19,9 +19,9 @@ import logging
 import grpc
 from aiohttp import web
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from redis.asyncio import Redis
 
 from gateway import config as gateway_config
+from gateway.auth import BearerTokenInterceptor
 from gateway.clients import LLMClient, VisionClient
 from gateway.config import GatewayConfig
 from gateway.errors import grpc_status_name
@@ -33,6 +33,7 @@ from gateway.types import ChatRequest
 from services.common.errors import InternVLError
 from services.common.grpc_errors import DETAIL_METADATA_KEY, status_for
 from services.common.grpc_server import GrpcServer
+from services.common.redis_client import connect as connect_redis
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,7 @@ def _session_store(config: GatewayConfig) -> RedisSessionStore | MemorySessionSt
     if config.redis_url is None:
         log.warning("no --redis-url: sessions live in this process only (one gateway replica, lost on restart)")
         return MemorySessionStore(config.session_ttl_s)
-    return RedisSessionStore(Redis.from_url(config.redis_url, socket_connect_timeout=5, health_check_interval=30),
-                             config.namespace, config.session_ttl_s)
+    return RedisSessionStore(connect_redis(config.redis_url), config.namespace, config.session_ttl_s)
 
 
 async def _start_http(config: GatewayConfig, app: web.Application) -> web.AppRunner:
@@ -109,11 +109,13 @@ async def _start_http(config: GatewayConfig, app: web.Application) -> web.AppRun
 
 async def serve(config: GatewayConfig) -> None:
     metrics = GatewayMetrics()
-    vision = VisionClient(config.vision_target, config.server.max_message_bytes)
-    llm = LLMClient(config.llm_target, config.server.max_message_bytes)
+    vision = VisionClient(config.vision_target, config.server.max_message_bytes, config.upstream_tls,
+                          on_retry=lambda method: metrics.upstream_retries.labels("vision", method).inc())
+    llm = LLMClient(config.llm_target, config.server.max_message_bytes, config.upstream_tls)
     sessions = _session_store(config)
     orchestrator = Orchestrator(config, vision, llm, sessions, metrics)
-    server = GrpcServer(config.server, [SERVICE_NAME])
+    interceptors = [BearerTokenInterceptor(config.api_token)] if config.api_token else []
+    server = GrpcServer(config.server, [SERVICE_NAME], interceptors)
     server.add(gateway_pb2_grpc.add_ChatServiceServicer_to_server, ChatServicer(orchestrator, metrics))
     ready = stopped = False
     runner = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import secrets
 import time
@@ -20,11 +21,15 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import redis.exceptions
 from redis.asyncio import Redis
 
 from gateway.conversation import TurnRecord, turn_from_json, turn_to_json
 from gateway.errors import SessionBusyError, SessionNotFoundError
 from services.common.errors import InvalidArgumentError
+from services.common.redis_client import redis_errors
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -70,25 +75,33 @@ class RedisSessionStore:
         return f"{self.namespace}:session:v{SCHEMA_VERSION}:{session_id}"
 
     async def load(self, session_id: str) -> Session:
-        raw = await self.redis.get(self._key(check_session_id(session_id)))
+        key = self._key(check_session_id(session_id))
+        with redis_errors("session store"):
+            raw = await self.redis.get(key)
         if raw is None:
             raise SessionNotFoundError(f"session {session_id!r} does not exist or has expired (sessions expire "
                                        f"{self.ttl_s} s after their last round); start a new one without session_id")
         return Session.from_json(session_id, raw)
 
     async def save(self, session: Session) -> None:
-        await self.redis.set(self._key(session.id), session.to_json(), ex=self.ttl_s)
+        with redis_errors("session store"):
+            await self.redis.set(self._key(session.id), session.to_json(), ex=self.ttl_s)
 
     @contextlib.asynccontextmanager
     async def lock(self, session_id: str, hold_s: float) -> AsyncIterator[None]:
         key = self._key(check_session_id(session_id)) + ":lock"
         token = secrets.token_hex(8)
-        if not await self.redis.set(key, token, nx=True, px=max(1000, int(hold_s * 1000))):
+        with redis_errors("session store"):
+            taken = await self.redis.set(key, token, nx=True, px=max(1000, int(hold_s * 1000)))
+        if not taken:
             raise SessionBusyError(f"session {session_id!r} is answering another round; wait for it to finish")
         try:
             yield
         finally:
-            await self.redis.eval(_RELEASE, 1, key, token)
+            try:
+                await self.redis.eval(_RELEASE, 1, key, token)
+            except redis.exceptions.RedisError as exc:  # the lock expires by itself
+                log.warning("could not release the lock of session %s: %s", session_id, exc)
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from internvl.gateway.v1 import gateway_pb2
 
 from services.common.errors import InvalidArgumentError
+from services.llm.sampling import SamplingParams
 
+_INT32 = 1 << 31
 DEFAULT_IMAGE_MAX_NUM = 12
 DEFAULT_NUM_SEGMENTS = 8
 DEFAULT_FRAME_MAX_NUM = 1
@@ -108,6 +110,16 @@ class Sampling:
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
     top_logprobs: int = 0
+
+    def validate(self) -> None:
+        """The LLM service's own checks, and the wire's integer ranges, before any media work is done."""
+        for name in ("max_new_tokens", "top_k", "top_logprobs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not -_INT32 <= value < _INT32:
+                raise InvalidArgumentError(f"{name} must be an integer below 2**31, got {value!r}")
+        SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                       top_k=self.top_k, repetition_penalty=self.repetition_penalty, stop_strings=self.stop_strings,
+                       seed=self.seed, top_logprobs=self.top_logprobs).validate()
 
     @classmethod
     def from_pb(cls, pb: gateway_pb2.SamplingParams) -> Sampling:

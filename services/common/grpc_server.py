@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.grpc_errors import ErrorMappingInterceptor
+from services.common.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class ServerOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Seconds a draining server lets running calls finish after SIGTERM (keep below the pod's grace period).
     drain_seconds: float = 30.0
+    # None: plaintext. Otherwise TLS, and mutual TLS when it names a client CA (services.common.tls).
+    tls: ServerTls | None = None
 
 
 # Clients balance round-robin over the pods their DNS lookup returned, and gRPC re-resolves only when a connection
@@ -52,10 +55,12 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 class GrpcServer:
     """An aio server with the project's interceptor, health and reflection. `add` servicers, then `start`."""
 
-    def __init__(self, options: ServerOptions, service_names: Sequence[str]):
+    def __init__(self, options: ServerOptions, service_names: Sequence[str],
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
+        """`interceptors` run before the error mapping (e.g. the gateway's bearer-token check)."""
         self.options = options
         self.service_names = list(service_names)
-        self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()],
+        self.server = grpc.aio.server(interceptors=[*interceptors, ErrorMappingInterceptor()],
                                       options=[*channel_options(options.max_message_bytes), *_CONNECTION_AGE])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -78,13 +83,20 @@ class GrpcServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in self.service_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        address = f"{self.options.host}:{self.options.port}"
+        if self.options.tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self.options.tls.credentials())
         if self.port == 0:
             raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
         await self.server.start()
         if self.options.metrics_port is not None:
             prometheus_client.start_http_server(self.options.metrics_port, addr=self.options.host, registry=registry)
-        log.info("listening on %s:%d (metrics on %s)", self.options.host, self.port, self.options.metrics_port)
+        tls = "plaintext" if self.options.tls is None else (
+            "mutual TLS" if self.options.tls.client_ca is not None else "TLS")
+        log.info("listening on %s:%d, %s (metrics on %s)", self.options.host, self.port, tls,
+                 self.options.metrics_port)
         return self.port
 
     async def mark_ready(self) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.common.grpc_server import ServerOptions
+from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
+from services.common.tls import add_server_arguments, server_tls_from_args
 
 SERVICE_NAME = "internvl.llm.v1.LLMService"
 
@@ -49,11 +52,13 @@ class LLMConfig:
         return int(self.kv_cache_budget_mb * 1024 * 1024)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> LLMConfig:
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> LLMConfig:
+        environ = os.environ if environ is None else environ
         return cls(
             model=args.model,
             server=ServerOptions(port=args.port, host=args.host, metrics_port=args.metrics_port,
-                                 drain_seconds=args.drain_seconds),
+                                 max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds,
+                                 tls=server_tls_from_args(args, environ)),
             redis_url=args.redis_url,
             dtype=args.dtype,
             device=args.device,
@@ -91,3 +96,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt + answer limit (default: the model's max_position_embeddings)")
     parser.add_argument("--drain-seconds", type=float, default=ServerOptions(port=0).drain_seconds,
                         help="grace period for running streams after SIGTERM")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="gRPC message size limit (default %(default)s)")
+    add_server_arguments(parser)

@@ -25,6 +25,8 @@ from services.common.errors import (
     OverloadedError,
 )
 from services.common.model import default_device, load_language_model, load_tokenizer, resolve_dtype
+from services.common.redis_client import connect as connect_redis
+from services.common.redis_client import redis_errors
 from services.llm import template
 from services.llm.config import LLMConfig
 from services.llm.engine import Engine, GenerationStream
@@ -96,11 +98,9 @@ class LLMService:
 
     async def start(self) -> None:
         if self.config.redis_url:
-            from redis.asyncio import Redis
-
             from services.vision.cache import EmbeddingCache
 
-            self.embedding_cache = EmbeddingCache(Redis.from_url(self.config.redis_url), self.checkpoint.fingerprint)
+            self.embedding_cache = EmbeddingCache(connect_redis(self.config.redis_url), self.checkpoint.fingerprint)
         await self.engine.start()
 
     async def warm_up(self) -> None:
@@ -171,7 +171,8 @@ class LLMService:
                                        "embeddings inline (inline_embeddings = true)")
         else:
             keys = list(tiles)
-            values = await asyncio.gather(*(self.embedding_cache.get(key) for key in keys))
+            with redis_errors("embedding cache"):
+                values = await asyncio.gather(*(self.embedding_cache.get(key) for key in keys))
             missing = [key for key, value in zip(keys, values, strict=True) if value is None]
             if missing:
                 raise EmbeddingsMissingError(missing)

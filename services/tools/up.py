@@ -55,6 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-dir", default=None, help="where the processes' logs go (default: a temp directory)")
     parser.add_argument("--startup-timeout", type=float, default=900.0,
                         help="seconds to wait for each process to become ready (default 900)")
+    tls = parser.add_argument_group("TLS (default: plaintext everywhere)")
+    tls.add_argument("--tls-cert", default=None,
+                     help="PEM certificate every server presents (it must name 127.0.0.1 and the gateway's --host); "
+                          "with --tls-client-ca the gateway also presents it to the services, so it needs the "
+                          "clientAuth usage too")
+    tls.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    tls.add_argument("--tls-ca", default=None, help="PEM CA that signed --tls-cert (the gateway and the health "
+                                                    "checks trust it)")
+    tls.add_argument("--tls-client-ca", default=None,
+                     help="PEM CA; the vision and LLM services then require client certificates it signed (mTLS)")
+    parser.add_argument("--api-token-file", default=None,
+                        help="file holding the bearer token the gateway requires (default: none)")
 
 
 def free_port() -> int:
@@ -140,13 +152,41 @@ class Stack:
             client.close()
         raise StackError(f"redis-server did not answer PING:\n{child.log_tail()}")
 
+    def tls_server_args(self, mutual: bool) -> list[str]:
+        """The TLS flags of a server (none without --tls-cert); `mutual`: require client certificates."""
+        a = self.args
+        if not a.tls_cert:
+            return []
+        out = ["--tls-cert", a.tls_cert, "--tls-key", a.tls_key]
+        return out + ["--tls-client-ca", a.tls_client_ca] if mutual and a.tls_client_ca else out
+
+    def tls_upstream_args(self) -> list[str]:
+        a = self.args
+        if not a.tls_cert:
+            return []
+        out = ["--upstream-tls-ca", a.tls_ca] if a.tls_ca else []
+        return out + (["--upstream-tls-cert", a.tls_cert, "--upstream-tls-key", a.tls_key] if a.tls_client_ca else [])
+
+    def channel(self, address: str):
+        """A health-check channel to one of the children (TLS, with the client certificate, when configured)."""
+        import grpc
+
+        from services.common.tls import ClientTls
+
+        a = self.args
+        if not a.tls_cert:
+            return grpc.insecure_channel(address)
+        tls = ClientTls.from_files(a.tls_ca, a.tls_cert if a.tls_client_ca else None,
+                                   a.tls_key if a.tls_client_ca else None)
+        return grpc.secure_channel(address, (tls or ClientTls()).credentials())
+
     def wait_serving(self, children: list[Child], health_name: dict[str, str], stopping) -> None:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + self.args.startup_timeout
         waiting = list(children)
-        channels = {c.name: grpc.insecure_channel(f"127.0.0.1:{c.port}") for c in waiting}
+        channels = {c.name: self.channel(f"127.0.0.1:{c.port}") for c in waiting}
         try:
             while waiting:
                 if stopping():
@@ -179,6 +219,10 @@ class Stack:
 def run(args: argparse.Namespace) -> int:
     if args.vision_replicas < 1:
         raise StackError("--vision-replicas must be >= 1")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise StackError("--tls-cert and --tls-key go together")
+    if (args.tls_ca or args.tls_client_ca) and not args.tls_cert:
+        raise StackError("--tls-ca and --tls-client-ca need --tls-cert and --tls-key")
     stop_requested = []
 
     def on_signal(signum, frame):
@@ -190,8 +234,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         redis_url = args.redis_url or stack.start_redis()
         common = ["--model", args.model, "--redis-url", redis_url, *(["--dtype", args.dtype] if args.dtype else [])]
-        visions = [stack.service(f"vision-{i}", "vision", free_port(), *common) for i in range(args.vision_replicas)]
-        llm = stack.service("llm", "llm", free_port(), *common)
+        internal = [*common, *stack.tls_server_args(mutual=True)]
+        visions = [stack.service(f"vision-{i}", "vision", free_port(), *internal)
+                   for i in range(args.vision_replicas)]
+        llm = stack.service("llm", "llm", free_port(), *internal)
         health = {**{v.name: VISION_HEALTH for v in visions}, "llm": LLM_HEALTH, "gateway": GATEWAY_HEALTH}
         stack.wait_serving([*visions, llm], health, lambda: bool(stop_requested))
         vision_target = "ipv4:" + ",".join(f"127.0.0.1:{v.port}" for v in visions)
@@ -201,6 +247,9 @@ def run(args: argparse.Namespace) -> int:
             gateway_args += ["--http-port", str(args.http_port)]
         if args.media_root:
             gateway_args += ["--media-root", args.media_root]
+        if args.api_token_file:
+            gateway_args += ["--api-token-file", args.api_token_file]
+        gateway_args += [*stack.tls_server_args(mutual=False), *stack.tls_upstream_args()]
         gateway = stack.service("gateway", "gateway", args.gateway_port, *gateway_args, host=args.host,
                                 metrics_port=args.metrics_port)
         stack.wait_serving([gateway], health, lambda: bool(stop_requested))
@@ -235,9 +284,15 @@ def _print_banner(args, stack: Stack, gateway: Child, visions: list[Child], llm:
         f"redis: {redis_url}; logs: {stack.log_dir}",
         "",
         "try:",
-        f"  internvl-chat --target {host}:{args.gateway_port} --image {image} --max-tokens 32 'Describe the image.'",
+        f"  internvl-chat --target {host}:{args.gateway_port}{_client_flags(args)} --image {image} "
+        + "--max-tokens 32 'Describe the image.'",
         "",
         "Ctrl-C stops everything.",
     ]
     print("\n".join(lines), flush=True)
 
+
+def _client_flags(args) -> str:
+    """The internvl-chat options this stack needs: its CA with TLS, the token file with a token."""
+    flags = f" --tls-ca {args.tls_ca}" if args.tls_cert and args.tls_ca else (" --tls" if args.tls_cert else "")
+    return flags + (f" --token-file {args.api_token_file}" if args.api_token_file else "")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from services.common.errors import InvalidArgumentError
 from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
+from services.common.tls import add_server_arguments, server_tls_from_args
 from services.vision.cache import DEFAULT_NAMESPACE
 from services.vision.preprocess import DEFAULT_MAX_PIXELS
 
@@ -102,7 +103,8 @@ class VisionConfig:
         return cls(
             model=args.model,
             server=ServerOptions(port=args.port, host=args.host, metrics_port=args.metrics_port,
-                                 max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds),
+                                 max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds,
+                                 tls=server_tls_from_args(args, environ)),
             redis_url=args.redis_url or environ.get(ENV_REDIS_URL) or None,
             dtype=args.dtype,
             device=args.device,
@@ -149,3 +151,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gRPC message size limit (default %(default)s)")
     parser.add_argument("--drain-seconds", type=float, default=30.0,
                         help="grace period for running calls after SIGTERM (default %(default)s)")
+    add_server_arguments(parser)

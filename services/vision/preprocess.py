@@ -33,6 +33,17 @@ DEFAULT_MAX_PIXELS = 64_000_000
 
 ImageSource = str | PathLike[str] | bytes | bytearray | memoryview | Image.Image
 
+# The image formats accepted from callers (Pillow names; JPEG includes the MPO JPEGs of many phones). Pillow can
+# parse dozens more, some rarely exercised (EPS even runs Ghostscript): untrusted bytes only reach these parsers.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+UNSUPPORTED_FORMAT = "not a supported image format (send PNG, JPEG, WebP, GIF, BMP, TIFF or PPM)"
+
+
+def open_untrusted(data: bytes) -> Image.Image:
+    """``Image.open`` restricted to ``IMAGE_FORMATS`` (reads the header only)."""
+    Image.init()  # registers every plugin (once), so that the allow-list may name any of them
+    return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+
 
 def _candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
     """Every (cols, rows) with ``min_num <= cols*rows <= max_num``, ordered by area.
@@ -136,6 +147,10 @@ def tiles_to_tensor(tiles: Sequence[Image.Image], image_size: int = IMAGE_SIZE) 
     return pixels.sub_(mean).div_(std).contiguous()
 
 
+def _too_many_pixels(max_pixels: int | None) -> str:
+    return f"image is too large: more pixels than the limit of {max_pixels or Image.MAX_IMAGE_PIXELS}"
+
+
 def open_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``source`` (a path, encoded bytes or a PIL image) into a fully loaded RGB image.
 
@@ -156,14 +171,16 @@ def open_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         if not data:
             raise InvalidMediaError("image data is empty")
         try:
-            image = Image.open(io.BytesIO(data))
+            image = open_untrusted(data)
         except Image.DecompressionBombError as exc:
-            raise MediaTooLargeError(f"image is too large: {exc}") from exc
+            raise MediaTooLargeError(_too_many_pixels(max_pixels)) from exc
         except Image.UnidentifiedImageError as exc:
             # Pillow's own message names an in-memory stream object; say what matters to the caller instead.
-            raise InvalidMediaError("cannot decode image: not a supported image format") from exc
+            raise InvalidMediaError(f"cannot decode image: {UNSUPPORTED_FORMAT}") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise InvalidMediaError(f"cannot decode image: {exc}") from exc
+        except Exception as exc:  # a parser tripping over hostile bytes (struct.error, ...) is bad media
+            raise InvalidMediaError("cannot decode image: corrupt data") from exc
 
     width, height = image.size
     if width < 1 or height < 1:
@@ -176,9 +193,11 @@ def open_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         # convert() forces the full decode, so truncated data fails here rather than later.
         return image.convert("RGB")
     except Image.DecompressionBombError as exc:
-        raise MediaTooLargeError(f"image is too large: {exc}") from exc
+        raise MediaTooLargeError(_too_many_pixels(max_pixels)) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidMediaError(f"cannot decode image (truncated or corrupt data): {exc}") from exc
+    except Exception as exc:  # as above
+        raise InvalidMediaError("cannot decode image (truncated or corrupt data)") from exc
 
 
 def load_image(

@@ -15,7 +15,7 @@ import contextlib
 import functools
 import logging
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,6 +32,8 @@ from services.common.errors import (
     NotReadyError,
 )
 from services.common.model import default_device, load_vision, resolve_dtype
+from services.common.redis_client import connect as connect_redis
+from services.common.redis_client import redis_errors
 from services.vision.batcher import Encoder, MicroBatcher
 from services.vision.cache import (
     EmbeddingCache,
@@ -318,14 +320,9 @@ class VisionService:
             raise InvalidArgumentError(f"{where}: {key[:80]!r} is not an embedding key of this service "
                                        f"(expected {self._prefix}...)", item_index=index)
 
-    @contextlib.contextmanager
-    def _cache_errors(self) -> Iterator[None]:
+    def _cache_errors(self) -> contextlib.AbstractContextManager[None]:
         """An unreachable cache is UNAVAILABLE (retry elsewhere or later), not an internal error."""
-        try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            log.warning("embedding cache unreachable: %s", exc)
-            raise NotReadyError("the embedding cache is unreachable; retry later") from exc
+        return redis_errors("embedding cache")
 
 
 async def connect_store(config: VisionConfig) -> Redis | InProcessRedis:
@@ -334,7 +331,7 @@ async def connect_store(config: VisionConfig) -> Redis | InProcessRedis:
         log.warning("no --redis-url: using an in-process embedding cache that no other process can read "
                     "(single-process demos only)")
         return InProcessRedis(max_bytes=config.memory_cache_bytes)
-    client = Redis.from_url(config.redis_url, socket_connect_timeout=5, health_check_interval=30)
+    client = connect_redis(config.redis_url)
     try:
         await client.ping()
     except redis.exceptions.RedisError as exc:

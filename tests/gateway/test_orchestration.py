@@ -16,6 +16,7 @@ import grpc
 import pytest
 from internvl.gateway.v1 import gateway_pb2
 
+from gateway.orchestrator import MISSING_EMBEDDINGS_RETRIES
 from services.common.errors import ModelMismatchError, NotReadyError
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -127,10 +128,13 @@ async def test_evicted_embeddings_are_reencoded_and_generate_retried_once(fakes)
         assert len(stack.llm.starts) == 2 and stack.vision_calls("Encode") == [1, 1]
         assert stack.metrics.missing_retries._value.get() == 1
 
-        # Evicted again on the retry: the caller gets FAILED_PRECONDITION, not a loop.
+        # Evicted again on every retry: after MISSING_EMBEDDINGS_RETRIES re-encodes the caller gets UNAVAILABLE (the
+        # cache is too full right now: retry later), not a loop.
         stack.llm.before_read = lambda start: stack.cache.tiles.clear()
+        starts = len(stack.llm.starts)
         code, details = await status_of(stack, G.ChatRequest(content=[image_part(fakes.png(301, 200)), text("Hi")]))
-        assert code == grpc.StatusCode.FAILED_PRECONDITION and "not in the cache" in details
+        assert code == grpc.StatusCode.UNAVAILABLE and "evicted" in details and "retry later" in details
+        assert len(stack.llm.starts) - starts == 1 + MISSING_EMBEDDINGS_RETRIES
 
 
 async def test_session_continues_by_reference_and_reports_reuse(fakes):
