@@ -35,12 +35,11 @@ from services.common.errors import (
 )
 from services.common.grpc_errors import error_detail
 from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from services.common.model_info import DTYPE_FROM_PB
 from services.common.tls import ClientTls, secure_or_insecure_channel
 
 log = logging.getLogger(__name__)
 
-DTYPE_NAMES = {common_pb2.DTYPE_BFLOAT16: "bfloat16", common_pb2.DTYPE_FLOAT16: "float16",
-               common_pb2.DTYPE_FLOAT32: "float32"}
 _FINISH = {llm_pb2.FINISH_REASON_STOP: FinishReason.STOP, llm_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
            llm_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED}
 # Inline embeddings are sent in chunks of this size (the LLM service's gRPC limit is 16 MiB).
@@ -65,7 +64,7 @@ def balanced_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_B
 
 
 def model_identity_from_pb(info: common_pb2.ModelInfo) -> ModelIdentity:
-    return ModelIdentity(info.fingerprint, info.model_name, DTYPE_NAMES.get(info.dtype, ""), info.tokens_per_tile,
+    return ModelIdentity(info.fingerprint, info.model_name, DTYPE_FROM_PB.get(info.dtype, ""), info.tokens_per_tile,
                          info.image_size, info.llm_hidden_size)
 
 

@@ -25,6 +25,7 @@ from services.common.errors import (
     OverloadedError,
 )
 from services.common.model import default_device, load_language_model, load_tokenizer, resolve_dtype
+from services.common.model_info import ModelInfo
 from services.common.redis_client import connect as connect_redis
 from services.common.redis_client import redis_errors
 from services.llm import template
@@ -45,18 +46,6 @@ class GenerateRequest:
     # The client sends every referenced image's embeddings in the stream instead of the server reading Redis.
     inline_embeddings: bool = False
     request_id: str = ""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    fingerprint: str
-    model_name: str
-    llm_hidden_size: int
-    dtype: str
-    tokens_per_tile: int
-    image_size: int
-    llm_architecture: str
-    vision_architecture: str
 
 
 class LLMService:
@@ -116,13 +105,7 @@ class LLMService:
             await self.embedding_cache.redis.aclose()
 
     def model_info(self) -> ModelInfo:
-        spec = self.checkpoint.spec
-        vision_arch = (self.checkpoint.config["vision_config"].get("architectures") or ["InternVisionModel"])[0]
-        return ModelInfo(
-            fingerprint=self.checkpoint.fingerprint, model_name=self.checkpoint.name,
-            llm_hidden_size=self.hidden_size, dtype=str(self.model.dtype).removeprefix("torch."),
-            tokens_per_tile=self.tokens_per_tile, image_size=spec.image_size,
-            llm_architecture=spec.llm_architecture, vision_architecture=vision_arch)
+        return ModelInfo.of(self.checkpoint, self.model.dtype)
 
     async def generate(self, request: GenerateRequest, inline: dict[str, torch.Tensor] | None = None,
                        timeout: float | None = None) -> GenerationStream:

@@ -13,15 +13,13 @@ from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2
 
 from services.common.errors import InvalidArgumentError
+from services.common.model_info import DTYPE_FROM_PB, DTYPE_TO_PB, ModelInfo
 from services.llm.events import Event, Finish, FinishReason, TokenDelta
 from services.llm.prompt import Conversation, ImagePart, Part, TextPart, Turn, VideoPart
 from services.llm.sampling import SamplingParams
-from services.llm.service import GenerateRequest, ModelInfo
+from services.llm.service import GenerateRequest
 from services.vision.cache import DTYPES, tensor_from_bytes
 
-DTYPE_NAMES = {common_pb2.DTYPE_BFLOAT16: "bfloat16", common_pb2.DTYPE_FLOAT16: "float16",
-               common_pb2.DTYPE_FLOAT32: "float32"}
-DTYPE_ENUMS = {name: value for value, name in DTYPE_NAMES.items()}
 FINISH_REASONS = {FinishReason.STOP: llm_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: llm_pb2.FINISH_REASON_LENGTH,
                   FinishReason.CANCELLED: llm_pb2.FINISH_REASON_CANCELLED}
 
@@ -103,9 +101,9 @@ class _Assembler:
             if not chunk.HasField("header") or chunk.offset != 0:
                 raise InvalidArgumentError(f"the first chunk of {key} must carry the header, at offset 0")
             header = chunk.header
-            if header.dtype not in DTYPE_NAMES or len(header.shape) != 2 or any(d < 0 for d in header.shape):
+            if header.dtype not in DTYPE_FROM_PB or len(header.shape) != 2 or any(d < 0 for d in header.shape):
                 raise InvalidArgumentError(f"embeddings of {key} must be a 2-D bfloat16, float16 or float32 tensor")
-            nbytes = math.prod(header.shape) * DTYPES[DTYPE_NAMES[header.dtype]].itemsize
+            nbytes = math.prod(header.shape) * DTYPES[DTYPE_FROM_PB[header.dtype]].itemsize
             if header.total_bytes != nbytes:
                 raise InvalidArgumentError(f"header of {key}: total_bytes {header.total_bytes} != {nbytes}")
             self.total += nbytes
@@ -129,7 +127,7 @@ class _Assembler:
             if len(data) != header.total_bytes:
                 raise InvalidArgumentError(f"embeddings of {key} are incomplete: {len(data)} of "
                                            f"{header.total_bytes} bytes")
-            out[key] = tensor_from_bytes(DTYPE_NAMES[header.dtype], list(header.shape), data)
+            out[key] = tensor_from_bytes(DTYPE_FROM_PB[header.dtype], list(header.shape), data)
         return out
 
 
@@ -138,7 +136,7 @@ def embedding_messages(key: str, tensor: torch.Tensor, chunk_bytes: int = 1 << 2
     from services.vision.cache import tensor_to_bytes
 
     dtype, shape, data = tensor_to_bytes(tensor)
-    header = common_pb2.TensorHeader(dtype=DTYPE_ENUMS[dtype], shape=shape, total_bytes=len(data))
+    header = common_pb2.TensorHeader(dtype=DTYPE_TO_PB[dtype], shape=shape, total_bytes=len(data))
     messages = []
     for offset in range(0, max(len(data), 1), chunk_bytes):
         chunk = common_pb2.TensorChunk(offset=offset, data=data[offset:offset + chunk_bytes])
@@ -164,8 +162,4 @@ def event_to_pb(event: Event) -> llm_pb2.GenerateResponse:
 
 
 def model_info_to_pb(info: ModelInfo) -> llm_pb2.GetModelInfoResponse:
-    return llm_pb2.GetModelInfoResponse(model_info=common_pb2.ModelInfo(
-        fingerprint=info.fingerprint, model_name=info.model_name, llm_hidden_size=info.llm_hidden_size,
-        dtype=DTYPE_ENUMS.get(info.dtype, common_pb2.DTYPE_UNSPECIFIED), tokens_per_tile=info.tokens_per_tile,
-        image_size=info.image_size, llm_architecture=info.llm_architecture,
-        vision_architecture=info.vision_architecture))
+    return llm_pb2.GetModelInfoResponse(model_info=info.to_pb())

@@ -22,21 +22,15 @@ from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 from services.common.errors import NotReadyError
 from services.common.grpc_errors import status_for
 from services.common.grpc_server import GrpcServer
+from services.common.model_info import DTYPE_TO_PB
 from services.vision import config as vision_config
 from services.vision.config import VisionConfig
 from services.vision.metrics import VisionMetrics
-from services.vision.service import EncodeOptions, MediaItem, ModelInfo, VisionService
+from services.vision.service import EncodeOptions, MediaItem, VisionService
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name  # internvl.vision.v1.VisionService
-
-DTYPE_TO_PB = {
-    "bfloat16": common_pb2.DTYPE_BFLOAT16,
-    "float16": common_pb2.DTYPE_FLOAT16,
-    "float32": common_pb2.DTYPE_FLOAT32,
-}
-
 
 # ------------------------------------------------------------------------------------------- translation
 
@@ -55,13 +49,6 @@ def options_from_pb(options: common_pb2.PreprocessOptions) -> EncodeOptions:
         max_num=options.max_num if options.HasField("max_num") else None,
         use_thumbnail=options.use_thumbnail if options.HasField("use_thumbnail") else None,
     )
-
-
-def model_info_to_pb(info: ModelInfo) -> common_pb2.ModelInfo:
-    return common_pb2.ModelInfo(
-        fingerprint=info.fingerprint, model_name=info.model_name, llm_hidden_size=info.llm_hidden_size,
-        dtype=DTYPE_TO_PB[info.dtype], tokens_per_tile=info.tokens_per_tile, image_size=info.image_size,
-        llm_architecture=info.llm_architecture, vision_architecture=info.vision_architecture)
 
 
 # ---------------------------------------------------------------------------------------------- servicer
@@ -129,7 +116,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def GetModelInfo(self, request, context) -> vision_pb2.GetModelInfoResponse:
         with self._track("GetModelInfo"):
-            return vision_pb2.GetModelInfoResponse(model_info=model_info_to_pb(self._ready().model_info()))
+            return vision_pb2.GetModelInfoResponse(model_info=self._ready().model_info().to_pb())
 
 
 # ------------------------------------------------------------------------------------------------- process

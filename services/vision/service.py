@@ -32,6 +32,7 @@ from services.common.errors import (
     NotReadyError,
 )
 from services.common.model import default_device, load_vision, resolve_dtype
+from services.common.model_info import ModelInfo, dtype_name
 from services.common.redis_client import connect as connect_redis
 from services.common.redis_client import redis_errors
 from services.vision.batcher import Encoder, MicroBatcher
@@ -50,7 +51,6 @@ from services.vision.preprocess import dynamic_tiles, open_image, tiles_to_tenso
 
 log = logging.getLogger(__name__)
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Most keys one Lookup may ask about, and the longest key accepted.
 MAX_LOOKUP_KEYS = 4096
 MAX_KEY_CHARS = 256
@@ -95,18 +95,6 @@ class EncodedItem:
     cache_hit: bool
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    fingerprint: str
-    model_name: str
-    llm_hidden_size: int
-    dtype: str
-    tokens_per_tile: int
-    image_size: int
-    llm_architecture: str
-    vision_architecture: str
-
-
 # ------------------------------------------------------------------------------------------------- service
 
 
@@ -119,7 +107,7 @@ class VisionService:
         self.checkpoint = checkpoint
         spec = checkpoint.spec
         self.dtype = dtype
-        self.dtype_name = DTYPE_NAMES[dtype]
+        self.dtype_name = dtype_name(dtype)
         self.tokens_per_tile = spec.tokens_per_tile
         self.hidden_size = spec.llm_hidden_size
         self.image_size = spec.image_size
@@ -182,18 +170,7 @@ class VisionService:
             torch.cuda.empty_cache()
 
     def model_info(self) -> ModelInfo:
-        spec = self.checkpoint.spec
-        vision_archs = self.checkpoint.config.get("vision_config", {}).get("architectures") or ["InternVisionModel"]
-        return ModelInfo(
-            fingerprint=self.checkpoint.fingerprint,
-            model_name=self.checkpoint.name,
-            llm_hidden_size=self.hidden_size,
-            dtype=self.dtype_name,
-            tokens_per_tile=self.tokens_per_tile,
-            image_size=self.image_size,
-            llm_architecture=spec.llm_architecture,
-            vision_architecture=vision_archs[0],
-        )
+        return ModelInfo.of(self.checkpoint, self.dtype)
 
     # ---------------------------------------------------------------------------------------------- encode
 
