@@ -15,12 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.errors import InvalidArgumentError
-from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
+from services.common.grpc_server import ServerOptions, add_server_options
 from services.common.tls import (
     ClientTls,
-    add_server_arguments,
     add_upstream_arguments,
-    server_tls_from_args,
     upstream_tls_from_args,
 )
 from services.vision.cache import DEFAULT_NAMESPACE
@@ -104,9 +102,7 @@ class GatewayConfig:
         return cls(
             vision_target=args.vision_target,
             llm_target=args.llm_target,
-            server=ServerOptions(port=args.port, host=args.host, metrics_port=args.metrics_port,
-                                 max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds,
-                                 tls=server_tls_from_args(args, environ)),
+            server=ServerOptions.from_args(args, environ),
             http_port=args.http_port,
             redis_url=args.redis_url or environ.get(ENV_REDIS_URL) or None,
             session_ttl_s=args.session_ttl_s,
@@ -140,11 +136,9 @@ def _api_token(path: str | None, environ: Mapping[str, str]) -> str | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `internvl-serve gateway` flags; defaults come from `GatewayConfig`."""
     d = GatewayConfig(vision_target="-", llm_target="-")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT})")
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    add_server_options(parser, default_port=DEFAULT_PORT)
     parser.add_argument("--http-port", type=int, default=None,
                         help="OpenAI-compatible HTTP API port (default: no HTTP API)")
-    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: none)")
     parser.add_argument("--vision-target", required=True,
                         help="vision service, e.g. dns:///vision-headless:50052 (round_robin over its addresses)")
     parser.add_argument("--llm-target", required=True, help="LLM service, e.g. dns:///llm-headless:50053")
@@ -172,12 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"deadline for requests that set none (default {d.default_timeout_s})")
     parser.add_argument("--media-threads", type=int, default=d.media_threads,
                         help=f"threads reading and decoding media (default {d.media_threads})")
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="gRPC message size limit (default %(default)s)")
-    parser.add_argument("--drain-seconds", type=float, default=30.0,
-                        help="grace period for running calls after SIGTERM (default %(default)s)")
     parser.add_argument("--api-token-file", default=None,
                         help="file holding the bearer token every gRPC and HTTP call must carry (default: "
                              f"${ENV_API_TOKEN}; without either, no authentication)")
-    add_server_arguments(parser)
     add_upstream_arguments(parser)

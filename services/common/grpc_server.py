@@ -7,10 +7,12 @@ Health: "" (liveness) is SERVING while the process runs; each service name (read
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -19,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.grpc_errors import ErrorMappingInterceptor
-from services.common.tls import ServerTls
+from services.common.tls import ServerTls, add_server_arguments, server_tls_from_args
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,27 @@ class ServerOptions:
     drain_seconds: float = 30.0
     # None: plaintext. Otherwise TLS, and mutual TLS when it names a client CA (services.common.tls).
     tls: ServerTls | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerOptions:
+        """From the flags `add_server_options` registered (TLS paths may come from the environment)."""
+        return cls(port=args.port, host=args.host, metrics_port=args.metrics_port,
+                   max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds,
+                   tls=server_tls_from_args(args, os.environ if environ is None else environ))
+
+
+def add_server_options(parser: argparse.ArgumentParser, default_port: int | None) -> None:
+    """The transport flags every server shares. `default_port` None makes `--port` required."""
+    parser.add_argument("--port", type=int, default=default_port, required=default_port is None,
+                        help="gRPC port (0: any free port)" + ("" if default_port is None
+                                                              else f" (default {default_port})"))
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: none)")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="gRPC message size limit (default %(default)s)")
+    parser.add_argument("--drain-seconds", type=float, default=ServerOptions.drain_seconds,
+                        help="grace period for running calls after SIGTERM (default %(default)s)")
+    add_server_arguments(parser)
 
 
 # Clients balance round-robin over the pods their DNS lookup returned, and gRPC re-resolves only when a connection

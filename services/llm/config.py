@@ -7,8 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
-from services.common.tls import add_server_arguments, server_tls_from_args
+from services.common.grpc_server import ServerOptions, add_server_options
 
 SERVICE_NAME = "internvl.llm.v1.LLMService"
 
@@ -56,9 +55,7 @@ class LLMConfig:
         environ = os.environ if environ is None else environ
         return cls(
             model=args.model,
-            server=ServerOptions(port=args.port, host=args.host, metrics_port=args.metrics_port,
-                                 max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds,
-                                 tls=server_tls_from_args(args, environ)),
+            server=ServerOptions.from_args(args, environ),
             redis_url=args.redis_url,
             dtype=args.dtype,
             device=args.device,
@@ -74,9 +71,7 @@ class LLMConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = LLMConfig(model="")
     parser.add_argument("--model", required=True, help="checkpoint directory (original OpenGVLab format) or hub id")
-    parser.add_argument("--port", type=int, default=50052, help="gRPC port (0: any free port)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind")
-    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: none)")
+    add_server_options(parser, default_port=50053)
     parser.add_argument("--redis-url", default=None,
                         help="shared embedding cache, e.g. redis://redis:6379/0 (default: inline embeddings only)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -94,8 +89,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="max_new_tokens when a request leaves it 0")
     parser.add_argument("--max-context-tokens", type=int, default=None,
                         help="prompt + answer limit (default: the model's max_position_embeddings)")
-    parser.add_argument("--drain-seconds", type=float, default=ServerOptions(port=0).drain_seconds,
-                        help="grace period for running streams after SIGTERM")
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="gRPC message size limit (default %(default)s)")
-    add_server_arguments(parser)

@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.common.errors import InvalidArgumentError
-from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, ServerOptions
-from services.common.tls import add_server_arguments, server_tls_from_args
+from services.common.grpc_server import ServerOptions, add_server_options
 from services.vision.cache import DEFAULT_NAMESPACE
 from services.vision.preprocess import DEFAULT_MAX_PIXELS
 
@@ -102,9 +101,7 @@ class VisionConfig:
         environ = os.environ if environ is None else environ
         return cls(
             model=args.model,
-            server=ServerOptions(port=args.port, host=args.host, metrics_port=args.metrics_port,
-                                 max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds,
-                                 tls=server_tls_from_args(args, environ)),
+            server=ServerOptions.from_args(args, environ),
             redis_url=args.redis_url or environ.get(ENV_REDIS_URL) or None,
             dtype=args.dtype,
             device=args.device,
@@ -123,9 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``internvl-serve vision`` flags; defaults come from ``VisionConfig``."""
     d = VisionConfig(model="")
     parser.add_argument("--model", required=True, help="checkpoint directory (original OpenGVLab format) or hub id")
-    parser.add_argument("--port", type=int, required=True, help="gRPC port (0: any free port)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
-    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: none)")
+    add_server_options(parser, default_port=None)
     parser.add_argument("--redis-url", default=None,
                         help=f"embedding cache, e.g. redis://redis:6379/0 (default: ${ENV_REDIS_URL}; without either, "
                              "an in-process cache that only this process sees: for single-process demos only)")
@@ -147,8 +142,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"threads decoding and tiling images (default {d.preprocess_threads})")
     parser.add_argument("--memory-cache-mb", type=int, default=d.memory_cache_bytes >> 20,
                         help="size of the in-process cache used without a Redis URL (default %(default)s)")
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="gRPC message size limit (default %(default)s)")
-    parser.add_argument("--drain-seconds", type=float, default=30.0,
-                        help="grace period for running calls after SIGTERM (default %(default)s)")
-    add_server_arguments(parser)
