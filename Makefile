@@ -10,7 +10,7 @@ TINY_CHECKPOINT := checkpoints/tiny-qwen2-300m
 MODEL ?= $(TINY_CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap system-deps run demo test test-fast protos protos-check lint clean
+.PHONY: bootstrap system-deps run demo test test-fast bench bench-quick protos protos-check lint clean
 
 bootstrap: system-deps $(STAMP)
 
@@ -41,6 +41,13 @@ test: bootstrap
 
 test-fast: bootstrap
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The 1B-shape benchmark against transformers' InternVL path; results in bench/results/<date>.{json,md,png}.
+bench: bootstrap
+	$(BIN)/internvl-serve bench --out bench/results
+
+bench-quick: bootstrap
+	$(BIN)/internvl-serve bench --quick --out bench/results
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

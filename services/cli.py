@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "llm": ("services.llm.server", "run the language model gRPC service"),
     "gateway": ("gateway.server", "run the public gateway (gRPC and OpenAI-compatible HTTP)"),
     "up": ("services.tools.up", "run redis, vision, llm and gateway locally as separate processes until Ctrl-C"),
+    "bench": ("services.bench.main", "benchmark the stack against transformers' InternVL path on the same weights"),
 }
 
 

@@ -1,0 +1,118 @@
+"""`internvl-serve bench`: the stack against transformers' InternVL path on the same weights, in one run.
+
+Writes a random checkpoint of InternVL2_5-1B's real shape (or the tiny one with --quick; or benchmarks --model),
+measures the machine's limits, runs the baseline, then the stack with one and with two vision replicas, and writes
+`<out>/<date>.json`, `<out>/<date>.md` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from services.bench import phases, report, scenarios
+from services.bench.machine import machine_info, measure_limits, vision_flops_per_tile
+from services.bench.settings import BenchSettings
+from services.common.checkpoint import open_checkpoint
+from services.common.model import DTYPES
+
+log = logging.getLogger("bench")
+
+MODEL_DESCRIPTIONS = {
+    "1b-shape": "random weights with InternVL2_5-1B's real dimensions (InternViT-300M + pixel shuffle + MLP "
+                "projector, Qwen2.5-0.5B; written by `internvl-serve make-tiny --preset 1b-shape`)",
+    "tiny": "the tiny random checkpoint (`make-tiny --preset tiny`; a smoke test, not a performance figure)",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, 1 repeat, few tokens: a smoke run of every scenario in about a minute")
+    parser.add_argument("--out", default="bench/results", help="directory for the JSON, markdown and plots")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per scenario (default 3; 1 with --quick)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="benchmark dtype (default: bfloat16 on a GPU or a CPU with AMX/AVX512-BF16, else float32)")
+    parser.add_argument("--model", default=None,
+                        help="benchmark this checkpoint instead of writing a random one of the 1B shape")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="where the random checkpoint is written (default checkpoints/bench-<preset>; reused)")
+    parser.add_argument("--name", default=None, help="file stem of the results (default: today's date)")
+
+
+def _checkpoint(s: BenchSettings) -> str:
+    if s.model:
+        return s.model
+    if not (s.checkpoint_dir / "config.json").exists():
+        from services.common.tiny import make_tiny
+
+        log.info("writing a random %s checkpoint to %s", s.preset, s.checkpoint_dir)
+        make_tiny(s.checkpoint_dir, preset=s.preset)
+    return str(s.checkpoint_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO)
+    logging.getLogger("bench").setLevel(logging.INFO)
+    settings = BenchSettings.from_args(args)
+    try:
+        import matplotlib  # noqa: F401 - checked now, not after an hour of measuring
+    except ImportError:
+        print("internvl-serve bench: error: matplotlib is not installed (pip install -e '.[dev]')", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    machine = machine_info(settings.dtype, settings.device)
+    log.info("bench: %s, %s logical CPUs, torch %s, dtype %s (%s)", machine["cpu_model"], machine["logical_cpus"],
+             machine["torch"], settings.dtype, settings.dtype_reason)
+    model = _checkpoint(settings)
+    spec = open_checkpoint(model).spec
+
+    log.info("measuring read bandwidth and matrix throughput (%s)", settings.dtype)
+    limits = measure_limits(DTYPES[settings.dtype], settings.device, settings.workload.bandwidth_mib,
+                            settings.workload.matmul_sizes)
+    log.info("  %.1f GB/s read, %.0f GFLOP/s", limits["read_bandwidth_bytes_per_s"] / 1e9,
+             limits["matmul_flops_per_s"] / 1e9)
+
+    rec = phases.Recorder()
+    rec.extra["vision_flops_per_tile"] = vision_flops_per_tile(spec)
+    rec.extra["machine_cpus"] = machine["usable_cpus"]
+    phases.run_baseline(settings, model, rec)
+    phases.run_stack(settings, model, rec, replicas=1)
+    phases.run_stack(settings, model, rec, replicas=2)
+
+    machine["load_average_at_end"] = list(os.getloadavg())
+    built = scenarios.build(settings, rec, limits)
+    doc = {
+        "stamp": settings.stamp,
+        "machine": machine,
+        "config": {
+            "quick": settings.quick, "repeats": settings.repeats, "preset": settings.preset, "model": model,
+            "model_description": (f"the checkpoint at {settings.model}" if settings.model
+                                  else MODEL_DESCRIPTIONS[settings.preset]),
+            "dtype_reason": settings.dtype_reason, "workload": settings.workload.__dict__,
+        },
+        "wall_s": time.perf_counter() - started,
+        "extra": rec.extra,
+    }
+    paths = report.write(doc, settings.out_dir, settings.stamp, built)
+    missing = [s.number for s in built if not s.has_numbers()]
+    for path in paths.values():
+        print(path)
+    if missing:
+        print(f"scenarios without numbers: {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> int:  # pragma: no cover - `python -m services.bench.main`
+    parser = argparse.ArgumentParser(prog="internvl-serve bench")
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -1,0 +1,292 @@
+"""The timed runs, in three phases that never overlap (two processes computing at once would slow each other):
+
+1. baseline: transformers' native model in this process, every scenario's baseline side and the bare modules;
+2. the stack with one vision replica: every scenario's side that runs through the gateway;
+3. the stack with two vision replicas: the video scenario again.
+
+Each phase records `Measure`s (one sample per repeat) under stable keys in a `Recorder`; `scenarios` turns them
+into comparisons. Every cold request uses inputs no earlier request of its phase has seen (`workload.seed`), and each
+phase starts with an empty Redis and prefix cache, so the baseline and ours see the very same bytes.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from services.bench import workload as W
+from services.bench.baseline import Baseline, Generation
+from services.bench.machine import RssSampler, decode_bytes_per_step, module_bytes, status_mib
+from services.bench.results import Measure
+from services.bench.settings import BenchSettings
+from services.bench.stack import (
+    RunningStack,
+    StackStartError,
+    chat,
+    encode,
+    image_part,
+    metric_value,
+    text_part,
+    video_part,
+)
+from services.common.chat import GenerationParams
+from services.common.model import DTYPES
+from services.llm import template
+
+log = logging.getLogger("bench")
+
+
+@dataclass
+class Recorder:
+    measures: dict[str, Measure] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, key: str, label: str, unit: str, value: float) -> None:
+        self.measures.setdefault(key, Measure(label, unit)).add(value)
+        log.info("  %s = %.4g %s", key, value, unit)
+
+    def note(self, key: str, value: Any) -> None:
+        self.extra.setdefault(key, []).append(value)
+
+    def load(self, where: str) -> None:
+        """The 1-minute load average at this point: other work on the machine skews every figure near it."""
+        self.note("load_average_1m", [where, round(os.getloadavg()[0], 2)])
+
+
+def _preprocess(data: bytes, max_num: int) -> tuple[torch.Tensor, float]:
+    started = time.perf_counter()
+    return W.tiles(data, max_num), time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------------------------- baseline
+
+
+def run_baseline(s: BenchSettings, model: str, rec: Recorder) -> None:
+    w = s.workload
+    log.info("baseline: loading transformers' InternVLForConditionalGeneration (%s, %s)", s.dtype, s.device)
+    started = time.perf_counter()
+    bl = Baseline(model, DTYPES[s.dtype], s.device)
+    rec.extra["baseline_load_s"] = time.perf_counter() - started
+    rec.extra["weights"] = {"vision_bytes": module_bytes(bl.vision), "llm_bytes": module_bytes(bl.language_model)}
+    decode_prompt = bl.prompt(W.DECODE_PROMPT, None, [])[1]
+    context = len(bl.tokenizer(decode_prompt).input_ids) + w.decode_new_tokens // 2
+    rec.extra["decode_bytes_per_step"] = decode_bytes_per_step(bl.language_model, context)
+    # Warm-up: kernels, allocator, lazy initialisation (the services warm up at start too).
+    warm = W.tiles(W.image_png(W.seed(0, 0), w.concurrency_image_side))
+    bl.generate([bl.prompt("Hello", None, [warm.shape[0]])[1]], warm, 2)
+    bl.chat.chat(warm, "Hello", GenerationParams(max_new_tokens=2))
+    rec.extra["baseline_rss_mib_loaded"] = status_mib(os.getpid())
+
+    for r in range(s.repeats):
+        log.info("baseline: repeat %d/%d", r + 1, s.repeats)
+        rec.load(f"baseline repeat {r + 1}")
+        # 4. the in-process reference path (the project's InternVLChat, the original chat()) on one cold request.
+        data = W.image_png(W.seed(4, r), w.overhead_image_side)
+        started = time.perf_counter()
+        pixels = W.tiles(data)
+        bl.chat.chat(pixels, W.QUESTIONS[0], GenerationParams(max_new_tokens=w.overhead_new_tokens))
+        rec.add("s4.reference", "in-process chat() end to end", "s", time.perf_counter() - started)
+
+        # 2. chat() with history: every turn re-encodes the image and prefills the whole conversation.
+        data = W.image_png(W.seed(2, r), w.session_image_side)
+        pixels, pre_s = _preprocess(data, w.session_max_num)
+        history = None
+        for turn, question in enumerate(W.QUESTIONS, start=1):
+            generation, history = bl.chat_turn(pixels, question, history, w.turn_new_tokens)
+            rec.add(f"s2.baseline.turn{turn}", f"chat() turn {turn} TTFT", "s",
+                    generation.ttft_s + (pre_s if turn == 1 else 0.0))
+
+        # 3. eight requests: one after another, then as one padded batch_chat.
+        images = [W.image_png(W.seed(3, r, i), w.concurrency_image_side) for i in range(w.concurrency)]
+        started = time.perf_counter()
+        runs: list[Generation] = []
+        for data in images:
+            pixels = W.tiles(data)
+            runs.append(bl.chat_turn(pixels, W.QUESTIONS[0], None, w.concurrency_new_tokens)[0])
+        wall = time.perf_counter() - started
+        tokens = sum(g.tokens for g in runs)
+        rec.add("s3.sequential", "sequential chat() tokens/s", "tok/s", tokens / wall)
+        decode_s = sum(g.decode_s for g in runs)
+        if decode_s > 0:
+            rec.add("s3.sequential.decode", "sequential chat() decode-phase tokens/s", "tok/s",
+                    sum(g.tokens - 1 for g in runs) / decode_s)
+        started = time.perf_counter()
+        batch = bl.batch_chat([W.tiles(d) for d in images], [W.QUESTIONS[0]] * len(images), w.concurrency_new_tokens)
+        wall = time.perf_counter() - started
+        rec.add("s3.batch_chat", "batch_chat tokens/s", "tok/s", batch.tokens / wall)
+        if batch.decode_s > 0:
+            rec.add("s3.batch_chat.decode", "batch_chat decode-phase tokens/s", "tok/s",
+                    (batch.tokens - len(images)) / batch.decode_s)
+        rec.note("s3.tokens_per_request.baseline", [len(g.ids[0]) for g in runs])
+
+        # 5. a 16-frame video through chat(): decode, sample, tile, encode every frame, prefill, answer.
+        data = W.video_mp4(W.seed(5, r), w.video_frames, w.frame_side)
+        started = time.perf_counter()
+        frames = W.video_tiles(data, w.video_frames)
+        prompt = bl.prompt(template.video_prefix(w.video_frames) + W.VIDEO_QUESTION, None, [1] * w.video_frames)[1]
+        generation = bl.generate([prompt], frames, w.video_new_tokens)
+        rec.add("s5.baseline", "chat() on the video, end to end", "s", time.perf_counter() - started)
+
+        # 7. the bare modules, without any serving code around them.
+        steps = bl.bare_decode_step_s(context, max(4, w.decode_new_tokens // 2))
+        rec.add("s7.bare_decode", "bare language-model decode step", "s", statistics.median(steps))
+        rec.add("s7.bare_tile", "bare vision path, per tile (5-tile forward)", "s", bl.bare_tile_s(5))
+
+    rec.load("baseline end")
+    rec.extra["baseline_rss_mib_peak"] = status_mib(os.getpid(), "VmHWM")
+    del bl
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------------- stack
+
+
+def run_stack(s: BenchSettings, model: str, rec: Recorder, replicas: int) -> None:
+    w = s.workload
+    log.info("stack: starting `internvl-serve up --vision-replicas %d` (%s)", replicas, s.dtype)
+    try:
+        stack = RunningStack(model, s.dtype, replicas, startup_timeout_s=s.startup_timeout_s)
+    except StackStartError as exc:
+        # `up` picks free ports by binding and releasing them; another process may take one in between.
+        log.warning("stack did not start, trying once more: %s", str(exc)[-500:])
+        stack = RunningStack(model, s.dtype, replicas, startup_timeout_s=s.startup_timeout_s)
+    with stack:
+        log.info("stack: ready in %.1fs (logs in %s)", stack.startup_s, stack.log_dir)
+        rec.extra[f"stack_startup_s_{replicas}_replicas"] = stack.startup_s
+        # Warm-up through every hop (one tile encoded, a short prefill and decode), as the baseline's.
+        chat(stack.chat, [image_part(W.image_png(W.seed(0, 1, replicas), w.concurrency_image_side)),
+                          text_part("Hello")], 2)
+        if replicas == 1:
+            rec.extra["stack_rss_mib_warm"] = stack.rss_mib()
+            _scenarios_one_replica(s, stack, rec)
+        _video(s, stack, rec, replicas)
+        rec.extra[f"stack_rss_mib_end_{replicas}_replicas"] = stack.rss_mib()
+
+
+def _scenarios_one_replica(s: BenchSettings, stack: RunningStack, rec: Recorder) -> None:
+    w = s.workload
+    for r in range(s.repeats):
+        log.info("stack: overhead, repeat %d/%d", r + 1, s.repeats)
+        rec.load(f"stack overhead repeat {r + 1}")
+        data = W.image_png(W.seed(4, r), w.overhead_image_side)
+        t = chat(stack.chat, [image_part(data), text_part(W.QUESTIONS[0])], w.overhead_new_tokens)
+        rec.add("s4.ours", "gateway end to end", "s", t.total_s)
+        rec.note("s4.usage", t.usage)
+
+    vision = stack.vision_stub(0)
+    for r in range(s.repeats):
+        log.info("stack: cache, repeat %d/%d", r + 1, s.repeats)
+        rec.load(f"stack cache repeat {r + 1}")
+        data = W.image_png(W.seed(1, r), w.cache_image_side)
+        before = stack.metrics("vision-0")
+        miss_s, items = encode(vision, data, w.cache_max_num)
+        after = stack.metrics("vision-0")
+        if items[0].cache_hit:
+            raise RuntimeError("the cache scenario's first Encode was a hit; its image is not new")
+        rec.add("s1.miss", "Encode, cache miss", "s", miss_s)
+        hits = [encode(vision, data, w.cache_max_num) for _ in range(w.hit_calls)]
+        if not all(items[0].cache_hit for _, items in hits):
+            raise RuntimeError("a repeated Encode of the same image missed the cache")
+        rec.add("s1.hit", "Encode, cache hit", "s", statistics.median(h for h, _ in hits))
+        tiles = (metric_value(after, "internvl_vision_tiles_encoded_total")
+                 - metric_value(before, "internvl_vision_tiles_encoded_total"))
+        seconds = (metric_value(after, "internvl_vision_encode_seconds_sum")
+                   - metric_value(before, "internvl_vision_encode_seconds_sum"))
+        rec.note("s1.tiles", items[0].num_tiles)
+        if tiles:
+            rec.add("s7.service_tile", "vision service encoder forward, per tile", "s", seconds / tiles)
+
+    for r in range(s.repeats):
+        log.info("stack: multi-round, repeat %d/%d", r + 1, s.repeats)
+        rec.load(f"stack multi-round repeat {r + 1}")
+        data = W.image_png(W.seed(2, r), w.session_image_side)
+        session = None
+        for turn, question in enumerate(W.QUESTIONS, start=1):
+            content = [image_part(data), text_part(question)] if turn == 1 else [text_part(question)]
+            t = chat(stack.chat, content, w.turn_new_tokens, session_id=session, max_num=w.session_max_num)
+            session = t.session_id
+            rec.add(f"s2.ours.turn{turn}", f"session turn {turn} TTFT", "s", t.ttft_s)
+            rec.note(f"s2.usage.turn{turn}", t.usage)
+
+    for r in range(s.repeats):
+        log.info("stack: concurrency, repeat %d/%d", r + 1, s.repeats)
+        rec.load(f"stack concurrency repeat {r + 1}")
+        _concurrency(s, stack, rec, r)
+
+    for r in range(s.repeats):
+        log.info("stack: single-stream decode, repeat %d/%d", r + 1, s.repeats)
+        rec.load(f"stack single-stream decode repeat {r + 1}")
+        t = chat(stack.chat, [text_part(f"{W.DECODE_PROMPT} ({r})")], w.decode_new_tokens)
+        rec.add("s7.service_decode", "single-stream decode step through the gateway", "s", t.decode_step_s())
+        rec.note("s7.decode_tokens", t.tokens)
+
+
+def _concurrency(s: BenchSettings, stack: RunningStack, rec: Recorder, r: int) -> None:
+    w = s.workload
+    images = [W.image_png(W.seed(3, r, i), w.concurrency_image_side) for i in range(w.concurrency)]
+    barrier = threading.Barrier(w.concurrency)
+    timings: list[Any] = [None] * w.concurrency
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            barrier.wait()
+            timings[i] = chat(stack.chat, [image_part(images[i]), text_part(W.QUESTIONS[0])],
+                              w.concurrency_new_tokens)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below on the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(w.concurrency)]
+    with RssSampler({"llm": stack.pids["llm"]}) as sampler:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    start = min(t.started for t in timings)
+    wall = max(t.finished for t in timings) - start
+    tokens = sum(t.tokens for t in timings)
+    rec.add("s3.ours", f"{w.concurrency} concurrent streams tokens/s", "tok/s", tokens / wall)
+    rec.add("s6.llm_streams", f"LLM service peak RSS with {w.concurrency} streams", "MiB", sampler.peak["llm"])
+    # Decode phase: tokens after each stream's first delta, over the time during which any stream was decoding
+    # (the union of the streams' [first token, finish] intervals), comparable to the baseline's decode phases.
+    decoded = sum(n for t in timings for _, n in t.deltas[1:])
+    busy = _union_length([(t.deltas[0][0], t.deltas[-1][0]) for t in timings if t.deltas])
+    if busy > 0:
+        rec.add("s3.ours.decode", "concurrent decode-phase tokens/s", "tok/s", decoded / busy)
+    rec.note("s3.tokens_per_request.ours", [t.tokens for t in timings])
+    rec.note("s3.ttft_s.ours", [t.ttft_s for t in timings])
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def _video(s: BenchSettings, stack: RunningStack, rec: Recorder, replicas: int) -> None:
+    w = s.workload
+    for r in range(s.repeats):
+        log.info("stack: video with %d vision replica(s), repeat %d/%d", replicas, r + 1, s.repeats)
+        rec.load(f"stack video {replicas} replica(s) repeat {r + 1}")
+        data = W.video_mp4(W.seed(5, r), w.video_frames, w.frame_side)
+        content = [video_part(data, w.video_frames), text_part(W.VIDEO_QUESTION)]
+        cold = chat(stack.chat, content, w.video_new_tokens)
+        rec.add(f"s5.cold.{replicas}", f"video cold, {replicas} vision replica(s)", "s", cold.total_s)
+        cached = chat(stack.chat, content, w.video_new_tokens)
+        rec.add(f"s5.cached.{replicas}", f"video again (frames cached), {replicas} replica(s)", "s",
+                cached.total_s)
+        rec.note(f"s5.usage.cold.{replicas}", cold.usage)
+        rec.note(f"s5.usage.cached.{replicas}", cached.usage)

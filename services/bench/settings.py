@@ -1,0 +1,83 @@
+"""What one benchmark run does: the model, the dtype, the repeats and every scenario's workload size.
+
+Built once by the CLI (`BenchSettings.from_args`) and passed down; nothing else reads the command line.
+The full run uses InternVL2_5-1B's real dimensions with random weights; `--quick` uses the tiny preset, one repeat and
+a few tokens, so it finishes in about a minute (the smoke test runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.bench.machine import choose_device, choose_dtype
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Sizes of each scenario's inputs; the README's table states them."""
+
+    # 1. Cache: Encode of one image of `cache_image_side`² pixels cut into at most `cache_max_num` tiles
+    #    (896² -> a 2x2 grid plus the thumbnail: 5 tiles), then `hit_calls` Encodes of the same image.
+    cache_image_side: int = 896
+    cache_max_num: int = 4
+    hit_calls: int = 5
+    # 2. Multi-round: three turns about one such image, `turn_new_tokens` each.
+    session_image_side: int = 896
+    session_max_num: int = 4
+    turn_new_tokens: int = 16
+    # 3. Concurrency: `concurrency` requests, each with its own 448² image (one tile) and `concurrency_new_tokens`.
+    concurrency: int = 8
+    concurrency_image_side: int = 448
+    concurrency_new_tokens: int = 64
+    # 4. Overhead: one cold request, a 448² image (one tile), `overhead_new_tokens`.
+    overhead_image_side: int = 448
+    overhead_new_tokens: int = 32
+    # 5. Video: `video_frames` sampled frames of `frame_side`² pixels (one tile each), `video_new_tokens`.
+    video_frames: int = 16
+    frame_side: int = 448
+    video_new_tokens: int = 8
+    # 7. Single-stream decode through the stack: a short text prompt, `decode_new_tokens` tokens.
+    decode_new_tokens: int = 64
+    bandwidth_mib: int = 1024
+    matmul_sizes: tuple[int, ...] = (2048, 4096)
+
+
+QUICK_WORKLOAD = Workload(turn_new_tokens=4, concurrency_new_tokens=8, overhead_new_tokens=4, video_frames=4,
+                          video_new_tokens=2, decode_new_tokens=8, hit_calls=3, bandwidth_mib=256,
+                          matmul_sizes=(1024,))
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    quick: bool
+    repeats: int
+    dtype: str
+    dtype_reason: str
+    device: str
+    preset: str
+    # An existing checkpoint to benchmark instead of writing a random one.
+    model: str | None
+    checkpoint_dir: Path
+    out_dir: Path
+    stamp: str
+    workload: Workload
+    startup_timeout_s: float = 1800.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchSettings:
+        device = choose_device()
+        dtype, reason = choose_dtype(args.dtype, device)
+        preset = "tiny" if args.quick else "1b-shape"
+        repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+        if repeats < 1:
+            raise ValueError("--repeats must be >= 1")
+        checkpoint_dir = Path(args.checkpoint_dir or REPO / "checkpoints" / f"bench-{preset}")
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d" if not args.quick else "%Y-%m-%d-quick")
+        return cls(quick=args.quick, repeats=repeats, dtype=dtype, dtype_reason=reason, device=device,
+                   preset=preset, model=args.model, checkpoint_dir=checkpoint_dir, out_dir=Path(args.out),
+                   stamp=args.name or stamp, workload=QUICK_WORKLOAD if args.quick else Workload())

@@ -1,0 +1,70 @@
+"""The benchmark's arithmetic: statistics, ratios and targets, the analytic floors, the dtype choice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from services.bench import machine
+from services.bench.phases import _union_length
+from services.bench.results import Comparison, Measure, Target
+from services.common.spec import ModelSpec
+from services.common.tiny import PRESETS, chat_config
+
+
+def test_measure_summary():
+    m = Measure("x", "s", [3.0, 1.0, 2.0])
+    s = m.summary()
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    assert s["stdev"] == pytest.approx(1.0)
+    assert math.isnan(Measure("empty", "s").median)
+
+
+@pytest.mark.parametrize(("ours", "base", "higher", "target", "ratio", "better", "met"), [
+    # latency: a hit 200x faster than a miss meets ">= 100x faster" (ratio <= 0.01)
+    ([0.01], [2.0], False, Target(">= 100x", max_ratio=0.01), 0.005, 200.0, True),
+    ([0.1], [2.0], False, Target(">= 100x", max_ratio=0.01), 0.05, 20.0, False),
+    # throughput: 3x the baseline meets ">= 3x"
+    ([30.0], [10.0], True, Target(">= 3x", min_ratio=3.0), 3.0, 3.0, True),
+    ([20.0], [10.0], True, Target(">= 3x", min_ratio=3.0), 2.0, 2.0, False),
+    # overhead: 1.05x of the reference meets "<= 1.10x"
+    ([1.05], [1.0], False, Target("<= 1.10x", max_ratio=1.10), 1.05, 1 / 1.05, True),
+    ([1.0], [1.0], False, None, 1.0, 1.0, None),
+])
+def test_comparison_ratio_and_target(ours, base, higher, target, ratio, better, met):
+    c = Comparison("c", Measure("o", "s", ours), Measure("b", "s", base), higher_is_better=higher, target=target)
+    assert c.ratio == pytest.approx(ratio)
+    assert c.better_by == pytest.approx(better)
+    assert c.to_dict()["met"] is met
+
+
+def test_comparison_without_samples_has_no_ratio():
+    c = Comparison("c", Measure("o", "s"), Measure("b", "s", [1.0]), target=Target("t", max_ratio=1.0))
+    assert math.isnan(c.ratio) and c.to_dict()["met"] is None
+
+
+def test_vision_flops_of_internvit_300m_tile():
+    """InternViT-300M at 448 px: 1025 tokens x 24 layers of width 1024 (MLP 4096), about 0.73 TFLOP per tile."""
+    spec = ModelSpec.from_config(chat_config(PRESETS["1b-shape"], "qwen2", "300m"))
+    flops = machine.vision_flops_per_tile(spec)
+    n, d = 1025, 1024
+    layers = 24 * (2 * n * d * 3 * d + 4 * n * n * d + 2 * n * d * d + 4 * n * d * 4096)
+    projector = 2 * 256 * (4096 * 896 + 896 * 896)
+    assert flops == layers + 2 * 1024 * 588 * 1024 + projector
+    assert 0.70e12 < flops < 0.75e12
+
+
+def test_dtype_choice(monkeypatch):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "fma"})
+    assert machine.choose_dtype(None, "cpu")[0] == "float32"
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert machine.choose_dtype(None, "cpu")[0] == "bfloat16"
+    assert machine.choose_dtype(None, "cuda")[0] == "bfloat16"
+    assert machine.choose_dtype("float16", "cpu")[0] == "float16"
+
+
+def test_union_length():
+    assert _union_length([(0, 2), (1, 3), (5, 6)]) == 4
+    assert _union_length([(0, 10), (2, 3)]) == 10
+    assert _union_length([]) == 0
