@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", default=None,
                         help="where the random checkpoint is written (default checkpoints/bench-<preset>; reused)")
     parser.add_argument("--name", default=None, help="file stem of the results (default: today's date)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run of the same --name/date after its last completed phase")
 
 
 def _checkpoint(s: BenchSettings) -> str:
@@ -53,35 +56,69 @@ def _checkpoint(s: BenchSettings) -> str:
     return str(s.checkpoint_dir)
 
 
+def _limits(settings: BenchSettings, rec: phases.Recorder, when: str) -> None:
+    """Measured at the start and at the end; the machine's limit is the better of the two (other work on a shared
+    machine can only make a measurement lower)."""
+    log.info("measuring read bandwidth and matrix throughput (%s, %s)", settings.dtype, when)
+    limits = measure_limits(DTYPES[settings.dtype], settings.device, settings.workload.bandwidth_mib,
+                            settings.workload.matmul_sizes)
+    log.info("  %.1f GB/s read, %.0f GFLOP/s", limits["read_bandwidth_bytes_per_s"] / 1e9,
+             limits["matmul_flops_per_s"] / 1e9)
+    rec.extra[f"limits_{when}"] = limits
+    best = dict(rec.extra.get("limits") or limits)
+    for key in ("read_bandwidth_bytes_per_s", "matmul_flops_per_s"):
+        best[key] = max(best[key], limits[key])
+    rec.extra["limits"] = best
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO)
     logging.getLogger("bench").setLevel(logging.INFO)
     settings = BenchSettings.from_args(args)
+    # SIGTERM unwinds like Ctrl-C, so the stack under test is stopped and the phases done so far stay saved.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         import matplotlib  # noqa: F401 - checked now, not after an hour of measuring
     except ImportError:
         print("internvl-serve bench: error: matplotlib is not installed (pip install -e '.[dev]')", file=sys.stderr)
         return 2
-    started = time.perf_counter()
     machine = machine_info(settings.dtype, settings.device)
     log.info("bench: %s, %s logical CPUs, torch %s, dtype %s (%s)", machine["cpu_model"], machine["logical_cpus"],
              machine["torch"], settings.dtype, settings.dtype_reason)
     model = _checkpoint(settings)
     spec = open_checkpoint(model).spec
 
-    log.info("measuring read bandwidth and matrix throughput (%s)", settings.dtype)
-    limits = measure_limits(DTYPES[settings.dtype], settings.device, settings.workload.bandwidth_mib,
-                            settings.workload.matmul_sizes)
-    log.info("  %.1f GB/s read, %.0f GFLOP/s", limits["read_bandwidth_bytes_per_s"] / 1e9,
-             limits["matmul_flops_per_s"] / 1e9)
-
-    rec = phases.Recorder()
+    # Everything recorded is saved after each phase; --resume skips the phases an interrupted run completed.
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    partial = settings.out_dir / f"{settings.stamp}.json.tmp"
+    rec = phases.Recorder.restore(partial) if args.resume and partial.exists() else phases.Recorder()
+    done = rec.extra.setdefault("phases_done", [])
+    if done:
+        log.info("resuming %s: phases %s already done", partial, ", ".join(done))
+    steps = [
+        ("limits", lambda: _limits(settings, rec, "start")),
+        ("baseline", lambda: phases.run_baseline(settings, model, rec)),
+        ("stack-1", lambda: phases.run_stack(settings, model, rec, replicas=1)),
+        ("stack-2", lambda: phases.run_stack(settings, model, rec, replicas=2)),
+        ("limits-end", lambda: _limits(settings, rec, "end")),
+    ]
     rec.extra["vision_flops_per_tile"] = vision_flops_per_tile(spec)
     rec.extra["machine_cpus"] = machine["usable_cpus"]
-    phases.run_baseline(settings, model, rec)
-    phases.run_stack(settings, model, rec, replicas=1)
-    phases.run_stack(settings, model, rec, replicas=2)
+    rec.extra["resumed"] = bool(done)
+    seconds = rec.extra.setdefault("phase_seconds", {})
+    for name, step in steps:
+        if name not in done:
+            phase_started = time.perf_counter()
+            step()
+            seconds[name] = time.perf_counter() - phase_started
+            done.append(name)
+            rec.save(partial)
+    limits = rec.extra["limits"]
 
     machine["load_average_at_end"] = list(os.getloadavg())
     built = scenarios.build(settings, rec, limits)
@@ -94,10 +131,12 @@ def run(args: argparse.Namespace) -> int:
                                   else MODEL_DESCRIPTIONS[settings.preset]),
             "dtype_reason": settings.dtype_reason, "workload": settings.workload.__dict__,
         },
-        "wall_s": time.perf_counter() - started,
+        # Across a --resume, the phases' own durations add up to the run's.
+        "wall_s": sum(seconds.values()),
         "extra": rec.extra,
     }
     paths = report.write(doc, settings.out_dir, settings.stamp, built)
+    partial.unlink(missing_ok=True)
     missing = [s.number for s in built if not s.has_numbers()]
     for path in paths.values():
         print(path)

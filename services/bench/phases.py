@@ -12,12 +12,14 @@ phase starts with an empty Redis and prefix cache, so the baseline and ours see 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +61,21 @@ class Recorder:
     def load(self, where: str) -> None:
         """The 1-minute load average at this point: other work on the machine skews every figure near it."""
         self.note("load_average_1m", [where, round(os.getloadavg()[0], 2)])
+
+    def save(self, path: Path) -> None:
+        """Writes everything recorded so far (atomically), so an interrupted run can `--resume` after its last
+        completed phase."""
+        doc = {"measures": {k: {"label": m.label, "unit": m.unit, "samples": m.samples}
+                            for k, m in self.measures.items()}, "extra": self.extra}
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(json.dumps(doc, default=str))
+        tmp.replace(path)
+
+    @classmethod
+    def restore(cls, path: Path) -> Recorder:
+        doc = json.loads(path.read_text())
+        return cls({k: Measure(m["label"], m["unit"], m["samples"]) for k, m in doc["measures"].items()},
+                   doc["extra"])
 
 
 def _preprocess(data: bytes, max_num: int) -> tuple[torch.Tensor, float]:

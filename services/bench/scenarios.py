@@ -120,7 +120,8 @@ def _limits(s: BenchSettings, rec: Recorder, limits: dict) -> Scenario:
     tile_floor = tile_flops / flops
     scenario = Scenario(7, "Distance to the machine's limit",
                         f"read bandwidth {bandwidth / 1e9:.1f} GB/s and {s.dtype} matmul {flops / 1e9:.0f} GFLOP/s "
-                        f"measured with torch; decode floor = {step_bytes / 1e9:.3f} GB read per step / bandwidth; "
+                        "measured with torch (best of the run's start and end); "
+                        f"decode floor = {step_bytes / 1e9:.3f} GB read per step / bandwidth; "
                         f"tile floor = {tile_flops / 1e9:.0f} GFLOP per tile / matmul throughput")
     scenario.comparisons += [
         Comparison("single-stream decode step (through the stack) vs its floor", _m(rec, "s7.service_decode"),

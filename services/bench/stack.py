@@ -7,6 +7,8 @@ benchmark depends on `up`'s flags, not on the wording of its banner beyond the l
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
 import signal
@@ -45,6 +47,20 @@ class ServiceProc:
     pid: int
     port: int | None
     metrics_port: int | None
+
+
+try:
+    # Loaded here, not in the forked child: the benchmark has threads by then (gRPC's), so the child must not dlopen.
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # pragma: no cover - not glibc
+    _LIBC = None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: `up` gets SIGTERM (and stops its children in order) when the benchmark dies, even by SIGKILL."""
+    if _LIBC is not None:
+        with contextlib.suppress(Exception):
+            _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -90,7 +106,8 @@ class RunningStack:
                 "--startup-timeout", str(startup_timeout_s)]
         self.output: list[str] = []
         self.process = subprocess.Popen(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+                                        stderr=subprocess.STDOUT, text=True,
+                                        preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads spawn here
         started = time.perf_counter()
         for line in self.process.stdout:
             self.output.append(line)
