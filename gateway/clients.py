@@ -36,6 +36,7 @@ from services.common.errors import (
 from services.common.grpc_errors import error_detail
 from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from services.common.model_info import DTYPE_FROM_PB
+from services.common.tensor_wire import tensor_chunks
 from services.common.tls import ClientTls, secure_or_insecure_channel
 
 log = logging.getLogger(__name__)
@@ -214,14 +215,8 @@ def generate_start(conversation: Conversation, sampling: Sampling, request_id: s
 
 
 def _embedding_messages(key: str, value: Embeddings) -> list[llm_pb2.GenerateRequest]:
-    header = common_pb2.TensorHeader(dtype=value.dtype, shape=list(value.shape), total_bytes=len(value.data))
-    messages = []
-    for offset in range(0, max(len(value.data), 1), INLINE_CHUNK_BYTES):
-        chunk = common_pb2.TensorChunk(offset=offset, data=value.data[offset:offset + INLINE_CHUNK_BYTES])
-        if offset == 0:
-            chunk.header.CopyFrom(header)
-        messages.append(llm_pb2.GenerateRequest(embedding=llm_pb2.EmbeddingChunk(key=key, chunk=chunk)))
-    return messages
+    return [llm_pb2.GenerateRequest(embedding=llm_pb2.EmbeddingChunk(key=key, chunk=chunk))
+            for chunk in tensor_chunks(value.dtype, value.shape, value.data, INLINE_CHUNK_BYTES)]
 
 
 def _delta(message: llm_pb2.TokenDelta) -> Delta:

@@ -100,16 +100,8 @@ class Turn:
     assistant_text: str
 
 
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 0.0
-    top_k: int = 0
-    repetition_penalty: float = 0.0
-    stop_strings: tuple[str, ...] = ()
-    seed: int | None = None
-    top_logprobs: int = 0
+class Sampling(SamplingParams):
+    """The LLM service's sampling parameters as the gateway takes them from a caller."""
 
     def validate(self) -> None:
         """The LLM service's own checks, and the wire's integer ranges, before any media work is done."""
@@ -117,9 +109,7 @@ class Sampling:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not -_INT32 <= value < _INT32:
                 raise InvalidArgumentError(f"{name} must be an integer below 2**31, got {value!r}")
-        SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                       top_k=self.top_k, repetition_penalty=self.repetition_penalty, stop_strings=self.stop_strings,
-                       seed=self.seed, top_logprobs=self.top_logprobs).validate()
+        super().validate()
 
     @classmethod
     def from_pb(cls, pb: gateway_pb2.SamplingParams) -> Sampling:

@@ -14,6 +14,7 @@ from internvl.llm.v1 import llm_pb2
 
 from services.common.errors import InvalidArgumentError
 from services.common.model_info import DTYPE_FROM_PB, DTYPE_TO_PB, ModelInfo
+from services.common.tensor_wire import tensor_chunks
 from services.llm.events import Event, Finish, FinishReason, TokenDelta
 from services.llm.prompt import Conversation, ImagePart, Part, TextPart, Turn, VideoPart
 from services.llm.sampling import SamplingParams
@@ -136,14 +137,8 @@ def embedding_messages(key: str, tensor: torch.Tensor, chunk_bytes: int = 1 << 2
     from services.vision.cache import tensor_to_bytes
 
     dtype, shape, data = tensor_to_bytes(tensor)
-    header = common_pb2.TensorHeader(dtype=DTYPE_TO_PB[dtype], shape=shape, total_bytes=len(data))
-    messages = []
-    for offset in range(0, max(len(data), 1), chunk_bytes):
-        chunk = common_pb2.TensorChunk(offset=offset, data=data[offset:offset + chunk_bytes])
-        if offset == 0:
-            chunk.header.CopyFrom(header)
-        messages.append(llm_pb2.GenerateRequest(embedding=llm_pb2.EmbeddingChunk(key=key, chunk=chunk)))
-    return messages
+    return [llm_pb2.GenerateRequest(embedding=llm_pb2.EmbeddingChunk(key=key, chunk=chunk))
+            for chunk in tensor_chunks(DTYPE_TO_PB[dtype], shape, data, chunk_bytes)]
 
 
 # -- responses --------------------------------------------------------------------------------------------------

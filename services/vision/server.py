@@ -23,6 +23,7 @@ from services.common.errors import NotReadyError
 from services.common.grpc_errors import status_for
 from services.common.grpc_server import GrpcServer
 from services.common.model_info import DTYPE_TO_PB
+from services.common.tensor_wire import tensor_chunks
 from services.vision import config as vision_config
 from services.vision.config import VisionConfig
 from services.vision.metrics import VisionMetrics
@@ -101,18 +102,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             service = self._ready()
             chunk_bytes = service.config.chunk_bytes(request.max_chunk_bytes)
             value = await service.fetch(request.key)
-            data, total = value.data, value.nbytes
-            header = common_pb2.TensorHeader(dtype=DTYPE_TO_PB[value.dtype], shape=list(value.shape),
-                                             total_bytes=total)
-            offset = 0
-            while True:
-                chunk = common_pb2.TensorChunk(offset=offset, data=bytes(data[offset:offset + chunk_bytes]))
-                if offset == 0:
-                    chunk.header.CopyFrom(header)
+            for chunk in tensor_chunks(DTYPE_TO_PB[value.dtype], value.shape, value.data, chunk_bytes):
                 yield vision_pb2.FetchEmbeddingsResponse(chunk=chunk)
-                offset += len(chunk.data)
-                if offset >= total:
-                    break
 
     async def GetModelInfo(self, request, context) -> vision_pb2.GetModelInfoResponse:
         with self._track("GetModelInfo"):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from services.bench import machine
-from services.bench.phases import _union_length
+from services.bench.phases import Recorder, _union_length
 from services.bench.results import Comparison, Measure, Target
 from services.common.spec import ModelSpec
 from services.common.tiny import PRESETS, chat_config
@@ -68,3 +68,19 @@ def test_union_length():
     assert _union_length([(0, 2), (1, 3), (5, 6)]) == 4
     assert _union_length([(0, 10), (2, 3)]) == 10
     assert _union_length([]) == 0
+
+
+def test_recorder_survives_a_save_and_restore(tmp_path):
+    """`--resume` continues from this file: every sample and note must come back as it was recorded."""
+    rec = Recorder()
+    rec.add("s1.miss", "Encode, cache miss", "s", 2.5)
+    rec.add("s1.miss", "Encode, cache miss", "s", 2.7)
+    rec.note("s1.tiles", 5)
+    rec.extra["phases_done"] = ["limits", "baseline"]
+    path = tmp_path / "run.json.tmp"
+    rec.save(path)
+    back = Recorder.restore(path)
+    assert back.measures["s1.miss"].samples == [2.5, 2.7]
+    assert (back.measures["s1.miss"].label, back.measures["s1.miss"].unit) == ("Encode, cache miss", "s")
+    assert back.extra == {"s1.tiles": [5], "phases_done": ["limits", "baseline"]}
+    assert not path.with_name(path.name + ".part").exists()
