@@ -49,10 +49,21 @@ class Session:
 
     @classmethod
     def from_json(cls, session_id: str, raw: str | bytes) -> Session:
-        data = json.loads(raw)
-        if data.get("v") != SCHEMA_VERSION:
-            raise SessionNotFoundError(f"session {session_id!r} was stored by an incompatible gateway version")
-        return cls(session_id, data.get("system_message"), tuple(turn_from_json(t) for t in data["turns"]))
+        try:
+            data = json.loads(raw)
+            version = data.get("v")
+            if version == SCHEMA_VERSION:
+                system_message = data.get("system_message")
+                if system_message is not None and not isinstance(system_message, str):
+                    raise TypeError("system_message is not a string")
+                return cls(session_id, system_message, tuple(turn_from_json(t) for t in data["turns"]))
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:  # JSON errors: ValueError
+            # Another writer or a damaged store: the caller can only start over, as after an expiry.
+            log.warning("session %s has an unreadable stored value (%s: %s)", session_id, type(exc).__name__, exc)
+            raise SessionNotFoundError(f"session {session_id!r} is stored in an unreadable form; "
+                                       "start a new session") from None
+        raise SessionNotFoundError(f"session {session_id!r} was stored by an incompatible gateway version "
+                                   f"(schema {version!r}); start a new session")
 
 
 def new_session_id() -> str:

@@ -68,3 +68,20 @@ async def test_redis_sessions_expire_and_locks_time_out(redis_url):
     async with store.lock("t", hold_s=5):
         pass
     await store.close()
+
+
+@pytest.mark.parametrize("raw", [
+    b"\x80not json", b"[1, 2]", b'{"v": 1}', b'{"v": 1, "turns": [{"user": [7], "assistant": ""}]}',
+    b'{"v": 1, "turns": [], "system_message": {"a": 1}}', b'{"v": 1, "turns": [{"user": [{"image": {}}]}]}',
+])
+async def test_an_unreadable_stored_session_is_not_found_not_an_internal_error(redis_url, raw):
+    """Whatever damaged the value, the caller hears that this session is gone and can start a new one."""
+    redis = Redis.from_url(redis_url)
+    store = RedisSessionStore(redis, f"test{uuid.uuid4().hex[:8]}", ttl_s=60)
+    await redis.set(store._key("broken"), raw)
+    with pytest.raises(SessionNotFoundError, match="'broken' is stored in an unreadable form; start a new session"):
+        await store.load("broken")
+    await redis.set(store._key("old"), b'{"v": 0, "turns": []}')
+    with pytest.raises(SessionNotFoundError, match="incompatible gateway version"):
+        await store.load("old")
+    await store.close()
