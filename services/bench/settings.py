@@ -73,7 +73,7 @@ class BenchSettings:
         device = choose_device()
         dtype, reason = choose_dtype(args.dtype, device)
         preset = "tiny" if args.quick else "1b-shape"
-        repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+        repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
         if repeats < 1:
             raise ValueError("--repeats must be >= 1")
         checkpoint_dir = Path(args.checkpoint_dir or REPO / "checkpoints" / f"bench-{preset}")
