@@ -57,7 +57,10 @@ def balanced_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_B
     options = [*channel_options(max_message_bytes), ("grpc.lb_policy_name", "round_robin"),
                # Notice dead replicas between calls, and re-resolve DNS when scaled.
                ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
-               ("grpc.dns_min_time_between_resolutions_ms", 5_000)]
+               ("grpc.dns_min_time_between_resolutions_ms", 5_000),
+               # A restarted pool (minutes to load a large model) is used within seconds of serving again, not
+               # after gRPC's default backoff of up to 120 s between reconnect attempts.
+               ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5_000)]
     return secure_or_insecure_channel(target, options, tls)
 
 

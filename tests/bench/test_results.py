@@ -84,3 +84,20 @@ def test_recorder_survives_a_save_and_restore(tmp_path):
     assert (back.measures["s1.miss"].label, back.measures["s1.miss"].unit) == ("Encode, cache miss", "s")
     assert back.extra == {"s1.tiles": [5], "phases_done": ["limits", "baseline"]}
     assert not path.with_name(path.name + ".part").exists()
+
+
+def test_profile_summary_counts_computing_samples_by_innermost_frame():
+    import collections
+
+    from services.bench.profile import summarise
+
+    stacks = collections.Counter({
+        "main (a/up.py:1);forward (x/modeling_qwen2.py:10);linear (y/functional.py:5)": 6,
+        "main (a/up.py:1);forward (x/modeling_qwen2.py:12)": 2,
+        "main (a/up.py:1);select (z/selectors.py:468)": 12,  # idle: not counted as computing
+    })
+    text = summarise("t", stacks)
+    assert "20 samples at 50 Hz, 8 computing (40%)" in text
+    assert " 75.0%  linear (functional.py:5)" in text
+    assert " 25.0%  forward (modeling_qwen2.py:12)" in text
+    assert "selectors" not in text

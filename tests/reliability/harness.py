@@ -107,6 +107,8 @@ class Service:
     port: int
     metrics_port: int
     log_path: Path
+    command: str = ""
+    args: tuple[str, ...] = ()
 
     @property
     def address(self) -> str:
@@ -156,15 +158,20 @@ def metric(text: str, name: str, **labels) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def spawn(name: str, command: str, *args: str) -> Service:
-    port, metrics_port = free_port(), free_port()
+def spawn(name: str, command: str, *args: str, port: int | None = None, metrics_port: int | None = None) -> Service:
+    port, metrics_port = port or free_port(), metrics_port or free_port()
     log_file = tempfile.NamedTemporaryFile(prefix=f"rel-{name}-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", command, "--port", str(port), "--host", "127.0.0.1",
          "--metrics-port", str(metrics_port), *args],
         cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
     log_file.close()
-    return Service(name, process, port, metrics_port, Path(log_file.name))
+    return Service(name, process, port, metrics_port, Path(log_file.name), command, args)
+
+
+def respawn(service: Service) -> Service:
+    """The same service started again on the same ports, as Kubernetes restarts a pod behind its Service."""
+    return spawn(service.name, service.command, *service.args, port=service.port, metrics_port=service.metrics_port)
 
 
 def wait_serving(service: Service, health_name: str, timeout_s: float = 120,

@@ -7,7 +7,8 @@ queue long enough to be seen there (its `queue_tiles` gauge) and to cancel the r
 * a vision replica killed while it holds a request: the gateway tries Encode again, round_robin sends it to the
   other replica, and the caller gets a complete answer;
 * the LLM service killed mid-stream: the gRPC caller gets UNAVAILABLE and never a finish message, the HTTP stream
-  ends with an error event instead of a finish_reason, and later calls fail UNAVAILABLE (retryable), not INTERNAL.
+  ends with an error event instead of a finish_reason, and later calls fail UNAVAILABLE (retryable), not INTERNAL;
+  once it is restarted on the same address, the same gateway serves again without being restarted itself.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ import pytest
 from internvl.gateway.v1 import gateway_pb2 as G
 
 from reliability import media
-from reliability.harness import assert_no_leak, chat, image_part, running_stack, text_part
+from reliability.harness import (
+    LLM_HEALTH,
+    assert_no_leak,
+    chat,
+    image_part,
+    respawn,
+    running_stack,
+    text_part,
+    wait_serving,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -93,7 +103,7 @@ def test_vision_replica_killed_mid_request(stack):
     assert again.finish.usage.encoded_tiles >= 1
 
 
-def test_llm_killed_mid_stream(stack):
+def test_llm_killed_mid_stream_then_restarted(stack, request):
     request = G.ChatRequest(content=[text_part("Tell me a story that never ends.")],
                             sampling=G.SamplingParams(max_new_tokens=3000))
     call = stack.stub.Chat(request, timeout=60)
@@ -132,3 +142,19 @@ def test_llm_killed_mid_stream(stack):
         chat(stack.stub, [text_part("Anyone there?")], timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert_no_leak(info.value.details())
+
+    # Restarted where it was (a pod behind its Service): the gateway reconnects by itself within its reconnect
+    # backoff (at most 5 s), answering UNAVAILABLE until then.
+    stack.llm = respawn(stack.llm)
+    request.addfinalizer(stack.llm.stop)
+    wait_serving(stack.llm, LLM_HEALTH)
+    answer = wait_for(lambda: _answer_or_none(stack, "Back again?"), timeout_s=30, what="the gateway to reconnect")
+    assert answer.finish is not None and answer.token_ids
+
+
+def _answer_or_none(stack, question: str):
+    try:
+        return chat(stack.stub, [text_part(question)], timeout=30)
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        return None

@@ -1,0 +1,126 @@
+"""Where the time goes: py-spy samples of each service while the benchmark's slow paths run through the stack.
+
+    python -m services.bench.profile [--out bench/results] [--checkpoint-dir checkpoints/bench-1b-shape]
+
+Needs `py-spy` (`pip install py-spy`, not a project dependency) and the benchmark's 1B-shape checkpoint (written by
+`make bench`). Three recordings, one process each, while one request runs:
+
+* the LLM service during a single-stream decode of 64 tokens (the decode step against its bandwidth floor);
+* vision replica 0 during a cold 5-tile Encode (the encoder tile against its matmul floor);
+* the gateway during one cold image request (what the split adds).
+
+Writes `<stamp>-profile.txt`: per recording, the share of samples by the innermost frame in this project or in
+transformers/torch's Python (where torch's kernels are entered), and the top whole stacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from services.bench import workload as W
+from services.bench.settings import REPO
+from services.bench.stack import RunningStack, chat, encode, image_part, text_part
+
+RATE_HZ = 50
+
+
+class Recording:
+    """`py-spy record` attached to one process until `stop()` (SIGINT makes it write what it sampled)."""
+
+    def __init__(self, py_spy: str, pid: int, out: Path):
+        self.out = out
+        self.process = subprocess.Popen(
+            [py_spy, "record", "--pid", str(pid), "--rate", str(RATE_HZ), "--format", "raw", "--output",
+             str(out), "--idle", "--duration", "3600"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)  # attached before the request starts
+
+    def stop(self) -> collections.Counter:
+        self.process.send_signal(signal.SIGINT)
+        _, err = self.process.communicate(timeout=60)
+        if not self.out.exists():
+            raise RuntimeError(f"py-spy wrote nothing: {err[-2000:]}")
+        stacks: collections.Counter = collections.Counter()
+        for line in self.out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            stacks[stack] += int(count)
+        return stacks
+
+
+def _frame(frame: str) -> str:
+    """`function (path/to/file.py:line)` shortened to `function (file.py:line)`."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({Path(where.rstrip(')')).name})" if where else name
+
+
+def _busy(stacks: collections.Counter) -> collections.Counter:
+    """Samples that were computing, not waiting on a socket, a lock or the event loop's selector."""
+    idle = ("select (", "epoll", "wait (threading.py", "_worker (concurrent/futures", "run_forever (")
+    return collections.Counter({s: n for s, n in stacks.items()
+                                if not any(marker in s.split(";")[-1] for marker in idle)})
+
+
+def summarise(title: str, stacks: collections.Counter, top: int = 15) -> str:
+    total = sum(stacks.values()) or 1
+    busy = _busy(stacks)
+    leaves: collections.Counter = collections.Counter()
+    for stack, n in busy.items():
+        leaves[_frame(stack.split(";")[-1])] += n
+    computing = sum(busy.values())
+    lines = [f"## {title}", f"{total} samples at {RATE_HZ} Hz, {computing} computing ({100 * computing / total:.0f}%)",
+             "", "innermost Python frame (share of computing samples):"]
+    lines += [f"  {100 * n / max(computing, 1):5.1f}%  {leaf}" for leaf, n in leaves.most_common(top)]
+    lines += ["", "top stacks (outermost first, last 6 frames):"]
+    for stack, n in busy.most_common(5):
+        frames = [_frame(f) for f in stack.split(";")][-6:]
+        lines.append(f"  {100 * n / max(computing, 1):5.1f}%  " + " > ".join(frames))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.bench.profile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--checkpoint-dir", default=str(REPO / "checkpoints" / "bench-1b-shape"))
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args(argv)
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None:
+        parser.error("py-spy is not installed (pip install py-spy)")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="internvl-profile-"))
+    sections = []
+    with RunningStack(args.checkpoint_dir, args.dtype, replicas=1) as stack:
+        chat(stack.chat, [image_part(W.image_png(W.seed(9, 0), 448)), text_part("Hello")], 2)  # warm-up
+
+        rec = Recording(py_spy, stack.pids["llm"], scratch / "llm.txt")
+        t = chat(stack.chat, [text_part(W.DECODE_PROMPT + " (profile)")], 64)
+        sections.append(summarise(f"LLM service, single-stream decode ({t.tokens} tokens, "
+                                  f"{1e3 * t.decode_step_s():.0f} ms/step)", rec.stop()))
+
+        rec = Recording(py_spy, stack.pids["vision-0"], scratch / "vision.txt")
+        seconds, items = encode(stack.vision_stub(0), W.image_png(W.seed(9, 1), 896), 4)
+        sections.append(summarise(f"vision service, cold Encode of {items[0].num_tiles} tiles ({seconds:.1f} s)",
+                                  rec.stop()))
+
+        rec = Recording(py_spy, stack.pids["gateway"], scratch / "gateway.txt")
+        t = chat(stack.chat, [image_part(W.image_png(W.seed(9, 2), 448)), text_part(W.QUESTIONS[0])], 32)
+        sections.append(summarise(f"gateway, one cold image request ({t.total_s:.1f} s end to end)", rec.stop()))
+    stamp = datetime.date.today().isoformat()
+    path = out_dir / f"{stamp}-profile.txt"
+    path.write_text(f"# py-spy profile of the stack, {stamp} ({args.checkpoint_dir}, {args.dtype})\n\n"
+                    + "\n".join(sections))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
