@@ -3,11 +3,12 @@
     python -m services.bench.profile [--out bench/results] [--checkpoint-dir checkpoints/bench-1b-shape]
 
 Needs `py-spy` (`pip install py-spy`, not a project dependency) and the benchmark's 1B-shape checkpoint (written by
-`make bench`). Three recordings, one process each, while one request runs:
+`make bench`). Recordings of one process each, while the request runs:
 
 * the LLM service during a single-stream decode of 64 tokens (the decode step against its bandwidth floor);
 * vision replica 0 during a cold 5-tile Encode (the encoder tile against its matmul floor);
-* the gateway during one cold image request (what the split adds).
+* the gateway during one cold image request (what the split adds);
+* the LLM service and vision replica 0 during the concurrency scenario (8 image requests of 64 tokens at once).
 
 Writes `<stamp>-profile.txt`: per recording, the share of samples by the innermost frame in this project or in
 transformers/torch's Python (where torch's kernels are entered), and the top whole stacks.
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from services.bench import workload as W
@@ -31,6 +33,8 @@ from services.bench.settings import REPO
 from services.bench.stack import RunningStack, chat, encode, image_part, text_part
 
 RATE_HZ = 50
+# Functions a thread waits in (selectors, locks, queues, executors' idle workers).
+_WAITS = frozenset({"select", "poll", "wait", "_worker", "run_forever", "get", "acquire"})
 
 
 class Recording:
@@ -62,10 +66,13 @@ def _frame(frame: str) -> str:
 
 
 def _busy(stacks: collections.Counter) -> collections.Counter:
-    """Samples that were computing, not waiting on a socket, a lock or the event loop's selector."""
-    idle = ("select (", "epoll", "wait (threading.py", "_worker (concurrent/futures", "run_forever (")
-    return collections.Counter({s: n for s, n in stacks.items()
-                                if not any(marker in s.split(";")[-1] for marker in idle)})
+    """Samples that were computing, not waiting on a socket, a lock or the event loop's selector (a thread whose
+    innermost Python frame is `Thread.run` is a C extension's thread, gRPC's poller, waiting in native code)."""
+    def waiting(stack: str) -> bool:
+        qualname = stack.split(";")[-1].split(" (")[0]
+        return qualname == "Thread.run" or qualname.rsplit(".", 1)[-1] in _WAITS
+
+    return collections.Counter({s: n for s, n in stacks.items() if not waiting(s)})
 
 
 def summarise(title: str, stacks: collections.Counter, top: int = 15) -> str:
@@ -75,7 +82,7 @@ def summarise(title: str, stacks: collections.Counter, top: int = 15) -> str:
     for stack, n in busy.items():
         leaves[_frame(stack.split(";")[-1])] += n
     computing = sum(busy.values())
-    lines = [f"## {title}", f"{total} samples at {RATE_HZ} Hz, {computing} computing ({100 * computing / total:.0f}%)",
+    lines = [f"## {title}", f"{total} samples of all threads at {RATE_HZ} Hz, {computing} of them computing",
              "", "innermost Python frame (share of computing samples):"]
     lines += [f"  {100 * n / max(computing, 1):5.1f}%  {leaf}" for leaf, n in leaves.most_common(top)]
     lines += ["", "top stacks (outermost first, last 6 frames):"]
@@ -83,6 +90,15 @@ def summarise(title: str, stacks: collections.Counter, top: int = 15) -> str:
         frames = [_frame(f) for f in stack.split(";")][-6:]
         lines.append(f"  {100 * n / max(computing, 1):5.1f}%  " + " > ".join(frames))
     return "\n".join(lines) + "\n"
+
+
+def _concurrent(stack: RunningStack, n: int, new_tokens: int) -> list:
+    """The benchmark's concurrency scenario once: `n` requests with their own 448² image, started together."""
+    images = [W.image_png(W.seed(9, 3, i), 448) for i in range(n)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda data: chat(stack.chat, [image_part(data), text_part(W.QUESTIONS[0])], new_tokens,
+                                               started=started), images))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +130,17 @@ def main(argv: list[str] | None = None) -> int:
         rec = Recording(py_spy, stack.pids["gateway"], scratch / "gateway.txt")
         t = chat(stack.chat, [image_part(W.image_png(W.seed(9, 2), 448)), text_part(W.QUESTIONS[0])], 32)
         sections.append(summarise(f"gateway, one cold image request ({t.total_s:.1f} s end to end)", rec.stop()))
+
+        llm = Recording(py_spy, stack.pids["llm"], scratch / "llm-8.txt")
+        vision = Recording(py_spy, stack.pids["vision-0"], scratch / "vision-8.txt")
+        timings = _concurrent(stack, 8, 64)
+        start = min(t.started for t in timings)
+        wall = max(t.finished for t in timings) - start
+        ttfts = ", ".join(f"{t.deltas[0][0] - start:.0f}" for t in sorted(timings, key=lambda t: t.deltas[0][0]))
+        what = (f"8 concurrent image requests of 64 tokens ({sum(t.tokens for t in timings) / wall:.2f} tok/s, "
+                f"{wall:.0f} s; first tokens at {ttfts} s)")
+        sections.append(summarise(f"LLM service, {what}", llm.stop()))
+        sections.append(summarise(f"vision service, {what}", vision.stop()))
     stamp = datetime.date.today().isoformat()
     path = out_dir / f"{stamp}-profile.txt"
     path.write_text(f"# py-spy profile of the stack, {stamp} ({args.checkpoint_dir}, {args.dtype})\n\n"

@@ -94,10 +94,11 @@ def test_profile_summary_counts_computing_samples_by_innermost_frame():
     stacks = collections.Counter({
         "main (a/up.py:1);forward (x/modeling_qwen2.py:10);linear (y/functional.py:5)": 6,
         "main (a/up.py:1);forward (x/modeling_qwen2.py:12)": 2,
-        "main (a/up.py:1);select (z/selectors.py:468)": 12,  # idle: not counted as computing
+        "main (a/up.py:1);EpollSelector.select (z/selectors.py:468)": 10,  # idle: not counted as computing
+        "Thread._bootstrap (threading.py:1002);Thread.run (threading.py:982)": 2,  # a C extension's thread, waiting
     })
     text = summarise("t", stacks)
-    assert "20 samples at 50 Hz, 8 computing (40%)" in text
+    assert "20 samples of all threads at 50 Hz, 8 of them computing" in text
     assert " 75.0%  linear (functional.py:5)" in text
     assert " 25.0%  forward (modeling_qwen2.py:12)" in text
-    assert "selectors" not in text
+    assert "selectors" not in text and "Thread.run" not in text
