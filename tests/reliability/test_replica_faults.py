@@ -104,9 +104,9 @@ def test_vision_replica_killed_mid_request(stack):
 
 
 def test_llm_killed_mid_stream_then_restarted(stack, request):
-    request = G.ChatRequest(content=[text_part("Tell me a story that never ends.")],
+    endless = G.ChatRequest(content=[text_part("Tell me a story that never ends.")],
                             sampling=G.SamplingParams(max_new_tokens=3000))
-    call = stack.stub.Chat(request, timeout=60)
+    call = stack.stub.Chat(endless, timeout=60)
     body = json.dumps({"messages": [{"role": "user", "content": "Another endless story."}], "max_tokens": 3000,
                        "stream": True})
     connection = http.client.HTTPConnection("127.0.0.1", stack.http_port, timeout=60)
@@ -143,8 +143,8 @@ def test_llm_killed_mid_stream_then_restarted(stack, request):
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert_no_leak(info.value.details())
 
-    # Restarted where it was (a pod behind its Service): the gateway reconnects by itself within its reconnect
-    # backoff (at most 5 s), answering UNAVAILABLE until then.
+    # Restarted where it was (a pod behind its Service): the gateway reconnects by itself (its reconnect backoff is
+    # capped at 5 s), answering UNAVAILABLE until then.
     stack.llm = respawn(stack.llm)
     request.addfinalizer(stack.llm.stop)
     wait_serving(stack.llm, LLM_HEALTH)
