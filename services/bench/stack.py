@@ -7,8 +7,6 @@ benchmark depends on `up`'s flags, not on the wording of its banner beyond the l
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import re
 import signal
@@ -29,7 +27,7 @@ from internvl.gateway.v1 import gateway_pb2_grpc
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from services.bench.machine import status_mib
-from services.tools.up import free_port
+from services.tools.up import die_with_parent, free_port
 
 READY_LINE = "Ctrl-C stops everything"
 RPC_TIMEOUT_S = 3600.0
@@ -47,20 +45,6 @@ class ServiceProc:
     pid: int
     port: int | None
     metrics_port: int | None
-
-
-try:
-    # Loaded here, not in the forked child: the benchmark has threads by then (gRPC's), so the child must not dlopen.
-    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:  # pragma: no cover - not glibc
-    _LIBC = None
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: `up` gets SIGTERM (and stops its children in order) when the benchmark dies, even by SIGKILL."""
-    if _LIBC is not None:
-        with contextlib.suppress(Exception):
-            _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -107,7 +91,7 @@ class RunningStack:
         self.output: list[str] = []
         self.process = subprocess.Popen(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True,
-                                        preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads spawn here
+                                        preexec_fn=die_with_parent)  # noqa: PLW1509 - libc is loaded before the fork
         started = time.perf_counter()
         for line in self.process.stdout:
             self.output.append(line)

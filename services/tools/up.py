@@ -75,10 +75,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGTERM when the supervisor dies, even by SIGKILL."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+try:
+    # Loaded here, not in the forked child: a parent with threads (the benchmark's gRPC) must not dlopen after fork.
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # pragma: no cover - not glibc
+    _LIBC = None
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """`preexec_fn` for Linux: the child gets SIGTERM when its parent dies, even by SIGKILL. The "parent" is the
+    thread that spawned it, so spawn from a thread that lives as long as the child should."""
+    if _LIBC is not None:
+        with contextlib.suppress(Exception):
+            _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -115,7 +124,7 @@ class Stack:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True,
                                        # The supervisor is single-threaded when it spawns.
-                                       preexec_fn=_die_with_parent)  # noqa: PLW1509
+                                       preexec_fn=die_with_parent)  # noqa: PLW1509
         child = Child(name, process, log_path, port, metrics_port)
         self.children.append(child)
         return child
