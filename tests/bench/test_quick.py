@@ -48,3 +48,60 @@ def test_quick_run_writes_every_scenario(tiny_checkpoint, tmp_path):
     for name in ("smoke-overview.png", "smoke-scenarios.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in table
+
+
+def _bench_processes(model: str) -> list[int]:
+    """Processes of this benchmark's stack: `up` and the services it started, all given `--model <model>`."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                argv = open(f"/proc/{entry.name}/cmdline", "rb").read().split(b"\0")  # noqa: SIM115
+            except OSError:
+                continue
+            if b"services.cli" in argv and model.encode() in argv and b"bench" not in argv:
+                found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_keeps_finished_phases_and_resume_completes_the_run(tiny_checkpoint, tmp_path):
+    """SIGTERM during the stack phase stops the stack under test; `--resume` runs only the phases left."""
+    import signal
+    import time
+
+    model = str(tiny_checkpoint())
+    out = tmp_path / "results"
+    argv = [sys.executable, "-m", "services.cli", "bench", "--quick", "--out", str(out), "--name", "cut",
+            "--model", model]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    partial = out / "cut.json.tmp"
+    first = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        # Stop it once the baseline is saved and the stack under test is up.
+        if partial.exists() and "baseline" in json.loads(partial.read_text())["extra"]["phases_done"] \
+                and _bench_processes(model):
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, "the run ended before it could be interrupted"
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) != 0
+    saved = json.loads(partial.read_text())
+    assert saved["extra"]["phases_done"] == ["limits", "baseline"]
+    deadline = time.monotonic() + 30
+    while _bench_processes(model) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _bench_processes(model), "the interrupted benchmark left its stack running"
+
+    resumed = subprocess.run([*argv, "--resume"], check=False, cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=540)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert not partial.exists()
+    doc = json.loads((out / "cut.json").read_text())
+    assert doc["extra"]["resumed"] is True
+    assert doc["extra"]["phases_done"] == ["limits", "baseline", "stack-1", "stack-2", "limits-end"]
+    # The baseline ran once: its measures were restored, not measured again.
+    assert doc["extra"]["phase_seconds"]["baseline"] == saved["extra"]["phase_seconds"]["baseline"]
+    by_name = {c["name"]: c for s in doc["scenarios"] for c in s["comparisons"]}
+    assert all(c["baseline"]["n"] == 1 for c in by_name.values() if c["baseline"]["n"])
+    assert all(c["ours"]["n"] >= 1 for c in by_name.values())
