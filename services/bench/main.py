@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, 1 repeat, few tokens: a smoke run of every scenario in about a minute")
     parser.add_argument("--out", default="bench/results", help="directory for the JSON, markdown and plots")
-    parser.add_argument("--repeats", type=int, default=None, help="repeats per scenario (default 2, about an hour on 2 CPU cores; 1 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="repeats per scenario (default 2, about an hour on 2 CPU cores; 1 with --quick)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="benchmark dtype (default: bfloat16 on a GPU or a CPU with AMX/AVX512-BF16, else float32)")
     parser.add_argument("--model", default=None,

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(summarise(f"vision service, {what}", vision.stop()))
     stamp = datetime.date.today().isoformat()
     path = out_dir / f"{stamp}-profile.txt"
-    path.write_text(f"# py-spy profile of the stack, {stamp} ({args.checkpoint_dir}, {args.dtype})\n\n"
+    path.write_text(f"# py-spy profile of the stack, {stamp} ({args.checkpoint_dir}, {args.dtype}; "
+                    f"raw stacks in {scratch})\n\n"
                     + "\n".join(sections))
     print(path)
     return 0
