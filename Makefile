@@ -14,11 +14,15 @@ PYTEST_ARGS ?=
 
 bootstrap: system-deps $(STAMP)
 
-# redis-server backs the embedding cache in tests and in `make run`.
+# redis-server backs the embedding cache in tests and in `make run`; redis-cli (Debian's redis-tools, which
+# redis-server depends on) creates the local Redis Clusters of the tests and `internvl-serve up --redis-cluster`.
 system-deps:
 	@command -v redis-server >/dev/null || { \
 		echo "installing redis-server (Debian package)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
+	@command -v redis-cli >/dev/null || { \
+		echo "installing redis-tools (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-tools; }
 
 # torch is pinned to the CPU wheel (pyproject.toml); pip finds it on this kind of machine without a CUDA download.
 $(STAMP): pyproject.toml
@@ -33,14 +37,19 @@ $(TINY_CHECKPOINT)/config.json: | $(STAMP)
 run: bootstrap $(if $(filter $(TINY_CHECKPOINT),$(MODEL)),$(TINY_CHECKPOINT)/config.json)
 	$(BIN)/internvl-serve up --model $(MODEL) --media-root $(CURDIR)
 
-demo: bootstrap $(TINY_CHECKPOINT)/config.json
-	$(BIN)/internvl-serve demo --model $(MODEL) --image ../shared/golden/small_120x90.png --max-num 4
+# A 640x480 colour gradient: any picture will do for a random checkpoint's demo.
+DEMO_IMAGE := checkpoints/demo-640x480.png
+$(DEMO_IMAGE): | $(STAMP)
+	$(BIN)/python -c "from PIL import Image; Image.radial_gradient('L').resize((640, 480)).convert('RGB').save('$@')"
+
+demo: bootstrap $(TINY_CHECKPOINT)/config.json $(DEMO_IMAGE)
+	$(BIN)/internvl-serve demo --model $(MODEL) --image $(DEMO_IMAGE) --max-num 4
 
 test: bootstrap
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: bootstrap
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
 
 # The 1B-shape benchmark against transformers' InternVL path; results in bench/results/<date>.{json,md,png}.
 bench: bootstrap

@@ -1,14 +1,18 @@
 """gRPC clients of the vision and LLM services: the one place the gateway reads or builds their messages.
 
-Channels balance calls over every address a `dns:///` target resolves to (client-side `round_robin`), so a headless
-Kubernetes Service spreads the gateway's calls over all replicas instead of pinning one HTTP/2 connection to one pod.
-Failed calls become domain errors (services.common.errors / gateway.errors) with the callee's caller-safe message;
-a deadline is passed on every call so the caller's deadline reaches both services.
+Each client holds an `EndpointPool` (one channel per replica, readiness from health checks) and a `Router` that picks
+the replica of every call: `Generate` by the conversation's prefix identity, so a session's turns (and a stateless
+conversation that resends its history) land where the prefix KV cache holds their earlier turns; `Encode` by the
+first item's cache key, so concurrent encodes of one new image meet in one replica's single-flight. A call that fails
+UNAVAILABLE (before any token, for Generate) moves to the key's next choice. Failed calls become domain errors
+(services.common.contract.errors / gateway.errors) with the callee's caller-safe message; a deadline is passed on
+every call so the caller's deadline reaches both services.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -19,11 +23,16 @@ from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 
-from gateway.backends import Embeddings, EncodedItem, EncodeItem, GenerateFinish, ModelIdentity
-from gateway.conversation import Conversation, ImageRef, Part, VideoRef
+from gateway.backends import Embeddings, GenerateFinish
+from gateway.chat_response import Delta, TokenLogprob
+from gateway.config import GatewayConfig
+from gateway.conversation import ImageRef, LLMConversation, RefPart, VideoRef
+from gateway.endpoints import EndpointPool
 from gateway.errors import DeadlineExceededError
-from gateway.types import Delta, FinishReason, Sampling, TokenLogprob
-from services.common.errors import (
+from gateway.metrics import GatewayMetrics
+from gateway.routing import Policy, Router
+from services.common.contract.encoding import EncodedItem, MediaItem
+from services.common.contract.errors import (
     EmbeddingsMissingError,
     ErrorCode,
     InvalidArgumentError,
@@ -33,43 +42,50 @@ from services.common.errors import (
     NotReadyError,
     OverloadedError,
 )
+from services.common.contract.finish import FinishReason
+from services.common.contract.model_info import ModelInfo
+from services.common.contract.sampling import SamplingParams
 from services.common.grpc_errors import error_detail
 from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from services.common.model_info import DTYPE_FROM_PB
 from services.common.tensor_wire import tensor_chunks
 from services.common.tls import ClientTls, secure_or_insecure_channel
 
 log = logging.getLogger(__name__)
 
-_FINISH = {llm_pb2.FINISH_REASON_STOP: FinishReason.STOP, llm_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-           llm_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED}
 # Inline embeddings are sent in chunks of this size (the LLM service's gRPC limit is 16 MiB).
 INLINE_CHUNK_BYTES = 1 << 20
 # Attempts of an idempotent vision call failing UNAVAILABLE, and the pause before the n-th retry (n times this).
 RETRY_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.05
+# Rounds over the LLM pool's ready replicas a Generate failing UNAVAILABLE before its first token gets, and the pause
+# between them.
+GENERATE_ROUNDS = 2
+GENERATE_RETRY_PAUSE_S = 0.2
+# How long a new pool waits for each replica's first health check before routing (a replica that has not answered
+# by then is simply not ready yet).
+HEALTH_FIRST_CHECK_S = 2.0
+# The readiness names the replicas' health services report.
+VISION_HEALTH = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+LLM_HEALTH = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
 T = TypeVar("T")
 
 
-def balanced_channel(target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                     tls: ClientTls | None = None) -> grpc.aio.Channel:
-    """An aio channel (TLS when `tls` is given) that round-robins calls over every address of `target`."""
-    options = [*channel_options(max_message_bytes), ("grpc.lb_policy_name", "round_robin"),
-               # Notice dead replicas between calls, and re-resolve DNS when scaled.
+def replica_channel(target: str, host: str | None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                    tls: ClientTls | None = None) -> grpc.aio.Channel:
+    """An aio channel to one replica (`ipv4:ip:port`); with TLS, its certificate is checked against `host`, the
+    name the address was resolved from (unless the TLS settings name the server themselves)."""
+    options = [*channel_options(max_message_bytes),
+               # Notice a dead replica between calls.
                ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
-               ("grpc.dns_min_time_between_resolutions_ms", 5_000),
-               # A restarted pool (minutes to load a large model) is used within seconds of serving again, not
+               # A restarted replica (minutes to load a large model) is used within seconds of serving again, not
                # after gRPC's default backoff of up to 120 s between reconnect attempts.
                ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5_000)]
+    if tls is not None and host is not None and tls.server_name is None:
+        options.append(("grpc.ssl_target_name_override", host))
     return secure_or_insecure_channel(target, options, tls)
 
 
 # ----------------------------------------------------------------------------------------------------- errors
-
-
-def model_identity_from_pb(info: common_pb2.ModelInfo) -> ModelIdentity:
-    return ModelIdentity(info.fingerprint, info.model_name, DTYPE_FROM_PB.get(info.dtype, ""), info.tokens_per_tile,
-                         info.image_size, info.llm_hidden_size)
 
 
 def translate(error: grpc.aio.AioRpcError, service: str) -> Exception:
@@ -104,72 +120,82 @@ def translate(error: grpc.aio.AioRpcError, service: str) -> Exception:
 class VisionClient:
     """Lookup, Encode and FetchEmbeddings are idempotent (keys are content addresses): a call that fails UNAVAILABLE
     (a replica died, drained or lost its cache connection) is tried again, up to `RETRY_ATTEMPTS` times in all,
-    within the caller's deadline; round_robin sends the new attempt to another ready replica."""
+    within the caller's deadline, on another ready replica while there is one (the same key's next choice for
+    Encode)."""
 
-    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 tls: ClientTls | None = None, on_retry: Callable[[str], None] | None = None):
-        self.channel = balanced_channel(target, max_message_bytes, tls)
-        self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
+    def __init__(self, pool: EndpointPool, router: Router, on_retry: Callable[[str], None] | None = None):
+        self.pool = pool
+        self.router = router
         # Called with the method name before each retry (metrics).
         self.on_retry = on_retry
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.pool.close()
 
-    async def _retrying(self, method: str, call: Callable[[float | None], Awaitable[T]], timeout: float | None) -> T:
+    def preferred(self, key: str) -> str | None:
+        """The replica an Encode routed by `key` would go to now (None: none is ready)."""
+        return self.router.preferred(key.encode())
+
+    async def _retrying(self, method: str, call: Callable[[vision_pb2_grpc.VisionServiceStub, float | None],
+                                                         Awaitable[T]],
+                        timeout: float | None, key: str | None = None) -> T:
         end = None if timeout is None else time.monotonic() + timeout
+        tried: set[str] = set()
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             left = None if end is None else end - time.monotonic()
             if left is not None and left <= 0:
                 raise DeadlineExceededError("the deadline passed while waiting for the vision service")
+            address = self.router.pick(None if key is None else key.encode(), tried)
             try:
-                return await call(left)
+                with self.pool.call(address) as endpoint:
+                    return await call(vision_pb2_grpc.VisionServiceStub(endpoint.channel), left)
             except grpc.aio.AioRpcError as exc:
                 error = translate(exc, "vision")
                 if not isinstance(error, NotReadyError) or attempt == RETRY_ATTEMPTS:
                     raise error from None
-                log.info("vision %s failed with %s (%s); trying again (attempt %d of %d)", method, exc.code().name,
-                         exc.details(), attempt + 1, RETRY_ATTEMPTS)
+                log.info("vision %s on %s failed with %s (%s); trying again (attempt %d of %d)", method, address,
+                         exc.code().name, exc.details(), attempt + 1, RETRY_ATTEMPTS)
+                self.pool.suspect(address)
+                tried.add(address)
             if self.on_retry is not None:
                 self.on_retry(method)
             await asyncio.sleep(RETRY_BACKOFF_S * attempt)
         raise AssertionError("unreachable")
 
-    async def model_info(self, timeout: float | None = None, wait_for_ready: bool = False) -> ModelIdentity:
-        try:
-            reply = await self.stub.GetModelInfo(vision_pb2.GetModelInfoRequest(), timeout=timeout,
-                                                 wait_for_ready=wait_for_ready)
-        except grpc.aio.AioRpcError as exc:
-            raise translate(exc, "vision") from None
-        return model_identity_from_pb(reply.model_info)
+    async def model_info(self, timeout: float | None = None, wait_for_ready: bool = False) -> ModelInfo:
+        reply = await _model_info(self.pool, "vision", vision_pb2_grpc.VisionServiceStub,
+                                  vision_pb2.GetModelInfoRequest(), timeout, wait_for_ready)
+        return ModelInfo.from_pb(reply.model_info)
 
     async def lookup(self, keys: Sequence[str], timeout: float | None) -> list[bool]:
         if not keys:
             return []
         request = vision_pb2.LookupRequest(keys=list(keys))
-        reply = await self._retrying("Lookup", lambda left: self.stub.Lookup(request, timeout=left), timeout)
+        reply = await self._retrying("Lookup", lambda stub, left: stub.Lookup(request, timeout=left), timeout)
         if len(reply.exists) != len(keys):
             raise RuntimeError(f"vision Lookup answered {len(reply.exists)} flags for {len(keys)} keys")
         return list(reply.exists)
 
-    async def encode(self, items: Sequence[EncodeItem], max_num: int, use_thumbnail: bool,
-                     timeout: float | None) -> list[EncodedItem]:
+    async def encode(self, items: Sequence[MediaItem], max_num: int, use_thumbnail: bool,
+                     timeout: float | None, route_key: str | None = None) -> list[EncodedItem]:
+        """Encodes `items` in one call, on the replica `route_key` (the first item's cache key) prefers."""
         request = vision_pb2.EncodeRequest(
             items=[vision_pb2.EncodeItem(image_bytes=i.data) if i.kind == "image" else
                    vision_pb2.EncodeItem(frame=vision_pb2.RawFrame(rgb=i.data, height=i.height, width=i.width))
                    for i in items],
             options=common_pb2.PreprocessOptions(max_num=max_num, use_thumbnail=use_thumbnail))
-        reply = await self._retrying("Encode", lambda left: self.stub.Encode(request, timeout=left), timeout)
+        reply = await self._retrying("Encode", lambda stub, left: stub.Encode(request, timeout=left), timeout,
+                                     route_key)
         if len(reply.items) != len(items):
             raise RuntimeError(f"vision Encode answered {len(reply.items)} items for {len(items)}")
-        return [EncodedItem(r.key, r.num_tiles, r.cache_hit) for r in reply.items]
+        return [EncodedItem(r.key, r.num_tiles, r.num_tokens, r.cache_hit) for r in reply.items]
 
     async def fetch(self, key: str, timeout: float | None) -> Embeddings:
         """One cached tensor; EmbeddingsMissingError when the key is not (or no longer) cached."""
 
-        async def attempt(left: float | None):
+        async def attempt(stub: vision_pb2_grpc.VisionServiceStub, left: float | None):
             header, parts = None, []
-            async for reply in self.stub.FetchEmbeddings(vision_pb2.FetchEmbeddingsRequest(key=key), timeout=left):
+            async for reply in stub.FetchEmbeddings(vision_pb2.FetchEmbeddingsRequest(key=key), timeout=left):
                 if reply.chunk.HasField("header"):
                     header = reply.chunk.header
                 parts.append(reply.chunk.data)
@@ -192,7 +218,7 @@ def _ref_pb(ref: ImageRef) -> llm_pb2.ImageRef:
     return llm_pb2.ImageRef(key=ref.key, num_tiles=ref.num_tiles)
 
 
-def _part_pb(part: Part) -> llm_pb2.ContentPart:
+def _part_pb(part: RefPart) -> llm_pb2.ContentPart:
     if isinstance(part, str):
         return llm_pb2.ContentPart(text=part)
     if isinstance(part, ImageRef):
@@ -201,25 +227,24 @@ def _part_pb(part: Part) -> llm_pb2.ContentPart:
     return llm_pb2.ContentPart(video=llm_pb2.VideoRef(frames=[_ref_pb(f) for f in part.frames]))
 
 
-def generate_start(conversation: Conversation, sampling: Sampling, request_id: str,
+def generate_start(conversation: LLMConversation, sampling: SamplingParams, request_id: str,
                    inline: bool) -> llm_pb2.GenerateStart:
     start = llm_pb2.GenerateStart(
         history=[llm_pb2.Turn(user_parts=[_part_pb(p) for p in t.user_parts], assistant_text=t.assistant_text)
                  for t in conversation.history],
         user_parts=[_part_pb(p) for p in conversation.user_parts],
-        sampling=llm_pb2.SamplingParams(
-            max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k, repetition_penalty=sampling.repetition_penalty,
-            stop_strings=list(sampling.stop_strings), seed=sampling.seed, top_logprobs=sampling.top_logprobs),
+        sampling=sampling.to_pb(llm_pb2.SamplingParams),
         inline_embeddings=inline, request_id=request_id)
     if conversation.system_message is not None:
         start.system_message = conversation.system_message
     return start
 
 
-def _embedding_messages(key: str, value: Embeddings) -> list[llm_pb2.GenerateRequest]:
+def embedding_messages(key: str, value: Embeddings,
+                       chunk_bytes: int = INLINE_CHUNK_BYTES) -> list[llm_pb2.GenerateRequest]:
+    """One image's embeddings as the EmbeddingChunk messages that follow a Generate's start."""
     return [llm_pb2.GenerateRequest(embedding=llm_pb2.EmbeddingChunk(key=key, chunk=chunk))
-            for chunk in tensor_chunks(value.dtype, value.shape, value.data, INLINE_CHUNK_BYTES)]
+            for chunk in tensor_chunks(value.dtype, value.shape, value.data, chunk_bytes)]
 
 
 def _delta(message: llm_pb2.TokenDelta) -> Delta:
@@ -230,54 +255,146 @@ def _delta(message: llm_pb2.TokenDelta) -> Delta:
 
 
 class LLMClient:
-    def __init__(self, target: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 tls: ClientTls | None = None):
-        self.channel = balanced_channel(target, max_message_bytes, tls)
-        self.stub = llm_pb2_grpc.LLMServiceStub(self.channel)
+    """Generate on the replica the conversation's prefix identity prefers, failing over before the first token."""
+
+    def __init__(self, pool: EndpointPool, router: Router, on_retry: Callable[[str], None] | None = None):
+        self.pool = pool
+        self.router = router
+        # Called with the method name before each retry (metrics).
+        self.on_retry = on_retry
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.pool.close()
 
-    async def model_info(self, timeout: float | None = None, wait_for_ready: bool = False) -> ModelIdentity:
-        try:
-            reply = await self.stub.GetModelInfo(llm_pb2.GetModelInfoRequest(), timeout=timeout,
-                                                 wait_for_ready=wait_for_ready)
-        except grpc.aio.AioRpcError as exc:
-            raise translate(exc, "LLM") from None
-        return model_identity_from_pb(reply.model_info)
+    async def model_info(self, timeout: float | None = None, wait_for_ready: bool = False) -> ModelInfo:
+        reply = await _model_info(self.pool, "LLM", llm_pb2_grpc.LLMServiceStub, llm_pb2.GetModelInfoRequest(),
+                                  timeout, wait_for_ready)
+        return ModelInfo.from_pb(reply.model_info)
 
-    async def generate(self, conversation: Conversation, sampling: Sampling, request_id: str,
+    async def generate(self, conversation: LLMConversation, sampling: SamplingParams, request_id: str,
                        inline: dict[str, Embeddings] | None, timeout: float | None
                        ) -> AsyncIterator[Delta | GenerateFinish]:
-        """Streams `Delta`s, then one `GenerateFinish`. Leaving the iteration early cancels the call."""
-        call = self.stub.Generate(timeout=timeout)
+        """Streams `Delta`s, then one `GenerateFinish`. Leaving the iteration early cancels the call.
+
+        A replica that fails UNAVAILABLE before the first token is passed over for the key's next choice; when every
+        ready replica has failed, the round is tried once more after `GENERATE_RETRY_PAUSE_S` (a Redis restart, say).
+        Nothing was generated yet, so this is invisible to the caller. After a token, a failure is the caller's: a
+        truncated answer must not pass for a complete one.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        key, tried, rounds = conversation.prefix_identity(), set(), 1
+        while True:
+            address = self.router.pick(key, tried)
+            if address in tried:
+                if rounds == GENERATE_ROUNDS:
+                    raise self.pool.unavailable("LLM") from None
+                rounds += 1
+                tried.clear()
+                await asyncio.sleep(GENERATE_RETRY_PAUSE_S)
+                address = self.router.pick(key, tried)
+            started = False
+            try:
+                with self.pool.call(address) as endpoint:
+                    left = None if end is None else max(0.0, end - time.monotonic())
+                    stream = self._generate(llm_pb2_grpc.LLMServiceStub(endpoint.channel), conversation, sampling,
+                                            request_id, inline, left)
+                    async with contextlib.aclosing(stream):
+                        async for event in stream:
+                            started = True
+                            yield event
+                return
+            except NotReadyError as exc:
+                if started:
+                    raise
+                log.info("Generate on %s failed before its first token (%s); trying the next replica", address, exc)
+                self.pool.suspect(address)
+                tried.add(address)
+                if self.on_retry is not None:
+                    self.on_retry("Generate")
+
+    async def _generate(self, stub: llm_pb2_grpc.LLMServiceStub, conversation: LLMConversation,
+                        sampling: SamplingParams, request_id: str, inline: dict[str, Embeddings] | None,
+                        timeout: float | None) -> AsyncIterator[Delta | GenerateFinish]:
+        call = stub.Generate(timeout=timeout)
         try:
             try:
                 await call.write(llm_pb2.GenerateRequest(start=generate_start(
                     conversation, sampling, request_id, inline is not None)))
                 for key, value in (inline or {}).items():
-                    for message in _embedding_messages(key, value):
+                    for message in embedding_messages(key, value):
                         await call.write(message)
                 await call.done_writing()
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 # The server ended the call while we were still writing (e.g. it rejected the request):
                 # its status says why.
                 pass
+            finish = None
             async for reply in call:
                 kind = reply.WhichOneof("message")
                 if kind == "delta":
                     yield _delta(reply.delta)
                 elif kind == "finish":
                     usage = reply.finish.usage
-                    yield GenerateFinish(_FINISH.get(reply.finish.reason, FinishReason.STOP), usage.prompt_tokens,
-                                         usage.completion_tokens, usage.cached_prompt_tokens)
-                    return
+                    finish = GenerateFinish(FinishReason.from_pb(reply.finish.reason, llm_pb2.FinishReason),
+                                            usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens)
+            # The finish is passed on once the stream has closed OK, so the replica records a completed call rather
+            # than one this side cancelled while its handler was still returning.
             code = await call.code()
             if code != grpc.StatusCode.OK:
                 raise grpc.aio.AioRpcError(code, await call.initial_metadata(), await call.trailing_metadata(),
                                            await call.details())
-            raise RuntimeError("the LLM stream ended without a finish message")
+            if finish is None:
+                raise RuntimeError("the LLM stream ended without a finish message")
+            yield finish
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "LLM") from None
         finally:
             call.cancel()
+
+
+async def _model_info(pool: EndpointPool, what: str, stub_type, request, timeout: float | None,
+                      wait_for_ready: bool):
+    """GetModelInfo of a ready replica, or (with `wait_for_ready`) of any known one once it is reachable."""
+    ready = sorted(pool.ready_loads())
+    known = ready or sorted(pool.endpoints)
+    if not known:
+        raise pool.unavailable(what)
+    try:
+        return await stub_type(pool.endpoints[known[0]].channel).GetModelInfo(request, timeout=timeout,
+                                                                              wait_for_ready=wait_for_ready)
+    except grpc.aio.AioRpcError as exc:
+        raise translate(exc, what) from None
+
+
+async def open_clients(config: GatewayConfig, metrics: GatewayMetrics,
+                       health_interval_s: float = 1.0) -> tuple[VisionClient, LLMClient]:
+    """Both pools discovered and watched, with their routers; close the clients to stop them."""
+
+    def channel(target: str, host: str | None) -> grpc.aio.Channel:
+        return replica_channel(target, host, config.server.max_message_bytes, config.upstream_tls)
+
+    def router(pool: EndpointPool, what: str, policy: Policy) -> Router:
+        decisions = metrics.routing_decisions
+        return Router(pool, what, policy, config.routing_epsilon,
+                      record=lambda reason: decisions.labels(pool.name, reason.value).inc())
+
+    async def vision_model(replica: grpc.aio.Channel) -> str:
+        reply = await vision_pb2_grpc.VisionServiceStub(replica).GetModelInfo(vision_pb2.GetModelInfoRequest(),
+                                                                              timeout=HEALTH_FIRST_CHECK_S)
+        return reply.model_info.fingerprint
+
+    async def llm_model(replica: grpc.aio.Channel) -> str:
+        reply = await llm_pb2_grpc.LLMServiceStub(replica).GetModelInfo(llm_pb2.GetModelInfoRequest(),
+                                                                        timeout=HEALTH_FIRST_CHECK_S)
+        return reply.model_info.fingerprint
+
+    vision_pool = EndpointPool("vision", config.vision_target, VISION_HEALTH, channel, config.resolve_interval_s,
+                               health_interval_s, on_change=metrics.observe_pool, fingerprint=vision_model)
+    llm_pool = EndpointPool("llm", config.llm_target, LLM_HEALTH, channel, config.resolve_interval_s,
+                            health_interval_s, on_change=metrics.observe_pool, fingerprint=llm_model)
+    await asyncio.gather(vision_pool.start(), llm_pool.start())
+    await asyncio.gather(vision_pool.wait_checked(HEALTH_FIRST_CHECK_S), llm_pool.wait_checked(HEALTH_FIRST_CHECK_S))
+    vision = VisionClient(vision_pool, router(vision_pool, "vision", Policy.AFFINITY),
+                          on_retry=lambda method: metrics.upstream_retries.labels("vision", method).inc())
+    return vision, LLMClient(llm_pool, router(llm_pool, "LLM", Policy(config.llm_routing)),
+                             on_retry=lambda method: metrics.upstream_retries.labels("llm", method).inc())

@@ -9,36 +9,47 @@ Environment variables are read here and nowhere else, and only when `from_args` 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.errors import InvalidArgumentError
+from gateway.endpoints import parse_target
+from gateway.routing import Policy
+from services.common.contract.cache_keys import DEFAULT_NAMESPACE
+from services.common.contract.errors import InvalidArgumentError
+from services.common.contract.tiling import DEFAULT_MAX_PIXELS
 from services.common.grpc_server import ServerOptions, add_server_options
+from services.common.redis_client import redis_url_problem
 from services.common.tls import (
     ClientTls,
     add_upstream_arguments,
     upstream_tls_from_args,
 )
-from services.vision.cache import DEFAULT_NAMESPACE
-from services.vision.config import MAX_NUM_LIMIT  # noqa: F401 - re-exported: checked before any media is read
-from services.vision.preprocess import DEFAULT_MAX_PIXELS
 
 ENV_REDIS_URL = "INTERNVL_REDIS_URL"
 ENV_API_TOKEN = "INTERNVL_API_TOKEN"
+ROUTING_POLICIES = tuple(p.value for p in Policy)
 DEFAULT_PORT = 50051
-DEFAULT_HTTP_PORT = 8000
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     """Everything `internvl-serve gateway` can be told. Validated on construction."""
 
-    # gRPC targets of the two pools. `dns:///name:port` with a headless Service resolves to every replica, and the
-    # gateway balances calls over them with client-side round_robin.
+    # gRPC targets of the two pools: `dns:///name:port` (a headless Service: every ready replica, re-resolved),
+    # `ipv4:a:p,b:p` / `ipv6:[a]:p,...` lists, or one `host:port`. The gateway routes each call to one replica.
     vision_target: str
     llm_target: str
+    # How Generate picks its LLM replica: `affinity` (by the conversation's prefix identity, with a load bound, so a
+    # conversation keeps its prefix KV cache) or `round_robin` (the next ready replica).
+    llm_routing: str = "affinity"
+    # The load bound of affinity routing (LLM Generate and vision Encode): a replica with more than ceil((1 + this) x
+    # the pool's mean) + 1 calls in flight from this gateway is passed over for the key's next choice.
+    routing_epsilon: float = 0.25
+    # Seconds between DNS lookups of the targets (also done at once after a call fails UNAVAILABLE).
+    resolve_interval_s: float = 5.0
     server: ServerOptions = field(default_factory=lambda: ServerOptions(port=DEFAULT_PORT))
     # OpenAI-compatible HTTP API port; None: no HTTP API.
     http_port: int | None = None
@@ -56,8 +67,8 @@ class GatewayConfig:
     # Most image tiles (images, video frames and a session's earlier images together) one request may put in the
     # prompt, checked before anything is encoded. Each tile is 256 tokens: 128 tiles fill a 32k context.
     max_request_tiles: int = 128
-    # Images per vision Encode call: a request's cache misses are split into calls of this many, sent
-    # concurrently, so round_robin spreads a video's frames over the vision replicas.
+    # Images per vision Encode call: a request's cache misses are grouped by the replica their keys prefer and split
+    # into calls of at most this many, sent concurrently.
     encode_items_per_call: int = 4
     # Prefix of embedding cache keys (must equal the vision service's --namespace) and of session keys.
     namespace: str = DEFAULT_NAMESPACE
@@ -75,6 +86,10 @@ class GatewayConfig:
         checks = [
             (bool(self.vision_target), "--vision-target is required"),
             (bool(self.llm_target), "--llm-target is required"),
+            (self.llm_routing in ROUTING_POLICIES,
+             f"--llm-routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.llm_routing!r}"),
+            (0 <= self.routing_epsilon < math.inf, f"--routing-epsilon must be >= 0, got {self.routing_epsilon}"),
+            (self.resolve_interval_s > 0, f"--resolve-interval-s must be > 0, got {self.resolve_interval_s}"),
             (self.session_ttl_s >= 1, f"--session-ttl-s must be >= 1, got {self.session_ttl_s}"),
             (self.max_media_bytes >= 1, f"--max-media-bytes must be >= 1, got {self.max_media_bytes}"),
             (self.max_pixels >= 1, f"--max-pixels must be >= 1, got {self.max_pixels}"),
@@ -95,6 +110,14 @@ class GatewayConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidArgumentError(message)
+        url_problem = redis_url_problem(self.redis_url)
+        if url_problem:
+            raise InvalidArgumentError(f"--redis-url: {url_problem}")
+        for flag, target in (("--vision-target", self.vision_target), ("--llm-target", self.llm_target)):
+            try:
+                parse_target(target)
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"{flag}: {exc}") from None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -102,6 +125,9 @@ class GatewayConfig:
         return cls(
             vision_target=args.vision_target,
             llm_target=args.llm_target,
+            llm_routing=args.llm_routing,
+            routing_epsilon=args.routing_epsilon,
+            resolve_interval_s=args.resolve_interval_s,
             server=ServerOptions.from_args(args, environ),
             http_port=args.http_port,
             redis_url=args.redis_url or environ.get(ENV_REDIS_URL) or None,
@@ -135,13 +161,22 @@ def _api_token(path: str | None, environ: Mapping[str, str]) -> str | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `internvl-serve gateway` flags; defaults come from `GatewayConfig`."""
-    d = GatewayConfig(vision_target="-", llm_target="-")
+    d = GatewayConfig(vision_target="127.0.0.1:1", llm_target="127.0.0.1:1")
     add_server_options(parser, default_port=DEFAULT_PORT)
     parser.add_argument("--http-port", type=int, default=None,
                         help="OpenAI-compatible HTTP API port (default: no HTTP API)")
     parser.add_argument("--vision-target", required=True,
-                        help="vision service, e.g. dns:///vision-headless:50052 (round_robin over its addresses)")
-    parser.add_argument("--llm-target", required=True, help="LLM service, e.g. dns:///llm-headless:50053")
+                        help="vision service, e.g. dns:///vision-headless:50052 (Encode routed by content key)")
+    parser.add_argument("--llm-target", required=True,
+                        help="LLM service, e.g. dns:///llm-headless:50053 or ipv4:10.0.0.5:50053,10.0.0.6:50053")
+    parser.add_argument("--llm-routing", choices=ROUTING_POLICIES, default=d.llm_routing,
+                        help="affinity: a conversation's turns go to the replica holding its prefix KV cache "
+                             f"(load-bounded); round_robin: the next ready replica (default {d.llm_routing})")
+    parser.add_argument("--routing-epsilon", type=float, default=d.routing_epsilon,
+                        help="load bound of affinity routing: a replica above (1 + this) x the mean calls in flight, plus one, "
+                             f"is passed over (default {d.routing_epsilon})")
+    parser.add_argument("--resolve-interval-s", type=float, default=d.resolve_interval_s,
+                        help=f"seconds between DNS lookups of the targets (default {d.resolve_interval_s})")
     parser.add_argument("--redis-url", default=None,
                         help=f"session store, e.g. redis://redis:6379/0 (default: ${ENV_REDIS_URL}; without either, "
                              "sessions live in this process only)")

@@ -2,14 +2,14 @@
 
 This is what the gateway sends to `Generate` and what a session stores between rounds. Placement of images in a
 turn's text (`<image>\\n`, `Image-1: ...`, `Frame1: ...`, explicit placeholders) is the LLM service's prompt
-builder's job (services.llm.prompt); the gateway keeps the parts in the caller's order.
+builder's job; the gateway keeps the parts in the caller's order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
-
-from services.llm import template
 
 
 @dataclass(frozen=True)
@@ -34,18 +34,18 @@ class VideoRef:
     frames: tuple[ImageRef, ...]
 
 
-Part = str | ImageRef | VideoRef
+RefPart = str | ImageRef | VideoRef
 
 
 @dataclass(frozen=True)
 class TurnRecord:
-    user_parts: tuple[Part, ...]
+    user_parts: tuple[RefPart, ...]
     assistant_text: str
 
 
 @dataclass(frozen=True)
-class Conversation:
-    user_parts: tuple[Part, ...]
+class LLMConversation:
+    user_parts: tuple[RefPart, ...]
     history: tuple[TurnRecord, ...] = ()
     # None keeps the model's default system message; "" means none.
     system_message: str | None = None
@@ -54,13 +54,30 @@ class Conversation:
         """Every image reference in prompt order (history first); a video contributes its frames."""
         return [ref for parts in (*(t.user_parts for t in self.history), self.user_parts) for ref in part_refs(parts)]
 
+    def prefix_identity(self) -> bytes:
+        """What every turn of this conversation starts with: the system message and the first user turn (its text
+        and its images' content keys). The LLM routing key: equal for all turns of a session, for a stateless caller
+        that resends the history, on every gateway replica, and for identical first turns of different users (whose
+        prompts then share that prefix too)."""
+        first = self.history[0].user_parts if self.history else self.user_parts
+        identity = [self.system_message, [_part_identity(p) for p in first]]
+        return hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode()).digest()
+
     @property
     def inline(self) -> bool:
         """Whether the embeddings must travel inline: some reference is a combined one, unknown to the cache."""
         return any(ref.combined for ref in self.refs())
 
 
-def part_refs(parts: tuple[Part, ...]) -> list[ImageRef]:
+def _part_identity(part: RefPart) -> list:
+    if isinstance(part, str):
+        return ["text", part]
+    if isinstance(part, ImageRef):
+        return ["image", part.key]
+    return ["video", [frame.key for frame in part.frames]]
+
+
+def part_refs(parts: tuple[RefPart, ...]) -> list[ImageRef]:
     refs: list[ImageRef] = []
     for part in parts:
         if isinstance(part, ImageRef):
@@ -68,15 +85,6 @@ def part_refs(parts: tuple[Part, ...]) -> list[ImageRef]:
         elif isinstance(part, VideoRef):
             refs.extend(part.frames)
     return refs
-
-
-def image_slots(parts: tuple[Part, ...]) -> int:
-    """How many `<image>` slots the LLM service will fill for this turn (an image one, a video one per frame)."""
-    return len(part_refs(parts))
-
-
-def placeholders(parts: tuple[Part, ...]) -> int:
-    return sum(template.count_placeholders(p) for p in parts if isinstance(p, str))
 
 
 # ------------------------------------------------------------------------------------------- JSON (sessions)
@@ -93,7 +101,7 @@ def _ref_from_json(raw: dict) -> ImageRef:
     return ImageRef(str(raw["key"]), int(raw["tiles"]), tuple(_ref_from_json(r) for r in raw.get("combined", ())))
 
 
-def part_to_json(part: Part) -> dict:
+def part_to_json(part: RefPart) -> dict:
     if isinstance(part, str):
         return {"text": part}
     if isinstance(part, ImageRef):
@@ -101,7 +109,7 @@ def part_to_json(part: Part) -> dict:
     return {"video": [_ref_to_json(f) for f in part.frames]}
 
 
-def part_from_json(raw: dict) -> Part:
+def part_from_json(raw: dict) -> RefPart:
     if "text" in raw:
         return str(raw["text"])
     if "image" in raw:

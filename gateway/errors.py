@@ -1,44 +1,47 @@
-"""Gateway-specific domain errors.
-
-They subclass the shared errors, so the shared interceptor maps them sensibly on its own (INVALID_ARGUMENT,
-FAILED_PRECONDITION, ...); the gateway's transports refine a few into the more precise status named by `status`
-(NOT_FOUND for an unknown session, PERMISSION_DENIED for a path outside the media root).
+"""Gateway-specific domain errors, each with its own code (and so, through the shared table in
+`services.common.contract.errors`, its own gRPC and HTTP status): an unknown session is NOT_FOUND, a busy one ABORTED,
+a path outside the media root PERMISSION_DENIED, a body over the limit RESOURCE_EXHAUSTED (HTTP 413), a passed
+deadline DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
 
-from services.common.errors import EmbeddingsMissingError, InternVLError, InvalidArgumentError, NotFoundError
+from services.common.contract.errors import (
+    EmbeddingsMissingError,
+    ErrorCode,
+    InternVLError,
+    NotFoundError,
+)
 
 
 class SessionNotFoundError(NotFoundError):
     """The session id is unknown, or the session expired (sessions live --session-ttl-s after their last turn)."""
 
-    status = "NOT_FOUND"
+    code = ErrorCode.SESSION_NOT_FOUND
 
 
-class SessionBusyError(InvalidArgumentError):
+class SessionBusyError(InternVLError):
     """Another turn of the same session is still running; a session answers one turn at a time."""
 
-    status = "ABORTED"
+    code = ErrorCode.SESSION_BUSY
 
 
-class MediaAccessError(InvalidArgumentError):
+class MediaAccessError(InternVLError):
     """A file path outside the media root, or file paths while the gateway has no media root."""
 
-    status = "PERMISSION_DENIED"
+    code = ErrorCode.MEDIA_ACCESS_DENIED
 
 
-class RequestTooLargeError(InvalidArgumentError):
+class RequestTooLargeError(InternVLError):
     """A request body over the size limit (gRPC refuses such messages itself, with the same status)."""
 
-    status = "RESOURCE_EXHAUSTED"
-    http_status = 413
+    code = ErrorCode.REQUEST_TOO_LARGE
 
 
 class DeadlineExceededError(InternVLError):
     """The caller's deadline passed while the gateway waited on a service."""
 
-    status = "DEADLINE_EXCEEDED"
+    code = ErrorCode.DEADLINE_EXCEEDED
 
 
 class SessionMediaEvictedError(EmbeddingsMissingError):
@@ -52,7 +55,3 @@ class SessionMediaEvictedError(EmbeddingsMissingError):
         )
         self.missing_keys = list(missing_keys)
 
-
-def grpc_status_name(exc: BaseException) -> str | None:
-    """The precise gRPC status name for gateway errors that have one (None: the shared mapping applies)."""
-    return getattr(exc, "status", None) if isinstance(exc, InternVLError) else None

@@ -1,49 +1,39 @@
 """Prometheus metrics of the gateway (`internvl_gateway_*`), in a registry of its own exported on /metrics.
 
-Both transports (gRPC and the OpenAI-compatible HTTP API) count requests through `track_stream` / `track`, labelled
-by `rpc` (`Chat`, `BatchChat`, `openai.chat_completions`) and the gRPC status code name the call ended with. The
+Requests of both transports (gRPC and the OpenAI-compatible HTTP API) are counted by the shared request metrics
+(`requests{method,code}`, `request_seconds{method}`, `in_flight_requests{method}`; methods `Chat`, `BatchChat`,
+`openai.chat_completions`): the gRPC server's interceptor records its calls, the HTTP handler records through the
+same `track`. `track_tokens` adds what only a generation has: time to first token and tokens streamed. The
 orchestrator reports the cache side: tiles encoded vs reused (hit ratio = reused / (encoded + reused)), image bytes
 sent to the vision pool (misses only), and embedding bytes moved, by reference (read by the LLM from the cache) or
-inline (through the gateway, combined multi-image mode only).
+inline (through the gateway, combined multi-image mode only). The routers report each replica choice by reason, and
+the pools their replicas by readiness and this gateway's calls in flight to each.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gateway.errors import grpc_status_name
-from gateway.types import Delta, Finish
-from services.common.grpc_errors import status_for
+from gateway.chat_response import Delta
+from gateway.endpoints import EndpointPool
+from services.common.request_metrics import LATENCY_BUCKETS, RequestMetrics
 
 PREFIX = "internvl_gateway_"
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-
-def status_name(exc: BaseException) -> str:
-    """The gRPC status code name a call failing with `exc` ends with."""
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        return "CANCELLED"
-    return grpc_status_name(exc) or status_for(exc)[0].name
 
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(PREFIX + "requests", "Requests by RPC and final gRPC status code", ["rpc", "code"],
-                                registry=r)
-        self.in_flight = Gauge(PREFIX + "in_flight_requests", "Requests being answered now", ["rpc"], registry=r)
+        self.requests = RequestMetrics(PREFIX, r)
         self.time_to_first_token = Histogram(PREFIX + "time_to_first_token_seconds",
-                                             "From request arrival to the first generated token", ["rpc"],
-                                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.request_seconds = Histogram(PREFIX + "request_seconds", "End-to-end latency of a request", ["rpc"],
-                                         buckets=_LATENCY_BUCKETS, registry=r)
-        self.generated_tokens = Counter(PREFIX + "generated_tokens", "Tokens streamed back to callers", ["rpc"],
+                                             "From request arrival to the first generated token", ["method"],
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.generated_tokens = Counter(PREFIX + "generated_tokens", "Tokens streamed back to callers", ["method"],
                                         registry=r)
         self.tiles_encoded = Counter(PREFIX + "tiles_encoded",
                                      "Image tiles the vision pool encoded for requests (cache misses)", registry=r)
@@ -63,50 +53,45 @@ class GatewayMetrics:
                                         "(a replica died, drained or lost Redis)", ["service", "method"], registry=r)
         self.sessions = Counter(PREFIX + "sessions", "Session rounds by whether they started or continued a session",
                                 ["event"], registry=r)
+        self.routing_decisions = Counter(PREFIX + "routing_decisions",
+                                         "Replica choices by pool and reason: affinity (the key's first choice), "
+                                         "overload (an earlier choice was over the load bound), failover (an "
+                                         "earlier choice was not ready or failed the call), round_robin",
+                                         ["pool", "reason"], registry=r)
+        self.endpoint_in_flight = Gauge(PREFIX + "endpoint_in_flight",
+                                        "Calls this gateway has in flight to each replica", ["pool", "endpoint"],
+                                        registry=r)
+        self.endpoints = Gauge(PREFIX + "endpoints", "Replicas of each pool known to this gateway, by readiness",
+                               ["pool", "state"], registry=r)
+        self._endpoint_labels: set[tuple[str, str]] = set()
         for path in ("reference", "inline"):
             self.embedding_bytes.labels(path)
         for kind in ("image", "frame"):
             self.media_bytes_sent.labels(kind)
 
-    async def track_stream(self, rpc: str, events: AsyncIterator) -> AsyncIterator:
-        """Passes `events` through, recording the request, its time to first token, its tokens and its latency."""
+    def observe_pool(self, pool: EndpointPool) -> None:
+        """Replica counts and per-replica calls in flight of `pool` (called on every change)."""
+        ready = sum(e.ready for e in pool.endpoints.values())
+        self.endpoints.labels(pool.name, "ready").set(ready)
+        self.endpoints.labels(pool.name, "not_ready").set(len(pool.endpoints) - ready)
+        labels = {(pool.name, address) for address in pool.endpoints}
+        for gone in {lbl for lbl in self._endpoint_labels if lbl[0] == pool.name} - labels:
+            self.endpoint_in_flight.remove(*gone)
+            self._endpoint_labels.discard(gone)
+        for address, endpoint in pool.endpoints.items():
+            self.endpoint_in_flight.labels(pool.name, address).set(endpoint.in_flight)
+        self._endpoint_labels |= labels
+
+    async def track_tokens(self, method: str, events: AsyncGenerator) -> AsyncGenerator:
+        """Passes `events` through, recording the time to the first token and the tokens generated."""
         started = time.perf_counter()
-        first, finished = True, False
-        code = "OK"
-        self.in_flight.labels(rpc).inc()
-        try:
+        first = True
+        # Closed with this generator, so a caller that stops early cancels the services' calls at once.
+        async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, Delta) and event.token_ids:
                     if first:
-                        self.time_to_first_token.labels(rpc).observe(time.perf_counter() - started)
+                        self.time_to_first_token.labels(method).observe(time.perf_counter() - started)
                         first = False
-                    self.generated_tokens.labels(rpc).inc(len(event.token_ids))
-                finished = isinstance(event, Finish)
+                    self.generated_tokens.labels(method).inc(len(event.token_ids))
                 yield event
-        except GeneratorExit:
-            # Closed by the consumer: after the finish that is a normal end, before it a cancellation.
-            code = "OK" if finished else "CANCELLED"
-            raise
-        except BaseException as exc:
-            code = status_name(exc)
-            raise
-        finally:
-            self.in_flight.labels(rpc).dec()
-            self.requests.labels(rpc, code).inc()
-            self.request_seconds.labels(rpc).observe(time.perf_counter() - started)
-
-    @contextlib.contextmanager
-    def track(self, rpc: str) -> Iterator[None]:
-        """Records a unary request: count by status, latency, in-flight."""
-        started = time.perf_counter()
-        code = "OK"
-        self.in_flight.labels(rpc).inc()
-        try:
-            yield
-        except BaseException as exc:
-            code = status_name(exc)
-            raise
-        finally:
-            self.in_flight.labels(rpc).dec()
-            self.requests.labels(rpc, code).inc()
-            self.request_seconds.labels(rpc).observe(time.perf_counter() - started)

@@ -28,27 +28,24 @@ from typing import Any
 from aiohttp import web
 
 from gateway.auth import http_middleware
+from gateway.chat_request import CallerTurn, ChatRequest, ContentPart, ImageInput, MultiImageMode, VideoInput
+from gateway.chat_response import Delta, Finish
 from gateway.errors import RequestTooLargeError
-from gateway.metrics import GatewayMetrics, status_name
+from gateway.metrics import GatewayMetrics
 from gateway.orchestrator import Orchestrator
-from gateway.types import (
-    ChatRequest,
-    Delta,
-    Finish,
-    ImageInput,
-    MultiImageMode,
-    Part,
-    Sampling,
-    Turn,
-    VideoInput,
+from services.common.contract.errors import (
+    InternVLError,
+    InvalidArgumentError,
+    RpcStatus,
+    http_status,
+    rpc_status,
 )
-from services.common.errors import InternVLError, InvalidArgumentError
+from services.common.contract.sampling import SamplingParams
+from services.common.contract.tiling import DEFAULT_MAX_NUM
+from services.common.request_metrics import RequestCall
 
 log = logging.getLogger(__name__)
 RPC = "openai.chat_completions"
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
-               "ABORTED": 409, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "INTERNAL": 500, "UNAVAILABLE": 503,
-               "DEADLINE_EXCEEDED": 504}
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -113,9 +110,9 @@ def _video(spec: Any, where: str) -> VideoInput:
     return VideoInput(**options)
 
 
-def _parts(content: Any, where: str) -> list[Part]:
+def _parts(content: Any, where: str) -> list[ContentPart]:
     if isinstance(content, str):
-        return [Part(text=content)]
+        return [ContentPart(text=content)]
     if not isinstance(content, list):
         raise InvalidArgumentError(f"{where}.content must be a string or a list of parts")
     parts = []
@@ -123,11 +120,11 @@ def _parts(content: Any, where: str) -> list[Part]:
         at = f"{where}.content[{i}]"
         kind = item.get("type") if isinstance(item, dict) else None
         if kind == "text" and isinstance(item.get("text"), str):
-            parts.append(Part(text=item["text"]))
+            parts.append(ContentPart(text=item["text"]))
         elif kind == "image_url":
-            parts.append(Part(image=_image(item.get("image_url"), at)))
+            parts.append(ContentPart(image=_image(item.get("image_url"), at)))
         elif kind == "video":
-            parts.append(Part(video=_video(item.get("video"), at)))
+            parts.append(ContentPart(video=_video(item.get("video"), at)))
         else:
             raise InvalidArgumentError(f"{at}: unsupported part type {kind!r} (text, image_url, video)")
     return parts
@@ -150,8 +147,8 @@ def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
     if _field(body, "n", int, 1) != 1:
         raise InvalidArgumentError("only n = 1 is supported")
     system: list[str] = []
-    turns: list[Turn] = []
-    pending: list[Part] = []
+    turns: list[CallerTurn] = []
+    pending: list[ContentPart] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
@@ -162,7 +159,7 @@ def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
         elif role == "assistant":
             if not pending:
                 raise InvalidArgumentError(f"{where}: an assistant message must follow a user message")
-            turns.append(Turn(tuple(pending), _text(message.get("content") or "", where)))
+            turns.append(CallerTurn(tuple(pending), _text(message.get("content") or "", where)))
             pending = []
         else:
             raise InvalidArgumentError(f"{where}: unsupported role {role!r} (system, user, assistant)")
@@ -181,7 +178,7 @@ def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
     mode = _field(body, "multi_image_mode", str, "separate")
     if mode not in ("separate", "combined"):
         raise InvalidArgumentError("multi_image_mode must be 'separate' or 'combined'")
-    sampling = Sampling(
+    sampling = SamplingParams(
         max_new_tokens=_field(body, "max_completion_tokens", int, None) or _field(body, "max_tokens", int, 0),
         temperature=_float(_field(body, "temperature", (int, float), 1.0), "temperature"),
         top_p=_float(_field(body, "top_p", (int, float), 1.0), "top_p"),
@@ -192,7 +189,7 @@ def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
         top_logprobs=max(top, 1) if want_logprobs else 0)
     request = ChatRequest(
         content=tuple(pending), history=tuple(turns), session_id=_field(body, "session_id", str, None),
-        max_num=_field(body, "max_num", int, 12), multi_image_mode=MultiImageMode(mode), sampling=sampling,
+        max_num=_field(body, "max_num", int, DEFAULT_MAX_NUM), multi_image_mode=MultiImageMode(mode), sampling=sampling,
         system_message="\n".join(system) if system else None, request_id=str(body.get("user") or ""))
     stream = bool(_field(body, "stream", bool, False))
     include_usage = bool((_field(body, "stream_options", dict, {}) or {}).get("include_usage", False))
@@ -220,15 +217,18 @@ def _logprobs(delta: Delta, top: int) -> list[dict]:
     return entries
 
 
-def error_body(exc: BaseException) -> tuple[int, dict]:
-    """HTTP status and OpenAI error body; unexpected errors are logged with their traceback, never returned."""
+def error_body(exc: BaseException, call: RequestCall | None = None) -> tuple[int, dict]:
+    """HTTP status and OpenAI error body (and the status `call` is counted under), both from the one error table;
+    unexpected errors are logged with their traceback, never returned."""
     if not isinstance(exc, InternVLError):
         log.error("chat completion failed", exc_info=exc)
-    status = status_name(exc)
+    status = rpc_status(exc).name
+    if call is not None:
+        call.code = status
     message = str(exc) if isinstance(exc, InternVLError) else "internal error"
-    http_status = getattr(exc, "http_status", None) or HTTP_STATUS.get(status, 500)
-    kind = "invalid_request_error" if http_status < 500 else "server_error"
-    return http_status, {"error": {"message": message, "type": kind, "param": None, "code": status.lower()}}
+    code = http_status(exc)
+    kind = "invalid_request_error" if code < 500 else "server_error"
+    return code, {"error": {"message": message, "type": kind, "param": None, "code": status.lower()}}
 
 
 # ---------------------------------------------------------------------------------------------------- app
@@ -253,24 +253,29 @@ class OpenAIHandlers:
         return web.json_response({"ready": self.is_ready()}, status=200 if self.is_ready() else 503)
 
     async def chat_completions(self, http: web.Request) -> web.StreamResponse:
-        events = self.metrics.track_stream(RPC, self._events(http))
+        # Recorded like a gRPC call (same families, method `openai.chat_completions`); a disconnect cancels it.
+        with self.metrics.requests.track(RPC) as call:
+            return await self._chat_completions(http, call)
+
+    async def _chat_completions(self, http: web.Request, call: RequestCall) -> web.StreamResponse:
+        events = self.metrics.track_tokens(RPC, self._events(http))
         async with contextlib.aclosing(events):
             try:
                 options = await anext(events)
                 first = await anext(events)
             except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
-                status, body = error_body(exc)
+                status, body = error_body(exc, call)
                 return web.json_response(body, status=status)
             model, stream, include_usage, top = options
             ident, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
             if stream:
-                return await self._stream(http, events, first, ident, created, model, include_usage, top)
+                return await self._stream(http, call, events, first, ident, created, model, include_usage, top)
             deltas = [first]
             try:
                 async for event in events:
                     deltas.append(event)
             except Exception as exc:  # noqa: BLE001
-                status, body = error_body(exc)
+                status, body = error_body(exc, call)
                 return web.json_response(body, status=status)
             finish = deltas.pop()
             assert isinstance(finish, Finish)
@@ -299,8 +304,8 @@ class OpenAIHandlers:
             async for event in events:
                 yield event
 
-    async def _stream(self, http: web.Request, events, first, ident: str, created: int, model: str,
-                      include_usage: bool, top: int) -> web.StreamResponse:
+    async def _stream(self, http: web.Request, call: RequestCall, events, first, ident: str, created: int,
+                      model: str, include_usage: bool, top: int) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http)
 
@@ -326,9 +331,10 @@ class OpenAIHandlers:
                 await send(chunk({"content": event.text}, **extra))
                 event = await anext(events)
         except (ConnectionResetError, ConnectionError):
+            call.code = RpcStatus.CANCELLED.name
             return response  # the client went away; closing `events` cancels the services' calls
         except Exception as exc:  # noqa: BLE001 - a stream fails with an error event
-            _, body = error_body(exc)
+            _, body = error_body(exc, call)
             await send(body)
         await send("[DONE]")
         await response.write_eof()

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,16 +29,14 @@ from typing import TypeVar
 
 from gateway.backends import (
     Embeddings,
-    EncodedItem,
     GenerateFinish,
     LLMBackend,
-    ModelIdentity,
     VisionBackend,
-    check_same_model,
-    strip_item_prefix,
 )
-from gateway.config import MAX_NUM_LIMIT, GatewayConfig
-from gateway.conversation import Conversation, ImageRef, Part, TurnRecord, VideoRef, part_refs
+from gateway.chat_request import ChatRequest
+from gateway.chat_response import ChatResult, ChatUsage, Delta, Finish
+from gateway.config import GatewayConfig
+from gateway.conversation import ImageRef, LLMConversation, RefPart, TurnRecord, VideoRef, part_refs
 from gateway.errors import DeadlineExceededError, SessionMediaEvictedError
 from gateway.media import MediaResolver
 from gateway.metrics import GatewayMetrics
@@ -54,22 +53,25 @@ from gateway.planning import (
     turn_jobs,
 )
 from gateway.sessions import Session, SessionStore, new_session_id
-from gateway.types import ChatRequest, ChatResult, Delta, Finish, Usage
-from services.common.errors import (
+from services.common.contract import template
+from services.common.contract.encoding import EncodedItem
+from services.common.contract.errors import (
     ContextTooLongError,
     EmbeddingsMissingError,
     InternVLError,
     InvalidArgumentError,
     InvalidMediaError,
+    ModelMismatchError,
     NotReadyError,
 )
-from services.llm import template
+from services.common.contract.model_info import ModelInfo
+from services.common.contract.tiling import MAX_NUM_LIMIT
 
 log = logging.getLogger(__name__)
+_ITEM_PREFIX = re.compile(r"^items\[\d+\]:\s*")
 T = TypeVar("T")
 MAX_BATCH_REQUESTS = 64
 # Pause before Generate is tried again after failing UNAVAILABLE before its first token.
-GENERATE_RETRY_PAUSE_S = 0.2
 # Times Generate is tried again after the LLM found some of the request's embeddings evicted (each time after
 # re-encoding exactly those).
 MISSING_EMBEDDINGS_RETRIES = 2
@@ -97,11 +99,11 @@ class Orchestrator:
         self.media = MediaResolver(config.media_root, config.max_media_bytes, config.max_pixels,
                                    config.max_video_frames)
         self._pool = ThreadPoolExecutor(config.media_threads, thread_name_prefix="gateway-media")
-        self.model: ModelIdentity | None = None
+        self.model: ModelInfo | None = None
         self._keyer: Keyer | None = None
         self._warned_key_mismatch = False
 
-    async def connect(self, timeout: float | None = None, retry_interval_s: float = 2.0) -> ModelIdentity:
+    async def connect(self, timeout: float | None = None, retry_interval_s: float = 2.0) -> ModelInfo:
         """Waits for both services, checks they serve the same model, and learns what keys depend on.
 
         A peer that is still loading its weights answers UNAVAILABLE; that is waited out (up to `timeout`, forever
@@ -160,7 +162,7 @@ class Orchestrator:
             refs = await self._ensure_cached(plan, session, deadline)
             history = (*session.turns, *(TurnRecord(refs[n], t.assistant_text or "")
                                          for n, t in enumerate(plan.turns[:-1])))
-            conversation = Conversation(refs[-1], history, session.system_message)
+            conversation = LLMConversation(refs[-1], history, session.system_message)
             answer: list[str] = []
             async with contextlib.aclosing(self._generate(conversation, plan, request, deadline)) as events:
                 async for event in events:
@@ -228,7 +230,7 @@ class Orchestrator:
 
     # ------------------------------------------------------------------------------------------ embeddings
 
-    async def _ensure_cached(self, plan: Plan, session: Session, deadline: Deadline) -> list[tuple[Part, ...]]:
+    async def _ensure_cached(self, plan: Plan, session: Session, deadline: Deadline) -> list[tuple[RefPart, ...]]:
         """Looks up every key, encodes the misses, and returns each planned turn's parts as references."""
         stored = [leaf.key for turn in session.turns for ref in part_refs(turn.user_parts) for leaf in ref.leaves()]
         keys = list(dict.fromkeys([*stored, *(image.key for image in plan.images)]))
@@ -240,15 +242,19 @@ class Orchestrator:
         return [tuple(self._ref(part) for part in turn.parts) for turn in plan.turns]
 
     async def _encode(self, images: list[PendingImage], deadline: Deadline) -> None:
-        """Encodes each distinct image once, in concurrent calls of at most `encode_items_per_call` items."""
+        """Encodes each distinct image once, in concurrent calls of at most `encode_items_per_call` items.
+
+        Each image goes to the vision replica its key prefers, so the misses of a request spread over the pool and
+        two gateways encoding the same new image reach the same replica (whose single-flight encodes it once).
+        """
         unique: dict[str, list[PendingImage]] = {}
         for image in images:
             unique.setdefault(image.key, []).append(image)
-        by_options: dict[int, list[list[PendingImage]]] = {}
+        by_call: dict[tuple[int, str | None], list[list[PendingImage]]] = {}
         for same in unique.values():
-            by_options.setdefault(same[0].max_num, []).append(same)
+            by_call.setdefault((same[0].max_num, self.vision.preferred(same[0].key)), []).append(same)
         size = self.config.encode_items_per_call
-        calls = [(max_num, groups[i:i + size]) for max_num, groups in by_options.items()
+        calls = [(max_num, groups[i:i + size]) for (max_num, _), groups in by_call.items()
                  for i in range(0, len(groups), size)]
         await asyncio.gather(*(self._encode_call(max_num, groups, deadline) for max_num, groups in calls))
 
@@ -258,7 +264,7 @@ class Orchestrator:
         for item in items:
             self.metrics.media_bytes_sent.labels(item.kind).inc(len(item.data))
         try:
-            results = await self.vision.encode(items, max_num, True, deadline.remaining())
+            results = await self.vision.encode(items, max_num, True, deadline.remaining(), route_key=groups[0][0].key)
         except (InvalidMediaError, InvalidArgumentError) as exc:
             if exc.item_index is not None and 0 <= exc.item_index < len(groups):
                 raise type(exc)(f"{groups[exc.item_index][0].where}: {strip_item_prefix(str(exc))}") from None
@@ -279,7 +285,7 @@ class Orchestrator:
             image.key, image.num_tiles = result.key, result.num_tiles
         first.encoded = not result.cache_hit
 
-    def _ref(self, part) -> Part:
+    def _ref(self, part) -> RefPart:
         if isinstance(part, str):
             return part
         if isinstance(part, PendingImage):
@@ -290,7 +296,7 @@ class Orchestrator:
         leaves = tuple(ImageRef(i.key, i.num_tiles) for i in part.images)
         return ImageRef(_combined_key(self.config.namespace, leaves), sum(r.num_tiles for r in leaves), leaves)
 
-    async def _inline(self, conversation: Conversation, deadline: Deadline) -> dict[str, Embeddings]:
+    async def _inline(self, conversation: LLMConversation, deadline: Deadline) -> dict[str, Embeddings]:
         """Every referenced image's embeddings, fetched from the vision service (combined mode)."""
         refs = {ref.key: ref for ref in conversation.refs()}
         leaves = list(dict.fromkeys(leaf.key for ref in refs.values() for leaf in ref.leaves()))
@@ -305,10 +311,10 @@ class Orchestrator:
 
     # -------------------------------------------------------------------------------------------- generate
 
-    async def _generate(self, conversation: Conversation, plan: Plan, request: ChatRequest,
+    async def _generate(self, conversation: LLMConversation, plan: Plan, request: ChatRequest,
                         deadline: Deadline) -> AsyncIterator[Delta | GenerateFinish]:
         pending = {image.key: image for image in plan.images}
-        missing_retries, retried_unavailable = 0, False
+        missing_retries = 0
         while True:
             started = False
             try:
@@ -336,25 +342,15 @@ class Orchestrator:
                 missing_retries += 1
                 self.metrics.missing_retries.inc()
                 await self._encode([pending[key] for key in exc.missing_keys], deadline)
-            except NotReadyError as exc:
-                # Nothing was generated yet, so trying once more (on another replica, or after a Redis restart)
-                # is invisible to the caller. A stream that already sent tokens fails: the caller must not take a
-                # truncated answer for a complete one.
-                if started or retried_unavailable:
-                    raise
-                log.info("Generate failed before its first token (%s); trying once more", exc)
-                retried_unavailable = True
-                self.metrics.upstream_retries.labels("llm", "Generate").inc()
-                await asyncio.sleep(GENERATE_RETRY_PAUSE_S)
 
-    def _count_embedding_bytes(self, conversation: Conversation, inline: dict[str, Embeddings] | None) -> None:
+    def _count_embedding_bytes(self, conversation: LLMConversation, inline: dict[str, Embeddings] | None) -> None:
         if inline is not None:
             self.metrics.embedding_bytes.labels("inline").inc(sum(len(e.data) for e in inline.values()))
             return
         tiles = {ref.key: ref.num_tiles for ref in conversation.refs()}
         self.metrics.embedding_bytes.labels("reference").inc(sum(tiles.values()) * self.model.bytes_per_tile)
 
-    def _usage(self, finish: GenerateFinish, conversation: Conversation, plan: Plan) -> Usage:
+    def _usage(self, finish: GenerateFinish, conversation: LLMConversation, plan: Plan) -> ChatUsage:
         leaves = [leaf for ref in conversation.refs() for leaf in ref.leaves()]
         fresh = {image.key for image in plan.images if image.encoded}
         encoded = 0
@@ -365,7 +361,7 @@ class Orchestrator:
         total = sum(leaf.num_tiles for leaf in leaves)
         self.metrics.tiles_encoded.inc(encoded)
         self.metrics.tiles_reused.inc(total - encoded)
-        return Usage(finish.prompt_tokens, finish.completion_tokens, finish.cached_prompt_tokens,
+        return ChatUsage(finish.prompt_tokens, finish.completion_tokens, finish.cached_prompt_tokens,
                      tuple(leaf.num_tiles for leaf in leaves), encoded, total - encoded)
 
 
@@ -385,3 +381,16 @@ def _videos(request: ChatRequest):
         if part.video is not None:
             yield f"content[{i}]", part.video
 
+
+def check_same_model(vision: ModelInfo, llm: ModelInfo) -> None:
+    """Decision 6: the gateway serves only when both pools loaded the same model."""
+    if vision.fingerprint != llm.fingerprint:
+        raise ModelMismatchError(f"the vision service serves model {vision.fingerprint} ({vision.model_name}) "
+                                 f"but the LLM service serves {llm.fingerprint} ({llm.model_name})")
+    if vision.dtype and llm.dtype and vision.dtype != llm.dtype:
+        log.warning("vision embeddings are %s but the LLM computes in %s", vision.dtype, llm.dtype)
+
+
+def strip_item_prefix(message: str) -> str:
+    """The vision service's message without its `items[i]: ` prefix (the gateway names the part instead)."""
+    return _ITEM_PREFIX.sub("", message)

@@ -3,7 +3,7 @@
 Runs before any call to the services, so bad input (a missing file, a path outside the media root, undecodable
 media, a placeholder count that does not match the images) is refused early, naming the part. Every image or video
 frame becomes a `PendingImage` carrying the content-addressed key the vision service will store it under (the same
-`services.vision.cache` functions the vision service uses) and its tile count (`count_tiles`, the same tiling rule),
+`services.common.contract.cache_keys` functions the vision service uses) and its tile count (`count_tiles`, the same tiling rule),
 so a cache hit needs neither decoding nor a call to the encoder.
 """
 
@@ -12,18 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.backends import EncodeItem, ModelIdentity
+from gateway.chat_request import CallerTurn, ContentPart, MultiImageMode
 from gateway.media import MediaResolver
-from gateway.types import MultiImageMode, Part, Turn
-from services.common.errors import InvalidArgumentError
-from services.llm import template
-from services.vision.cache import cache_key, frame_media, model_identity
-from services.vision.preprocess import count_tiles
+from services.common.contract import template
+from services.common.contract.cache_keys import model_identity
+from services.common.contract.encoding import MediaItem, item_key
+from services.common.contract.errors import InvalidArgumentError
+from services.common.contract.model_info import ModelInfo
+from services.common.contract.tiling import count_tiles
 
 # The original `load_image` and `load_video` always tile with a thumbnail; so does the gateway, explicitly, so
 # that keys do not depend on a checkpoint's config default.
 USE_THUMBNAIL = True
-RESERVED_MARKUP = (template.IMG_START, template.IMG_END, template.IMG_CONTEXT)
 
 
 @dataclass
@@ -31,7 +31,7 @@ class PendingImage:
     """One image or video frame of this request. `key` and `num_tiles` are confirmed by Encode on a miss."""
 
     where: str
-    item: EncodeItem
+    item: MediaItem
     max_num: int
     key: str
     num_tiles: int
@@ -68,23 +68,17 @@ class Plan:
     turns: list[PlannedTurn]
     images: list[PendingImage] = field(default_factory=list)
 
-    @property
-    def new_turn(self) -> PlannedTurn:
-        return self.turns[-1]
-
 
 class Keyer:
     """Cache keys and tile counts exactly as the vision service derives them, for one model."""
 
-    def __init__(self, model: ModelIdentity, namespace: str):
+    def __init__(self, model: ModelInfo, namespace: str):
         self.identity = model_identity(model.fingerprint, model.dtype)
         self.image_size = model.image_size
         self.namespace = namespace
 
-    def key(self, item: EncodeItem, max_num: int) -> str:
-        media = frame_media(item.data, item.height, item.width) if item.kind == "frame" else item.data
-        return cache_key(self.identity, max_num, USE_THUMBNAIL, self.image_size, media, item.kind,
-                         namespace=self.namespace)
+    def key(self, item: MediaItem, max_num: int) -> str:
+        return item_key(item, self.identity, max_num, USE_THUMBNAIL, self.image_size, self.namespace)
 
     def tiles(self, width: int, height: int, max_num: int) -> int:
         return count_tiles(width, height, max_num, self.image_size, USE_THUMBNAIL)
@@ -95,18 +89,15 @@ def check_max_num(value: int, where: str, limit: int) -> None:
         raise InvalidArgumentError(f"{where}: max_num must be between 1 and {limit}, got {value}")
 
 
-def resolve_part(part: Part, where: str, max_num: int, media: MediaResolver, keyer: Keyer) -> PlannedPart:
+def resolve_part(part: ContentPart, where: str, max_num: int, media: MediaResolver, keyer: Keyer) -> PlannedPart:
     """Reads and probes one part (blocking: run it in an executor)."""
     if part.text is not None:
-        for markup in RESERVED_MARKUP:
-            if markup in part.text:
-                raise InvalidArgumentError(f"{where}: the text contains {markup!r}, which only the server writes; "
-                                           "send images as image parts (with <image> placeholders if you like)")
+        template.check_text(part.text, where)
         return part.text
     if part.image is not None:
         image = part.image
         probed = media.image(image.data, image.path, image.url, where=f"{where} (image)")
-        item = EncodeItem("image", probed.data)
+        item = MediaItem.image(probed.data)
         return PendingImage(f"{where} (image)", item, max_num, keyer.key(item, max_num),
                             keyer.tiles(probed.width, probed.height, max_num))
     video = part.video
@@ -115,7 +106,7 @@ def resolve_part(part: Part, where: str, max_num: int, media: MediaResolver, key
                          where=f"{where} (video)")
     pending = []
     for number, frame in enumerate(frames):
-        item = EncodeItem("frame", frame.rgb, frame.height, frame.width)
+        item = MediaItem.frame(frame.rgb, frame.height, frame.width)
         pending.append(PendingImage(f"{where} (video) frame {number + 1}", item, video.max_num,
                                     keyer.key(item, video.max_num), keyer.tiles(frame.width, frame.height,
                                                                                 video.max_num)))
@@ -156,7 +147,7 @@ def flatten(parts: list[PlannedPart]) -> list[PendingImage]:
     return out
 
 
-def turn_jobs(history: tuple[Turn, ...], content: tuple[Part, ...], max_num: int, media: MediaResolver,
+def turn_jobs(history: tuple[CallerTurn, ...], content: tuple[ContentPart, ...], max_num: int, media: MediaResolver,
               keyer: Keyer) -> list[tuple[str, str | None, list[Callable[[], PlannedPart]]]]:
     """Per turn (the caller's history first, then the new one): its name, its answer and one job per part."""
     turns = [(f"history[{n}]", t.assistant_text, t.user, "user_content") for n, t in enumerate(history)]

@@ -1,9 +1,9 @@
 """`internvl-serve gateway`: the public gRPC ChatService and the OpenAI-compatible HTTP API, on one event loop.
 
-The servicer only translates (gateway.types) and delegates to the transport-free orchestrator. Domain errors go to the
-shared interceptor; the few gateway errors with a more precise status (NOT_FOUND for an unknown session,
-PERMISSION_DENIED for a path outside the media root, ABORTED for a busy session, DEADLINE_EXCEEDED) are aborted here
-with that status and the same ErrorDetail trailer.
+The servicer only translates (gateway.chat_request, gateway.chat_response) and delegates to the transport-free
+orchestrator. Domain errors, the gateway's own included (gateway.errors: each has its own code and status), go to
+the shared interceptors, which abort the call with the status of the error's code and record the request
+(services.common.grpc_server); a stream that fails after some deltas ends with that status and no finish message.
 
 Start-up: bind and answer health checks (NOT_SERVING), wait until both services answer GetModelInfo with the same
 model fingerprint, then report SERVING. SIGTERM: NOT_SERVING, drain running streams, stop HTTP, close the clients.
@@ -16,39 +16,26 @@ import asyncio
 import contextlib
 import logging
 
-import grpc
 from aiohttp import web
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway import config as gateway_config
 from gateway.auth import BearerTokenInterceptor
-from gateway.clients import LLMClient, VisionClient
+from gateway.chat_request import ChatRequest
+from gateway.clients import open_clients
 from gateway.config import GatewayConfig
-from gateway.errors import grpc_status_name
+from gateway.endpoints import EndpointPool
 from gateway.metrics import GatewayMetrics
 from gateway.openai_http import create_app
 from gateway.orchestrator import Orchestrator
 from gateway.sessions import MemorySessionStore, RedisSessionStore
-from gateway.types import ChatRequest
-from services.common.errors import InternVLError
-from services.common.grpc_errors import DETAIL_METADATA_KEY, status_for
+from services.common.contract.errors import InternVLError
 from services.common.grpc_server import GrpcServer
 from services.common.redis_client import connect as connect_redis
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name  # internvl.gateway.v1.ChatService
-
-
-async def _abort_precisely(context: grpc.aio.ServicerContext, exc: InternVLError) -> None:
-    """Aborts with the gateway error's own status when it has one; otherwise leaves it to the interceptor."""
-    name = grpc_status_name(exc)
-    if name is None:
-        return
-    _, message, detail = status_for(exc)
-    log.info("%s: %s", name, message)
-    await context.abort(grpc.StatusCode[name], message,
-                        trailing_metadata=((DETAIL_METADATA_KEY, detail.SerializeToString()),))
 
 
 class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
@@ -63,29 +50,20 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
                 yield event
 
     async def Chat(self, request: gateway_pb2.ChatRequest, context):
-        events = self.metrics.track_stream("Chat", self._events(request, context.time_remaining()))
+        events = self.metrics.track_tokens("Chat", self._events(request, context.time_remaining()))
         async with contextlib.aclosing(events):
-            try:
-                async for event in events:
-                    yield event.to_pb()
-            except InternVLError as exc:
-                await _abort_precisely(context, exc)
-                raise
+            async for event in events:
+                yield event.to_pb()
 
     async def BatchChat(self, request: gateway_pb2.BatchChatRequest, context):
-        try:
-            with self.metrics.track("BatchChat"):
-                requests = []
-                for index, item in enumerate(request.requests):
-                    try:
-                        requests.append(ChatRequest.from_pb(item))
-                    except InternVLError as exc:
-                        exc.args = (f"requests[{index}]: {exc}",)
-                        raise
-                results = await self.orchestrator.batch_chat(requests, context.time_remaining())
-        except InternVLError as exc:
-            await _abort_precisely(context, exc)
-            raise
+        requests = []
+        for index, item in enumerate(request.requests):
+            try:
+                requests.append(ChatRequest.from_pb(item))
+            except InternVLError as exc:
+                exc.args = (f"requests[{index}]: {exc}",)
+                raise
+        results = await self.orchestrator.batch_chat(requests, context.time_remaining())
         self.metrics.generated_tokens.labels("BatchChat").inc(sum(len(r.token_ids) for r in results))
         return gateway_pb2.BatchChatResponse(results=[r.to_pb() for r in results])
 
@@ -109,18 +87,16 @@ async def _start_http(config: GatewayConfig, app: web.Application) -> web.AppRun
 
 async def serve(config: GatewayConfig) -> None:
     metrics = GatewayMetrics()
-    vision = VisionClient(config.vision_target, config.server.max_message_bytes, config.upstream_tls,
-                          on_retry=lambda method: metrics.upstream_retries.labels("vision", method).inc())
-    llm = LLMClient(config.llm_target, config.server.max_message_bytes, config.upstream_tls)
+    vision, llm = await open_clients(config, metrics)
     sessions = _session_store(config)
     orchestrator = Orchestrator(config, vision, llm, sessions, metrics)
     interceptors = [BearerTokenInterceptor(config.api_token)] if config.api_token else []
-    server = GrpcServer(config.server, [SERVICE_NAME], interceptors)
+    server = GrpcServer(config.server, [SERVICE_NAME], interceptors, requests=metrics.requests)
     server.add(gateway_pb2_grpc.add_ChatServiceServicer_to_server, ChatServicer(orchestrator, metrics))
     ready = stopped = False
     runner = None
     try:
-        await server.start(registry=metrics.registry)
+        await server.start()
         if config.http_port is not None:
             runner = await _start_http(config, create_app(orchestrator, metrics, lambda: ready))
         if isinstance(sessions, RedisSessionStore):
@@ -130,7 +106,11 @@ async def serve(config: GatewayConfig) -> None:
         await orchestrator.connect()
         ready = True
         await server.mark_ready()
-        await server.serve_until_signalled()  # SIGTERM: NOT_SERVING, then running calls get drain_seconds
+        watch = asyncio.ensure_future(_follow_pools(server, vision.pool, llm.pool))
+        try:
+            await server.serve_until_signalled()  # SIGTERM: NOT_SERVING, then running calls get drain_seconds
+        finally:
+            watch.cancel()
         stopped = True
     finally:
         if not stopped:
@@ -140,6 +120,23 @@ async def serve(config: GatewayConfig) -> None:
         await orchestrator.close()
         await asyncio.gather(vision.close(), llm.close(), sessions.close(), return_exceptions=True)
         log.info("gateway stopped")
+
+
+async def _follow_pools(server: GrpcServer, *pools: EndpointPool, interval_s: float = 1.0) -> None:
+    """Readiness follows the pools: NOT_SERVING while a pool has no ready replica (saying which target), SERVING
+    again once it has one, so a load balancer sends callers only to gateways that can answer them."""
+    serving = True
+    while True:
+        await asyncio.sleep(interval_s)
+        empty = [pool for pool in pools if not pool.ready_loads()]
+        if empty and serving:
+            for pool in empty:
+                log.warning("not serving: %s", pool.unavailable(pool.name))
+            await server.mark_not_ready()
+        elif not empty and not serving:
+            log.info("serving again: every pool has a ready replica")
+            await server.mark_ready()
+        serving = not empty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,9 @@ the embedding cache make the next round cheap. A session expires `ttl_s` after i
 
 One round at a time: a round holds a short-lived lock (SET NX PX, released by compare-and-delete) so that two
 concurrent rounds of one session cannot both append to the same history; the second gets SessionBusyError.
+
+Every command touches one key (the lock's EVAL names only the lock), so on a Redis Cluster a session and its lock
+may live in different slots: the keys carry no hash tag and read the same on one Redis and on a cluster.
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import redis.exceptions
-from redis.asyncio import Redis
 
 from gateway.conversation import TurnRecord, turn_from_json, turn_to_json
 from gateway.errors import SessionBusyError, SessionNotFoundError
-from services.common.errors import InvalidArgumentError
-from services.common.redis_client import redis_errors
+from services.common.contract.errors import InvalidArgumentError
+from services.common.redis_client import RedisClient, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def check_session_id(session_id: str) -> str:
 
 
 class RedisSessionStore:
-    def __init__(self, redis: Redis, namespace: str, ttl_s: int):
+    def __init__(self, redis: RedisClient, namespace: str, ttl_s: int):
         self.redis = redis
         self.namespace = namespace
         self.ttl_s = ttl_s
@@ -111,7 +113,9 @@ class RedisSessionStore:
         finally:
             try:
                 await self.redis.eval(_RELEASE, 1, key, token)
-            except redis.exceptions.RedisError as exc:  # the lock expires by itself
+            except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+                # The lock expires by itself. (redis-py's cluster errors, such as a slot without a master, are no
+                # RedisErrors.)
                 log.warning("could not release the lock of session %s: %s", session_id, exc)
 
     async def close(self) -> None:

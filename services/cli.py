@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from services.common.errors import InternVLError
+from services.common.contract.errors import InternVLError
 
 SUBCOMMANDS = {
     "make-tiny": ("services.tools.make_tiny", "write a random checkpoint in the original OpenGVLab format"),

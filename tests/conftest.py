@@ -5,7 +5,18 @@ import contextlib
 import pytest
 
 # tests/ is on sys.path here (pytest's rootdir conftest, no tests/__init__.py).
-from redis_server import RedisServerError, redis_server
+from procs import redis_server
+
+from services.tools.launcher import LaunchError
+
+# Fixtures that start a process: a test that needs one, even through another fixture, is marked e2e.
+PROCESS_FIXTURES = {"redis_url"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -18,12 +29,12 @@ def redis_url():
     with contextlib.ExitStack() as stack:
         error = None
         try:
-            url = stack.enter_context(redis_server())
-        except RedisServerError as exc:
+            server = stack.enter_context(redis_server())
+        except LaunchError as exc:
             error = str(exc)
         if error is not None:
             pytest.fail(error, pytrace=False)
-        yield url
+        yield server.url
 
 
 @pytest.fixture(scope="session")
@@ -48,10 +59,9 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def golden_dir():
-    """../shared/golden beside the repository: the preprocessing golden files and their images."""
-    import pathlib
+    """The preprocessing golden files and their images (see `golden`)."""
+    from golden import GOLDEN
 
-    path = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-    if not path.is_dir():
-        pytest.fail(f"golden data not found at {path}", pytrace=False)
-    return path
+    if not GOLDEN.is_dir():
+        pytest.fail(f"golden data not found at {GOLDEN}", pytrace=False)
+    return GOLDEN

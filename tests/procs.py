@@ -1,93 +1,80 @@
-"""Starting the project's services as real processes for end-to-end tests."""
+"""The tests' defaults for real processes (services.tools.launcher does the work).
+
+Children run from the repository with it on PYTHONPATH and log into temp files kept for the failure messages. They
+are not tied to their parent: the tests start them from worker threads, whose end would otherwise stop them.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
+import shutil
 import tempfile
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from services.tools.launcher import (
+    REPO,
+    Child,
+    LocalRedisCluster,
+    RedisServer,
+    cli_env,
+    free_port,
+    start_redis,
+    start_redis_cluster,
+    start_service,
+    stop_together,
+    temp_log,
+    wait_serving,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+__all__ = ["REPO", "Child", "free_port", "redis_cluster", "redis_server", "run_service", "spawn_service",
+           "stop_together", "wait_serving"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServiceProcess:
-    process: subprocess.Popen
-    port: int
-    metrics_port: int
-    log_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def metrics_text(self) -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return response.read().decode()
-
-
-def _wait_serving(service: ServiceProcess, health_name: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(service.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if service.process.poll() is not None:
-                raise RuntimeError(f"service exited with {service.process.returncode}:\n{service.log_tail()}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=health_name), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"{health_name} not SERVING after {timeout_s}s:\n{service.log_tail()}")
+def spawn_service(name: str, command: str, *args: str, env: Mapping[str, str] | None = None, **ports) -> Child:
+    """`internvl-serve COMMAND --port P --metrics-port M ARGS...` started (not waited for); `ports`: port=,
+    metrics_port= to choose them."""
+    return start_service(name, command, *args, log_path=temp_log(name), cwd=REPO, env=cli_env(env), **ports)
 
 
 @contextlib.contextmanager
-def run_service(command: str, *args: str, health_name: str, timeout_s: float = 120,
-                env: dict[str, str] | None = None) -> Iterator[ServiceProcess]:
-    """`internvl-serve COMMAND --port P --metrics-port M ARGS...` as a subprocess, yielded once SERVING.
-
-    Stopped with SIGTERM (the graceful path) and killed if it does not exit in 20 s. Its log is kept for messages.
-    """
-    port, metrics_port = free_port(), free_port()
-    log_file = tempfile.NamedTemporaryFile(prefix=f"{command}-", suffix=".log", delete=False)  # noqa: SIM115 - outlives this frame
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", command, "--port", str(port), "--host", "127.0.0.1",
-         "--metrics-port", str(metrics_port), *args],
-        cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
-    service = ServiceProcess(process, port, metrics_port, Path(log_file.name))
+def run_service(command: str, *args: str, timeout_s: float = 120,
+                env: Mapping[str, str] | None = None) -> Iterator[Child]:
+    """`internvl-serve COMMAND ...` as a subprocess, yielded once SERVING; stopped with SIGTERM (the graceful path),
+    killed if it does not exit in 20 s."""
+    service = spawn_service(command, command, *args, env=env)
     try:
-        _wait_serving(service, health_name, timeout_s)
+        wait_serving([service], timeout_s)
         yield service
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log_file.close()
+        service.stop()
+
+
+@contextlib.contextmanager
+def redis_server(maxmemory: str = "256mb", policy: str = "allkeys-lru") -> Iterator[RedisServer]:
+    """A private redis-server (persistence off) in a throwaway directory, stopped and removed on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix="internvl-redis-"))
+    try:
+        server = start_redis(workdir, maxmemory=maxmemory, policy=policy)
+        try:
+            yield server
+        finally:
+            server.stop(grace_s=5)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_cluster(masters: int = 3, replicas_per_master: int = 0, maxmemory: str = "256mb",
+                  policy: str = "allkeys-lru", **options) -> Iterator[LocalRedisCluster]:
+    """A private Redis Cluster (`start_redis_cluster`: persistence off, a 1 s node timeout) in a throwaway
+    directory, stopped and removed on exit; `options` as `start_redis_cluster`'s."""
+    workdir = Path(tempfile.mkdtemp(prefix="internvl-redis-cluster-"))
+    try:
+        cluster = start_redis_cluster(workdir, masters=masters, replicas_per_master=replicas_per_master,
+                                      maxmemory=maxmemory, policy=policy, **options)
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Independent implementations used only by tests: written from ../shared/reference/internvl25.md, sharing no code
+"""Independent implementations used only by tests: written from the model card's description of InternVL 2.5, sharing no code
 with the project's loader or key mapping.
 
 - `internvit_forward`: InternViT + pixel shuffle (v2) + mlp1 straight from the original weight names.

@@ -20,8 +20,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from services.common.chat import InternVLChat
 from services.common.checkpoint import open_checkpoint
+from services.common.contract import template
 from services.common.model import load_language_model, load_tokenizer, load_vision
-from services.llm import template
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """`internvl-serve bench`: the stack against transformers' InternVL path on the same weights, in one run.
 
 Writes a random checkpoint of InternVL2_5-1B's real shape (or the tiny one with --quick; or benchmarks --model),
-measures the machine's limits, runs the baseline, then the stack with one and with two vision replicas, and writes
-`<out>/<date>.json`, `<out>/<date>.md` and PNG plots.
+measures the machine's limits, runs the baseline, then the stack with one and with two vision replicas (the second
+with three LLM replicas), then three LLM replicas under round_robin routing on a Redis Cluster, and writes
+`<out>/<date>.json`, `<out>/<date>.md` and PNG plots. `--scenarios` measures some scenarios only, skipping the
+phases none of them needs.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import signal
 import sys
 import time
 
-from services.bench import phases, report, scenarios
+from services.bench import phases, pool, report, scenarios
 from services.bench.machine import machine_info, measure_limits, vision_flops_per_tile
-from services.bench.settings import BenchSettings
+from services.bench.settings import SCENARIOS, BenchSettings
 from services.common.checkpoint import open_checkpoint
-from services.common.model import DTYPES
+from services.common.torch_dtypes import TORCH_DTYPES
 
 log = logging.getLogger("bench")
 
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench/results", help="directory for the JSON, markdown and plots")
     parser.add_argument("--repeats", type=int, default=None,
                         help="repeats per scenario (default 2, about an hour on 2 CPU cores; 1 with --quick)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default=None,
                         help="benchmark dtype (default: bfloat16 on a GPU or a CPU with AMX/AVX512-BF16, else float32)")
     parser.add_argument("--model", default=None,
                         help="benchmark this checkpoint instead of writing a random one of the 1B shape")
@@ -44,6 +46,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="file stem of the results (default: today's date)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run of the same --name/date after its last completed phase")
+    parser.add_argument("--scenarios", type=_scenario_list, default=None, metavar="N[,N...]",
+                        help=f"measure only these scenarios ({SCENARIOS[0]}-{SCENARIOS[-1]}; e.g. 8 for the scaled "
+                             "pool alone); phases none of them needs are skipped (default: all)")
+
+
+def _scenario_list(text: str) -> frozenset[int]:
+    try:
+        return frozenset(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of scenario numbers: {text!r}") from None
+
+
+# The scenarios each phase measures a part of: a phase runs when one of them is selected.
+PHASE_SCENARIOS = {
+    "limits": {7},
+    "baseline": {2, 3, 4, 5, 6, 7},
+    "stack-1": {1, 2, 3, 4, 5, 6, 7, 8},
+    "stack-2": {5, 8},
+    "stack-round-robin": {8},
+    "limits-end": {7},
+}
 
 
 def _checkpoint(s: BenchSettings) -> str:
@@ -61,7 +84,7 @@ def _limits(settings: BenchSettings, rec: phases.Recorder, when: str) -> None:
     """Measured at the start and at the end; the machine's limit is the better of the two (other work on a shared
     machine can only make a measurement lower)."""
     log.info("measuring read bandwidth and matrix throughput (%s, %s)", settings.dtype, when)
-    limits = measure_limits(DTYPES[settings.dtype], settings.device, settings.workload.bandwidth_mib,
+    limits = measure_limits(TORCH_DTYPES[settings.dtype], settings.device, settings.workload.bandwidth_mib,
                             settings.workload.matmul_sizes)
     log.info("  %.1f GB/s read, %.0f GFLOP/s", limits["read_bandwidth_bytes_per_s"] / 1e9,
              limits["matmul_flops_per_s"] / 1e9)
@@ -101,13 +124,17 @@ def run(args: argparse.Namespace) -> int:
     done = rec.extra.setdefault("phases_done", [])
     if done:
         log.info("resuming %s: phases %s already done", partial, ", ".join(done))
+    # The scaled pool's session images are encoded in the first stack; later stacks get their cache values copied.
+    cached = pool.CachedValues()
     steps = [
         ("limits", lambda: _limits(settings, rec, "start")),
         ("baseline", lambda: phases.run_baseline(settings, model, rec)),
-        ("stack-1", lambda: phases.run_stack(settings, model, rec, replicas=1)),
-        ("stack-2", lambda: phases.run_stack(settings, model, rec, replicas=2)),
+        ("stack-1", lambda: phases.run_stack(settings, model, rec, replicas=1, cached=cached)),
+        ("stack-2", lambda: phases.run_stack(settings, model, rec, replicas=2, cached=cached)),
+        ("stack-round-robin", lambda: phases.run_round_robin(settings, model, rec, cached=cached)),
         ("limits-end", lambda: _limits(settings, rec, "end")),
     ]
+    steps = [(name, step) for name, step in steps if not settings.scenarios.isdisjoint(PHASE_SCENARIOS[name])]
     rec.extra["vision_flops_per_tile"] = vision_flops_per_tile(spec)
     rec.extra["machine_cpus"] = machine["usable_cpus"]
     rec.extra["resumed"] = bool(done)
@@ -119,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             seconds[name] = time.perf_counter() - phase_started
             done.append(name)
             rec.save(partial)
-    limits = rec.extra["limits"]
+    limits = rec.extra.get("limits")
 
     machine["load_average_at_end"] = list(os.getloadavg())
     built = scenarios.build(settings, rec, limits)
@@ -131,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             "model_description": (f"the checkpoint at {settings.model}" if settings.model
                                   else MODEL_DESCRIPTIONS[settings.preset]),
             "dtype_reason": settings.dtype_reason, "workload": settings.workload.__dict__,
+            "scenarios": sorted(settings.scenarios),
         },
         # Across a --resume, the phases' own durations add up to the run's.
         "wall_s": sum(seconds.values()),

@@ -1,12 +1,17 @@
-"""The timed runs, in three phases that never overlap (two processes computing at once would slow each other):
+"""The timed runs, in phases that never overlap (two processes computing at once would slow each other):
 
 1. baseline: transformers' native model in this process, every scenario's baseline side and the bare modules;
-2. the stack with one vision replica: every scenario's side that runs through the gateway;
-3. the stack with two vision replicas: the video scenario again.
+2. the stack with one vision and one LLM replica: every scenario's side that runs through the gateway, and the
+   scaled pool's sessions on one LLM replica and its fetch from a single Redis;
+3. the stack with two vision replicas and three LLM replicas (affinity routing): the video scenario again, and the
+   scaled pool's sessions;
+4. the stack with three LLM replicas under round_robin routing, on a Redis Cluster: the scaled pool's sessions and
+   its fetch from the cluster (`pool`).
 
-Each phase records `Measure`s (one sample per repeat) under stable keys in a `Recorder`; `scenarios` turns them
-into comparisons. Every cold request uses inputs no earlier request of its phase has seen (`workload.seed`), and each
-phase starts with an empty Redis and prefix cache, so the baseline and ours see the very same bytes.
+Each phase records `Measure`s (one sample per repeat; for the scaled pool, one per session or call) under stable keys
+in a `Recorder`; `scenarios` turns them into comparisons. Every cold request uses inputs no earlier request of its
+phase has seen (`workload.seed`), and each phase starts with an empty Redis and prefix cache, so the baseline and ours
+see the very same bytes. Only the parts of the scenarios in `BenchSettings.scenarios` run.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import torch
 
+from services.bench import pool
 from services.bench import workload as W
 from services.bench.baseline import Baseline, Generation
 from services.bench.machine import RssSampler, decode_bytes_per_step, module_bytes, status_mib
@@ -40,10 +46,15 @@ from services.bench.stack import (
     video_part,
 )
 from services.common.chat import GenerationParams
-from services.common.model import DTYPES
-from services.llm import template
+from services.common.contract import template
+from services.common.torch_dtypes import TORCH_DTYPES
 
 log = logging.getLogger("bench")
+
+
+def wants(s: BenchSettings, *numbers: int) -> bool:
+    """Whether any of these scenarios is to be measured."""
+    return not s.scenarios.isdisjoint(numbers)
 
 
 @dataclass
@@ -90,7 +101,7 @@ def run_baseline(s: BenchSettings, model: str, rec: Recorder) -> None:
     w = s.workload
     log.info("baseline: loading transformers' InternVLForConditionalGeneration (%s, %s)", s.dtype, s.device)
     started = time.perf_counter()
-    bl = Baseline(model, DTYPES[s.dtype], s.device)
+    bl = Baseline(model, TORCH_DTYPES[s.dtype], s.device)
     rec.extra["baseline_load_s"] = time.perf_counter() - started
     rec.extra["weights"] = {"vision_bytes": module_bytes(bl.vision), "llm_bytes": module_bytes(bl.language_model)}
     decode_prompt = bl.prompt(W.DECODE_PROMPT, None, [])[1]
@@ -105,57 +116,40 @@ def run_baseline(s: BenchSettings, model: str, rec: Recorder) -> None:
     for r in range(s.repeats):
         log.info("baseline: repeat %d/%d", r + 1, s.repeats)
         rec.load(f"baseline repeat {r + 1}")
-        # 4. the in-process reference path (the project's InternVLChat, the original chat()) on one cold request.
-        data = W.image_png(W.seed(4, r), w.overhead_image_side)
-        started = time.perf_counter()
-        pixels = W.tiles(data)
-        bl.chat.chat(pixels, W.QUESTIONS[0], GenerationParams(max_new_tokens=w.overhead_new_tokens))
-        rec.add("s4.reference", "in-process chat() end to end", "s", time.perf_counter() - started)
-
-        # 2. chat() with history: every turn re-encodes the image and prefills the whole conversation.
-        data = W.image_png(W.seed(2, r), w.session_image_side)
-        pixels, pre_s = _preprocess(data, w.session_max_num)
-        history = None
-        for turn, question in enumerate(W.QUESTIONS, start=1):
-            generation, history = bl.chat_turn(pixels, question, history, w.turn_new_tokens)
-            rec.add(f"s2.baseline.turn{turn}", f"chat() turn {turn} TTFT", "s",
-                    generation.ttft_s + (pre_s if turn == 1 else 0.0))
-
-        # 3. eight requests: one after another, then as one padded batch_chat.
-        images = [W.image_png(W.seed(3, r, i), w.concurrency_image_side) for i in range(w.concurrency)]
-        started = time.perf_counter()
-        runs: list[Generation] = []
-        for data in images:
+        if wants(s, 4):
+            # 4. the in-process reference path (the project's InternVLChat, the original chat()) on one cold request.
+            data = W.image_png(W.seed(4, r), w.overhead_image_side)
+            started = time.perf_counter()
             pixels = W.tiles(data)
-            runs.append(bl.chat_turn(pixels, W.QUESTIONS[0], None, w.concurrency_new_tokens)[0])
-        wall = time.perf_counter() - started
-        tokens = sum(g.tokens for g in runs)
-        rec.add("s3.sequential", "sequential chat() tokens/s", "tok/s", tokens / wall)
-        decode_s = sum(g.decode_s for g in runs)
-        if decode_s > 0:
-            rec.add("s3.sequential.decode", "sequential chat() decode-phase tokens/s", "tok/s",
-                    sum(g.tokens - 1 for g in runs) / decode_s)
-        started = time.perf_counter()
-        batch = bl.batch_chat([W.tiles(d) for d in images], [W.QUESTIONS[0]] * len(images), w.concurrency_new_tokens)
-        wall = time.perf_counter() - started
-        rec.add("s3.batch_chat", "batch_chat tokens/s", "tok/s", batch.tokens / wall)
-        if batch.decode_s > 0:
-            rec.add("s3.batch_chat.decode", "batch_chat decode-phase tokens/s", "tok/s",
-                    (batch.tokens - len(images)) / batch.decode_s)
-        rec.note("s3.tokens_per_request.baseline", [len(g.ids[0]) for g in runs])
+            bl.chat.chat(pixels, W.QUESTIONS[0], GenerationParams(max_new_tokens=w.overhead_new_tokens))
+            rec.add("s4.reference", "in-process chat() end to end", "s", time.perf_counter() - started)
 
-        # 5. a 16-frame video through chat(): decode, sample, tile, encode every frame, prefill, answer.
-        data = W.video_mp4(W.seed(5, r), w.video_frames, w.frame_side)
-        started = time.perf_counter()
-        frames = W.video_tiles(data, w.video_frames)
-        prompt = bl.prompt(template.video_prefix(w.video_frames) + W.VIDEO_QUESTION, None, [1] * w.video_frames)[1]
-        generation = bl.generate([prompt], frames, w.video_new_tokens)
-        rec.add("s5.baseline", "chat() on the video, end to end", "s", time.perf_counter() - started)
+        if wants(s, 2):
+            # 2. chat() with history: every turn re-encodes the image and prefills the whole conversation.
+            data = W.image_png(W.seed(2, r), w.session_image_side)
+            pixels, pre_s = _preprocess(data, w.session_max_num)
+            history = None
+            for turn, question in enumerate(W.QUESTIONS, start=1):
+                generation, history = bl.chat_turn(pixels, question, history, w.turn_new_tokens)
+                rec.add(f"s2.baseline.turn{turn}", f"chat() turn {turn} TTFT", "s",
+                        generation.ttft_s + (pre_s if turn == 1 else 0.0))
 
-        # 7. the bare modules, without any serving code around them.
-        steps = bl.bare_decode_step_s(context, max(4, w.decode_new_tokens // 2))
-        rec.add("s7.bare_decode", "bare language-model decode step", "s", statistics.median(steps))
-        rec.add("s7.bare_tile", "bare vision path, per tile (5-tile forward)", "s", bl.bare_tile_s(5))
+        if wants(s, 3):
+            _baseline_concurrency(s, bl, rec, r)
+        if wants(s, 5):
+            # 5. a 16-frame video through chat(): decode, sample, tile, encode every frame, prefill, answer.
+            data = W.video_mp4(W.seed(5, r), w.video_frames, w.frame_side)
+            started = time.perf_counter()
+            frames = W.video_tiles(data, w.video_frames)
+            prompt = bl.prompt(template.video_prefix(w.video_frames) + W.VIDEO_QUESTION, None,
+                               [1] * w.video_frames)[1]
+            generation = bl.generate([prompt], frames, w.video_new_tokens)
+            rec.add("s5.baseline", "chat() on the video, end to end", "s", time.perf_counter() - started)
+        if wants(s, 7):
+            # 7. the bare modules, without any serving code around them.
+            steps = bl.bare_decode_step_s(context, max(4, w.decode_new_tokens // 2))
+            rec.add("s7.bare_decode", "bare language-model decode step", "s", statistics.median(steps))
+            rec.add("s7.bare_tile", "bare vision path, per tile (5-tile forward)", "s", bl.bare_tile_s(5))
 
     rec.load("baseline end")
     rec.extra["baseline_rss_mib_peak"] = status_mib(os.getpid(), "VmHWM")
@@ -163,34 +157,94 @@ def run_baseline(s: BenchSettings, model: str, rec: Recorder) -> None:
     gc.collect()
 
 
+def _baseline_concurrency(s: BenchSettings, bl: Baseline, rec: Recorder, r: int) -> None:
+    """3. eight requests: one after another, then as one padded batch_chat."""
+    w = s.workload
+    images = [W.image_png(W.seed(3, r, i), w.concurrency_image_side) for i in range(w.concurrency)]
+    started = time.perf_counter()
+    runs: list[Generation] = []
+    for data in images:
+        pixels = W.tiles(data)
+        runs.append(bl.chat_turn(pixels, W.QUESTIONS[0], None, w.concurrency_new_tokens)[0])
+    wall = time.perf_counter() - started
+    tokens = sum(g.tokens for g in runs)
+    rec.add("s3.sequential", "sequential chat() tokens/s", "tok/s", tokens / wall)
+    decode_s = sum(g.decode_s for g in runs)
+    if decode_s > 0:
+        rec.add("s3.sequential.decode", "sequential chat() decode-phase tokens/s", "tok/s",
+                sum(g.tokens - 1 for g in runs) / decode_s)
+    started = time.perf_counter()
+    batch = bl.batch_chat([W.tiles(d) for d in images], [W.QUESTIONS[0]] * len(images), w.concurrency_new_tokens)
+    wall = time.perf_counter() - started
+    rec.add("s3.batch_chat", "batch_chat tokens/s", "tok/s", batch.tokens / wall)
+    if batch.decode_s > 0:
+        rec.add("s3.batch_chat.decode", "batch_chat decode-phase tokens/s", "tok/s",
+                (batch.tokens - len(images)) / batch.decode_s)
+    rec.note("s3.tokens_per_request.baseline", [len(g.ids[0]) for g in runs])
+
+
 # ---------------------------------------------------------------------------------------------------- stack
 
 
-def run_stack(s: BenchSettings, model: str, rec: Recorder, replicas: int) -> None:
-    w = s.workload
-    log.info("stack: starting `internvl-serve up --vision-replicas %d` (%s)", replicas, s.dtype)
+def _start(s: BenchSettings, model: str, replicas: int, **options: Any) -> RunningStack:
+    """`internvl-serve up` with `replicas` vision replicas and `options` (RunningStack's), tried twice."""
+    log.info("stack: starting `internvl-serve up --vision-replicas %d` %s (%s)", replicas, options or "", s.dtype)
     try:
-        stack = RunningStack(model, s.dtype, replicas, startup_timeout_s=s.startup_timeout_s)
+        return RunningStack(model, s.dtype, replicas, startup_timeout_s=s.startup_timeout_s, **options)
     except StackStartError as exc:
         # `up` picks free ports by binding and releasing them; another process may take one in between.
         log.warning("stack did not start, trying once more: %s", str(exc)[-500:])
-        stack = RunningStack(model, s.dtype, replicas, startup_timeout_s=s.startup_timeout_s)
-    with stack:
+        return RunningStack(model, s.dtype, replicas, startup_timeout_s=s.startup_timeout_s, **options)
+
+
+def _warm_up(s: BenchSettings, stack: RunningStack, seed: int) -> None:
+    """A request through every hop (one tile encoded, a short prefill and decode), as the baseline's warm-up; one
+    per LLM replica, each about its own image (each replica also warms itself up before it reports SERVING)."""
+    for i in range(stack.llm_replicas):
+        chat(stack.chat, [image_part(W.image_png(W.seed(0, 1 + i, seed), s.workload.concurrency_image_side)),
+                          text_part("Hello")], 2)
+
+
+def run_stack(s: BenchSettings, model: str, rec: Recorder, replicas: int,
+              cached: pool.CachedValues | None = None) -> None:
+    """Phase 2 (`replicas` 1: one LLM replica) or 3 (`replicas` 2: the scaled pool's LLM replicas, affinity)."""
+    w = s.workload
+    cached = cached or pool.CachedValues()
+    llm_replicas = 1 if replicas == 1 else w.pool_replicas
+    with _start(s, model, replicas, llm_replicas=llm_replicas, llm_routing="affinity") as stack:
         log.info("stack: ready in %.1fs (logs in %s)", stack.startup_s, stack.log_dir)
         rec.extra[f"stack_startup_s_{replicas}_replicas"] = stack.startup_s
-        # Warm-up through every hop (one tile encoded, a short prefill and decode), as the baseline's.
-        chat(stack.chat, [image_part(W.image_png(W.seed(0, 1, replicas), w.concurrency_image_side)),
-                          text_part("Hello")], 2)
+        _warm_up(s, stack, replicas)
         if replicas == 1:
             rec.extra["stack_rss_mib_warm"] = stack.rss_mib()
             _scenarios_one_replica(s, stack, rec)
-        _video(s, stack, rec, replicas)
+        if wants(s, 5):
+            _video(s, stack, rec, replicas)
+        if wants(s, 8):
+            config = "1" if llm_replicas == 1 else "affinity"
+            label = "1 LLM replica" if llm_replicas == 1 else f"{llm_replicas} LLM replicas, affinity"
+            pool.run_sessions(s, stack, rec, config, label, cached)
+            if replicas == 1:
+                pool.run_fetch(s, stack, rec, "single", "single Redis", cached)
         rec.extra[f"stack_rss_mib_end_{replicas}_replicas"] = stack.rss_mib()
+
+
+def run_round_robin(s: BenchSettings, model: str, rec: Recorder, cached: pool.CachedValues | None = None) -> None:
+    """Phase 4: the scaled pool's LLM replicas under round_robin routing, on a Redis Cluster."""
+    w = s.workload
+    cached = cached or pool.CachedValues()
+    with _start(s, model, 1, llm_replicas=w.pool_replicas, llm_routing="round_robin",
+                redis_cluster=w.pool_redis_masters) as stack:
+        log.info("stack: ready in %.1fs (logs in %s)", stack.startup_s, stack.log_dir)
+        rec.extra["stack_startup_s_round_robin"] = stack.startup_s
+        _warm_up(s, stack, 3)
+        pool.run_sessions(s, stack, rec, "round_robin", f"{w.pool_replicas} LLM replicas, round_robin", cached)
+        pool.run_fetch(s, stack, rec, "cluster", f"Redis Cluster of {w.pool_redis_masters} masters", cached)
 
 
 def _scenarios_one_replica(s: BenchSettings, stack: RunningStack, rec: Recorder) -> None:
     w = s.workload
-    for r in range(s.repeats):
+    for r in range(s.repeats if wants(s, 4) else 0):
         log.info("stack: overhead, repeat %d/%d", r + 1, s.repeats)
         rec.load(f"stack overhead repeat {r + 1}")
         data = W.image_png(W.seed(4, r), w.overhead_image_side)
@@ -199,7 +253,8 @@ def _scenarios_one_replica(s: BenchSettings, stack: RunningStack, rec: Recorder)
         rec.note("s4.usage", t.usage)
 
     vision = stack.vision_stub(0)
-    for r in range(s.repeats):
+    # The cache scenario's misses also give the encoder's time per tile (7).
+    for r in range(s.repeats if wants(s, 1, 7) else 0):
         log.info("stack: cache, repeat %d/%d", r + 1, s.repeats)
         rec.load(f"stack cache repeat {r + 1}")
         data = W.image_png(W.seed(1, r), w.cache_image_side)
@@ -221,7 +276,7 @@ def _scenarios_one_replica(s: BenchSettings, stack: RunningStack, rec: Recorder)
         if tiles:
             rec.add("s7.service_tile", "vision service encoder forward, per tile", "s", seconds / tiles)
 
-    for r in range(s.repeats):
+    for r in range(s.repeats if wants(s, 2) else 0):
         log.info("stack: multi-round, repeat %d/%d", r + 1, s.repeats)
         rec.load(f"stack multi-round repeat {r + 1}")
         data = W.image_png(W.seed(2, r), w.session_image_side)
@@ -233,12 +288,13 @@ def _scenarios_one_replica(s: BenchSettings, stack: RunningStack, rec: Recorder)
             rec.add(f"s2.ours.turn{turn}", f"session turn {turn} TTFT", "s", t.ttft_s)
             rec.note(f"s2.usage.turn{turn}", t.usage)
 
-    for r in range(s.repeats):
+    # The concurrency scenario also gives the LLM service's memory with 8 streams (6).
+    for r in range(s.repeats if wants(s, 3, 6) else 0):
         log.info("stack: concurrency, repeat %d/%d", r + 1, s.repeats)
         rec.load(f"stack concurrency repeat {r + 1}")
         _concurrency(s, stack, rec, r)
 
-    for r in range(s.repeats):
+    for r in range(s.repeats if wants(s, 7) else 0):
         log.info("stack: single-stream decode, repeat %d/%d", r + 1, s.repeats)
         rec.load(f"stack single-stream decode repeat {r + 1}")
         t = chat(stack.chat, [text_part(f"{W.DECODE_PROMPT} ({r})")], w.decode_new_tokens)

@@ -1,17 +1,22 @@
-"""The issue's seven scenarios as comparisons of recorded measures, each with the issue's target where it sets one.
+"""The benchmark's eight scenarios as comparisons of recorded measures, each with its target where one is set.
 
-Ratios are always ours / baseline of the medians; `Target` says which side of it the issue asks for.
+Ratios are always ours / baseline of the medians; `Target` says which side of it is asked for. `build` returns the
+scenarios of `BenchSettings.scenarios`, in order.
 """
 
 from __future__ import annotations
 
 import math
 
+from gateway.config import GatewayConfig
+from services.bench import pool
 from services.bench.phases import Recorder
 from services.bench.results import Comparison, Measure, Scenario, Target
 from services.bench.settings import BenchSettings
 
 MIB = 2**20
+# The gateway's default load bound of affinity routing, which the benchmark's stacks run with.
+ROUTING_EPSILON = GatewayConfig.__dataclass_fields__["routing_epsilon"].default
 
 
 def _m(rec: Recorder, key: str) -> Measure:
@@ -23,7 +28,17 @@ def _const(label: str, unit: str, value: float) -> Measure:
     return Measure(label, unit, [value])
 
 
-def build(s: BenchSettings, rec: Recorder, limits: dict) -> list[Scenario]:
+def build(s: BenchSettings, rec: Recorder, limits: dict | None) -> list[Scenario]:
+    """The selected scenarios; `limits` (the machine's, see `machine.measure_limits`) is needed for 7 only."""
+    out = _build_1_to_5(s, rec)
+    out.append(_memory(rec))
+    if 7 in s.scenarios:
+        out.append(_limits(s, rec, limits))
+    out.append(_scaled_pool(s, rec))
+    return [scenario for scenario in out if scenario.number in s.scenarios]
+
+
+def _build_1_to_5(s: BenchSettings, rec: Recorder) -> list[Scenario]:
     w = s.workload
     e = rec.extra
     tiles = e.get("s1.tiles", ["?"])[0]
@@ -80,9 +95,6 @@ def build(s: BenchSettings, rec: Recorder, limits: dict) -> list[Scenario]:
         Comparison("cold through the stack vs chat()", _m(rec, "s5.cold.1"), _m(rec, "s5.baseline")),
         Comparison("cached through the stack vs chat()", _m(rec, "s5.cached.1"), _m(rec, "s5.baseline")),
     ], {k: v for k, v in e.items() if k.startswith("s5.usage")}))
-
-    out.append(_memory(rec))
-    out.append(_limits(s, rec, limits))
     return out
 
 
@@ -143,3 +155,56 @@ def _limits(s: BenchSettings, rec: Recorder, limits: dict) -> Scenario:
                                         f"{limits['buffer_bytes'] / MIB:.0f} MiB buffer"}
     return scenario
 
+
+
+def _scaled_pool(s: BenchSettings, rec: Recorder) -> Scenario:
+    w = s.workload
+    e = rec.extra
+    n, sessions = w.pool_replicas, w.pool_sessions
+    bound = _const(f"(1 + {ROUTING_EPSILON}) x mean + 1", "sessions",
+                   pool.balance_bound(sessions, n, ROUTING_EPSILON))
+    every_turn = _const("every later turn", "%", 100.0)
+    scenario = Scenario(8, "Scaled pool", f"sessions of 3 turns, each about its own {w.pool_image_side}x"
+                        f"{w.pool_image_side} image (max_num {w.pool_max_num}), {w.pool_new_tokens} new tokens per "
+                        f"turn, on 1 LLM replica, on {n} with affinity routing (--routing-epsilon {ROUTING_EPSILON}) "
+                        f"and on {n} with round_robin (on a Redis Cluster of {w.pool_redis_masters} masters), each "
+                        "starting with the embeddings cached and the prefix caches empty: "
+                        f"{sessions} sessions one at a time (latency without queueing), then {sessions} others all at "
+                        "once (a burst: balance and prefix hits under load); cells over the sessions; a later turn "
+                        "hits when its cached prompt tokens cover the previous turn's prompt; sessions per replica = "
+                        "its completed Generate calls / 3; then FetchEmbeddings of one session image's embeddings "
+                        f"through the vision service, {w.fetch_calls} calls, from the single Redis and from the "
+                        "cluster")
+
+    def m(config: str, what: str) -> Measure:
+        return _m(rec, f"s8.{config}.{what}")
+
+    scenario.comparisons += [
+        Comparison(f"turn 2 TTFT, one at a time: {n} replicas (affinity) vs 1 replica",
+                   m("affinity", "sequential.turn2"), m("1", "sequential.turn2"),
+                   target=Target("within 1.2x", max_ratio=1.2)),
+        Comparison(f"turn 2 TTFT, one at a time: affinity vs round_robin ({n} replicas)",
+                   m("affinity", "sequential.turn2"), m("round_robin", "sequential.turn2"),
+                   target=Target(">= 5x faster", max_ratio=0.2)),
+        Comparison(f"turn 3 TTFT, one at a time: {n} replicas (affinity) vs 1 replica",
+                   m("affinity", "sequential.turn3"), m("1", "sequential.turn3")),
+        Comparison(f"turn 3 TTFT, one at a time: affinity vs round_robin ({n} replicas)",
+                   m("affinity", "sequential.turn3"), m("round_robin", "sequential.turn3")),
+        Comparison(f"turn 2 TTFT, all at once: {n} replicas (affinity) vs 1 replica",
+                   m("affinity", "concurrent.turn2"), m("1", "concurrent.turn2")),
+        Comparison(f"turn 2 TTFT, all at once: affinity vs round_robin ({n} replicas)",
+                   m("affinity", "concurrent.turn2"), m("round_robin", "concurrent.turn2")),
+        Comparison("prefix hit rate, all at once, affinity", m("affinity", "concurrent.hit_rate"), every_turn,
+                   higher_is_better=True, target=Target(">= 95% of later turns", min_ratio=0.95), competitive=False),
+        Comparison("prefix hit rate, one at a time, affinity", m("affinity", "sequential.hit_rate"), every_turn,
+                   higher_is_better=True, competitive=False),
+        Comparison("prefix hit rate, all at once, round_robin", m("round_robin", "concurrent.hit_rate"), every_turn,
+                   higher_is_better=True, competitive=False),
+        Comparison("most sessions on one replica, all at once, affinity", m("affinity", "concurrent.max_sessions"),
+                   bound, target=Target("<= the bound", max_ratio=1.0), competitive=False),
+        Comparison(f"FetchEmbeddings: Redis Cluster ({w.pool_redis_masters} masters) vs single Redis",
+                   _m(rec, "s8.fetch.cluster"), _m(rec, "s8.fetch.single"), target=Target("<= 1.2x", max_ratio=1.2),
+                   note=f"{e.get('s8.fetch.bytes', '?')} bytes per call"),
+    ]
+    scenario.extra = {k: v for k, v in e.items() if k.startswith("s8.") or k == "stack_startup_s_round_robin"}
+    return scenario

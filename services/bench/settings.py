@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.bench.machine import choose_device, choose_dtype
+from services.common.contract.errors import InvalidArgumentError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,11 +46,25 @@ class Workload:
     decode_new_tokens: int = 64
     bandwidth_mib: int = 1024
     matmul_sizes: tuple[int, ...] = (2048, 4096)
+    # 8. Scaled pool: sessions of three turns, each about its own `pool_image_side`² image (max_num `pool_max_num`:
+    #    5 tiles, as in 2), `pool_new_tokens` per turn, on 1 LLM replica and on `pool_replicas` with each routing
+    #    policy: `pool_sessions` one at a time, then `pool_sessions` others all at once; then `fetch_calls`
+    #    FetchEmbeddings of one session image from a single Redis and from a Redis Cluster of `pool_redis_masters`
+    #    masters.
+    pool_sessions: int = 6
+    pool_replicas: int = 3
+    pool_image_side: int = 896
+    pool_max_num: int = 4
+    pool_new_tokens: int = 8
+    fetch_calls: int = 20
+    pool_redis_masters: int = 3
 
 
 QUICK_WORKLOAD = Workload(turn_new_tokens=4, concurrency_new_tokens=8, overhead_new_tokens=4, video_frames=4,
                           video_new_tokens=2, decode_new_tokens=8, hit_calls=3, bandwidth_mib=256,
-                          matmul_sizes=(1024,))
+                          matmul_sizes=(1024,), pool_sessions=3, pool_new_tokens=2, fetch_calls=5)
+# Every scenario `--scenarios` can name.
+SCENARIOS = tuple(range(1, 9))
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,8 @@ class BenchSettings:
     out_dir: Path
     stamp: str
     workload: Workload
+    # The scenarios to measure (`--scenarios`); phases that none of them needs are skipped.
+    scenarios: frozenset[int] = frozenset(SCENARIOS)
     startup_timeout_s: float = 1800.0
 
     @classmethod
@@ -75,9 +92,14 @@ class BenchSettings:
         preset = "tiny" if args.quick else "1b-shape"
         repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
         if repeats < 1:
-            raise ValueError("--repeats must be >= 1")
+            raise InvalidArgumentError(f"--repeats must be >= 1, got {repeats}")
+        chosen = frozenset(args.scenarios or SCENARIOS)
+        if not chosen <= set(SCENARIOS):
+            raise InvalidArgumentError(f"--scenarios: no scenario {sorted(chosen - set(SCENARIOS))}; there are "
+                                       f"{SCENARIOS[0]} to {SCENARIOS[-1]}")
         checkpoint_dir = Path(args.checkpoint_dir or REPO / "checkpoints" / f"bench-{preset}")
         stamp = datetime.datetime.now().strftime("%Y-%m-%d" if not args.quick else "%Y-%m-%d-quick")
         return cls(quick=args.quick, repeats=repeats, dtype=dtype, dtype_reason=reason, device=device,
                    preset=preset, model=args.model, checkpoint_dir=checkpoint_dir, out_dir=Path(args.out),
-                   stamp=args.name or stamp, workload=QUICK_WORKLOAD if args.quick else Workload())
+                   stamp=args.name or stamp, workload=QUICK_WORKLOAD if args.quick else Workload(),
+                   scenarios=chosen)

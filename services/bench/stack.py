@@ -1,5 +1,5 @@
 """The stack under test: `internvl-serve up` as a child process, its children found by /proc, and timed clients
-of the gateway's `ChatService.Chat` and the vision service's `Encode`.
+of the gateway's `ChatService.Chat` and the vision service's `Encode` and `FetchEmbeddings`.
 
 Ports and process ids are read from the children's own command lines (`--port`, `--metrics-port`), so the
 benchmark depends on `up`'s flags, not on the wording of its banner beyond the line that says it is ready.
@@ -7,15 +7,12 @@ benchmark depends on `up`'s flags, not on the wording of its banner beyond the l
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -27,7 +24,7 @@ from internvl.gateway.v1 import gateway_pb2_grpc
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from services.bench.machine import status_mib
-from services.tools.up import die_with_parent, free_port
+from services.tools.launcher import REPO, cli_env, free_port, processes, read_metrics, spawn
 
 READY_LINE = "Ctrl-C stops everything"
 RPC_TIMEOUT_S = 3600.0
@@ -41,31 +38,10 @@ class StackStartError(RuntimeError):
 
 @dataclass
 class ServiceProc:
-    name: str  # redis, vision-0, vision-1, llm, gateway
+    name: str  # redis, vision-0, vision-1, llm (llm-0, llm-1, ... with several), gateway
     pid: int
     port: int | None
     metrics_port: int | None
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after the last ')'.
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def _flag(argv: list[str], name: str) -> int | None:
@@ -73,25 +49,29 @@ def _flag(argv: list[str], name: str) -> int | None:
 
 
 class RunningStack:
-    """`internvl-serve up --model ... --vision-replicas N` until `stop()`."""
+    """`internvl-serve up --model ... --vision-replicas N [--llm-replicas M] [--llm-routing P] [--redis-cluster K]`
+    until `stop()`."""
 
     def __init__(self, model: str, dtype: str, replicas: int, log_dir: Path | None = None,
-                 startup_timeout_s: float = 1800.0):
+                 startup_timeout_s: float = 1800.0, llm_replicas: int = 1, llm_routing: str | None = None,
+                 redis_cluster: int = 0):
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="internvl-bench-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.gateway_port = free_port()
         self.replicas = replicas
-        env = {k: v for k, v in os.environ.items() if k != "INTERNVL_API_TOKEN"}
-        repo = Path(__file__).resolve().parents[2]
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+        self.llm_replicas = llm_replicas
         argv = [sys.executable, "-m", "services.cli", "up", "--model", model, "--dtype", dtype,
                 "--gateway-port", str(self.gateway_port), "--http-port", "0", "--metrics-port", str(free_port()),
-                "--vision-replicas", str(replicas), "--log-dir", str(self.log_dir),
-                "--startup-timeout", str(startup_timeout_s)]
+                "--vision-replicas", str(replicas), "--llm-replicas", str(llm_replicas),
+                *(["--llm-routing", llm_routing] if llm_routing else []),
+                *(["--redis-cluster", str(redis_cluster)] if redis_cluster else []),
+                "--log-dir", str(self.log_dir), "--startup-timeout", str(startup_timeout_s)]
         self.output: list[str] = []
-        self.process = subprocess.Popen(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True,
-                                        preexec_fn=die_with_parent)  # noqa: PLW1509 - libc is loaded before the fork
+        # Its output is read here (the banner says when it is ready); its own children log into log_dir. The token
+        # is dropped so that the gateway under test requires none. It stays in this process group: a Ctrl-C of
+        # the benchmark reaches it too.
+        self.up = spawn("up", argv, None, cwd=REPO, env=cli_env(drop=("INTERNVL_API_TOKEN",)), tie_to_parent=True)
+        self.process = self.up.process
         started = time.perf_counter()
         for line in self.process.stdout:
             self.output.append(line)
@@ -103,6 +83,9 @@ class RunningStack:
                               for f in sorted(self.log_dir.glob("*.log")))
             raise StackStartError(f"`internvl-serve up` did not come up:\n{''.join(self.output)}\n{tails}")
         self.startup_s = time.perf_counter() - started
+        # The banner's "redis: URL; logs: ..." line: the one Redis, or the cluster, every service uses.
+        found = re.search(r"^redis: (\S+);", "".join(self.output), re.MULTILINE)
+        self.redis_url = found.group(1) if found else None
         # Keep draining up's stdout so it never blocks on a full pipe.
         threading.Thread(target=self._drain, daemon=True).start()
         self.services = self._find_services()
@@ -117,9 +100,9 @@ class RunningStack:
 
     def _find_services(self) -> dict[str, ServiceProc]:
         found: dict[str, ServiceProc] = {}
-        visions = []
-        for pid in _children(self.process.pid):
-            argv = _cmdline(pid)
+        visions, llms = [], []
+        for child in (p for p in processes() if p.ppid == self.process.pid):
+            pid, argv = child.pid, child.argv
             joined = " ".join(argv)
             port, metrics = _flag(argv, "--port"), _flag(argv, "--metrics-port")
             if "redis-server" in joined:
@@ -128,15 +111,25 @@ class RunningStack:
                 role = next((r for r in ("vision", "llm", "gateway") if r in argv), None)
                 if role == "vision":
                     visions.append(ServiceProc("vision", pid, port, metrics))
+                elif role == "llm":
+                    llms.append(ServiceProc("llm", pid, port, metrics))
                 elif role:
                     found[role] = ServiceProc(role, pid, port, metrics)
         for i, proc in enumerate(sorted(visions, key=lambda p: p.pid)):
             proc.name = f"vision-{i}"
             found[proc.name] = proc
-        missing = {"llm", "gateway", *(f"vision-{i}" for i in range(self.replicas))} - set(found)
+        for i, proc in enumerate(sorted(llms, key=lambda p: p.pid)):
+            proc.name = "llm" if len(llms) == 1 else f"llm-{i}"
+            found[proc.name] = proc
+        missing = {"gateway", *self.llm_names, *(f"vision-{i}" for i in range(self.replicas))} - set(found)
         if missing:
             raise StackStartError(f"cannot find the stack's processes {sorted(missing)} under pid {self.process.pid}")
         return found
+
+    @property
+    def llm_names(self) -> list[str]:
+        """The LLM replicas' names in `services`: `llm`, or `llm-0`, `llm-1`, ... when there are several."""
+        return ["llm"] if self.llm_replicas == 1 else [f"llm-{i}" for i in range(self.llm_replicas)]
 
     @property
     def pids(self) -> dict[str, int]:
@@ -146,9 +139,7 @@ class RunningStack:
         return {name: status_mib(s.pid) for name, s in self.services.items()}
 
     def metrics(self, name: str) -> str:
-        url = f"http://127.0.0.1:{self.services[name].metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.read().decode()
+        return read_metrics(self.services[name].metrics_port)
 
     def vision_stub(self, index: int = 0) -> vision_pb2_grpc.VisionServiceStub:
         channel = grpc.insecure_channel(f"127.0.0.1:{self.services[f'vision-{index}'].port}", options=[
@@ -157,13 +148,8 @@ class RunningStack:
 
     def stop(self) -> None:
         self.channel.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        # SIGINT is up's Ctrl-C: it stops its children in order.
+        self.up.stop(grace_s=120, sig=signal.SIGINT)
 
     def __enter__(self) -> Self:
         return self
@@ -172,12 +158,28 @@ class RunningStack:
         self.stop()
 
 
-def metric_value(text: str, name: str) -> float:
-    """Sum of the samples of one metric (all label sets) in Prometheus text format; 0 when absent."""
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of one metric in Prometheus text format whose label sets include `labels` (none given: all
+    of them); 0 when absent."""
     total = 0.0
-    for match in re.finditer(r"^" + re.escape(name) + r"(?:\{[^}]*\})? ([0-9.eE+-]+)$", text, re.MULTILINE):
-        total += float(match.group(1))
+    for match in re.finditer(r"^" + re.escape(name) + r"(?:\{([^}]*)\})? ([0-9.eE+-]+)$", text, re.MULTILINE):
+        found = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
     return total
+
+
+def redis_client(url: str):
+    """A synchronous client of the stack's Redis: one server (`redis://`) or a cluster (`redis+cluster://`)."""
+    import redis
+    import redis.cluster
+
+    from services.common.redis_cluster import is_cluster_url, parse_cluster_url
+
+    if is_cluster_url(url):
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in parse_cluster_url(url).nodes]
+        return redis.cluster.RedisCluster(startup_nodes=nodes, socket_timeout=30)
+    return redis.Redis.from_url(url, socket_timeout=30)
 
 
 # ------------------------------------------------------------------------------------------------- clients
@@ -252,10 +254,29 @@ def chat(stub: gateway_pb2_grpc.ChatServiceStub, content: list[G.ContentPart], m
     return timing
 
 
-def encode(stub: vision_pb2_grpc.VisionServiceStub, data: bytes, max_num: int) -> tuple[float, list]:
-    """(seconds, items) of one vision `Encode` of one image."""
-    request = vision_pb2.EncodeRequest(items=[vision_pb2.EncodeItem(image_bytes=data)],
-                                       options=common_pb2.PreprocessOptions(max_num=max_num))
+def encode(stub: vision_pb2_grpc.VisionServiceStub, data: bytes | list[bytes], max_num: int,
+           use_thumbnail: bool | None = None) -> tuple[float, list]:
+    """(seconds, items) of one vision `Encode` of one image (or of several, in one call). `use_thumbnail=True` is
+    what the gateway asks for, so the keys are the ones a Chat about the same image looks up."""
+    images = [data] if isinstance(data, bytes) else data
+    options = common_pb2.PreprocessOptions(max_num=max_num)
+    if use_thumbnail is not None:
+        options.use_thumbnail = use_thumbnail
+    request = vision_pb2.EncodeRequest(items=[vision_pb2.EncodeItem(image_bytes=d) for d in images], options=options)
     started = time.perf_counter()
     reply = stub.Encode(request, timeout=RPC_TIMEOUT_S)
     return time.perf_counter() - started, list(reply.items)
+
+
+def lookup(stub: vision_pb2_grpc.VisionServiceStub, keys: list[str]) -> list[bool]:
+    """Which of `keys` the stack's cache holds now (vision `Lookup`)."""
+    return list(stub.Lookup(vision_pb2.LookupRequest(keys=keys), timeout=RPC_TIMEOUT_S).exists)
+
+
+def fetch_embeddings(stub: vision_pb2_grpc.VisionServiceStub, key: str) -> tuple[float, int]:
+    """(seconds, bytes) of one vision `FetchEmbeddings` of a cached key: the service reads the value from Redis,
+    checks it and streams the tensor in chunks; timed until the last chunk has arrived."""
+    started = time.perf_counter()
+    size = sum(len(reply.chunk.data) for reply in stub.FetchEmbeddings(
+        vision_pb2.FetchEmbeddingsRequest(key=key), timeout=RPC_TIMEOUT_S))
+    return time.perf_counter() - started, size

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from services.common.checkpoint import Checkpoint, open_checkpoint
+from services.common.contract import template
 from services.common.model import (
     InternVLVisionPath,
     default_device,
@@ -22,7 +23,6 @@ from services.common.model import (
     load_vision,
     resolve_dtype,
 )
-from services.llm import template
 
 
 def splice_image_embeddings(

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from services.common.errors import CheckpointError
+from services.common.contract.dtypes import dtype_name
+from services.common.contract.errors import CheckpointError
+from services.common.contract.model_info import ModelInfo
 from services.common.spec import ModelSpec
 
 CONFIG_FILE = "config.json"
@@ -67,6 +69,14 @@ class Checkpoint:
     @property
     def name(self) -> str:
         return self.path.name
+
+    def model_info(self, dtype: torch.dtype) -> ModelInfo:
+        """What GetModelInfo reports for this checkpoint computing in `dtype`."""
+        vision_archs = self.config.get("vision_config", {}).get("architectures") or ["InternVisionModel"]
+        return ModelInfo(fingerprint=self.fingerprint, model_name=self.name,
+                         llm_hidden_size=self.spec.llm_hidden_size, dtype=dtype_name(dtype),
+                         tokens_per_tile=self.spec.tokens_per_tile, image_size=self.spec.image_size,
+                         llm_architecture=self.spec.llm_architecture, vision_architecture=vision_archs[0])
 
     def shards_for(self, prefixes: tuple[str, ...]) -> list[str]:
         """Shard files holding any weight under one of `prefixes`, in a stable order."""

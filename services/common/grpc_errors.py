@@ -1,8 +1,12 @@
 """The one place domain errors become gRPC statuses.
 
-`ErrorMappingInterceptor` wraps every handler of a server: an `InternVLError` aborts the call with the mapped status,
-its caller-safe message, and an `ErrorDetail` in the trailing metadata (`internvl-error-detail-bin`); anything else
-is logged with its traceback and answered `INTERNAL` with a generic message, so nothing internal leaks.
+`ErrorMappingInterceptor` wraps every handler of every server: an `InternVLError` aborts the call with the status of
+its code (the table in `services.common.contract.errors`), its caller-safe message, and an `ErrorDetail`; anything
+else is logged with its traceback and answered `INTERNAL` with a generic message, so nothing internal leaks.
+
+The detail travels the standard way (grpcio-status): a `google.rpc.Status` with the call's code and message, its
+`details` one `Any` packing the `ErrorDetail`, serialized under the trailing metadata key `grpc-status-details-bin`.
+Any gRPC client can read it without knowing this project's conventions; `error_detail` is the Python helper.
 """
 
 from __future__ import annotations
@@ -11,46 +15,64 @@ import inspect
 import logging
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+from grpc_status import rpc_status
 from internvl.common.v1 import common_pb2
 
-from services.common.errors import EmbeddingsMissingError, ErrorCode, InternVLError
+from services.common.contract.errors import STATUS_BY_CODE as RPC_STATUS_BY_CODE
+from services.common.contract.errors import (
+    EmbeddingsMissingError,
+    ErrorCode,
+    InternVLError,
+    RpcStatus,
+    error_code,
+)
 
 log = logging.getLogger(__name__)
 
-DETAIL_METADATA_KEY = "internvl-error-detail-bin"
 
-STATUS_BY_CODE: dict[ErrorCode, grpc.StatusCode] = {
-    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.INVALID_MEDIA: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.MEDIA_TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.CONTEXT_TOO_LONG: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.EMBEDDINGS_MISSING: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorCode.MODEL_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorCode.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorCode.NOT_READY: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
-    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-}
+def grpc_code(status: RpcStatus) -> grpc.StatusCode:
+    """The grpc.StatusCode of a status named in the contract."""
+    return grpc.StatusCode[status.name]
+
+
+STATUS_BY_CODE: dict[ErrorCode, grpc.StatusCode] = {code: grpc_code(status)
+                                                    for code, status in RPC_STATUS_BY_CODE.items()}
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, common_pb2.ErrorDetail]:
     """(status, caller-safe message, detail) for any exception a handler raised."""
-    if isinstance(exc, InternVLError):
-        detail = common_pb2.ErrorDetail(code=int(exc.code))
-        if exc.item_index is not None:
-            detail.item_index = exc.item_index
-        if isinstance(exc, EmbeddingsMissingError):
-            detail.missing_keys.extend(exc.missing_keys)
-        return STATUS_BY_CODE[exc.code], str(exc), detail
-    return grpc.StatusCode.INTERNAL, "internal error", common_pb2.ErrorDetail(code=int(ErrorCode.INTERNAL))
+    code = error_code(exc)
+    detail = common_pb2.ErrorDetail(code=int(code))
+    if not isinstance(exc, InternVLError):
+        return STATUS_BY_CODE[code], "internal error", detail
+    if exc.item_index is not None:
+        detail.item_index = exc.item_index
+    if isinstance(exc, EmbeddingsMissingError):
+        detail.missing_keys.extend(exc.missing_keys)
+    return STATUS_BY_CODE[code], str(exc), detail
 
 
-def error_detail(call_or_error) -> common_pb2.ErrorDetail | None:
-    """Client side: the ErrorDetail a failed call carries, if any (works on aio calls and RpcErrors)."""
-    metadata = call_or_error.trailing_metadata() or ()
-    for key, value in metadata:
-        if key == DETAIL_METADATA_KEY:
-            return common_pb2.ErrorDetail.FromString(value)
+def rich_status(status: grpc.StatusCode, message: str, detail: common_pb2.ErrorDetail) -> grpc.Status:
+    """The status to abort with: code, message, and the detail packed into `grpc-status-details-bin`."""
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return rpc_status.to_status(status_pb2.Status(code=status.value[0], message=message, details=[packed]))
+
+
+def error_detail(error) -> common_pb2.ErrorDetail | None:
+    """Client side: the ErrorDetail a failed call carries, if any (an RpcError, sync or aio, or an ended aio call).
+
+    Read straight from the trailer rather than through `rpc_status.from_call`, which raises when the status proto and
+    the call's status disagree (a proxy may rewrite a message): the detail is still the server's.
+    """
+    for key, value in error.trailing_metadata() or ():
+        if key == rpc_status.GRPC_DETAILS_METADATA_KEY:
+            for packed in status_pb2.Status.FromString(value).details:
+                detail = common_pb2.ErrorDetail()
+                if packed.Unpack(detail):
+                    return detail
     return None
 
 
@@ -60,7 +82,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
         log.exception("unexpected error in %s", method, exc_info=exc)
     else:
         log.info("%s failed: %s %s", method, status.name, message)
-    await context.abort(status, message, trailing_metadata=((DETAIL_METADATA_KEY, detail.SerializeToString()),))
+    rich = rich_status(status, message, detail)
+    await context.abort(rich.code, rich.details, trailing_metadata=rich.trailing_metadata)
 
 
 def _wrap_unary_response(behavior, method: str):

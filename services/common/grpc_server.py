@@ -1,5 +1,5 @@
-"""Lifecycle shared by every gRPC server of the project: error interceptor, message limits, grpc.health.v1,
-reflection, a Prometheus `/metrics` port, and a graceful SIGTERM (NOT_SERVING, drain streams, stop).
+"""Lifecycle shared by every gRPC server of the project: request metrics and error interceptors, message limits,
+grpc.health.v1, reflection, a Prometheus `/metrics` port, and a graceful SIGTERM (NOT_SERVING, drain streams, stop).
 
 Health: "" (liveness) is SERVING while the process runs; each service name (readiness) is NOT_SERVING until
 `mark_ready()`, i.e. until the model is loaded and has run once, and again from the moment a drain starts.
@@ -20,7 +20,9 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.contract.errors import InvalidArgumentError
 from services.common.grpc_errors import ErrorMappingInterceptor
+from services.common.request_metrics import RequestMetrics, RequestMetricsInterceptor
 from services.common.tls import ServerTls, add_server_arguments, server_tls_from_args
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,18 @@ class ServerOptions:
     drain_seconds: float = 30.0
     # None: plaintext. Otherwise TLS, and mutual TLS when it names a client CA (services.common.tls).
     tls: ServerTls | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}"),
+            (self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+             f"--metrics-port must be in [0, 65535], got {self.metrics_port}"),
+            (self.max_message_bytes >= 1, f"--max-message-bytes must be >= 1, got {self.max_message_bytes}"),
+            (self.drain_seconds >= 0, f"--drain-seconds must be >= 0, got {self.drain_seconds}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidArgumentError(message)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerOptions:
@@ -76,14 +90,20 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 
 
 class GrpcServer:
-    """An aio server with the project's interceptor, health and reflection. `add` servicers, then `start`."""
+    """An aio server with the project's interceptors, health and reflection. `add` servicers, then `start`."""
 
     def __init__(self, options: ServerOptions, service_names: Sequence[str],
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
-        """`interceptors` run before the error mapping (e.g. the gateway's bearer-token check)."""
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (), *, requests: RequestMetrics):
+        """`requests`: the service's request metrics (every call to `service_names` is recorded there).
+
+        `interceptors` run between the two shared ones (e.g. the gateway's bearer-token check): the metrics wrap
+        everything, so their refusals are counted, and the error mapping sees only the handlers' own errors.
+        """
         self.options = options
         self.service_names = list(service_names)
-        self.server = grpc.aio.server(interceptors=[*interceptors, ErrorMappingInterceptor()],
+        self.requests = requests
+        chain = [RequestMetricsInterceptor(requests, self.service_names), *interceptors, ErrorMappingInterceptor()]
+        self.server = grpc.aio.server(interceptors=chain,
                                       options=[*channel_options(options.max_message_bytes), *_CONNECTION_AGE])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -95,12 +115,13 @@ class GrpcServer:
     def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object) -> None:
         register(servicer, self.server)
 
-    async def start(self, registry: prometheus_client.CollectorRegistry = prometheus_client.REGISTRY) -> int:
+    async def start(self, registry: prometheus_client.CollectorRegistry | None = None) -> int:
         """Binds (port 0 picks a free one), starts serving NOT_SERVING, returns the bound port.
 
-        `registry` is what `/metrics` exports; services keep their metrics in a registry of their own so that
-        several can live in one test process.
+        `registry` is what `/metrics` exports (default: the request metrics' own); services keep their metrics in a
+        registry of their own so that several can live in one test process.
         """
+        registry = self.requests.registry if registry is None else registry
         # Liveness ("") is SERVING as soon as the process serves RPCs; readiness (the service names) only once the
         # model is loaded and warm, so a probe never kills a pod that is still loading weights.
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -126,6 +147,11 @@ class GrpcServer:
         for name in self.service_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %s", ", ".join(self.service_names))
+
+    async def mark_not_ready(self) -> None:
+        """Readiness NOT_SERVING (liveness stays SERVING): the process is fine but cannot serve right now."""
+        for name in self.service_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def serve_until_signalled(self) -> None:
         """Runs until SIGTERM/SIGINT, then drains: NOT_SERVING at once, calls get `drain_seconds` to finish."""

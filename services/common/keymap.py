@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from services.common.errors import CheckpointError
+from services.common.contract.errors import CheckpointError
 
 VISION_PREFIXES = ("vision_model.", "mlp1.")
 LANGUAGE_PREFIX = "language_model."

@@ -27,7 +27,7 @@ from transformers.models.internvl.modeling_internvl import (
 )
 
 from services.common.checkpoint import Checkpoint
-from services.common.errors import CheckpointError
+from services.common.contract.errors import CheckpointError
 from services.common.keymap import (
     LANGUAGE_PREFIX,
     VISION_PREFIXES,
@@ -35,8 +35,8 @@ from services.common.keymap import (
     map_qwen2,
     map_vision,
 )
+from services.common.torch_dtypes import TORCH_DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Mapper = Callable[[str, torch.Tensor], Iterator[tuple[str, torch.Tensor]]]
 
 
@@ -45,9 +45,9 @@ def resolve_dtype(name: str | None, device: torch.device | str) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     try:
-        return DTYPES[name]
+        return TORCH_DTYPES[name]
     except KeyError:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(TORCH_DTYPES)}") from None
 
 
 def default_device() -> torch.device:

@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, Qwen2Config
 
-from services.common.errors import CheckpointError
+from services.common.contract.errors import CheckpointError
 
 # Defaults of the original `InternVisionConfig` (configuration_intern_vit.py). They describe InternViT-6B; a config
 # that omits a key means this value, never transformers' InternVLVisionConfig default (layer_norm, 1024 wide).

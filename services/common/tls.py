@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common.errors import InvalidArgumentError
+from services.common.contract.errors import InvalidArgumentError
 
 ENV_TLS_CERT = "INTERNVL_TLS_CERT"
 ENV_TLS_KEY = "INTERNVL_TLS_KEY"

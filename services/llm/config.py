@@ -7,7 +7,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from services.common.contract.dtypes import DTYPE_NAMES
+from services.common.contract.errors import InvalidArgumentError
 from services.common.grpc_server import ServerOptions, add_server_options
+from services.common.redis_client import redis_url_problem
 
 SERVICE_NAME = "internvl.llm.v1.LLMService"
 
@@ -38,13 +41,19 @@ class LLMConfig:
     max_context_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "prefill_chunk_tokens", "max_new_tokens_default"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kv_cache_budget_mb < 0:
-            raise ValueError(f"kv_cache_budget_mb must be >= 0, got {self.kv_cache_budget_mb}")
-        if self.max_context_tokens is not None and self.max_context_tokens < 2:
-            raise ValueError(f"max_context_tokens must be >= 2, got {self.max_context_tokens}")
+        """Refuses a value no server could run with, naming its flag (the CLI prints it as one usage line)."""
+        checks = [(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                  for name in ("max_batch_size", "max_queue", "prefill_chunk_tokens", "max_new_tokens_default")]
+        url_problem = redis_url_problem(self.redis_url)
+        checks += [
+            (url_problem is None, f"--redis-url: {url_problem}"),
+            (self.kv_cache_budget_mb >= 0, f"--kv-cache-budget-mb must be >= 0, got {self.kv_cache_budget_mb}"),
+            (self.max_context_tokens is None or self.max_context_tokens >= 2,
+             f"--max-context-tokens must be >= 2, got {self.max_context_tokens}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidArgumentError(message)
 
     @property
     def kv_cache_budget_bytes(self) -> int:
@@ -73,8 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (original OpenGVLab format) or hub id")
     add_server_options(parser, default_port=50053)
     parser.add_argument("--redis-url", default=None,
-                        help="shared embedding cache, e.g. redis://redis:6379/0 (default: inline embeddings only)")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="shared embedding cache, e.g. redis://redis:6379/0, or a Redis Cluster by some of its nodes: "
+                             "redis+cluster://redis-0:6379,redis-1:6379 (default: inline embeddings only)")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                         help="compute dtype (default: bfloat16 on a GPU, float32 on CPU)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,

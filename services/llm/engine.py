@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from services.common.errors import OverloadedError
+from services.common.contract.errors import OverloadedError
+from services.common.contract.finish import FinishReason
 from services.llm.batch import DecodeBatch, cache_layers, make_cache
 from services.llm.detokenize import IncrementalDetokenizer, StopStrings
-from services.llm.events import EngineRequest, Event, Finish, FinishReason, TokenDelta, Usage
+from services.llm.events import EngineRequest, Event, Finish, TokenDelta, Usage
 from services.llm.kv_cache import LayerKV, PrefixCache, prompt_identity
 from services.llm.sampling import Sampler, TopLogprobs, sample_batch
 
@@ -45,10 +46,7 @@ class EngineStats:
     """Counters for metrics and tests; read on the asyncio thread."""
 
     steps: int = 0
-    decode_steps: int = 0
-    prefill_chunks: int = 0
     max_batch_size_seen: int = 0
-    tokens_generated: int = 0
     running: int = 0
     waiting: int = 0
 
@@ -317,7 +315,6 @@ class Engine:
     def _decode(self, events: list) -> None:
         running = self._running
         logits = self._batch.forward([seq.generated[-1] for seq in running])
-        self.stats.decode_steps += 1
         self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(running))
         tokens, reports = sample_batch(logits, [seq.sampler for seq in running])
         keep = []
@@ -366,7 +363,6 @@ class Engine:
         out = self.model(inputs_embeds=embeds, position_ids=positions, cache=seq.cache, use_cache=True,
                          logits_to_keep=1)
         seq.prefilled = end
-        self.stats.prefill_chunks += 1
         if end < seq.prompt_len:
             return end - start
         seq.image_rows = None
@@ -384,7 +380,6 @@ class Engine:
     def _emit(self, seq: _Sequence, token: int, report: TopLogprobs | None, events: list) -> bool:
         """Records a sampled token and its event(s); True when the sequence finished with it."""
         seq.generated.append(token)
-        self.stats.tokens_generated += 1
         reason = None
         if token == self.stop_token_id:
             reason, text = FinishReason.STOP, seq.stops.flush()

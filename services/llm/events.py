@@ -3,19 +3,14 @@ deltas, then one finish with its usage). Transport-free; services.llm.wire maps 
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 
+from services.common.contract.finish import FinishReason
+from services.common.contract.sampling import SamplingParams
 from services.llm.prompt import Prompt
-from services.llm.sampling import SamplingParams, TopLogprobs
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    CANCELLED = "cancelled"
+from services.llm.sampling import TopLogprobs
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common.request_metrics import RequestMetrics
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -29,8 +31,10 @@ class LLMMetrics:
                                      registry=r)
         self.cached_prompt_tokens = Counter(
             "internvl_llm_cached_prompt_tokens", "Prompt tokens whose KV came from the prefix cache.", registry=r)
-        self.requests = Counter("internvl_llm_requests", "Finished generations by finish reason.",
+        self.finished = Counter("internvl_llm_finished_requests", "Finished generations by finish reason.",
                                 ["finish_reason"], registry=r)
+        # requests{method,code}, request_seconds{method}, in_flight_requests{method}: recorded by the server.
+        self.requests = RequestMetrics("internvl_llm_", r)
         self.running = Gauge("internvl_llm_running_sequences", "Sequences decoding or prefilling.", registry=r)
         self.waiting = Gauge("internvl_llm_waiting_sequences", "Requests queued for admission.", registry=r)
         self.kv_cache_usage = Gauge(
@@ -69,7 +73,7 @@ class LLMMetrics:
             self.generated_tokens.inc(len(delta.token_ids))
 
     def on_finish(self, reason: str, prompt_tokens: int, cached_prompt_tokens: int) -> None:
-        self.requests.labels(reason).inc()
+        self.finished.labels(reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.cached_prompt_tokens.inc(cached_prompt_tokens)
 

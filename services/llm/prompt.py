@@ -10,7 +10,7 @@ Placement of images in a user turn (both the new turn and every turn of history,
   (the original video example). Images and videos mixed in one turn are numbered `Image-k` and `Frame-j`
   in part order.
 
-Then the `internvl2_5` template renders system message, history and question (services.llm.template), and each
+Then the `internvl2_5` template renders system message, history and question (services.common.contract.template), and each
 image becomes `<img>` + 256*tiles `<IMG_CONTEXT>` + `</img>`. The run of `<IMG_CONTEXT>` ids is inserted after
 tokenisation: the prompt is tokenised with each image written `<img></img>` (both are special tokens that split the
 text, so the ids are exactly those of the expanded string) and a 13-tile image costs no 3,328-token string.
@@ -29,12 +29,8 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from services.common.errors import ContextTooLongError, InvalidArgumentError
-from services.llm import template
-
-# Stands for an image while the prompt is rendered (then becomes `<img></img>`); refused in text, with IMG_CONTEXT.
-_IMAGE_SENTINEL = "\ue000"
-RESERVED_MARKUP = (template.IMG_CONTEXT, _IMAGE_SENTINEL)
+from services.common.contract import template
+from services.common.contract.errors import ContextTooLongError, InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -122,19 +118,12 @@ def _turn_images(parts: Sequence[Part]) -> list[ImagePart]:
 _MARKER = template.IMG_START + template.IMG_END
 
 
-def _check_text(text: str, where: str) -> None:
-    for markup in RESERVED_MARKUP:
-        if markup in text:
-            raise InvalidArgumentError(f"{where} contains {markup!r}, which only the server may write; "
-                                       "refer to images with image parts (and <image> placeholders)")
-
-
 def render_question(parts: Sequence[Part], where: str = "user_parts") -> str:
     """One user turn as the question text, images still as `<image>` placeholders (rules in the module doc)."""
     text = ""
     for index, part in enumerate(parts):
         if isinstance(part, TextPart):
-            _check_text(part.text, f"{where}[{index}].text")
+            template.check_text(part.text, f"{where}[{index}].text")
             text += part.text
         elif isinstance(part, ImagePart):
             if not part.key:
@@ -197,15 +186,15 @@ class PromptBuilder:
         history = []
         for number, turn in enumerate(conversation.history):
             question = render_question(turn.user_parts, f"history[{number}].user_parts")
-            _check_text(turn.assistant_text, f"history[{number}].assistant_text")
-            history.append((question.replace(template.IMAGE_PLACEHOLDER, _IMAGE_SENTINEL), turn.assistant_text))
-        question = render_question(conversation.user_parts).replace(template.IMAGE_PLACEHOLDER, _IMAGE_SENTINEL)
+            template.check_text(turn.assistant_text, f"history[{number}].assistant_text")
+            history.append((question.replace(template.IMAGE_PLACEHOLDER, template.IMAGE_SENTINEL), turn.assistant_text))
+        question = render_question(conversation.user_parts).replace(template.IMAGE_PLACEHOLDER, template.IMAGE_SENTINEL)
         system = conversation.system_message
         if system is None:
             system = self.default_system_message
         else:
-            _check_text(system, "system_message")
-        pieces = template.render(question, history, system).split(_IMAGE_SENTINEL)
+            template.check_text(system, "system_message")
+        pieces = template.render(question, history, system).split(template.IMAGE_SENTINEL)
         offsets, length = [], len(pieces[0])
         for piece in pieces[1:]:
             offsets.append(length)

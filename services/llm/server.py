@@ -13,7 +13,7 @@ import logging
 
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 
-from services.common.errors import InvalidArgumentError, NotReadyError
+from services.common.contract.errors import InvalidArgumentError, NotReadyError
 from services.common.grpc_server import GrpcServer
 from services.llm import config as llm_config
 from services.llm import wire
@@ -60,7 +60,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
 async def serve(config: LLMConfig) -> None:
     """Serves NOT_SERVING while the model loads and warms up, then SERVING until SIGTERM, then drains."""
     metrics = LLMMetrics()
-    server = GrpcServer(config.server, [SERVICE_NAME])
+    server = GrpcServer(config.server, [SERVICE_NAME], requests=metrics.requests)
     servicer = LLMServicer()
     server.add(llm_pb2_grpc.add_LLMServiceServicer_to_server, servicer)
     await server.start(registry=metrics.registry)

@@ -3,7 +3,7 @@
 `LLMService.generate` validates the request, builds the prompt (tokenisation off the event loop), resolves every
 referenced image's embeddings (from the shared Redis cache, or from what the client sent inline), checks them against
 the prompt, and hands the request to the continuous-batching engine. Errors are domain errors
-(services.common.errors); the gRPC layer maps them to statuses.
+(services.common.contract.errors); the gRPC layer maps them to statuses.
 """
 
 from __future__ import annotations
@@ -18,23 +18,24 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from services.common.checkpoint import Checkpoint, open_checkpoint
-from services.common.errors import (
+from services.common.contract import template
+from services.common.contract.errors import (
     CheckpointError,
     EmbeddingsMissingError,
     InvalidArgumentError,
     OverloadedError,
 )
+from services.common.contract.model_info import ModelInfo
+from services.common.contract.sampling import SamplingParams
+from services.common.embedding_store import EmbeddingCache
 from services.common.model import default_device, load_language_model, load_tokenizer, resolve_dtype
-from services.common.model_info import ModelInfo
 from services.common.redis_client import connect as connect_redis
 from services.common.redis_client import redis_errors
-from services.llm import template
 from services.llm.config import LLMConfig
 from services.llm.engine import Engine, GenerationStream
 from services.llm.events import EngineRequest
 from services.llm.metrics import LLMMetrics
 from services.llm.prompt import Conversation, Prompt, PromptBuilder, TextPart
-from services.llm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ class LLMService:
 
     async def start(self) -> None:
         if self.config.redis_url:
-            from services.vision.cache import EmbeddingCache
-
             self.embedding_cache = EmbeddingCache(connect_redis(self.config.redis_url), self.checkpoint.fingerprint)
         await self.engine.start()
 
@@ -105,7 +104,7 @@ class LLMService:
             await self.embedding_cache.redis.aclose()
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo.of(self.checkpoint, self.model.dtype)
+        return self.checkpoint.model_info(self.model.dtype)
 
     async def generate(self, request: GenerateRequest, inline: dict[str, torch.Tensor] | None = None,
                        timeout: float | None = None) -> GenerationStream:

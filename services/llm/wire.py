@@ -12,18 +12,14 @@ import torch
 from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2
 
-from services.common.errors import InvalidArgumentError
-from services.common.model_info import DTYPE_FROM_PB, DTYPE_TO_PB, ModelInfo
-from services.common.tensor_wire import tensor_chunks
-from services.llm.events import Event, Finish, FinishReason, TokenDelta
+from services.common.contract.dtypes import DTYPE_FROM_PB, ITEMSIZE
+from services.common.contract.errors import InvalidArgumentError
+from services.common.contract.model_info import ModelInfo
+from services.common.contract.sampling import SamplingParams
+from services.common.embedding_store import tensor_from_bytes
+from services.llm.events import Event, Finish, TokenDelta
 from services.llm.prompt import Conversation, ImagePart, Part, TextPart, Turn, VideoPart
-from services.llm.sampling import SamplingParams
 from services.llm.service import GenerateRequest
-from services.vision.cache import DTYPES, tensor_from_bytes
-
-FINISH_REASONS = {FinishReason.STOP: llm_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: llm_pb2.FINISH_REASON_LENGTH,
-                  FinishReason.CANCELLED: llm_pb2.FINISH_REASON_CANCELLED}
-
 
 # -- requests ---------------------------------------------------------------------------------------------------
 
@@ -47,21 +43,13 @@ def _parts(messages, where: str) -> tuple[Part, ...]:
     return tuple(parts)
 
 
-def sampling_from_pb(message: llm_pb2.SamplingParams) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=message.max_new_tokens, temperature=message.temperature, top_p=message.top_p,
-        top_k=message.top_k, repetition_penalty=message.repetition_penalty,
-        stop_strings=tuple(message.stop_strings), seed=message.seed if message.HasField("seed") else None,
-        top_logprobs=message.top_logprobs)
-
-
 def generate_request_from_pb(start: llm_pb2.GenerateStart) -> GenerateRequest:
     history = tuple(Turn(_parts(turn.user_parts, f"history[{n}].user_parts"), turn.assistant_text)
                     for n, turn in enumerate(start.history))
     conversation = Conversation(
         user_parts=_parts(start.user_parts, "user_parts"), history=history,
         system_message=start.system_message if start.HasField("system_message") else None)
-    return GenerateRequest(conversation, sampling_from_pb(start.sampling), start.inline_embeddings,
+    return GenerateRequest(conversation, SamplingParams.from_pb(start.sampling), start.inline_embeddings,
                            start.request_id)
 
 
@@ -104,7 +92,7 @@ class _Assembler:
             header = chunk.header
             if header.dtype not in DTYPE_FROM_PB or len(header.shape) != 2 or any(d < 0 for d in header.shape):
                 raise InvalidArgumentError(f"embeddings of {key} must be a 2-D bfloat16, float16 or float32 tensor")
-            nbytes = math.prod(header.shape) * DTYPES[DTYPE_FROM_PB[header.dtype]].itemsize
+            nbytes = math.prod(header.shape) * ITEMSIZE[DTYPE_FROM_PB[header.dtype]]
             if header.total_bytes != nbytes:
                 raise InvalidArgumentError(f"header of {key}: total_bytes {header.total_bytes} != {nbytes}")
             self.total += nbytes
@@ -132,15 +120,6 @@ class _Assembler:
         return out
 
 
-def embedding_messages(key: str, tensor: torch.Tensor, chunk_bytes: int = 1 << 20) -> list[llm_pb2.GenerateRequest]:
-    """Client side: one image's embeddings as EmbeddingChunk requests of at most `chunk_bytes` each."""
-    from services.vision.cache import tensor_to_bytes
-
-    dtype, shape, data = tensor_to_bytes(tensor)
-    return [llm_pb2.GenerateRequest(embedding=llm_pb2.EmbeddingChunk(key=key, chunk=chunk))
-            for chunk in tensor_chunks(DTYPE_TO_PB[dtype], shape, data, chunk_bytes)]
-
-
 # -- responses --------------------------------------------------------------------------------------------------
 
 
@@ -153,7 +132,7 @@ def event_to_pb(event: Event) -> llm_pb2.GenerateResponse:
     assert isinstance(event, Finish)
     usage = llm_pb2.Usage(prompt_tokens=event.usage.prompt_tokens, completion_tokens=event.usage.completion_tokens,
                           cached_prompt_tokens=event.usage.cached_prompt_tokens)
-    return llm_pb2.GenerateResponse(finish=llm_pb2.GenerateFinish(reason=FINISH_REASONS[event.reason], usage=usage))
+    return llm_pb2.GenerateResponse(finish=llm_pb2.GenerateFinish(reason=event.reason.to_pb(llm_pb2.FinishReason), usage=usage))
 
 
 def model_info_to_pb(info: ModelInfo) -> llm_pb2.GetModelInfoResponse:

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from services.common.chat import GenerationParams, InternVLChat
+from services.common.contract.dtypes import DTYPE_NAMES
 from services.vision.preprocess import load_image
 
 
@@ -15,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", default="Describe the image.")
     parser.add_argument("--max-num", type=int, default=12, help="most tiles per image")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 

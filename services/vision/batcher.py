@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import NotReadyError
+from services.common.contract.errors import NotReadyError
 
 log = logging.getLogger(__name__)
 

@@ -11,17 +11,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.common.errors import InvalidArgumentError
+from services.common.contract.cache_keys import DEFAULT_NAMESPACE
+from services.common.contract.dtypes import DTYPE_NAMES
+from services.common.contract.errors import InvalidArgumentError
+from services.common.contract.tiling import DEFAULT_MAX_PIXELS
 from services.common.grpc_server import ServerOptions, add_server_options
-from services.vision.cache import DEFAULT_NAMESPACE
-from services.vision.preprocess import DEFAULT_MAX_PIXELS
+from services.common.redis_client import redis_url_problem
 
 ENV_REDIS_URL = "INTERNVL_REDIS_URL"
 
-# The most tiles a request may ask an image to be cut into. InternVL 2.5 uses 12 by default; its evaluation
-# scripts go up to 24 for documents, 40 leaves headroom while bounding one image's work (41 forwards).
-MAX_NUM_LIMIT = 40
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 # FetchEmbeddings chunks: 1 MiB by default, and never so large that a message nears the gRPC limit.
 DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 4096
@@ -58,7 +56,9 @@ class VisionConfig:
     memory_cache_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
+        url_problem = redis_url_problem(self.redis_url)
         checks = [
+            (url_problem is None, f"--redis-url: {url_problem}"),
             (self.max_batch_tiles >= 1, f"--max-batch-tiles must be >= 1, got {self.max_batch_tiles}"),
             (self.max_wait_ms >= 0, f"--max-wait-ms must be >= 0, got {self.max_wait_ms}"),
             (self.cache_ttl_s is None or self.cache_ttl_s > 0,
@@ -72,8 +72,8 @@ class VisionConfig:
             (self.server.max_message_bytes >= _MESSAGE_HEADROOM_BYTES + MIN_CHUNK_BYTES,
              f"--max-message-bytes must be >= {_MESSAGE_HEADROOM_BYTES + MIN_CHUNK_BYTES}, got "
              + str(self.server.max_message_bytes)),
-            (self.dtype is None or self.dtype in DTYPE_CHOICES,
-             f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}"),
+            (self.dtype is None or self.dtype in DTYPE_NAMES,
+             f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -122,9 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (original OpenGVLab format) or hub id")
     add_server_options(parser, default_port=None)
     parser.add_argument("--redis-url", default=None,
-                        help=f"embedding cache, e.g. redis://redis:6379/0 (default: ${ENV_REDIS_URL}; without either, "
+                        help="embedding cache, e.g. redis://redis:6379/0, or a Redis Cluster by some of its nodes: "
+                             f"redis+cluster://redis-0:6379,redis-1:6379 (default: ${ENV_REDIS_URL}; without either, "
                              "an in-process cache that only this process sees: for single-process demos only)")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="compute and storage dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cuda if available)")
     parser.add_argument("--max-batch-tiles", type=int, default=d.max_batch_tiles,

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from services.common.request_metrics import RequestMetrics
 from services.vision.batcher import BatchStats
 
 PREFIX = "internvl_vision_"
@@ -53,10 +54,8 @@ class VisionMetrics:
         self.queue_tiles = Gauge(PREFIX + "queue_tiles", "Tiles waiting for the encoder (queue depth)", registry=r)
         self.cache_hits = Counter(PREFIX + "cache_hits", "Encode items answered from the cache", registry=r)
         self.cache_misses = Counter(PREFIX + "cache_misses", "Encode items that had to be encoded", registry=r)
-        self.requests = Counter(PREFIX + "requests", "RPCs by method and gRPC status code", ["method", "code"],
-                                registry=r)
-        self.request_seconds = Histogram(PREFIX + "request_seconds", "RPC latency by method", ["method"],
-                                         buckets=_SECONDS_BUCKETS, registry=r)
+        # requests{method,code}, request_seconds{method}, in_flight_requests{method}: recorded by the server.
+        self.requests = RequestMetrics(PREFIX, r)
         self.model_info = Gauge(PREFIX + "model_info", "The loaded model (always 1)",
                                 ["fingerprint", "model_name", "dtype"], registry=r)
         self._callbacks = _CallbackCounters()

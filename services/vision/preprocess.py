@@ -4,15 +4,12 @@ A bit-for-bit port of ``dynamic_preprocess`` / ``build_transform`` / ``load_imag
 2.5 model card, using Pillow and torch only (torchvision's ``Resize`` on a PIL image is PIL's own
 ``resize``, and ``ToTensor`` + ``Normalize`` are two float32 operations we do directly).
 
-An image becomes a grid of ``cols x rows`` tiles of ``image_size`` pixels, chosen so the grid's shape
-follows the image's aspect ratio, plus one downscaled thumbnail of the whole image when the grid has
-more than one tile. Each tile costs the language model 256 tokens, so ``count_tiles`` is also how the
-gateway budgets context before any pixels are decoded.
+The grid an image is cut into is ``services.common.contract.tiling.tile_grid``, the rule the gateway also
+uses to count tiles and key images without decoding them; this module does the pixel work.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -21,84 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from services.common.errors import InvalidMediaError, MediaTooLargeError
+from services.common.contract.errors import InvalidMediaError, MediaTooLargeError
+from services.common.contract.image_formats import UNSUPPORTED_FORMAT, open_untrusted
+from services.common.contract.tiling import DEFAULT_MAX_PIXELS, IMAGE_SIZE, tile_grid
 
-IMAGE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# 64 megapixels is an 8000x8000 photo, well beyond any camera a user sends, while a decoded RGB
-# image of that size still fits in memory (192 MB). Pillow's own guard only fires at ~179 MP.
-DEFAULT_MAX_PIXELS = 64_000_000
-
 ImageSource = str | PathLike[str] | bytes | bytearray | memoryview | Image.Image
-
-# The image formats accepted from callers (Pillow names; JPEG includes the MPO JPEGs of many phones). Pillow can
-# parse dozens more, some rarely exercised (EPS even runs Ghostscript): untrusted bytes only reach these parsers.
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
-UNSUPPORTED_FORMAT = "not a supported image format (send PNG, JPEG, WebP, GIF, BMP, TIFF or PPM)"
-
-
-def open_untrusted(data: bytes) -> Image.Image:
-    """``Image.open`` restricted to ``IMAGE_FORMATS`` (reads the header only)."""
-    Image.init()  # registers every plugin (once), so that the allow-list may name any of them
-    return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-
-
-def _candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
-    """Every (cols, rows) with ``min_num <= cols*rows <= max_num``, ordered by area.
-
-    Built as the original (the same set, filled in the same order, then a stable sort by area) so that grids of equal area keep
-    the original's relative order, which decides the winner when two of them tie on aspect ratio.
-    """
-    grids = {
-        (i, j)
-        for n in range(min_num, max_num + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_num <= i * j <= max_num
-    }
-    return sorted(grids, key=lambda x: x[0] * x[1])
-
-
-def tile_grid(
-    width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = IMAGE_SIZE
-) -> tuple[int, int]:
-    """The (cols, rows) tile grid InternVL 2.5 picks for a ``width x height`` image.
-
-    The grid whose cols/rows ratio is closest to width/height wins. On an exact tie (a square image
-    ties 1x1, 2x2 and 3x3; a 3:2 image ties 1x1 and 2x1) the later, larger grid wins only when the
-    image has more pixels than half that grid's area: a small image is not blown up into many tiles
-    of upscaled blur, while a large one keeps its detail. So 634x634 gives 2x2 and 1000x1000 gives 3x3.
-    """
-    if width < 1 or height < 1:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    if min_num < 1 or max_num < min_num:
-        raise ValueError(f"need 1 <= min_num <= max_num, got min_num={min_num}, max_num={max_num}")
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-
-    aspect_ratio = width / height
-    area = width * height
-    best_diff = float("inf")
-    best = (1, 1)
-    for cols, rows in _candidate_grids(min_num, max_num):
-        diff = abs(aspect_ratio - cols / rows)
-        if diff < best_diff:
-            best_diff = diff
-            best = (cols, rows)
-        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
-            best = (cols, rows)
-    return best
-
-
-def count_tiles(
-    width: int, height: int, max_num: int = 12, image_size: int = IMAGE_SIZE, use_thumbnail: bool = True
-) -> int:
-    """How many tiles ``dynamic_tiles`` makes for a ``width x height`` image, without decoding it."""
-    cols, rows = tile_grid(width, height, 1, max_num, image_size)
-    n = cols * rows
-    return n + 1 if use_thumbnail and n > 1 else n
 
 
 def dynamic_tiles(

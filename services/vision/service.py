@@ -22,29 +22,25 @@ from dataclasses import dataclass
 import redis.exceptions
 import torch
 from PIL import Image
-from redis.asyncio import Redis
 
 from services.common.checkpoint import Checkpoint, open_checkpoint
-from services.common.errors import (
+from services.common.contract.cache_keys import key_prefix, model_identity
+from services.common.contract.dtypes import dtype_name
+from services.common.contract.encoding import EncodedItem, MediaItem, item_key
+from services.common.contract.errors import (
     InvalidArgumentError,
     InvalidMediaError,
     NotFoundError,
     NotReadyError,
 )
+from services.common.contract.model_info import ModelInfo
+from services.common.contract.tiling import MAX_NUM_LIMIT
+from services.common.embedding_store import EmbeddingCache, StoredEmbeddings
 from services.common.model import default_device, load_vision, resolve_dtype
-from services.common.model_info import ModelInfo, dtype_name
+from services.common.redis_client import RedisClient, redis_errors
 from services.common.redis_client import connect as connect_redis
-from services.common.redis_client import redis_errors
 from services.vision.batcher import Encoder, MicroBatcher
-from services.vision.cache import (
-    EmbeddingCache,
-    StoredEmbeddings,
-    cache_key,
-    frame_media,
-    key_prefix,
-    model_identity,
-)
-from services.vision.config import MAX_NUM_LIMIT, VisionConfig
+from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
 from services.vision.metrics import VisionMetrics
 from services.vision.preprocess import dynamic_tiles, open_image, tiles_to_tensor
@@ -60,39 +56,11 @@ MAX_KEY_CHARS = 256
 
 
 @dataclass(frozen=True)
-class MediaItem:
-    """One image to encode: an encoded file (``kind="image"``) or raw RGB pixels (``kind="frame"``)."""
-
-    kind: str  # "image", "frame", or "" when the request set neither
-    data: bytes
-    # Only for frames.
-    height: int = 0
-    width: int = 0
-
-    @classmethod
-    def image(cls, data: bytes) -> MediaItem:
-        return cls("image", bytes(data))
-
-    @classmethod
-    def frame(cls, rgb: bytes, height: int, width: int) -> MediaItem:
-        return cls("frame", bytes(rgb), height, width)
-
-
-@dataclass(frozen=True)
 class EncodeOptions:
     """Preprocessing options of a request; None means the model's default."""
 
     max_num: int | None = None
     use_thumbnail: bool | None = None
-
-
-@dataclass(frozen=True)
-class EncodedItem:
-    key: str
-    num_tiles: int
-    # Embedding rows stored under ``key``: num_tiles * tokens_per_tile.
-    num_tokens: int
-    cache_hit: bool
 
 
 # ------------------------------------------------------------------------------------------------- service
@@ -102,7 +70,7 @@ class VisionService:
     """Encode / Lookup / Fetch / model info over one loaded vision path, a cache store and a micro-batcher."""
 
     def __init__(self, config: VisionConfig, checkpoint: Checkpoint, encoder: Encoder, dtype: torch.dtype,
-                 store: Redis | InProcessRedis, metrics: VisionMetrics | None = None) -> None:
+                 store: RedisClient | InProcessRedis, metrics: VisionMetrics | None = None) -> None:
         self.config = config
         self.checkpoint = checkpoint
         spec = checkpoint.spec
@@ -130,7 +98,7 @@ class VisionService:
 
     @classmethod
     async def load(cls, config: VisionConfig, metrics: VisionMetrics | None = None,
-                   store: Redis | InProcessRedis | None = None) -> VisionService:
+                   store: RedisClient | InProcessRedis | None = None) -> VisionService:
         """Opens the checkpoint, loads the vision path (off the loop), connects the cache and starts batching."""
         device = torch.device(config.device) if config.device else default_device()
         dtype = resolve_dtype(config.dtype, device)
@@ -170,7 +138,7 @@ class VisionService:
             torch.cuda.empty_cache()
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo.of(self.checkpoint, self.dtype)
+        return self.checkpoint.model_info(self.dtype)
 
     # ---------------------------------------------------------------------------------------------- encode
 
@@ -229,12 +197,7 @@ class VisionService:
 
     def key_for(self, item: MediaItem, max_num: int, use_thumbnail: bool) -> str:
         """The cache key of ``item`` under resolved options (what Encode answers for it)."""
-        if item.kind == "frame":
-            media = frame_media(item.data, item.height, item.width)
-        else:
-            media = item.data
-        return cache_key(self.key_identity, max_num, use_thumbnail, self.image_size, media, item.kind,
-                         namespace=self.config.namespace)
+        return item_key(item, self.key_identity, max_num, use_thumbnail, self.image_size, self.config.namespace)
 
     async def _encode_item(self, index: int, item: MediaItem, key: str, max_num: int,
                            use_thumbnail: bool) -> EncodedItem:
@@ -302,7 +265,7 @@ class VisionService:
         return redis_errors("embedding cache")
 
 
-async def connect_store(config: VisionConfig) -> Redis | InProcessRedis:
+async def connect_store(config: VisionConfig) -> RedisClient | InProcessRedis:
     """A connected Redis client for ``config.redis_url``, or the in-process store when there is none."""
     if config.redis_url is None:
         log.warning("no --redis-url: using an in-process embedding cache that no other process can read "

@@ -102,3 +102,38 @@ def test_profile_summary_counts_computing_samples_by_innermost_frame():
     assert " 75.0%  linear (functional.py:5)" in text
     assert " 25.0%  forward (modeling_qwen2.py:12)" in text
     assert "selectors" not in text and "Thread.run" not in text
+
+
+def test_prefix_hit_needs_the_whole_previous_prompt_cached():
+    from services.bench.pool import prefix_hits
+
+    turns = [{"prompt_tokens": 1334, "cached_prompt_tokens": 41},
+             {"prompt_tokens": 1351, "cached_prompt_tokens": 1335},  # hit: covers turn 1's 1334
+             {"prompt_tokens": 1370, "cached_prompt_tokens": 1334}]  # miss: turn 2's 1351 not all cached
+    assert prefix_hits(turns) == (1, 2)
+    assert prefix_hits(turns[:1]) == (0, 0)
+
+
+def test_balance_bound_is_the_load_bound_plus_one_session():
+    from services.bench.pool import balance_bound
+
+    assert balance_bound(6, 3, 0.25) == pytest.approx(3.5)
+    assert balance_bound(3, 3, 0.0) == pytest.approx(2.0)
+
+
+def test_every_scenario_has_a_phase_and_a_selection_skips_the_rest():
+    import argparse
+
+    from services.bench.main import PHASE_SCENARIOS, _scenario_list
+    from services.bench.settings import SCENARIOS, BenchSettings
+
+    assert set().union(*PHASE_SCENARIOS.values()) == set(SCENARIOS)
+    assert _scenario_list("8") == {8} and _scenario_list("1, 2,") == {1, 2}
+    with pytest.raises(argparse.ArgumentTypeError):
+        _scenario_list("eight")
+    assert [name for name, wanted in PHASE_SCENARIOS.items() if 8 in wanted] == \
+        ["stack-1", "stack-2", "stack-round-robin"]
+    args = argparse.Namespace(quick=True, repeats=None, dtype="float32", model=None, checkpoint_dir=None, out="o",
+                              name=None, scenarios=frozenset({9}))
+    with pytest.raises(Exception, match="no scenario"):
+        BenchSettings.from_args(args)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.common.checkpoint import open_checkpoint, resolve_model_path
-from services.common.errors import CheckpointError
+from services.common.contract.errors import CheckpointError
 from services.common.model import load_language_model, load_vision, resolve_dtype
 from services.common.spec import ModelSpec, VisionSpec, rope_parameters
 

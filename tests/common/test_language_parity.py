@@ -8,8 +8,8 @@ from transformers import InternVLForConditionalGeneration
 
 from services.common.chat import GenerationParams, InternVLChat
 from services.common.checkpoint import open_checkpoint
+from services.common.contract.template import video_prefix
 from services.common.model import load_language_model
-from services.llm.template import video_prefix
 from services.vision.preprocess import load_image
 
 SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"

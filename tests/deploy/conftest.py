@@ -21,5 +21,5 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture
 def objects(overlay):
-    """The overlay rendered by deploy/render.py (a fresh copy per test)."""
+    """The overlay rendered by `kubectl kustomize` (once per session; a fresh copy per test)."""
     return manifest_checks.render(overlay)

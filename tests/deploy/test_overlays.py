@@ -4,6 +4,9 @@ import manifest_checks as mc
 import pytest
 
 POOLS = ("vision", "llm")
+# Kinds that take no namespace (kustomize's namespace transformer skips them), among those a deployment may carry.
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass", "StorageClass",
+                  "PersistentVolume", "CustomResourceDefinition"}
 
 
 def pod_spec(objects, name: str) -> dict:
@@ -18,13 +21,37 @@ def volume(spec: dict, name: str) -> dict:
     return next(v for v in spec["volumes"] if v["name"] == name)
 
 
+def test_every_overlay_renders(objects):
+    ids = [mc.object_id(o) for o in objects]
+    assert len(ids) == len(set(ids))
+    kinds = {o["kind"] for o in objects}
+    assert {"Namespace", "ServiceAccount", "ConfigMap", "Service", "Deployment", "StatefulSet"} <= kinds
+    for obj in objects:
+        if obj["kind"] not in CLUSTER_SCOPED:
+            assert obj["metadata"]["namespace"] == "internvl", mc.object_id(obj)
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "internvl", mc.object_id(obj)
+        # kustomize leaves images it was not told about alone; every image of ours must have been retagged.
+        for c in mc.containers(obj) if mc.pod_template(obj) else []:
+            assert c["image"] != "internvl-serve", f"{mc.object_id(obj)} {c['name']}: image not set by overlay"
+
+
 def test_pools_sit_behind_headless_services(objects):
     for pool in POOLS:
         service = mc.one(objects, "Service", f"{pool}-headless")
         assert service["spec"]["clusterIP"] == "None"
+        # Only ready pods in DNS: loading and draining pods never join a gateway's pool.
+        assert service["spec"].get("publishNotReadyAddresses") is False
     args = main_container(objects, "gateway")["args"]
     assert "--vision-target=dns:///vision-headless:50052" in args
     assert "--llm-target=dns:///llm-headless:50053" in args
+
+
+def test_routing_is_configured(objects):
+    gateway = mc.servers(objects)["gateway"].args
+    config = mc.one(objects, "ConfigMap", "internvl-config")["data"]
+    assert (gateway.llm_routing, gateway.routing_epsilon) == (config["llm-routing"], float(config["routing-epsilon"]))
+    assert gateway.llm_routing == "affinity"
+    assert gateway.resolve_interval_s == 5
 
 
 def test_lifecycle_is_visible(objects):
@@ -37,10 +64,30 @@ def test_lifecycle_is_visible(objects):
 
 
 def test_redis_is_a_bounded_lru_cache(objects):
-    redis = mc.one(objects, "StatefulSet", "redis")
-    command = mc.pod_template(redis)["spec"]["containers"][0]["command"]
-    assert "--maxmemory" in command
-    assert "maxmemory-policy allkeys-lru" in mc.one(objects, "ConfigMap", "redis-config")["data"]["redis.conf"]
+    servers = [w for w in mc.find(objects, "StatefulSet") if mc.is_redis_server(w)]
+    assert servers
+    for redis in servers:
+        container = mc.pod_template(redis)["spec"]["containers"][0]
+        assert "--maxmemory" in container["command"]
+        assert mc.conf_value(mc.redis_conf(redis, container, objects), "maxmemory-policy") == "allkeys-lru"
+
+
+def test_redis_cluster_overlay_replaces_the_single_redis():
+    objects = mc.render("gpu-redis-cluster")
+    assert not mc.find(objects, "StatefulSet", "redis") and not mc.find(objects, "Service", "redis")
+    nodes = mc.one(objects, "StatefulSet", "redis-cluster")
+    assert nodes["spec"]["replicas"] == 6
+    url = mc.one(objects, "ConfigMap", "internvl-config")["data"]["redis-url"]
+    assert url == "redis+cluster://" + ",".join(f"redis-cluster-{i}.redis-cluster:6379" for i in range(6))
+    assert {inv.args.redis_url for inv in mc.servers(objects).values()} == {url}
+    assert mc.redis_servers(objects, url) == ([nodes], [])
+    job = mc.one(objects, "Job", "redis-cluster-create")
+    assert "--cluster-replicas 1 --cluster-yes" in mc.pod_template(job)["spec"]["containers"][0]["command"][2]
+    # The same cache size as the gpu overlay's single Redis, over three masters.
+    gpu = mc.one(mc.render("gpu"), "ConfigMap", "internvl-config")["data"]["redis-maxmemory"]
+    per_node = mc.one(objects, "ConfigMap", "internvl-config")["data"]["redis-maxmemory"]
+    assert int(gpu.removesuffix("gb")) == 3 * int(per_node.removesuffix("gb"))
+    assert mc.one(objects, "PodDisruptionBudget", "redis-cluster")["spec"]["maxUnavailable"] == 1
 
 
 def test_settings_identity_and_policies(objects):
@@ -53,7 +100,7 @@ def test_settings_identity_and_policies(objects):
         assert spec["serviceAccountName"] == account["metadata"]["name"]
         assert spec["securityContext"]["runAsNonRoot"] is True
     assert len(mc.find(objects, "NetworkPolicy")) >= 5
-    assert {p["metadata"]["name"] for p in mc.find(objects, "PodDisruptionBudget")} == {*POOLS, "gateway"}
+    assert {p["metadata"]["name"] for p in mc.find(objects, "PodDisruptionBudget")} >= {*POOLS, "gateway"}
 
 
 def test_gpu_overlay_runs_internvl2_5_8b_on_gpus():

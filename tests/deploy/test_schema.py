@@ -1,10 +1,11 @@
 """Every rendered object validates offline: built-in kinds against the Kubernetes OpenAPI schemas (the
 `kubernetes-validate` package, strict: unknown fields are errors), for the oldest and the newest Kubernetes version
-we claim; the custom resources (Prometheus Operator's ServiceMonitor) and the prometheus-adapter rules, which no
-bundled schema covers, structurally here.
+we claim; the custom resources (Prometheus Operator's ServiceMonitor and PrometheusRule) and the prometheus-adapter
+rules, which no bundled schema covers, structurally here.
 """
 
 import copy
+import re
 
 import kubernetes_validate
 import manifest_checks as mc
@@ -48,7 +49,57 @@ def service_monitor_problems(obj: dict) -> list[str]:
     return problems
 
 
-CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor"): service_monitor_problems}
+DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
+RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+
+
+def prometheus_rule_problems(obj: dict) -> list[str]:
+    """The fields of monitoring.coreos.com/v1 PrometheusRule, checked like its CRD (and Prometheus's rule loader)
+    would: groups with unique names, each rule an alert or a recording rule with an expression, durations in
+    Prometheus's format, string-valued labels and annotations."""
+    problems = []
+    if obj.get("apiVersion") != "monitoring.coreos.com/v1":
+        problems.append(f"apiVersion {obj.get('apiVersion')!r}")
+    if not (obj.get("metadata") or {}).get("name"):
+        problems.append("metadata.name missing")
+    spec = obj.get("spec") or {}
+    if set(spec) - {"groups"}:
+        problems.append(f"unknown spec fields {sorted(set(spec) - {'groups'})}")
+    groups = spec.get("groups")
+    if not isinstance(groups, list) or not groups:
+        return [*problems, "spec.groups must be a non-empty list"]
+    names = [g.get("name") for g in groups]
+    if len(set(names)) != len(names) or not all(names):
+        problems.append(f"group names must be present and unique: {names}")
+    for group in groups:
+        if set(group) - {"name", "interval", "rules", "limit", "partial_response_strategy"}:
+            problems.append(f"group {group.get('name')}: unknown fields {sorted(set(group) - {'name', 'rules'})}")
+        if "interval" in group and not DURATION.match(str(group["interval"])):
+            problems.append(f"group {group.get('name')}: interval {group['interval']!r} is not a duration")
+        for rule in group.get("rules") or []:
+            where = f"rule {rule.get('alert') or rule.get('record')}"
+            if set(rule) - RULE_FIELDS:
+                problems.append(f"{where}: unknown fields {sorted(set(rule) - RULE_FIELDS)}")
+            if ("alert" in rule) == ("record" in rule):
+                problems.append(f"{where}: exactly one of alert and record")
+            if not isinstance(rule.get("expr"), str) or not rule["expr"].strip():
+                problems.append(f"{where}: expr must be a non-empty string")
+            elif rule["expr"].count("(") != rule["expr"].count(")") or rule["expr"].count("{") != \
+                    rule["expr"].count("}"):
+                problems.append(f"{where}: unbalanced brackets in expr")
+            for key in ("for", "keep_firing_for"):
+                if key in rule and not DURATION.match(str(rule[key])):
+                    problems.append(f"{where}: {key} {rule[key]!r} is not a duration")
+            if "record" in rule and ("for" in rule or "annotations" in rule):
+                problems.append(f"{where}: a recording rule takes no for or annotations")
+            for key in ("labels", "annotations"):
+                if not all(isinstance(v, str) for v in (rule.get(key) or {}).values()):
+                    problems.append(f"{where}: {key} values must be strings")
+    return problems
+
+
+CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor"): service_monitor_problems,
+                    ("monitoring.coreos.com/v1", "PrometheusRule"): prometheus_rule_problems}
 
 
 def adapter_rule_problems(config_text: str) -> list[str]:
@@ -94,7 +145,7 @@ def test_every_object_validates(objects):
 
 
 def test_base_validates():
-    objects = mc.render_module.render(mc.K8S / "base")
+    objects = mc.render_directory(mc.K8S / "base")
     assert {f"{o['kind']}/{o['metadata']['name']}": p for o in objects if (p := schema_problems(o))} == {}
 
 
@@ -115,11 +166,18 @@ def test_validation_catches_broken_objects():
     rules = copy.deepcopy(mc.one(objects, "ConfigMap", "prometheus-adapter-rules"))
     rules["data"]["config.yaml"] = rules["data"]["config.yaml"].replace("<<.LabelMatchers>>", "")
     assert any("LabelMatchers" in p for p in schema_problems(rules))
+    alerts = copy.deepcopy(mc.one(objects, "PrometheusRule", "internvl"))
+    alerts["spec"]["groups"][0]["rules"][0]["for"] = "2 minutes"
+    assert any("not a duration" in p for p in schema_problems(alerts))
+    alerts["spec"]["groups"][0]["rules"][1]["expr"] += ")"
+    assert any("unbalanced" in p for p in schema_problems(alerts))
+    alerts["spec"]["groups"][0]["rules"][2]["record"] = "x"
+    assert any("exactly one of alert and record" in p for p in schema_problems(alerts))
     unknown = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"}}
     assert any("no schema" in p for p in schema_problems(unknown))
 
 
-@pytest.mark.parametrize("kind", ["ServiceMonitor"])
+@pytest.mark.parametrize("kind", ["ServiceMonitor", "PrometheusRule"])
 def test_custom_resources_are_only_in_overlays_with_their_operator(kind):
     # cpu-demo runs on a bare kind cluster, which has no Prometheus Operator CRDs: applying it must not need them.
     assert not mc.find(mc.render("cpu-demo"), kind)

@@ -25,16 +25,17 @@ from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 from PIL import Image
 
-from gateway.clients import LLMClient, VisionClient
+from gateway.clients import open_clients
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.orchestrator import Orchestrator
 from gateway.server import SERVICE_NAME, ChatServicer
 from gateway.sessions import MemorySessionStore
-from services.common.errors import EmbeddingsMissingError, InvalidMediaError, NotFoundError
+from services.common.contract.cache_keys import cache_key, frame_media, model_identity
+from services.common.contract.errors import EmbeddingsMissingError, InvalidMediaError, NotFoundError
+from services.common.contract.tiling import count_tiles
 from services.common.grpc_server import GrpcServer, ServerOptions
-from services.vision.cache import cache_key, frame_media, model_identity
-from services.vision.preprocess import count_tiles
+from services.common.request_metrics import RequestMetrics
 
 FINGERPRINT = "feedfacefeedface"
 TOKENS_PER_TILE = 256
@@ -204,13 +205,16 @@ class FakeStack:
     stub: gateway_pb2_grpc.ChatServiceStub
     # The gateway's host:port.
     address: str
+    # The fake services' servers: vision replicas first, the LLM last.
+    servers: list = field(default_factory=list)
 
     def vision_calls(self, method: str) -> list[int]:
         return [n for v in self.visions for m, n in v.calls if m == method]
 
 
-async def _serve(register, servicer, name: str) -> GrpcServer:
-    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1", drain_seconds=0.5), [name])
+async def _serve(register, servicer, name: str, requests: RequestMetrics | None = None) -> GrpcServer:
+    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1", drain_seconds=0.5), [name],
+                        requests=requests if requests is not None else RequestMetrics("fake_"))
     server.add(register, servicer)
     await server.start()
     await server.mark_ready()
@@ -231,16 +235,16 @@ async def fake_stack(media_root=None, vision_replicas: int = 2, llm_fingerprint:
                         llm_target=f"ipv4:127.0.0.1:{servers[-1].port}", media_root=media_root,
                         server=ServerOptions(port=0, host="127.0.0.1", drain_seconds=0.5), **config)
     metrics = GatewayMetrics()
-    vision_client, llm_client = VisionClient(cfg.vision_target), LLMClient(cfg.llm_target)
+    vision_client, llm_client = await open_clients(cfg, metrics, health_interval_s=0.2)
     orchestrator = Orchestrator(cfg, vision_client, llm_client, MemorySessionStore(cfg.session_ttl_s), metrics)
     gateway = await _serve(gateway_pb2_grpc.add_ChatServiceServicer_to_server, ChatServicer(orchestrator, metrics),
-                           SERVICE_NAME)
+                           SERVICE_NAME, metrics.requests)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
     try:
         if connect:
             await orchestrator.connect(timeout=10)
         yield FakeStack(cache, visions, llm, orchestrator, metrics, cfg, channel,
-                        gateway_pb2_grpc.ChatServiceStub(channel), f"127.0.0.1:{gateway.port}")
+                        gateway_pb2_grpc.ChatServiceStub(channel), f"127.0.0.1:{gateway.port}", servers)
     finally:
         await channel.close()
         for server in (gateway, *servers):

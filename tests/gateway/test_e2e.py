@@ -12,7 +12,6 @@ Ctrl-C must stop every process.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
@@ -20,7 +19,6 @@ import re
 import signal
 import subprocess
 import sys
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +33,11 @@ from procs import REPO, free_port
 
 from gateway.video import frame_indices
 from services.common.chat import GenerationParams, InternVLChat
-from services.llm import template
+from services.common.contract import template
+from services.tools.launcher import cli_env, processes, read_metrics, spawn
 from services.vision.preprocess import load_image
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 MAX_NEW = 6
 
@@ -57,19 +56,11 @@ class Stack:
     media_root: Path
 
     def metrics_text(self, port: int | None = None) -> str:
-        url = f"http://127.0.0.1:{port or self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.read().decode()
+        return read_metrics(port or self.metrics_port)
 
 
 def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    found.append(int(entry.name))
-    return found
+    return [p.pid for p in processes() if p.pid != os.getpid() and text in " ".join(p.argv)]
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +69,10 @@ def stack(checkpoint, tmp_path_factory):
     separate processes and prints a banner once all report SERVING; Ctrl-C (SIGINT) must then stop them all."""
     logs, media_root = tmp_path_factory.mktemp("up-logs"), tmp_path_factory.mktemp("media")
     port, http_port, metrics_port = free_port(), free_port(), free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--model", str(checkpoint), "--dtype", "float32",
-         "--gateway-port", str(port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
-         "--media-root", str(media_root), "--log-dir", str(logs)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+    up = spawn("up", [sys.executable, "-m", "services.cli", "up", "--model", str(checkpoint), "--dtype", "float32",
+                      "--gateway-port", str(port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+                      "--media-root", str(media_root), "--log-dir", str(logs)],
+               None, cwd=REPO, env=cli_env()).process
     banner = []
     for line in up.stdout:
         banner.append(line)
@@ -336,15 +325,15 @@ def test_media_path_and_metrics_move(stack, stub, images):
     def grew(name: str, **labels) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
 
-    assert grew("internvl_gateway_requests_total", rpc="Chat", code="OK") == 1
-    assert grew("internvl_gateway_requests_total", rpc="Chat", code="PERMISSION_DENIED") == 1
-    assert grew("internvl_gateway_generated_tokens_total", rpc="Chat") == finish.usage.completion_tokens
-    assert grew("internvl_gateway_time_to_first_token_seconds_count", rpc="Chat") == 1
-    assert grew("internvl_gateway_request_seconds_count", rpc="Chat") == 2
+    assert grew("internvl_gateway_requests_total", method="Chat", code="OK") == 1
+    assert grew("internvl_gateway_requests_total", method="Chat", code="PERMISSION_DENIED") == 1
+    assert grew("internvl_gateway_generated_tokens_total", method="Chat") == finish.usage.completion_tokens
+    assert grew("internvl_gateway_time_to_first_token_seconds_count", method="Chat") == 1
+    assert grew("internvl_gateway_request_seconds_count", method="Chat") == 2
     tiles = grew("internvl_gateway_tiles_encoded_total") + grew("internvl_gateway_tiles_reused_total")
     assert tiles == 1
     assert grew("internvl_gateway_embedding_bytes_total", path="reference") > 0
-    assert metric(after, "internvl_gateway_in_flight_requests", rpc="Chat") == 0
+    assert metric(after, "internvl_gateway_in_flight_requests", method="Chat") == 0
     # Over the whole module: tiles were both encoded (first sight) and reused (sessions, repeated images).
     assert metric(after, "internvl_gateway_tiles_encoded_total") > 0
     assert metric(after, "internvl_gateway_tiles_reused_total") > 0

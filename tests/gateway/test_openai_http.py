@@ -8,9 +8,9 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.chat_request import MultiImageMode
 from gateway.openai_http import create_app, parse_request
-from gateway.types import MultiImageMode
-from services.common.errors import InvalidArgumentError
+from services.common.contract.errors import InvalidArgumentError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,7 +125,7 @@ async def test_completion_stream_and_errors(fakes):
             assert [m["id"] for m in models["data"]] == ["fake"]
             assert (await client.get("/health")).status == 200
             rpc = "openai.chat_completions"
-            assert stack.metrics.requests.labels(rpc, "OK")._value.get() == 3
-            assert stack.metrics.requests.labels(rpc, "NOT_FOUND")._value.get() == 1
+            assert stack.metrics.requests.total.labels(rpc, "OK")._value.get() == 3
+            assert stack.metrics.requests.total.labels(rpc, "NOT_FOUND")._value.get() == 1
         finally:
             await client.close()

@@ -14,10 +14,12 @@ import os
 
 import grpc
 import pytest
+from internvl.common.v1 import common_pb2
 from internvl.gateway.v1 import gateway_pb2
 
 from gateway.orchestrator import MISSING_EMBEDDINGS_RETRIES
-from services.common.errors import ModelMismatchError, NotReadyError
+from services.common.contract.errors import ModelMismatchError, NotReadyError
+from services.common.grpc_errors import error_detail
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -47,6 +49,13 @@ async def status_of(stack, request: G.ChatRequest) -> tuple[grpc.StatusCode, str
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await chat(stack, request)
     return info.value.code(), info.value.details()
+
+
+async def refusal(stack, request: G.ChatRequest) -> tuple[grpc.StatusCode, str, int]:
+    """(status, message, ErrorDetail code) of a refused request."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await chat(stack, request)
+    return info.value.code(), info.value.details(), error_detail(info.value).code
 
 
 async def test_one_image_is_looked_up_encoded_once_then_reused(fakes):
@@ -162,8 +171,9 @@ async def test_session_continues_by_reference_and_reports_reuse(fakes):
         code, details = await status_of(stack, G.ChatRequest(content=[text("Again?")], session_id=first.session_id))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "earlier rounds" in details
 
-        code, details = await status_of(stack, G.ChatRequest(content=[text("?")], session_id="no-such-session"))
+        code, details, detail = await refusal(stack, G.ChatRequest(content=[text("?")], session_id="no-such-session"))
         assert code == grpc.StatusCode.NOT_FOUND and "no-such-session" in details
+        assert detail == common_pb2.ERROR_CODE_SESSION_NOT_FOUND
         code, _ = await status_of(stack, G.ChatRequest(content=[text("?")], session_id="bad id!"))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -174,8 +184,9 @@ async def test_a_session_answers_one_round_at_a_time(fakes):
         stack.llm.block = True
         running = asyncio.ensure_future(chat(stack, G.ChatRequest(content=[text("1")], session_id=first.session_id)))
         await asyncio.wait_for(stack.llm.blocked.wait(), 10)
-        code, details = await status_of(stack, G.ChatRequest(content=[text("2")], session_id=first.session_id))
+        code, details, detail = await refusal(stack, G.ChatRequest(content=[text("2")], session_id=first.session_id))
         assert code == grpc.StatusCode.ABORTED and "another round" in details
+        assert detail == common_pb2.ERROR_CODE_SESSION_BUSY  # the detail names the same condition as the status
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
 
@@ -199,11 +210,11 @@ async def test_cancelling_the_call_cancels_generation(fakes):
         await asyncio.gather(reading, return_exceptions=True)
         await asyncio.wait_for(stack.llm.cancelled.wait(), 10)
         for _ in range(50):  # the gateway records the cancelled request once its handler unwinds
-            if stack.metrics.requests.labels("Chat", "CANCELLED")._value.get() == 1:
+            if stack.metrics.requests.total.labels("Chat", "CANCELLED")._value.get() == 1:
                 break
             await asyncio.sleep(0.05)
-        assert stack.metrics.requests.labels("Chat", "CANCELLED")._value.get() == 1
-        assert stack.metrics.in_flight.labels("Chat")._value.get() == 0
+        assert stack.metrics.requests.total.labels("Chat", "CANCELLED")._value.get() == 1
+        assert stack.metrics.requests.in_flight.labels("Chat")._value.get() == 0
 
 
 async def test_combined_mode_sends_concatenated_embeddings_inline(fakes):
@@ -268,8 +279,9 @@ async def test_media_paths_only_inside_the_media_root(fakes, tmp_path):
         code, details = await status_of(stack, G.ChatRequest(content=[image_part(path="missing.png")]))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "no such file" in details
     async with fakes.stack() as stack:
-        code, details = await status_of(stack, G.ChatRequest(content=[image_part(path="cat.png")]))
+        code, details, detail = await refusal(stack, G.ChatRequest(content=[image_part(path="cat.png")]))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "no --media-root" in details
+        assert detail == common_pb2.ERROR_CODE_MEDIA_ACCESS_DENIED
 
 
 BAD_INPUTS = [
@@ -318,14 +330,14 @@ async def test_data_url_image_and_metrics(fakes):
         _, finish = await chat(stack, G.ChatRequest(content=[image_part(url=url), text("?")]))
         assert list(finish.usage.image_tiles) == [1]
         m = stack.metrics
-        assert m.requests.labels("Chat", "OK")._value.get() == 1
+        assert m.requests.total.labels("Chat", "OK")._value.get() == 1
         assert m.generated_tokens.labels("Chat")._value.get() == 3
         assert m.tiles_encoded._value.get() == 1 and m.tiles_reused._value.get() == 0
         assert m.embedding_bytes.labels("reference")._value.get() == fakes.TOKENS_PER_TILE * fakes.HIDDEN * 4
         assert m.media_bytes_sent.labels("image")._value.get() == len(fakes.png(64, 64))
         assert m.time_to_first_token.labels("Chat")._sum.get() > 0
         await status_of(stack, G.ChatRequest())
-        assert m.requests.labels("Chat", "INVALID_ARGUMENT")._value.get() == 1
+        assert m.requests.total.labels("Chat", "INVALID_ARGUMENT")._value.get() == 1
 
 
 class _LoadingBackend:
@@ -342,12 +354,13 @@ class _LoadingBackend:
 
 
 async def test_connect_waits_for_peers_that_are_still_loading():
-    from gateway.backends import ModelIdentity
     from gateway.config import GatewayConfig
     from gateway.orchestrator import Orchestrator
     from gateway.sessions import MemorySessionStore
+    from services.common.contract.model_info import ModelInfo
 
-    identity = ModelIdentity("f" * 16, "tiny", "float32", 256, 448, 64)
+    identity = ModelInfo(fingerprint="f" * 16, model_name="tiny", llm_hidden_size=64, dtype="float32",
+                         tokens_per_tile=256, image_size=448)
     vision, llm = _LoadingBackend(identity, 0), _LoadingBackend(identity, 3)
     config = GatewayConfig(vision_target="dns:///v:1", llm_target="dns:///l:1")
     orchestrator = Orchestrator(config, vision, llm, MemorySessionStore(60))
@@ -357,3 +370,14 @@ async def test_connect_waits_for_peers_that_are_still_loading():
     never = _LoadingBackend(identity, 10**6)
     with pytest.raises(NotReadyError):
         await Orchestrator(config, vision, never, MemorySessionStore(60)).connect(timeout=0.05, retry_interval_s=0.01)
+
+
+async def test_no_ready_llm_replica_is_unavailable_at_once_not_a_hang(fakes):
+    async with fakes.stack() as stack:
+        await stack.servers[-1].stop()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        code, details = await status_of(stack, G.ChatRequest(content=[text("Hello")]))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "no LLM replica ready" in details, details
+        assert loop.time() - started < 5

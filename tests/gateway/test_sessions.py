@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from gateway.conversation import ImageRef, TurnRecord, VideoRef
 from gateway.errors import SessionBusyError, SessionNotFoundError
 from gateway.sessions import MemorySessionStore, RedisSessionStore, Session
-from services.common.errors import InvalidArgumentError
+from services.common.contract.errors import InvalidArgumentError
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 
@@ -23,11 +23,13 @@ TURNS = (
 )
 
 
-@pytest_asyncio.fixture(params=["redis", "memory"])
-async def store(request, redis_url):
+# Only the Redis store needs redis-server (asked for here, not in the signature, so the memory one is no e2e test).
+@pytest_asyncio.fixture(params=[pytest.param("redis", marks=pytest.mark.e2e), "memory"])
+async def store(request):
     if request.param == "memory":
         yield MemorySessionStore(ttl_s=60)
         return
+    redis_url = request.getfixturevalue("redis_url")
     redis_store = RedisSessionStore(Redis.from_url(redis_url), f"test{uuid.uuid4().hex[:8]}", ttl_s=60)
     yield redis_store
     await redis_store.close()

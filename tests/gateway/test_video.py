@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from golden import GOLDEN
 
 from gateway.video import frame_indices
 
-REPO = Path(__file__).resolve().parents[2]
-# The golden data lives in ../shared/golden beside the repo; a copy that carries shared/ inside the
-# checkout (the device machine's) is accepted too.
-GOLDEN = next(
-    (p for p in (REPO.parent / "shared" / "golden", REPO / "shared" / "golden") if p.is_dir()),
-    REPO.parent / "shared" / "golden",
-)
 CASES = json.loads((GOLDEN / "video_frames_public.json").read_text())["cases"]
 
 

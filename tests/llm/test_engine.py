@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from services.common.errors import ContextTooLongError, OverloadedError
+from services.common.contract.errors import ContextTooLongError, OverloadedError
+from services.common.contract.template import clean_response
 from services.llm.prompt import Conversation, ImagePart, TextPart, Turn
 from services.llm.sampling import SamplingParams
 from services.llm.service import GenerateRequest
-from services.llm.template import clean_response
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import ContextTooLongError, InvalidArgumentError
-from services.llm.prompt import Conversation, ImagePart, PromptBuilder, TextPart, Turn, VideoPart
-from services.llm.template import (
+from services.common.contract.errors import ContextTooLongError, InvalidArgumentError
+from services.common.contract.template import (
     DEFAULT_SYSTEM_MESSAGE,
     expand_images,
     multi_image_prefix,
     render,
     video_prefix,
 )
+from services.llm.prompt import Conversation, ImagePart, PromptBuilder, TextPart, Turn, VideoPart
 
 A, B = ImagePart("key-a", 1), ImagePart("key-b", 2)
 FRAMES = VideoPart((ImagePart("f1", 1), ImagePart("f2", 1), ImagePart("f3", 1)))
@@ -107,8 +107,8 @@ def test_placeholder_text_in_an_answer_stays_text(builder):
     (Conversation(user_parts=()), "user_parts is empty"),
     (Conversation(user_parts=(TextPart("<image> <image>"), A)), "2 <image> placeholders but 1 images"),
     (Conversation(user_parts=(TextPart("<image>"),)), "1 <image> placeholders but 0 images"),
-    (Conversation(user_parts=(TextPart("x <IMG_CONTEXT>"),)), "only the server may write"),
-    (Conversation(user_parts=(TextPart("\ue000"),)), "only the server may write"),
+    (Conversation(user_parts=(TextPart("x <IMG_CONTEXT>"),)), "only the server writes"),
+    (Conversation(user_parts=(TextPart("\ue000"),)), "only the server writes"),
     (Conversation(user_parts=(TextPart("hi"),), history=(Turn((TextPart("q"),), "<IMG_CONTEXT>"),)),
      "history[0].assistant_text"),
     (Conversation(user_parts=(TextPart("hi"),), system_message="<IMG_CONTEXT>"), "system_message"),

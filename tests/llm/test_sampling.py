@@ -11,7 +11,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from services.common.errors import InvalidArgumentError
+from services.common.contract.errors import InvalidArgumentError
 from services.llm.detokenize import IncrementalDetokenizer, StopStrings
 from services.llm.sampling import Sampler, SamplingParams, sample_batch
 

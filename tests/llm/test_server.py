@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -18,17 +17,16 @@ import redis.asyncio as aioredis
 import torch
 from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
-from procs import run_service
+from procs import spawn_service, stop_together, wait_serving
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.chat import GenerationParams, splice_image_embeddings
+from services.common.contract.template import clean_response, video_prefix
+from services.common.embedding_store import EmbeddingCache
 from services.common.grpc_errors import error_detail
 from services.common.grpc_server import channel_options
-from services.llm.config import SERVICE_NAME
-from services.llm.template import clean_response, video_prefix
-from services.vision.cache import EmbeddingCache
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 LLMS = ("qwen2", "internlm2")
 MAX_NEW = 8
@@ -43,23 +41,16 @@ def llm(request):
 @pytest.fixture(scope="module")
 def servers(tiny_checkpoint, redis_url):
     """One server process per language model, started and stopped side by side (mostly imports and exits)."""
-    contexts = {llm: run_service("llm", "--model", str(tiny_checkpoint(llm=llm)), "--redis-url", redis_url,
-                                 "--dtype", "float32", "--device", "cpu", "--prefill-chunk-tokens", "256",
-                                 health_name=SERVICE_NAME) for llm in LLMS}
-    with ThreadPoolExecutor(len(contexts)) as pool:
-        futures = {llm: pool.submit(context.__enter__) for llm, context in contexts.items()}
-        started, errors = {}, []
-        for llm, future in futures.items():
-            try:
-                started[llm] = future.result()
-            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are stopped
-                errors.append(exc)
-        try:
-            if errors:
-                raise errors[0]
-            yield started
-        finally:
-            list(pool.map(lambda llm: contexts[llm].__exit__(None, None, None), started))
+    started = {}
+    try:
+        for llm in LLMS:
+            started[llm] = spawn_service(f"llm-{llm}", "llm", "--model", str(tiny_checkpoint(llm=llm)), "--redis-url",
+                                         redis_url, "--dtype", "float32", "--device", "cpu",
+                                         "--prefill-chunk-tokens", "256")
+        wait_serving(list(started.values()))
+        yield started
+    finally:
+        stop_together(list(started.values()))
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +241,7 @@ def test_same_seed_same_sample(stub):
 
 def _metrics(server) -> dict[str, float]:
     values = {}
-    for family in text_string_to_metric_families(server.metrics_text()):
+    for family in text_string_to_metric_families(server.metrics()):
         for sample in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value

@@ -11,18 +11,28 @@ import torch
 from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 
+from gateway.backends import Embeddings
+from gateway.clients import embedding_messages as gateway_embedding_messages
+from services.common.contract.dtypes import DTYPE_TO_PB
+from services.common.embedding_store import tensor_to_bytes
 from services.common.grpc_errors import error_detail
 from services.common.grpc_server import GrpcServer, ServerOptions, channel_options
+from services.common.request_metrics import RequestMetrics
 from services.llm.config import SERVICE_NAME
 from services.llm.server import LLMServicer
-from services.llm.wire import embedding_messages
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
 
+def embedding_messages(key: str, tensor: torch.Tensor, chunk_bytes: int = 1 << 20) -> list[llm_pb2.GenerateRequest]:
+    """`tensor` sent inline exactly as the gateway sends embeddings."""
+    dtype, shape, data = tensor_to_bytes(tensor)
+    return gateway_embedding_messages(key, Embeddings(DTYPE_TO_PB[dtype], tuple(shape), data), chunk_bytes)
+
+
 @contextlib.asynccontextmanager
 async def serving(service):
-    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1"), [SERVICE_NAME])
+    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1"), [SERVICE_NAME], requests=RequestMetrics("llm_"))
     server.add(llm_pb2_grpc.add_LLMServiceServicer_to_server, LLMServicer(service))
     port = await server.start()
     await server.mark_ready()
@@ -150,7 +160,7 @@ async def test_full_queue_is_resource_exhausted(make_service):
 
 
 async def test_not_ready_until_loaded():
-    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1"), [SERVICE_NAME])
+    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1"), [SERVICE_NAME], requests=RequestMetrics("llm_"))
     server.add(llm_pb2_grpc.add_LLMServiceServicer_to_server, LLMServicer(None))
     port = await server.start()
     try:

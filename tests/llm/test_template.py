@@ -1,6 +1,6 @@
 """The internvl2_5 template, written out by hand from the original conversation.py rules."""
 
-from services.llm import template
+from services.common.contract import template
 
 SYS = template.DEFAULT_SYSTEM_MESSAGE
 

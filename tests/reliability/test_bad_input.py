@@ -28,9 +28,9 @@ from PIL import Image
 from reliability import media
 from reliability.conftest import MAX_CONTEXT_TOKENS, MAX_MEDIA_BYTES, MAX_MESSAGE_BYTES
 from reliability.harness import assert_no_leak, chat, image_part, text_part
-from services.common.grpc_errors import DETAIL_METADATA_KEY
+from services.common.grpc_errors import error_detail
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 INVALID, DENIED, NOT_FOUND, EXHAUSTED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                                          grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -188,9 +188,9 @@ def test_bad_input_is_refused_precisely(stack, case: Case):
     assert error.code() == case.code, (error.code(), error.details())
     assert re.search(case.message, error.details()), error.details()
     assert_no_leak(error.details(), str(stack.media_root))
-    if case.code != EXHAUSTED:  # refused by gRPC itself, before the handler, so no detail trailer
-        detail = dict(error.trailing_metadata() or ()).get(DETAIL_METADATA_KEY)
-        assert detail is not None and common_pb2.ErrorDetail.FromString(detail).code != 0
+    if case.code != EXHAUSTED:  # refused by gRPC itself, before the handler, so no detail
+        detail = error_detail(error)
+        assert detail is not None and detail.code != common_pb2.ERROR_CODE_UNSPECIFIED
     still_serving(stack)
 
 

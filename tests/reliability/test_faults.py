@@ -27,7 +27,7 @@ from internvl.gateway.v1 import gateway_pb2 as G
 from reliability import media
 from reliability.harness import assert_no_leak, chat, image_part, metric, text_part
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
@@ -37,7 +37,7 @@ def vision_total(stack, name: str) -> float:
 
 
 def llm_finished(stack, reason: str) -> float:
-    return stack.llm.metric("internvl_llm_requests_total", finish_reason=reason)
+    return stack.llm.metric("internvl_llm_finished_requests_total", finish_reason=reason)
 
 
 # ----------------------------------------------------------------------------------------------------- eviction
@@ -118,7 +118,7 @@ def long_request(text: str) -> G.ChatRequest:
 
 def test_grpc_cancellation_stops_the_work(stack):
     cancelled = llm_finished(stack, "cancelled")
-    gateway_cancelled = stack.gateway.metric("internvl_gateway_requests_total", rpc="Chat", code="CANCELLED")
+    gateway_cancelled = stack.gateway.metric("internvl_gateway_requests_total", method="Chat", code="CANCELLED")
     tokens = stack.llm.metric("internvl_llm_generated_tokens_total")
     call = stack.stub.Chat(long_request("Tell me a very long story."), timeout=120)
     deltas = 0
@@ -131,7 +131,7 @@ def test_grpc_cancellation_stops_the_work(stack):
     stack.wait_idle(timeout_s=10)
     assert time.monotonic() - started < 10
     assert llm_finished(stack, "cancelled") == cancelled + 1
-    assert stack.gateway.metric("internvl_gateway_requests_total", rpc="Chat",
+    assert stack.gateway.metric("internvl_gateway_requests_total", method="Chat",
                                 code="CANCELLED") == gateway_cancelled + 1
     assert stack.llm.metric("internvl_llm_generated_tokens_total") - tokens < LONG / 4
 
@@ -248,7 +248,7 @@ def test_redis_restart_under_load(stack):
     time.sleep(2.0)
     stack.redis.kill()
     time.sleep(outage_s)
-    stack.redis.start()
+    stack.redis.restart()
     for thread in threads:
         thread.join(60)
     print(f"redis restart: first attempts {sorted(set(first_attempt))} "
@@ -264,4 +264,4 @@ def test_redis_restart_under_load(stack):
     assert fresh.finish.usage.encoded_tiles >= 1
     follow = chat(stack.stub, [text_part("Go on.")], session_id=fresh.finish.session_id)
     assert follow.finish.session_id == fresh.finish.session_id
-    assert metric(stack.gateway.metrics(), "internvl_gateway_in_flight_requests", rpc="Chat") == 0
+    assert metric(stack.gateway.metrics(), "internvl_gateway_in_flight_requests", method="Chat") == 0

@@ -19,14 +19,14 @@ from hypothesis import strategies as st
 from internvl.gateway.v1 import gateway_pb2 as G
 from PIL import Image
 
-from gateway.config import MAX_NUM_LIMIT
+from gateway.chat_request import ChatRequest
 from gateway.media import MediaResolver, decode_data_url, decode_video, probe_image
 from gateway.openai_http import parse_request
 from gateway.planning import check_max_num
 from gateway.sessions import check_session_id
-from gateway.types import ChatRequest
 from reliability import media
-from services.common.errors import InternVLError
+from services.common.contract.errors import InternVLError
+from services.common.contract.tiling import MAX_NUM_LIMIT
 from services.vision.preprocess import open_image
 
 pytestmark = [pytest.mark.timeout(300),

@@ -21,20 +21,12 @@ import time
 import grpc
 import pytest
 from internvl.gateway.v1 import gateway_pb2 as G
+from procs import wait_serving
 
 from reliability import media
-from reliability.harness import (
-    LLM_HEALTH,
-    assert_no_leak,
-    chat,
-    image_part,
-    respawn,
-    running_stack,
-    text_part,
-    wait_serving,
-)
+from reliability.harness import assert_no_leak, chat, image_part, running_stack, text_part
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 SLOW_BATCH_MS = 2500
 
@@ -103,7 +95,7 @@ def test_vision_replica_killed_mid_request(stack):
     assert again.finish.usage.encoded_tiles >= 1
 
 
-def test_llm_killed_mid_stream_then_restarted(stack, request):
+def test_llm_killed_mid_stream_then_restarted(stack):
     endless = G.ChatRequest(content=[text_part("Tell me a story that never ends.")],
                             sampling=G.SamplingParams(max_new_tokens=3000))
     call = stack.stub.Chat(endless, timeout=60)
@@ -145,9 +137,8 @@ def test_llm_killed_mid_stream_then_restarted(stack, request):
 
     # Restarted where it was (a pod behind its Service): the gateway reconnects by itself (its reconnect backoff is
     # capped at 5 s), answering UNAVAILABLE until then.
-    stack.llm = respawn(stack.llm)
-    request.addfinalizer(stack.llm.stop)
-    wait_serving(stack.llm, LLM_HEALTH)
+    stack.llm.restart()
+    wait_serving([stack.llm])
     answer = wait_for(lambda: _answer_or_none(stack, "Back again?"), timeout_s=30, what="the gateway to reconnect")
     assert answer.finish is not None and answer.token_ids
 

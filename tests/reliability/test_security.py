@@ -25,27 +25,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from internvl.gateway.v1 import gateway_pb2_grpc
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
-from procs import REPO, free_port
+from procs import REPO, free_port, redis_server
 
 from gateway import chat_cli
 from gateway import config as gateway_config
 from reliability import media
 from reliability.certs import Authority
-from reliability.harness import (
-    GATEWAY_HEALTH,
-    LLM_HEALTH,
-    VISION_HEALTH,
-    RedisProcess,
-    chat,
-    enter_in_parallel,
-    image_part,
-    start,
-    text_part,
-)
-from services.common.errors import InvalidArgumentError
+from reliability.harness import chat, image_part, start_services, text_part
+from services.common.contract.errors import InvalidArgumentError
 from services.common.tls import ClientTls, ServerTls
 from services.tools import up
+from services.tools.launcher import GATEWAY_HEALTH, LLM_HEALTH, VISION_HEALTH
 
+# The tests on tls_stack are marked e2e one by one: the configuration and source checks start nothing.
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -69,25 +61,21 @@ def creds(pki, client=None) -> grpc.ChannelCredentials:
 @pytest.fixture(scope="module")
 def tls_stack(checkpoint, pki):
     with contextlib.ExitStack() as stack:
-        store = RedisProcess()
-        store.start()
-        stack.callback(store.stop)
+        store = stack.enter_context(redis_server())
         media_root = Path(tempfile.mkdtemp(prefix="rel-tls-media-"))
         stack.callback(shutil.rmtree, media_root, True)
         mutual = ["--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
                   "--tls-client-ca", str(pki.ca.pem)]
         common = ["--model", str(checkpoint), "--dtype", "float32", "--redis-url", store.url, *mutual]
         internal = creds(pki, pki.gateway)
-        vision, llm = enter_in_parallel(stack, [start("vision", "vision", common, VISION_HEALTH, internal),
-                                                start("llm", "llm", common, LLM_HEALTH, internal)])
+        vision, llm = start_services(stack, [("vision", "vision", common), ("llm", "llm", common)], internal)
         http_port = free_port()
         gateway_args = ["--vision-target", f"ipv4:{vision.address}", "--llm-target", f"ipv4:{llm.address}",
                         "--redis-url", store.url, "--media-root", str(media_root), "--http-port", str(http_port),
                         "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
                         "--upstream-tls-ca", str(pki.ca.pem), "--upstream-tls-cert", str(pki.gateway.cert),
                         "--upstream-tls-key", str(pki.gateway.key), "--api-token-file", str(pki.token_file)]
-        [gateway] = enter_in_parallel(stack, [start("gateway", "gateway", gateway_args, GATEWAY_HEALTH,
-                                                    creds(pki))])
+        [gateway] = start_services(stack, [("gateway", "gateway", gateway_args)], creds(pki))
         channel = grpc.secure_channel(gateway.address, creds(pki))
         stack.callback(channel.close)
         yield SimpleNamespace(vision=vision, llm=llm, gateway=gateway, http_port=http_port,
@@ -98,6 +86,7 @@ def bearer(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 
 
+@pytest.mark.e2e
 def test_chat_over_tls_and_mutual_tls_with_the_token(tls_stack, pki):
     answer = chat(tls_stack.stub, [image_part(media.noise_png(seed=900)), text_part("What is it?")],
                   metadata=bearer(pki.token))
@@ -106,6 +95,7 @@ def test_chat_over_tls_and_mutual_tls_with_the_token(tls_stack, pki):
     assert chat(tls_stack.stub, [text_part("Hi")], metadata=[("authorization", f"bearer {pki.token}")]).finish
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("metadata", [None, bearer("wrong-token-of-some-length"), [("authorization", "Basic xyz")],
                                       bearer(" ")], ids=["none", "wrong", "basic", "empty"])
 def test_calls_without_the_token_are_unauthenticated(tls_stack, metadata):
@@ -115,6 +105,7 @@ def test_calls_without_the_token_are_unauthenticated(tls_stack, metadata):
     assert "bearer token" in info.value.details()
 
 
+@pytest.mark.e2e
 def test_health_needs_no_token_and_plaintext_is_refused(tls_stack, pki):
     with grpc.secure_channel(tls_stack.gateway.address, creds(pki)) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=GATEWAY_HEALTH),
@@ -126,6 +117,7 @@ def test_health_needs_no_token_and_plaintext_is_refused(tls_stack, pki):
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("who", ["plaintext", "tls-without-client-cert", "rogue-client-cert", "gateway-cert"])
 @pytest.mark.parametrize("service", ["vision", "llm"])
 def test_internal_services_require_a_client_certificate(tls_stack, pki, who, service):
@@ -150,6 +142,7 @@ def test_internal_services_require_a_client_certificate(tls_stack, pki, who, ser
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.e2e
 def test_internvl_chat_with_tls_and_a_token_file(tls_stack, pki):
     base = ["--target", tls_stack.gateway.address, "--tls-ca", str(pki.ca.pem), "--max-tokens", "2", "--json"]
     out, err = io.StringIO(), io.StringIO()
@@ -171,6 +164,7 @@ def http(url: str, token: str | None = None, body: dict | None = None) -> tuple[
         return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
+@pytest.mark.e2e
 def test_http_api_requires_the_token(tls_stack, pki):
     base = f"http://127.0.0.1:{tls_stack.http_port}"
     status, headers, body = http(f"{base}/v1/models")

@@ -10,15 +10,8 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 import torch
 
-from services.vision.cache import (
-    MAGIC,
-    SCHEMA_VERSION,
-    EmbeddingCache,
-    cache_key,
-    decode_value,
-    encode_value,
-    frame_media,
-)
+from services.common.contract.cache_keys import SCHEMA_VERSION, cache_key, frame_media
+from services.common.embedding_store import MAGIC, EmbeddingCache, decode_value, encode_value
 
 FP = "fingerprint-a"
 IMAGE = bytes(range(256)) * 40

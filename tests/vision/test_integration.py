@@ -23,17 +23,19 @@ from PIL import Image
 from procs import run_service
 
 from services.common.checkpoint import open_checkpoint
+from services.common.contract.cache_keys import cache_key, model_identity
+from services.common.embedding_store import encode_value
 from services.common.grpc_errors import error_detail
 from services.common.grpc_server import channel_options
 from services.common.model import load_vision
-from services.vision.cache import cache_key, encode_value, model_identity
 from services.vision.preprocess import load_image
 
-HEALTH_NAME = "internvl.vision.v1.VisionService"
+pytestmark = pytest.mark.e2e
+
 TOL = 1e-5
 HIDDEN = 64  # the tiny checkpoint's LLM width
 MAX_PIXELS = 2_000_000
-# Golden images and the tile counts of ../shared/golden/tiling (grid + thumbnail).
+# Golden images and their tile counts in the golden tiling file (grid + thumbnail).
 GOLDEN = [("landscape_1000x700.png", 12, 7), ("portrait_333x1200.png", 12, 5), ("wide_2200x300.png", 6, 7),
           ("small_120x90.png", 12, 13)]
 DTYPES = {common_pb2.DTYPE_FLOAT32: torch.float32, common_pb2.DTYPE_BFLOAT16: torch.bfloat16}
@@ -54,8 +56,7 @@ def server(checkpoint_dir, redis_url, namespace):
     # A generous batching window so that concurrent requests reliably meet in one batch on a slow CI machine.
     with run_service("vision", "--model", str(checkpoint_dir), "--redis-url", redis_url, "--dtype", "float32",
                      "--device", "cpu", "--namespace", namespace, "--max-wait-ms", "150", "--max-batch-tiles", "64",
-                     "--max-image-pixels", str(MAX_PIXELS), "--cache-ttl-s", "600", "--max-items", "8",
-                     health_name=HEALTH_NAME) as service:
+                     "--max-image-pixels", str(MAX_PIXELS), "--cache-ttl-s", "600", "--max-items", "8") as service:
         yield service
 
 
@@ -86,7 +87,7 @@ def metric(server, name: str, **labels: str) -> float:
     """One sample of the server's /metrics (0 when absent)."""
     wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     pattern = re.compile(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$")
-    for line in server.metrics_text().splitlines():
+    for line in server.metrics().splitlines():
         m = pattern.match(line)
         if m and (m.group(1) or "") == wanted:
             return float(m.group(2))

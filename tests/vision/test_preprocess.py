@@ -10,25 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from golden import GOLDEN
 from PIL import Image
 
-from services.common.errors import InvalidMediaError, MediaTooLargeError
-from services.vision.preprocess import (
-    count_tiles,
-    dynamic_tiles,
-    load_image,
-    open_image,
-    tile_grid,
-    tiles_to_tensor,
-)
+from services.common.contract.errors import InvalidMediaError, MediaTooLargeError
+from services.common.contract.tiling import count_tiles, tile_grid
+from services.vision.preprocess import dynamic_tiles, load_image, open_image, tiles_to_tensor
 
-REPO = Path(__file__).resolve().parents[2]
-# The golden data lives in ../shared/golden beside the repo; a copy that carries shared/ inside the
-# checkout (the device machine's) is accepted too.
-GOLDEN = next(
-    (p for p in (REPO.parent / "shared" / "golden", REPO / "shared" / "golden") if p.is_dir()),
-    REPO.parent / "shared" / "golden",
-)
 TOL = 1e-4
 
 

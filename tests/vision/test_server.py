@@ -14,9 +14,10 @@ from internvl.common.v1 import common_pb2
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 from PIL import Image
 
+from services.common.contract.cache_keys import cache_key, model_identity
+from services.common.embedding_store import encode_value
 from services.common.grpc_errors import error_detail
 from services.common.grpc_server import GrpcServer, ServerOptions
-from services.vision.cache import cache_key, encode_value, model_identity
 from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
 from services.vision.metrics import VisionMetrics
@@ -36,8 +37,8 @@ async def stack(tiny_checkpoint):
     metrics = VisionMetrics()
     config = VisionConfig(model=str(tiny_checkpoint()), dtype="float32", device="cpu", max_wait_ms=1,
                           namespace=f"t{uuid.uuid4().hex[:8]}", server=ServerOptions(port=0, host="127.0.0.1"))
-    server = GrpcServer(config.server, [SERVICE_NAME])
-    servicer = VisionServicer(metrics)
+    server = GrpcServer(config.server, [SERVICE_NAME], requests=metrics.requests)
+    servicer = VisionServicer()
     server.add(vision_pb2_grpc.add_VisionServiceServicer_to_server, servicer)
     port = await server.start(registry=metrics.registry)
     store = InProcessRedis()

@@ -14,14 +14,15 @@ import torch
 from PIL import Image
 
 from services.common.checkpoint import open_checkpoint
-from services.common.errors import InvalidArgumentError, InvalidMediaError, NotFoundError
+from services.common.contract.encoding import MediaItem
+from services.common.contract.errors import InvalidArgumentError, InvalidMediaError, NotFoundError
+from services.common.embedding_store import encode_value
 from services.common.model import load_vision
 from services.vision import config as vision_config
-from services.vision.cache import encode_value
 from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
 from services.vision.preprocess import load_image
-from services.vision.service import EncodeOptions, MediaItem, VisionService
+from services.vision.service import EncodeOptions, VisionService
 
 TOL = 1e-5
 
@@ -368,7 +369,7 @@ def test_chunk_size_is_capped_below_the_message_limit():
 
 
 def test_store_without_a_redis_url_is_in_process_and_redis_errors_are_one_line():
-    from services.common.errors import NotReadyError
+    from services.common.contract.errors import NotReadyError
     from services.vision.service import connect_store
 
     assert isinstance(asyncio.run(connect_store(VisionConfig(model="m"))), InProcessRedis)

@@ -27,6 +27,11 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_CODE_NOT_READY: _ClassVar[ErrorCode]
     ERROR_CODE_INTERNAL: _ClassVar[ErrorCode]
     ERROR_CODE_NOT_FOUND: _ClassVar[ErrorCode]
+    ERROR_CODE_SESSION_NOT_FOUND: _ClassVar[ErrorCode]
+    ERROR_CODE_SESSION_BUSY: _ClassVar[ErrorCode]
+    ERROR_CODE_MEDIA_ACCESS_DENIED: _ClassVar[ErrorCode]
+    ERROR_CODE_REQUEST_TOO_LARGE: _ClassVar[ErrorCode]
+    ERROR_CODE_DEADLINE_EXCEEDED: _ClassVar[ErrorCode]
 DTYPE_UNSPECIFIED: DType
 DTYPE_BFLOAT16: DType
 DTYPE_FLOAT16: DType
@@ -42,6 +47,11 @@ ERROR_CODE_OVERLOADED: ErrorCode
 ERROR_CODE_NOT_READY: ErrorCode
 ERROR_CODE_INTERNAL: ErrorCode
 ERROR_CODE_NOT_FOUND: ErrorCode
+ERROR_CODE_SESSION_NOT_FOUND: ErrorCode
+ERROR_CODE_SESSION_BUSY: ErrorCode
+ERROR_CODE_MEDIA_ACCESS_DENIED: ErrorCode
+ERROR_CODE_REQUEST_TOO_LARGE: ErrorCode
+ERROR_CODE_DEADLINE_EXCEEDED: ErrorCode
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.common.contract.errors import InvalidArgumentError
+
 DEFAULT_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
@@ -22,7 +24,21 @@ IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
 
+# Stands for an image while the LLM service renders a prompt (then becomes `<img></img>`), so a caller may not send
+# it; nor `<IMG_CONTEXT>`, whose runs are where embeddings go. A literal `<img>` or `</img>` in text is accepted, as
+# the original accepts it: it tokenises to the same special token and is told apart from image markers by position.
+IMAGE_SENTINEL = "\ue000"
+RESERVED_MARKUP = (IMG_CONTEXT, IMAGE_SENTINEL)
+
 History = Sequence[tuple[str, str]]
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuses caller text holding `RESERVED_MARKUP`; gateway and LLM service accept exactly the same texts."""
+    for markup in RESERVED_MARKUP:
+        if markup in text:
+            raise InvalidArgumentError(f"{where}: the text contains {markup!r}, which only the server writes; "
+                                       "send images as image parts (with <image> placeholders if you like)")
 
 
 def render(question: str, history: History = (), system_message: str | None = None) -> str:

@@ -1,18 +1,19 @@
-"""The shared embedding cache: content-addressed keys, a self-describing value codec, a Redis store.
+"""The embedding store both services share: a self-describing value codec and a Redis store with single-flight.
 
-Transport-free (no gRPC). Three parts:
+Transport-free (no gRPC). The vision service writes embeddings here; the LLM service reads them by key. Keys come
+from ``services.common.contract.cache_keys``.
 
-* ``cache_key``: a SHA-256 content address over the schema version, the model fingerprint, every
-  preprocessing parameter that changes the embeddings, and the media bytes, each length-prefixed and
-  type-tagged so no two different inputs can encode to the same byte string.
 * ``encode_value`` / ``decode_value``: ``MAGIC | u32 header length | JSON header | raw tensor bytes``.
   The header holds dtype, shape, payload length, a SHA-256 of the payload, the model fingerprint and the
   schema version. Never pickle. A value that fails any check decodes to ``None``, which callers treat as a
-  miss and re-encode (ARCHITECTURE decision 3).
-* ``EmbeddingCache``: get / put / exists over ``redis.asyncio.Redis`` with per-process single-flight
-  (``get_or_compute``). Redis should run with ``maxmemory-policy allkeys-lru`` so that, under memory
+  miss and re-encode.
+* ``EmbeddingCache``: get / put / exists over ``redis.asyncio.Redis`` or a Redis Cluster client
+  (``services.common.redis_client.connect``) with per-process single-flight (``get_or_compute``). Every command
+  names one key, so keys may live in any slot of a cluster (``exists`` of many keys is a pipeline, which the
+  cluster client splits by node). Redis should run with ``maxmemory-policy allkeys-lru`` so that, under memory
   pressure, the least recently used embeddings are evicted rather than writes failing; entries also carry a
-  TTL. An eviction is an ordinary miss.
+  TTL. An eviction is an ordinary miss, and so is a key a cluster lost in a failover (a replica promoted before
+  it had received the write).
 
 ``services.vision.memstore.InProcessRedis`` serves the same Redis calls from memory for single-process demos.
 """
@@ -31,14 +32,12 @@ from dataclasses import dataclass
 
 import torch
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from services.common.contract.cache_keys import SCHEMA_VERSION
+from services.common.torch_dtypes import TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
-
-# Bump when the key derivation, the value layout or the embeddings' meaning changes: old entries then
-# simply stop being found (their keys differ) and age out by TTL or LRU.
-SCHEMA_VERSION = 1
-DEFAULT_NAMESPACE = "internvl"
-MEDIA_KINDS = ("image", "frame")
 
 # 8 bytes that start every stored value; the last byte is the layout version of what follows.
 MAGIC = b"IVLEMB\x00\x01"
@@ -46,111 +45,7 @@ _HEADER_LEN = struct.Struct(">I")
 # A header is a few hundred bytes; anything far larger is garbage, not a header.
 _MAX_HEADER_BYTES = 64 * 1024
 
-# Element types the cache stores, by the name written in the header.
-DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
-_DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
-
-
-# ---------------------------------------------------------------------------------------------- keys
-
-
-def _field_head(tag: bytes, name: str, payload_len: int) -> bytes:
-    """What precedes a field's payload: ``tag | u64 len(name) | name | u64 len(payload)``."""
-    name_b = name.encode()
-    return tag + struct.pack(">Q", len(name_b)) + name_b + struct.pack(">Q", payload_len)
-
-
-def _field(tag: bytes, name: str, payload: bytes) -> bytes:
-    """One type-tagged, length-prefixed field; ``tag`` is i (int), b (bool), s (str) or y (bytes)."""
-    return _field_head(tag, name, len(payload)) + payload
-
-
-def _int_field(name: str, value: int) -> bytes:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return _field(b"i", name, str(value).encode())
-
-
-def _bool_field(name: str, value: bool) -> bytes:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return _field(b"b", name, b"\x01" if value else b"\x00")
-
-
-def _str_field(name: str, value: str) -> bytes:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    return _field(b"s", name, value.encode())
-
-
-def model_identity(model_fingerprint: str, dtype: str) -> str:
-    """The ``model_fingerprint`` argument of ``cache_key`` for a model computing in ``dtype``.
-
-    The same weights give different embeddings in bfloat16 and float32, so the compute dtype is part of the
-    identity a key is derived from. Every service that derives keys (vision, gateway) must use this, with
-    the fingerprint and dtype that ``GetModelInfo`` reports. Stored values carry the plain fingerprint.
-    """
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPES)}")
-    return f"{model_fingerprint}:{dtype}"
-
-
-def key_prefix(namespace: str = DEFAULT_NAMESPACE) -> str:
-    """What every embedding key of ``namespace`` starts with, for telling embedding keys from others."""
-    return f"{namespace}:emb:"
-
-
-def frame_media(rgb: bytes, height: int, width: int) -> bytes:
-    """The ``media`` bytes of a raw RGB frame for ``cache_key(..., media_kind="frame")``.
-
-    The shape is part of the content: the same pixel bytes read as 2x6 or 3x4 are different images.
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"frame shape must be positive, got {height}x{width}")
-    if len(rgb) != height * width * 3:
-        raise ValueError(f"an RGB frame of {height}x{width} has {height * width * 3} bytes, got {len(rgb)}")
-    return struct.pack(">QQ", height, width) + bytes(rgb)
-
-
-def cache_key(
-    model_fingerprint: str,
-    max_num: int,
-    use_thumbnail: bool,
-    image_size: int,
-    media: bytes,
-    media_kind: str,
-    *,
-    namespace: str = DEFAULT_NAMESPACE,
-) -> str:
-    """The Redis key of one image's embeddings: ``{namespace}:emb:v{SCHEMA_VERSION}:{sha256 hex}``.
-
-    ``media`` is the encoded image file for ``media_kind="image"`` and ``frame_media(...)`` for
-    ``media_kind="frame"``. Every argument that changes the embeddings is hashed; add new preprocessing
-    parameters here (and bump ``SCHEMA_VERSION`` if existing keys would change meaning).
-    """
-    if media_kind not in MEDIA_KINDS:
-        raise ValueError(f"media_kind must be one of {MEDIA_KINDS}, got {media_kind!r}")
-    if not model_fingerprint:
-        raise ValueError("model_fingerprint must not be empty")
-    h = hashlib.sha256()
-    for part in (
-        _int_field("schema_version", SCHEMA_VERSION),
-        _str_field("model_fingerprint", model_fingerprint),
-        _int_field("max_num", max_num),
-        _bool_field("use_thumbnail", use_thumbnail),
-        _int_field("image_size", image_size),
-        _str_field("media_kind", media_kind),
-    ):
-        h.update(part)
-    # The media last, streamed into the hash without building one more copy of it.
-    media_b = memoryview(media).cast("B")
-    h.update(_field_head(b"y", "media", media_b.nbytes))
-    h.update(media_b)
-    return f"{namespace}:emb:v{SCHEMA_VERSION}:{h.hexdigest()}"
+_DTYPE_NAMES = {dt: name for name, dt in TORCH_DTYPES.items()}
 
 
 # -------------------------------------------------------------------------------------------- tensors
@@ -160,7 +55,7 @@ def tensor_to_bytes(tensor: torch.Tensor) -> tuple[str, list[int], bytes]:
     """``(dtype name, shape, little-endian row-major bytes)`` of a tensor; no pickle, no numpy dtypes."""
     name = _DTYPE_NAMES.get(tensor.dtype)
     if name is None:
-        raise ValueError(f"unsupported embedding dtype {tensor.dtype}; expected one of {list(DTYPES)}")
+        raise ValueError(f"unsupported embedding dtype {tensor.dtype}; expected one of {list(TORCH_DTYPES)}")
     if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
         raise RuntimeError("the embedding codec assumes a little-endian host")
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -173,7 +68,7 @@ def tensor_from_bytes(
     dtype: str, shape: list[int] | tuple[int, ...], data: bytes | bytearray
 ) -> torch.Tensor:
     """The inverse of ``tensor_to_bytes``; raises ``ValueError`` when ``data`` does not fit the shape."""
-    torch_dtype = DTYPES.get(dtype)
+    torch_dtype = TORCH_DTYPES.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"unsupported dtype {dtype!r}")
     if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
@@ -257,13 +152,13 @@ def _parse(blob: bytes, expected_fingerprint: str) -> tuple[StoredEmbeddings | N
     if not isinstance(checksum, str) or checksum != "sha256:" + hashlib.sha256(payload).hexdigest():
         return None, "checksum mismatch"
     dtype, shape = header.get("dtype"), header.get("shape")
-    if dtype not in DTYPES:
+    if dtype not in TORCH_DTYPES:
         return None, f"unsupported dtype {dtype!r}"
     if not isinstance(shape, list) or any(
         not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape
     ):
         return None, f"bad shape {shape!r}"
-    if math.prod(shape) * DTYPES[dtype].itemsize != len(payload):
+    if math.prod(shape) * TORCH_DTYPES[dtype].itemsize != len(payload):
         return None, f"{len(payload)} bytes do not hold a {dtype} tensor of shape {shape}"
     return StoredEmbeddings(dtype, tuple(shape), payload), ""
 
@@ -303,7 +198,7 @@ class EmbeddingCache:
     embeddings cannot reach the LLM service. Only bad *values* are misses.
     """
 
-    def __init__(self, redis: Redis, model_fingerprint: str, default_ttl_s: int | None = None) -> None:
+    def __init__(self, redis: Redis | RedisCluster, model_fingerprint: str, default_ttl_s: int | None = None) -> None:
         if not model_fingerprint:
             raise ValueError("model_fingerprint must not be empty")
         if default_ttl_s is not None and default_ttl_s <= 0:

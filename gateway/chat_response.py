@@ -1,0 +1,88 @@
+"""What a chat answers: text deltas, the finish with its usage, the gathered result; and their one translation to
+the public proto."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from internvl.gateway.v1 import gateway_pb2
+
+from services.common.contract.finish import FinishReason
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    def to_pb(self) -> gateway_pb2.TokenLogprobs:
+        return gateway_pb2.TokenLogprobs(
+            token_id=self.token_id, logprob=self.logprob,
+            top=[gateway_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in self.top])
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+    def to_pb(self) -> gateway_pb2.ChatResponse:
+        return gateway_pb2.ChatResponse(delta=gateway_pb2.ChatDelta(
+            text=self.text, token_ids=self.token_ids, logprobs=[lp.to_pb() for lp in self.logprobs]))
+
+
+@dataclass(frozen=True)
+class ChatUsage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    image_tiles: tuple[int, ...] = ()
+    encoded_tiles: int = 0
+    reused_tiles: int = 0
+
+    def to_pb(self) -> gateway_pb2.Usage:
+        return gateway_pb2.Usage(
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens, image_tiles=self.image_tiles,
+            encoded_tiles=self.encoded_tiles, reused_tiles=self.reused_tiles)
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "cached_prompt_tokens": self.cached_prompt_tokens, "image_tiles": list(self.image_tiles),
+                "encoded_tiles": self.encoded_tiles, "reused_tiles": self.reused_tiles}
+
+
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+    usage: ChatUsage
+    session_id: str
+
+    def to_pb(self) -> gateway_pb2.ChatResponse:
+        return gateway_pb2.ChatResponse(finish=gateway_pb2.ChatFinish(
+            reason=self.reason.to_pb(gateway_pb2.FinishReason), usage=self.usage.to_pb(), session_id=self.session_id))
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """A whole answer: the deltas of one Chat stream gathered, and its finish."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...]
+    finish: Finish
+
+    @classmethod
+    def gather(cls, deltas: list[Delta], finish: Finish) -> ChatResult:
+        return cls("".join(d.text for d in deltas), tuple(t for d in deltas for t in d.token_ids),
+                   tuple(lp for d in deltas for lp in d.logprobs), finish)
+
+    def to_pb(self) -> gateway_pb2.ChatResult:
+        return gateway_pb2.ChatResult(
+            text=self.text, token_ids=self.token_ids, logprobs=[lp.to_pb() for lp in self.logprobs],
+            finish_reason=self.finish.reason.to_pb(gateway_pb2.FinishReason), usage=self.finish.usage.to_pb(),
+            session_id=self.finish.session_id)

@@ -1,0 +1,45 @@
+"""The identity of the loaded model that every service reports through GetModelInfo, and its one wire mapping.
+
+The gateway derives cache keys and byte budgets from it and refuses to serve when the two pools disagree on the
+fingerprint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from internvl.common.v1 import common_pb2
+
+from services.common.contract.dtypes import DTYPE_FROM_PB, DTYPE_TO_PB, ITEMSIZE
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    fingerprint: str
+    model_name: str
+    llm_hidden_size: int
+    # A name of `services.common.contract.dtypes` ("" when a peer reports none).
+    dtype: str
+    tokens_per_tile: int
+    image_size: int
+    llm_architecture: str = ""
+    vision_architecture: str = ""
+
+    @property
+    def bytes_per_tile(self) -> int:
+        """The size of one tile's embeddings [tokens_per_tile, llm_hidden_size] in the model's dtype."""
+        return self.tokens_per_tile * self.llm_hidden_size * ITEMSIZE.get(self.dtype, 2)
+
+    def to_pb(self) -> common_pb2.ModelInfo:
+        return common_pb2.ModelInfo(
+            fingerprint=self.fingerprint, model_name=self.model_name, llm_hidden_size=self.llm_hidden_size,
+            dtype=DTYPE_TO_PB.get(self.dtype, common_pb2.DTYPE_UNSPECIFIED), tokens_per_tile=self.tokens_per_tile,
+            image_size=self.image_size, llm_architecture=self.llm_architecture,
+            vision_architecture=self.vision_architecture)
+
+    @classmethod
+    def from_pb(cls, message: common_pb2.ModelInfo) -> ModelInfo:
+        return cls(fingerprint=message.fingerprint, model_name=message.model_name,
+                   llm_hidden_size=message.llm_hidden_size, dtype=DTYPE_FROM_PB.get(message.dtype, ""),
+                   tokens_per_tile=message.tokens_per_tile, image_size=message.image_size,
+                   llm_architecture=message.llm_architecture, vision_architecture=message.vision_architecture)

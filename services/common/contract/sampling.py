@@ -1,0 +1,88 @@
+"""Sampling parameters as every process takes them: their meaning, their limits and their one wire mapping.
+
+The gateway validates them before any media work is done; the LLM service validates them again (it has other
+callers) and samples with them (`services.llm.sampling`). Both protos' `SamplingParams` messages have the same
+fields, so `from_pb` / `to_pb` serve the public and the internal API alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TypeVar
+
+from services.common.contract.errors import InvalidArgumentError
+
+_INT32 = 1 << 31
+Message = TypeVar("Message")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Zero values mean "off" or "the server's default" (as on the wire): empty params decode greedily."""
+
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    repetition_penalty: float = 0.0
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+    top_logprobs: int = 0
+
+    MAX_TOP_LOGPROBS = 20
+    MAX_STOP_STRINGS = 16
+    MAX_STOP_STRING_CHARS = 256
+    SEED_LIMIT = 1 << 64
+
+    def validate(self) -> None:
+        """Refuses what no server can honour, naming the field: the wire's integer ranges, then each option's."""
+        for name in ("max_new_tokens", "top_k", "top_logprobs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not -_INT32 <= value < _INT32:
+                raise InvalidArgumentError(f"{name} must be an integer below 2**31, got {value!r}")
+        if self.max_new_tokens < 0:
+            raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not 0 <= self.temperature < math.inf:  # also rejects NaN
+            raise InvalidArgumentError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        if not 0 <= self.top_p <= 1:
+            raise InvalidArgumentError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgumentError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.repetition_penalty < math.inf:
+            raise InvalidArgumentError(f"repetition_penalty must be a finite number >= 0 (0 or 1: off), got "
+                                       f"{self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= self.MAX_TOP_LOGPROBS:
+            raise InvalidArgumentError(f"top_logprobs must be in [0, {self.MAX_TOP_LOGPROBS}], got "
+                                       f"{self.top_logprobs}")
+        if self.seed is not None and not 0 <= self.seed < self.SEED_LIMIT:
+            raise InvalidArgumentError(f"seed must be in [0, 2**64), got {self.seed}")
+        if len(self.stop_strings) > self.MAX_STOP_STRINGS:
+            raise InvalidArgumentError(f"at most {self.MAX_STOP_STRINGS} stop strings, got {len(self.stop_strings)}")
+        if any(not s for s in self.stop_strings):
+            raise InvalidArgumentError("stop_strings must not contain an empty string")
+        if any(len(s) > self.MAX_STOP_STRING_CHARS for s in self.stop_strings):
+            raise InvalidArgumentError(f"each stop string may have at most {self.MAX_STOP_STRING_CHARS} characters")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalty(self) -> float | None:
+        """The repetition penalty in effect, or None when off (0 or 1)."""
+        return None if self.repetition_penalty in (0.0, 1.0) else self.repetition_penalty
+
+    @classmethod
+    def from_pb(cls, message) -> SamplingParams:
+        """From a `SamplingParams` message of either proto (unset `seed`: a random one)."""
+        return cls(max_new_tokens=message.max_new_tokens, temperature=message.temperature, top_p=message.top_p,
+                   top_k=message.top_k, repetition_penalty=message.repetition_penalty,
+                   stop_strings=tuple(message.stop_strings), seed=message.seed if message.HasField("seed") else None,
+                   top_logprobs=message.top_logprobs)
+
+    def to_pb(self, message_type: type[Message]) -> Message:
+        """As a `message_type` (`gateway_pb2.SamplingParams` or `llm_pb2.SamplingParams`)."""
+        return message_type(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                            top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                            stop_strings=list(self.stop_strings), seed=self.seed, top_logprobs=self.top_logprobs)
