@@ -18,6 +18,7 @@ only as fresh as its last poll, which matters most exactly when a burst arrives.
 
 from __future__ import annotations
 
+import collections
 import enum
 import hashlib
 import itertools
@@ -59,6 +60,8 @@ def preference(key: bytes, addresses: Collection[str]) -> list[str]:
     return sorted(addresses, key=lambda address: (-_score(key, address), address))
 
 
+# Keys moved off their first choice by the load bound that a router remembers (least recently used out).
+DIVERTED_KEYS = 100_000
 # Calls an endpoint may carry beyond the bound of bounded-load hashing (see the module docstring).
 LOAD_SLACK = 1
 
@@ -123,7 +126,14 @@ class Pool(Protocol):
 
 
 class Router:
-    """Picks a replica of one pool for each call under the configured policy, and reports why (for metrics)."""
+    """Picks a replica of one pool for each call under the configured policy, and reports why (for metrics).
+
+    A key that the load bound moved off its first choice keeps going where it went, while that replica is ready and
+    within the bound: its latest prefix is there now, and its first choice holds at most an older one. Back at its
+    first choice (that replica has room again, or the one it moved to has none), it is forgotten. A key moved by a
+    failover is not remembered, so when its first choice is back it returns there. The memory is this gateway's own
+    and bounded (`DIVERTED_KEYS`, least recently used out); another gateway without it routes the key by hashing.
+    """
 
     def __init__(self, pool: Pool, what: str, policy: Policy, epsilon: float,
                  record: Callable[[Reason], None] | None = None):
@@ -133,6 +143,7 @@ class Router:
         self.epsilon = epsilon
         self.record = record
         self._round_robin = RoundRobin()
+        self._diverted: collections.OrderedDict[bytes, str] = collections.OrderedDict()
 
     def pick(self, key: bytes | None, exclude: Collection[str] = ()) -> str:
         """The replica for a call routed by `key` (None: no affinity), avoiding `exclude` while others are ready.
@@ -142,6 +153,8 @@ class Router:
         choice = self._choose(key, exclude) or (self._choose(key, ()) if exclude else None)
         if choice is None:
             raise self.pool.unavailable(self.what)
+        if key is not None and self.policy is Policy.AFFINITY:
+            self._remember(key, choice)
         if self.record is not None:
             self.record(choice.reason)
         return choice.address
@@ -155,4 +168,19 @@ class Router:
         ready = self.pool.ready_loads()
         if key is None or self.policy is Policy.ROUND_ROBIN:
             return self._round_robin.choose(list(ready), exclude)
+        moved_to = self._diverted.get(key)
+        if moved_to is not None and moved_to in ready and moved_to not in exclude:
+            candidates = {a: load for a, load in ready.items() if a not in exclude}
+            if candidates[moved_to] + 1 <= load_bound(candidates, self.epsilon):
+                return Choice(moved_to, Reason.AFFINITY)
         return choose(key, ready, self.pool.endpoints.keys(), self.epsilon, exclude)
+
+    def _remember(self, key: bytes, choice: Choice) -> None:
+        if choice.reason is Reason.OVERLOAD or (choice.reason is Reason.AFFINITY and key in self._diverted
+                                                 and self._diverted[key] == choice.address):
+            self._diverted[key] = choice.address
+            self._diverted.move_to_end(key)
+            while len(self._diverted) > DIVERTED_KEYS:
+                self._diverted.popitem(last=False)
+        else:
+            self._diverted.pop(key, None)

@@ -24,9 +24,17 @@ from internvl.gateway.v1 import gateway_pb2_grpc
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from services.bench.machine import status_mib
-from services.tools.launcher import REPO, cli_env, free_port, processes, read_metrics, spawn
+from services.tools.launcher import (
+    REPO,
+    UP_READY_LINE,
+    cli_env,
+    free_port,
+    processes,
+    read_banner,
+    read_metrics,
+    spawn,
+)
 
-READY_LINE = "Ctrl-C stops everything"
 RPC_TIMEOUT_S = 3600.0
 # Large enough for 16-frame videos and 4-tile PNGs.
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -73,11 +81,8 @@ class RunningStack:
         self.up = spawn("up", argv, None, cwd=REPO, env=cli_env(drop=("INTERNVL_API_TOKEN",)), tie_to_parent=True)
         self.process = self.up.process
         started = time.perf_counter()
-        for line in self.process.stdout:
-            self.output.append(line)
-            if READY_LINE in line:
-                break
-        if READY_LINE not in "".join(self.output):
+        self.output.append(read_banner(self.process))
+        if UP_READY_LINE not in self.output[-1]:
             self.process.wait(timeout=60)
             tails = "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-2000:]}"
                               for f in sorted(self.log_dir.glob("*.log")))

@@ -229,6 +229,21 @@ def _popen(argv: list[str], log_path: Path | None, cwd: Path | None, env: Mappin
                                 preexec_fn=die_with_parent if tie_to_parent else None)  # noqa: PLW1509
 
 
+# The last line of `internvl-serve up`'s banner, printed once every service reports SERVING.
+UP_READY_LINE = "Ctrl-C stops everything."
+
+
+def read_banner(process: subprocess.Popen, last_line: str = UP_READY_LINE) -> str:
+    """What `process` (started with a text stdout pipe) printed, up to the line holding `last_line`, or up to its
+    exit if it never printed it."""
+    banner = []
+    for line in process.stdout:
+        banner.append(line)
+        if last_line in line:
+            break
+    return "".join(banner)
+
+
 def spawn(name: str, argv: list[str], log_path: Path | None, *, command: str | None = None,
           port: int | None = None, metrics_port: int | None = None, cwd: Path | None = None,
           env: Mapping[str, str] | None = None, own_session: bool = False, tie_to_parent: bool = False,

@@ -21,6 +21,7 @@ from services.common.contract.dtypes import DTYPE_NAMES
 from services.common.contract.errors import InternVLError
 from services.tools.launcher import (
     MIN_CLUSTER_MASTERS,
+    UP_READY_LINE,
     Child,
     RedisMissingError,
     free_port,
@@ -241,7 +242,7 @@ def _print_banner(args, stack: Stack, gateway: Child, visions: list[Child], llms
         f"  internvl-chat --target {host}:{args.gateway_port}{_client_flags(args)} --image {image} "
         + "--max-tokens 32 'Describe the image.'",
         "",
-        "Ctrl-C stops everything.",
+        UP_READY_LINE,
     ]
     print("\n".join(lines), flush=True)
 

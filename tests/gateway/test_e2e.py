@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from procs import REPO, free_port
 from gateway.video import frame_indices
 from services.common.chat import GenerationParams, InternVLChat
 from services.common.contract import template
-from services.tools.launcher import cli_env, processes, read_metrics, spawn
+from services.tools.launcher import UP_READY_LINE, cli_env, processes, read_banner, read_metrics, spawn
 from services.vision.preprocess import load_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -73,13 +74,8 @@ def stack(checkpoint, tmp_path_factory):
                       "--gateway-port", str(port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
                       "--media-root", str(media_root), "--log-dir", str(logs)],
                None, cwd=REPO, env=cli_env()).process
-    banner = []
-    for line in up.stdout:
-        banner.append(line)
-        if "Ctrl-C stops everything" in line:
-            break
-    output = "".join(banner)
-    if "Ctrl-C stops everything" not in output:
+    output = read_banner(up)
+    if UP_READY_LINE not in output:
         up.kill()
         tails = "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-2000:]}" for f in logs.glob("*.log"))
         pytest.fail(f"`internvl-serve up` did not come up:\n{output}\n{tails}", pytrace=False)
@@ -318,7 +314,14 @@ def test_media_path_and_metrics_move(stack, stub, images):
     with pytest.raises(grpc.RpcError) as info:
         ask(stub, [G.ContentPart(image=G.ImageInput(path="/etc/hostname")), text("?")])
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    after = stack.metrics_text()
+    # A call is counted when the server's stream has closed, a moment after the client has its last message.
+    deadline = time.monotonic() + 10
+    while True:
+        after = stack.metrics_text()
+        if metric(after, "internvl_gateway_request_seconds_count", method="Chat") - metric(
+                before, "internvl_gateway_request_seconds_count", method="Chat") >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
     assert list(finish.usage.image_tiles) == [1]
 

@@ -330,6 +330,11 @@ async def test_data_url_image_and_metrics(fakes):
         _, finish = await chat(stack, G.ChatRequest(content=[image_part(url=url), text("?")]))
         assert list(finish.usage.image_tiles) == [1]
         m = stack.metrics
+        # Counted when the server's stream has closed, a moment after the client has its last message.
+        for _ in range(100):
+            if m.requests.total.labels("Chat", "OK")._value.get():
+                break
+            await asyncio.sleep(0.01)
         assert m.requests.total.labels("Chat", "OK")._value.get() == 1
         assert m.generated_tokens.labels("Chat")._value.get() == 3
         assert m.tiles_encoded._value.get() == 1 and m.tiles_reused._value.get() == 0

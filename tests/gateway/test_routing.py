@@ -315,3 +315,22 @@ async def test_a_replica_serving_another_model_gets_no_calls():
         await pool.close()
         await server_a.stop(0)
         await server_b.stop(0)
+
+
+def test_a_key_moved_by_the_load_bound_stays_where_it_went_but_one_moved_by_failover_returns():
+    key = KEYS[5]
+    first, second, _ = preference(key, THREE)
+    pool = _FakePool(dict.fromkeys(THREE, 0) | {first: 3})
+    router = Router(pool, "LLM", Policy.AFFINITY, 0.25)
+    assert router.pick(key) == second  # overload: moved
+    pool.loads = dict.fromkeys(THREE, 0)  # the burst is over; its latest prefix is on `second` now
+    assert router.pick(key) == second
+    pool.loads = dict.fromkeys(THREE, 0) | {second: 3}  # `second` is busy: back to the first choice, forgotten
+    assert router.pick(key) == first
+    pool.loads = dict.fromkeys(THREE, 0)
+    assert router.pick(key) == first
+
+    pool.loads = {a: 0 for a in THREE if a != first}  # first choice down: failover, not remembered
+    assert router.pick(key) == second
+    pool.loads = dict.fromkeys(THREE, 0)
+    assert router.pick(key) == first

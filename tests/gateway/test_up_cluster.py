@@ -17,7 +17,7 @@ from internvl.gateway.v1 import gateway_pb2_grpc
 from procs import REPO, free_port
 from reliability import media
 
-from services.tools.launcher import cli_env, processes, read_metrics, spawn
+from services.tools.launcher import UP_READY_LINE, cli_env, processes, read_banner, read_metrics, spawn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -36,13 +36,8 @@ def test_up_with_a_redis_cluster_and_two_llm_replicas(tiny_checkpoint, tmp_path)
                       "--log-dir", str(logs)],
                None, cwd=REPO, env=cli_env()).process
     try:
-        banner = []
-        for line in up.stdout:
-            banner.append(line)
-            if "Ctrl-C stops everything" in line:
-                break
-        output = "".join(banner)
-        assert "Ctrl-C stops everything" in output, output
+        output = read_banner(up)
+        assert UP_READY_LINE in output, output
         assert re.search(r"redis: redis\+cluster://127\.0\.0\.1:\d+(,127\.0\.0\.1:\d+){2};", output), output
         assert "llm-0 ready on" in output and "llm-1 ready on" in output
         llm_metrics = [int(p) for p in re.findall(r"llm-\d http://127\.0\.0\.1:(\d+)/metrics", output)]
