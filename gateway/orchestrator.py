@@ -4,9 +4,10 @@ For each request:
 1. Plan (gateway.planning, in a thread pool): read and probe every image, decode and sample every video, compute
    each image's cache key and tile count the way the vision service does, check `<image>` placeholders.
 2. `Lookup` every key of the prompt (the session's earlier images included) in one call; send only the misses to
-   `Encode`, split into calls of `encode_items_per_call` sent concurrently, which client-side round_robin spreads
-   over the vision replicas.
-3. Stream `Generate` from the LLM service with the images by reference. If it answers FAILED_PRECONDITION with
+   `Encode`, grouped by the vision replica each key prefers and split into calls of `encode_items_per_call` sent
+   concurrently (so duplicates meet in one replica's single-flight, and misses still spread over the pool).
+3. Stream `Generate` from the LLM service with the images by reference, on the replica the conversation's prefix
+   identity prefers (gateway.clients, gateway.routing). If it answers FAILED_PRECONDITION with
    missing keys (evicted between Lookup and Generate), re-encode those and retry (twice at most; then the caller
    gets UNAVAILABLE: the cache is evicting faster than requests can use it, retry later).
 4. Store the round in the session (texts and keys, never pixels), so any replica can continue it.
