@@ -384,7 +384,8 @@ def _videos(request: ChatRequest):
 
 
 def check_same_model(vision: ModelInfo, llm: ModelInfo) -> None:
-    """Decision 6: the gateway serves only when both pools loaded the same model."""
+    """The gateway serves only when both pools loaded the same model (fingerprints equal): keys and prompts derive
+    from it."""
     if vision.fingerprint != llm.fingerprint:
         raise ModelMismatchError(f"the vision service serves model {vision.fingerprint} ({vision.model_name}) "
                                  f"but the LLM service serves {llm.fingerprint} ({llm.model_name})")
