@@ -378,20 +378,20 @@ async def open_clients(config: GatewayConfig, metrics: GatewayMetrics,
         return Router(pool, what, policy, config.routing_epsilon,
                       record=lambda reason: decisions.labels(pool.name, reason.value).inc())
 
-    async def vision_model(replica: grpc.aio.Channel) -> str:
-        reply = await vision_pb2_grpc.VisionServiceStub(replica).GetModelInfo(vision_pb2.GetModelInfoRequest(),
-                                                                              timeout=HEALTH_FIRST_CHECK_S)
-        return reply.model_info.fingerprint
+    def fingerprint(stub_type, request):
+        async def of(replica: grpc.aio.Channel) -> str:
+            reply = await stub_type(replica).GetModelInfo(request, timeout=HEALTH_FIRST_CHECK_S)
+            return reply.model_info.fingerprint
 
-    async def llm_model(replica: grpc.aio.Channel) -> str:
-        reply = await llm_pb2_grpc.LLMServiceStub(replica).GetModelInfo(llm_pb2.GetModelInfoRequest(),
-                                                                        timeout=HEALTH_FIRST_CHECK_S)
-        return reply.model_info.fingerprint
+        return of
 
     vision_pool = EndpointPool("vision", config.vision_target, VISION_HEALTH, channel, config.resolve_interval_s,
-                               health_interval_s, on_change=metrics.observe_pool, fingerprint=vision_model)
+                               health_interval_s, on_change=metrics.observe_pool,
+                               fingerprint=fingerprint(vision_pb2_grpc.VisionServiceStub,
+                                                       vision_pb2.GetModelInfoRequest()))
     llm_pool = EndpointPool("llm", config.llm_target, LLM_HEALTH, channel, config.resolve_interval_s,
-                            health_interval_s, on_change=metrics.observe_pool, fingerprint=llm_model)
+                            health_interval_s, on_change=metrics.observe_pool,
+                            fingerprint=fingerprint(llm_pb2_grpc.LLMServiceStub, llm_pb2.GetModelInfoRequest()))
     await asyncio.gather(vision_pool.start(), llm_pool.start())
     await asyncio.gather(vision_pool.wait_checked(HEALTH_FIRST_CHECK_S), llm_pool.wait_checked(HEALTH_FIRST_CHECK_S))
     vision = VisionClient(vision_pool, router(vision_pool, "vision", Policy.AFFINITY),
