@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.contract.errors import InvalidArgumentError, NotReadyError
+from services.common.host_port import split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,10 @@ def parse_target(target: str) -> list[tuple[str, int]]:
 
 
 def _host_port(text: str, target: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgumentError(f"target {target!r}: {text!r} is not host:port")
-    return host, int(port)
+    try:
+        return split_host_port(text)
+    except ValueError:
+        raise InvalidArgumentError(f"target {target!r}: {text!r} is not host:port") from None
 
 
 def _is_ip(host: str) -> bool:

@@ -31,6 +31,8 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import AbstractBackoff, NoBackoff
 
+from services.common.host_port import split_host_port
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -92,16 +94,12 @@ def parse_cluster_url(url: str) -> ClusterUrl:
 
 
 def _host_port(item: str, url: str) -> tuple[str, int]:
-    item = item.strip()
-    if item.startswith("["):  # [IPv6]:port
-        host, _, rest = item[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
-    if not host or (port and not port.isdigit()) or not 0 < int(port or DEFAULT_PORT) < 65536:
-        raise ValueError(f"bad node {item!r} in Redis Cluster URL {_redacted(urllib.parse.urlsplit(url))}; "
-                         "expected host:port[,host:port...]")
-    return urllib.parse.unquote(host), int(port or DEFAULT_PORT)
+    try:
+        host, port = split_host_port(item, DEFAULT_PORT)
+    except ValueError:
+        raise ValueError(f"bad node {item.strip()!r} in Redis Cluster URL {_redacted(urllib.parse.urlsplit(url))}; "
+                         "expected host:port[,host:port...]") from None
+    return urllib.parse.unquote(host), port
 
 
 def _redacted(parts: urllib.parse.SplitResult) -> str:
