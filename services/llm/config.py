@@ -33,8 +33,12 @@ class LLMConfig:
     max_queue: int = 256
     # Memory the prefix KV cache of finished turns may hold; 0 disables it.
     kv_cache_budget_mb: float = 1024.0
-    # Prompt tokens prefilled per scheduler step, so a long prompt does not stall running streams.
-    prefill_chunk_tokens: int = 512
+    # Memory admission may promise to running sequences' KV (prompt + max_new_tokens each, in the padded batch);
+    # 0: 80% of the device's free memory at start, less the prefix cache's budget.
+    kv_budget_mb: float = 0.0
+    # Tokens one scheduler step feeds (each decoding sequence counts one; the rest is shared by the prompts being
+    # prefilled), so a long prompt neither stalls running streams nor the prompts queued behind it.
+    max_step_tokens: int = 512
     # max_new_tokens of a request that leaves it 0.
     max_new_tokens_default: int = 512
     # Longest prompt + answer in tokens; None: the language model's max_position_embeddings.
@@ -43,11 +47,12 @@ class LLMConfig:
     def __post_init__(self) -> None:
         """Refuses a value no server could run with, naming its flag (the CLI prints it as one usage line)."""
         checks = [(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-                  for name in ("max_batch_size", "max_queue", "prefill_chunk_tokens", "max_new_tokens_default")]
+                  for name in ("max_batch_size", "max_queue", "max_step_tokens", "max_new_tokens_default")]
         url_problem = redis_url_problem(self.redis_url)
         checks += [
             (url_problem is None, f"--redis-url: {url_problem}"),
             (self.kv_cache_budget_mb >= 0, f"--kv-cache-budget-mb must be >= 0, got {self.kv_cache_budget_mb}"),
+            (self.kv_budget_mb >= 0, f"--kv-budget-mb must be >= 0 (0: from the free memory), got {self.kv_budget_mb}"),
             (self.max_context_tokens is None or self.max_context_tokens >= 2,
              f"--max-context-tokens must be >= 2, got {self.max_context_tokens}"),
         ]
@@ -58,6 +63,10 @@ class LLMConfig:
     @property
     def kv_cache_budget_bytes(self) -> int:
         return int(self.kv_cache_budget_mb * 1024 * 1024)
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        return int(self.kv_budget_mb * 1024 * 1024)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> LLMConfig:
@@ -71,7 +80,8 @@ class LLMConfig:
             max_batch_size=args.max_batch_size,
             max_queue=args.max_queue,
             kv_cache_budget_mb=args.kv_cache_budget_mb,
-            prefill_chunk_tokens=args.prefill_chunk_tokens,
+            kv_budget_mb=args.kv_budget_mb,
+            max_step_tokens=args.max_step_tokens,
             max_new_tokens_default=args.max_new_tokens_default,
             max_context_tokens=args.max_context_tokens,
         )
@@ -93,8 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="waiting requests before RESOURCE_EXHAUSTED")
     parser.add_argument("--kv-cache-budget-mb", type=float, default=defaults.kv_cache_budget_mb,
                         help="memory for the prefix KV cache of finished turns (0: off)")
-    parser.add_argument("--prefill-chunk-tokens", type=int, default=defaults.prefill_chunk_tokens,
-                        help="prompt tokens prefilled per scheduler step")
+    parser.add_argument("--kv-budget-mb", type=float, default=defaults.kv_budget_mb,
+                        help="memory admission may promise to running sequences' KV (default 0: 80%% of the free "
+                             "memory at start, less --kv-cache-budget-mb)")
+    parser.add_argument("--max-step-tokens", type=int, default=defaults.max_step_tokens,
+                        help="tokens per scheduler step: one per decoding sequence, the rest shared by prefills")
     parser.add_argument("--max-new-tokens-default", type=int, default=defaults.max_new_tokens_default,
                         help="max_new_tokens when a request leaves it 0")
     parser.add_argument("--max-context-tokens", type=int, default=None,

@@ -1,54 +1,76 @@
-"""Continuous batching: one scheduler loop that interleaves the decode steps of all running sequences with chunked
-prefills of new ones, on transformers' language model.
+"""The transformers engine: continuous batching on transformers' language model, one scheduler loop.
 
-Each iteration of the loop, on the asyncio thread, first drops cancelled or expired sequences and admits at most one
-waiting request into prefill (bookkeeping only), then runs one *step* in the model's worker thread:
+Each iteration of the loop, on the event loop's thread, drops cancelled, expired and stop-string-ended sequences,
+admits waiting requests by memory and batch size (`services.llm.admission`), and picks this step's prefill chunks;
+then one *step* runs in the model's worker thread:
 
-1. one batched decode forward for every running sequence (`DecodeBatch`: left-padded KV, attention mask and
-   per-row position_ids), a token sampled for each, finished sequences removed (their KV kept by the prefix cache);
-2. at most one prefill chunk (`prefill_chunk_tokens`) of the sequence being admitted; its first chunk starts after
-   the longest prefix the prefix cache holds; after its last chunk its first token is sampled and it joins the batch.
+1. one decode forward for every running sequence (`KVBatch`, which writes the new position in place);
+2. one prefill forward for the chosen chunks of several prompts together (`prefill_forward`). The step's token
+   budget (`max_step_tokens`, decode rows counting one each) is shared equally by the prompts being prefilled, in
+   admission order, so a short prompt behind a long one finishes its prefill in one step instead of waiting for it;
+3. one vectorised sampling call for every row that needs a token (one host sync), then finished rows leave the batch
+   (their KV offered to the prefix cache) and prompts whose prefill completed join it.
 
-So a long prompt delays running streams by one chunk per step, never by its whole prefill, and a cancelled stream
-leaves the batch at the next step. The events (tokens, text, finish) go back to each stream's asyncio queue.
+Detokenisation and stop strings run on the event loop's thread when the step's tokens are delivered, not on the model
+thread. A sequence a stop string ended leaves the batch at the next step.
+
+Faults are confined: an error in a prefill forward of several prompts is retried prompt by prompt, and only the one
+that fails alone fails (out of memory: RESOURCE_EXHAUSTED; otherwise INTERNAL); an error sampling one row fails that
+row; an error in the decode forward (the shared batch state) fails the running sequences with `BatchFaultError`
+(UNAVAILABLE), drops the batch and serves on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import enum
 import itertools
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from services.common.contract.errors import OverloadedError
+from services.common.contract.errors import InternVLError, OverloadedError
 from services.common.contract.finish import FinishReason
-from services.llm.batch import DecodeBatch, cache_layers, make_cache
+from services.llm.admission import Admission
+from services.llm.batch import COLUMN_SLACK, KVBatch, KVShape, PrefillRow, prefill_forward
 from services.llm.detokenize import IncrementalDetokenizer, StopStrings
+from services.llm.engine_api import BatchFaultError, Engine, EngineLoad, GenerationStream, StepReport
 from services.llm.events import EngineRequest, Event, Finish, TokenDelta, Usage
 from services.llm.kv_cache import LayerKV, PrefixCache, prompt_identity
 from services.llm.sampling import Sampler, TopLogprobs, sample_batch
 
 log = logging.getLogger(__name__)
 
+# The smallest prefill chunk a prompt gets in a step: bounds how many prompts share one prefill forward.
+MIN_PREFILL_CHUNK = 32
+# Of the memory free when the engine starts (less the prefix cache's budget), the share admission may promise to
+# running sequences' KV; the rest is for activations, a prefill forward's copy of its rows' past, and the allocator.
+DEFAULT_KV_SHARE = 0.8
 
-@dataclass
-class EngineStats:
-    """Counters for metrics and tests; read on the asyncio thread."""
 
-    steps: int = 0
-    max_batch_size_seen: int = 0
-    running: int = 0
-    waiting: int = 0
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory this process can still allocate on `device`: the GPU's free memory, or on the CPU the lesser of the
+    kernel's MemAvailable and what the cgroup (a container's limit) leaves."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free.append(int(line.split()[1]) * 1024)
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(free) if free else 0
 
 
 class _State(enum.Enum):
@@ -63,23 +85,27 @@ class _Sequence:
     id: int
     request: EngineRequest
     queue: asyncio.Queue
-    arrival: float = field(default_factory=time.monotonic)
-    state: _State = _State.WAITING
-    cancelled: bool = False
-    # Worker-side state, created at admission.
-    ids: torch.Tensor | None = None
-    identity: np.ndarray | None = None
-    sampler: Sampler | None = None
-    detokenizer: IncrementalDetokenizer | None = None
-    stops: StopStrings | None = None
-    cache: DynamicCache | None = None
-    # The request's image embeddings, moved here at submit and dropped after the prefill.
+    arrival: float
+    extent: int  # prompt + max_new_tokens: the most positions its KV can reach
+    # Embeddings for the prompt's image slots [slots, hidden], dropped after the prefill.
     image_rows: torch.Tensor | None = None
+    state: _State = _State.WAITING
+    bypassed: int = 0
+    cancelled: bool = False
+    # A stop string ended it (found on the loop thread); its row leaves the batch at the next step.
+    stopped: bool = False
+    # Set at admission, on the loop thread.
+    identity: np.ndarray | None = None
+    ids: torch.Tensor | None = None
+    sampler: Sampler | None = None
+    past: list[LayerKV] | None = None  # KV of the prompt's first `prefilled` positions while it is prefilling
     prefilled: int = 0
     slots_filled: int = 0
     cached_tokens: int = 0
     generated: list[int] = field(default_factory=list)
-    # Loop-side timing, for metrics.
+    # Loop-side: text, and timing for metrics.
+    detokenizer: IncrementalDetokenizer | None = None
+    stops: StopStrings | None = None
     last_token_at: float | None = None
 
     @property
@@ -89,59 +115,39 @@ class _Sequence:
     def usage(self) -> Usage:
         return Usage(self.prompt_len, len(self.generated), self.cached_tokens)
 
-    def expired(self, now: float) -> bool:
-        return self.request.deadline is not None and now >= self.request.deadline
+    def gone(self, now: float) -> bool:
+        """Cancelled by its caller or past its deadline."""
+        return self.cancelled or (self.request.deadline is not None and now >= self.request.deadline)
 
 
 @dataclass
 class _Plan:
-    keep_rows: list[int] | None
-    prefill: _Sequence | None
+    leaving: list[_Sequence]  # running sequences to drop before the decode forward
+    chunks: list[tuple[_Sequence, int]]  # (prefilling sequence, prompt position its chunk ends at)
+
+
+@dataclass
+class _Sampled:
+    seq: _Sequence
+    token: int
+    report: TopLogprobs | None
+    reason: FinishReason | None  # decided on the model thread: the stop token, or a length limit
 
 
 @dataclass
 class _StepResult:
-    events: list[tuple[_Sequence, Event | BaseException]]
-    decode_batch_size: int = 0
-    prefill_tokens: int = 0
+    sampled: list[_Sampled] = field(default_factory=list)
+    failed: list[tuple[_Sequence, BaseException]] = field(default_factory=list)
+    report: StepReport = StepReport(0, 0, 0)
 
 
-class GenerationStream:
-    """The events of one request: TokenDelta..., then one Finish. `cancel()` frees its slot at the next step."""
-
-    def __init__(self, engine: Engine, seq: _Sequence):
-        self._engine = engine
-        self._seq = seq
-        self._done = False
-
-    @property
-    def cached_prompt_tokens(self) -> int:
-        return self._seq.cached_tokens
-
-    def __aiter__(self) -> GenerationStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._done:
-            raise StopAsyncIteration
-        item = await self._seq.queue.get()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        if isinstance(item, Finish):
-            self._done = True
-        return item
-
-    def cancel(self) -> None:
-        self._engine.cancel(self._seq)
-
-
-class Engine:
-    """The scheduler. Create, `await start()`, `submit()` from the event loop's thread, `await close()`."""
+class TransformersEngine(Engine):
+    """The scheduler over one transformers causal LM (Qwen2 or Llama layout)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, stop_token_id: int,
                  img_context_id: int, max_context_tokens: int, max_batch_size: int = 32, max_queue: int = 256,
-                 prefill_chunk_tokens: int = 512, kv_cache_budget_bytes: int = 0, observer=None):
+                 max_step_tokens: int = 512, prefix_cache_budget_bytes: int = 0, kv_budget_bytes: int = 0,
+                 observer=None):
         self.model = model
         self.tokenizer = tokenizer
         self.stop_token_id = stop_token_id
@@ -149,36 +155,36 @@ class Engine:
         self.max_context_tokens = max_context_tokens
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.prefix_cache = PrefixCache(kv_cache_budget_bytes)
-        # Hooks called on the loop thread (services.llm.metrics.LLMMetrics): on_step, on_tokens, on_finish,
-        # on_schedule.
+        self.max_step_tokens = max_step_tokens
+        self.prefix_cache = PrefixCache(prefix_cache_budget_bytes)
         self.observer = observer
-        self.stats = EngineStats()
         self.device = model.device
+        self.dtype = model.dtype
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        # Keys and values of every layer for one position.
-        self.kv_bytes_per_token = (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-                                   * model.dtype.itemsize)
-        self._batch = DecodeBatch(model)
-        self._running: list[_Sequence] = []  # in batch-row order
-        self._prefilling: _Sequence | None = None
+        self.kv_bytes_per_token = KVShape.of(model).bytes_per_token
+        if not kv_budget_bytes:
+            free = free_memory_bytes(self.device) - prefix_cache_budget_bytes
+            kv_budget_bytes = int(max(0, free) * DEFAULT_KV_SHARE)
+        self.admission = Admission(kv_budget_bytes, self.kv_bytes_per_token, max_batch_size,
+                                   max_bypass=max_batch_size, spare_columns=COLUMN_SLACK)
+        self.steps = 0
+        self.max_batch_size_seen = 0
+        self._batch = KVBatch(model)
+        self._running: list[_Sequence] = []  # in batch-row order (worker-owned during a step)
+        self._prefilling: list[_Sequence] = []  # in admission order
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
 
-    # -- asyncio side ---------------------------------------------------------------------------------------------
+    # -- the event loop's side ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-engine")
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="llm-engine")
 
     async def close(self) -> None:
-        """Stops the loop; every unfinished stream ends with FINISH_REASON_CANCELLED."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -190,29 +196,46 @@ class Engine:
             # Lets a step already in the worker end before the state it mutates is torn down.
             await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
             self._executor = None
-        for seq in [*self._waiting, *self._running, *([self._prefilling] if self._prefilling else [])]:
-            self._finish_now(seq, FinishReason.CANCELLED)
+        for seq in [*self._waiting, *self._running, *self._prefilling]:
+            if seq.state is not _State.DONE:
+                self._finish(seq, FinishReason.CANCELLED)
         self._waiting.clear()
-        self._running, self._prefilling = [], None
-        self._batch = DecodeBatch(self.model)
+        self._running, self._prefilling = [], []
+        self._batch = KVBatch(self.model)
 
     @property
     def queue_full(self) -> bool:
         return len(self._waiting) >= self.max_queue
+
+    def load(self) -> EngineLoad:
+        active = [s for s in (*self._running, *self._prefilling) if s.state is not _State.DONE]
+        cache = self.prefix_cache
+        return EngineLoad(
+            running=len(active), waiting=len(self._waiting), kv_bytes=self._batch.nbytes,
+            kv_reserved_bytes=self.admission.cost_bytes([s.extent for s in active]),
+            kv_budget_bytes=self.admission.budget_bytes, prefix_bytes=cache.nbytes,
+            prefix_budget_bytes=cache.budget_bytes, prefix_lookups=cache.lookups, prefix_hits=cache.hits,
+            steps=self.steps)
 
     def submit(self, request: EngineRequest) -> GenerationStream:
         if self._task is None:
             raise RuntimeError("engine not started")
         if self.queue_full:
             raise OverloadedError(f"the LLM server's queue is full ({self.max_queue} waiting requests); retry later")
-        seq = _Sequence(next(self._ids), dataclasses.replace(request, image_rows=None), asyncio.Queue(),
-                        arrival=request.arrival or time.monotonic(), image_rows=request.image_rows)
+        extent = len(request.prompt) + request.max_new_tokens
+        if not self.admission.fits_alone(extent):
+            mib = 2**20
+            raise OverloadedError(
+                f"this request may hold {self.admission.cost_bytes([extent]) / mib:.1f} MiB of KV ({len(request.prompt)} "
+                f"prompt + {request.max_new_tokens} new tokens), more than this LLM server's budget of "
+                f"{self.admission.budget_bytes / mib:.1f} MiB; lower max_new_tokens or shorten the conversation")
+        seq = _Sequence(next(self._ids), request, asyncio.Queue(), arrival=request.arrival or time.monotonic(),
+                        extent=extent, image_rows=request.image_rows)
         self._waiting.append(seq)
-        self.stats.waiting = len(self._waiting)
         self._wake.set()
-        return GenerationStream(self, seq)
+        return GenerationStream(seq.queue, lambda: self._cancel(seq))
 
-    def cancel(self, seq: _Sequence) -> None:
+    def _cancel(self, seq: _Sequence) -> None:
         if seq.state is not _State.DONE:
             seq.cancelled = True
             self._wake.set()
@@ -227,46 +250,76 @@ class Engine:
                 continue
             try:
                 result = await loop.run_in_executor(self._executor, self._step, plan)
-            except Exception as exc:
-                log.exception("engine step failed; failing the sequences in it")
-                result = _StepResult(self._fail_all(exc))
+            except Exception as exc:  # a bug in the step's bookkeeping: nothing in the batch can be trusted
+                log.exception("engine step failed; rebuilding the batch")
+                result = _StepResult(failed=self._drop_batch(exc, with_prefilling=True))
             self._deliver(result)
 
     def _plan(self) -> _Plan | None:
-        """Drops cancelled and expired sequences, admits one waiting request; None when there is nothing to run."""
+        """Drops what is gone, admits what fits, picks the prefill chunks; None when there is nothing to run."""
         now = time.monotonic()
-        for seq in [s for s in self._waiting if s.cancelled or s.expired(now)]:
+        for seq in [s for s in self._waiting if s.gone(now)]:
             self._waiting.remove(seq)
-            self._finish_now(seq, FinishReason.CANCELLED)
-        keep_rows = None
-        gone = [s for s in self._running if s.cancelled or s.expired(now)]
-        if gone:
-            keep_rows = [row for row, s in enumerate(self._running) if s not in gone]
-            self._running = [s for s in self._running if s not in gone]
-            for seq in gone:
-                self._finish_now(seq, FinishReason.CANCELLED)
-        if self._prefilling is not None and (self._prefilling.cancelled or self._prefilling.expired(now)):
-            self._finish_now(self._prefilling, FinishReason.CANCELLED)
-            self._prefilling = None
-        if self._prefilling is None and self._waiting and len(self._running) < self.max_batch_size:
-            self._prefilling = self._waiting.popleft()
-            self._prefilling.state = _State.PREFILL
-        self.stats.waiting = len(self._waiting)
-        self.stats.running = len(self._running) + (self._prefilling is not None)
+            self._finish(seq, FinishReason.CANCELLED)
+        for seq in [s for s in self._prefilling if s.gone(now)]:
+            self._prefilling.remove(seq)
+            self._finish(seq, FinishReason.CANCELLED)
+        leaving = [s for s in self._running if s.stopped or s.gone(now)]
+        for seq in leaving:
+            if seq.state is not _State.DONE:
+                self._finish(seq, FinishReason.CANCELLED)
+        admitted = [s.extent for s in self._running if s not in leaving] + [s.extent for s in self._prefilling]
+        waiting = list(self._waiting)
+        for index in self.admission.choose(waiting, admitted):
+            seq = waiting[index]
+            self._waiting.remove(seq)
+            try:
+                self._admit(seq)
+            except Exception as exc:  # noqa: BLE001 - this request's inputs; the others go on
+                self._fail(seq, _request_error(exc, seq))
+                continue
+            self._prefilling.append(seq)
         if self.observer is not None:
-            self.observer.on_schedule(self)
-        if not self._running and self._prefilling is None and keep_rows is None:
+            self.observer.on_schedule(self.load())
+        chunks = self._chunks(len(self._running) - len(leaving))
+        if not self._running and not chunks:
             return None
-        return _Plan(keep_rows, self._prefilling)
+        return _Plan(leaving, chunks)
 
-    @property
-    def running_kv_bytes(self) -> int:
-        return self._batch.nbytes
+    def _admit(self, seq: _Sequence) -> None:
+        """Prefill bookkeeping: token ids, sampler, text state, and the longest prefix the prefix cache holds."""
+        prompt = seq.request.prompt
+        seq.state = _State.PREFILL
+        seq.ids = torch.tensor(prompt.token_ids, device=self.device)
+        seq.identity = prompt_identity(prompt.token_ids, prompt.image_keys, self.img_context_id)
+        seq.sampler = Sampler(seq.request.sampling, self.vocab_size, self.device)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        seq.stops = StopStrings(seq.request.sampling.stop_strings)
+        match = self.prefix_cache.lookup(seq.identity, max_length=seq.prompt_len - 1)
+        if match is not None:
+            seq.past, seq.prefilled = match.layers, match.length
+            seq.cached_tokens = match.length
+            seq.slots_filled = int(np.count_nonzero(np.asarray(prompt.token_ids[:match.length]) == self.img_context_id))
 
-    def _finish_now(self, seq: _Sequence, reason: FinishReason) -> None:
+    def _chunks(self, decode_rows: int) -> list[tuple[_Sequence, int]]:
+        """This step's prefill chunks: the token budget left after the decode rows, shared equally by the first
+        prompts in admission order (each gets at least MIN_PREFILL_CHUNK)."""
+        if not self._prefilling:
+            return []
+        budget = max(self.max_step_tokens - decode_rows, MIN_PREFILL_CHUNK)
+        rows = self._prefilling[:max(1, budget // MIN_PREFILL_CHUNK)]
+        share = budget // len(rows)
+        return [(seq, min(seq.prefilled + share, seq.prompt_len)) for seq in rows]
+
+    def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
         seq.state = _State.DONE
-        seq.cache = None
+        seq.past = seq.image_rows = None
         self._put(seq, Finish(reason, seq.usage()))
+
+    def _fail(self, seq: _Sequence, exc: BaseException) -> None:
+        seq.state = _State.DONE
+        seq.past = seq.image_rows = None
+        self._put(seq, exc)
 
     def _put(self, seq: _Sequence, event: Event | BaseException) -> None:
         seq.queue.put_nowait(event)
@@ -274,132 +327,213 @@ class Engine:
             self.observer.on_finish(event.reason.value, event.usage.prompt_tokens, event.usage.cached_prompt_tokens)
 
     def _deliver(self, result: _StepResult) -> None:
+        """The step's tokens as text and events, on the event loop's thread."""
         now = time.monotonic()
         timed = []
-        for seq, event in result.events:
-            self._put(seq, event)
-            if isinstance(event, TokenDelta):
-                timed.append((seq.arrival, seq.last_token_at, event))
-                seq.last_token_at = now
-        if self._prefilling is not None and self._prefilling.state is not _State.PREFILL:
-            self._prefilling = None  # finished its prefill in this step
-        self.stats.running = len(self._running) + (self._prefilling is not None)
+        for sampled in result.sampled:
+            seq = sampled.seq
+            if seq.state is _State.DONE:
+                continue
+            delta, reason = self._text(seq, sampled)
+            self._put(seq, delta)
+            timed.append((seq.arrival, seq.last_token_at, delta))
+            seq.last_token_at = now
+            if reason is not None:
+                if sampled.reason is None:
+                    seq.stopped = True  # a stop string: the model thread still has its row
+                self._finish(seq, reason)
+        for seq, exc in result.failed:
+            if seq.state is not _State.DONE:
+                self._fail(seq, exc)
+        self._prefilling = [s for s in self._prefilling if s.state is _State.PREFILL]
         if self.observer is not None:
-            self.observer.on_step(result.decode_batch_size, result.prefill_tokens)
+            self.observer.on_step(result.report)
             self.observer.on_tokens(timed, now)
-            self.observer.on_schedule(self)
+            self.observer.on_schedule(self.load())
 
-    def _fail_all(self, exc: Exception) -> list[tuple[_Sequence, BaseException]]:
-        failed = [*self._running, *([self._prefilling] if self._prefilling else [])]
-        self._running, self._prefilling = [], None
-        self._batch = DecodeBatch(self.model)
-        for seq in failed:
-            seq.state, seq.cache = _State.DONE, None
-        return [(seq, exc) for seq in failed]
+    def _text(self, seq: _Sequence, sampled: _Sampled) -> tuple[TokenDelta, FinishReason | None]:
+        """The text the token completes (held back while it may start a stop string) and the finish it causes."""
+        reason = sampled.reason
+        text, hit = ("", False) if sampled.token == self.stop_token_id else seq.stops.feed(
+            seq.detokenizer.add(sampled.token))
+        if hit:
+            reason = FinishReason.STOP
+        elif reason is not None:
+            # Generation ends: text held back inside a multi-byte character, then any held back as the possible start
+            # of a stop string, are the answer's end, unless they complete a stop string.
+            more, hit = seq.stops.feed(seq.detokenizer.flush())
+            text += more if hit else more + seq.stops.flush()
+            reason = FinishReason.STOP if hit else reason
+        report = (sampled.report,) if sampled.report is not None else ()
+        return TokenDelta((sampled.token,), text, report), reason
 
-    # -- worker thread --------------------------------------------------------------------------------------------
+    def _drop_batch(self, exc: BaseException, with_prefilling: bool = False) -> list[tuple[_Sequence, BaseException]]:
+        """Fails every running sequence (and the prefilling ones) with BatchFaultError and starts a fresh batch."""
+        log.error("dropping the decode batch of %d sequences after %s: %s", len(self._running), type(exc).__name__,
+                  exc)
+        lost = [*self._running, *(self._prefilling if with_prefilling else ())]
+        error = BatchFaultError(f"the LLM server's batch failed ({type(exc).__name__}) and was rebuilt; retry the "
+                                "request")
+        self._running = []
+        self._batch = KVBatch(self.model)
+        return [(seq, error) for seq in lost]
+
+    # -- the model's worker thread --------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def _step(self, plan: _Plan) -> _StepResult:
-        result = _StepResult([])
-        if plan.keep_rows is not None:
-            self._batch.keep(plan.keep_rows)
-        if self._running:
-            result.decode_batch_size = len(self._running)
-            self._decode(result.events)
-        if plan.prefill is not None:
-            result.prefill_tokens = self._prefill_chunk(plan.prefill, result.events)
-        self.stats.steps += 1
+        result = _StepResult()
+        for seq in plan.leaving:
+            self._leave(seq, remember=seq.stopped)
+        decode_logits = None
+        decoding = list(self._running)
+        if decoding:
+            try:
+                tokens = torch.tensor([seq.generated[-1] for seq in decoding], device=self.device)
+                decode_logits = self._batch.forward(tokens)
+            except Exception as exc:  # noqa: BLE001 - the batch state is suspect: drop it, serve on
+                result.failed += self._drop_batch(exc)
+                decoding = []
+            self.max_batch_size_seen = max(self.max_batch_size_seen, len(decoding))
+        prefill_logits, completed, fed = self._prefill(plan.chunks, result.failed)
+        rows = decoding + [seq for seq, _ in completed]
+        logits = [t for t in (decode_logits, prefill_logits) if t is not None]
+        if rows:
+            self._sample(rows, torch.cat(logits) if len(logits) > 1 else logits[0], result)
+        for seq in [s.seq for s in result.sampled if s.reason is not None and s.seq in self._running]:
+            self._leave(seq, remember=True)
+        failed = {id(seq) for seq, _ in result.failed}
+        ended = {id(s.seq) for s in result.sampled if s.reason is not None}
+        joining = []
+        for seq, kv in completed:
+            if id(seq) in ended:  # finished on its first token: its prompt's KV never joins the batch
+                self._remember(seq, lambda kv=kv: [(k.clone(), v.clone()) for k, v in kv])
+            elif id(seq) not in failed:
+                joining.append((seq, kv))
+        self._batch.add([kv for _, kv in joining])
+        self._running += [seq for seq, _ in joining]
+        self.steps += 1
+        result.report = StepReport(len(decoding), len(plan.chunks), fed)
         return result
 
-    def _decode(self, events: list) -> None:
-        running = self._running
-        logits = self._batch.forward([seq.generated[-1] for seq in running])
-        self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(running))
-        tokens, reports = sample_batch(logits, [seq.sampler for seq in running])
-        keep = []
-        for row, (seq, token, report) in enumerate(zip(running, tokens, reports, strict=True)):
-            if self._emit(seq, token, report, events):
-                self._remember(seq, self._batch.lengths[row], lambda row=row: self._batch.row(row))
+    def _leave(self, seq: _Sequence, remember: bool) -> None:
+        """Removes a running sequence's row (offering its KV to the prefix cache first when `remember`)."""
+        row = self._running.index(seq)
+        if remember:
+            self._remember(seq, lambda: self._batch.row(row))
+        self._batch.remove(row)
+        self._running[row] = self._running[-1]
+        self._running.pop()
+
+    def _prefill(self, chunks: list[tuple[_Sequence, int]], failed: list
+                 ) -> tuple[torch.Tensor | None, list[tuple[_Sequence, list[LayerKV]]], int]:
+        """Runs the chunks in one forward (one at a time when that fails, to find the request at fault).
+
+        Returns the next-token logits of the prompts it completed [completed, vocab], those prompts with their KV,
+        and the number of prompt tokens fed.
+        """
+        if not chunks:
+            return None, [], 0
+        try:
+            hidden, done, fed = self._prefill_together(chunks)
+        except Exception as exc:  # noqa: BLE001 - find which request it was
+            if len(chunks) == 1:
+                failed.append((chunks[0][0], _request_error(exc, chunks[0][0])))
+                return None, [], 0
+            log.warning("a prefill of %d prompts failed (%s); retrying them one by one", len(chunks), exc)
+            parts, done, fed = [], [], 0
+            for chunk in chunks:
+                try:
+                    part, part_done, part_fed = self._prefill_together([chunk])
+                except Exception as one_exc:  # noqa: BLE001 - this request's fault only
+                    failed.append((chunk[0], _request_error(one_exc, chunk[0])))
+                    continue
+                parts.append(part)
+                done += part_done
+                fed += part_fed
+            hidden = torch.cat(parts) if parts else None
+        if not done:
+            return None, [], fed
+        return self.model.get_output_embeddings()(hidden), done, fed
+
+    def _prefill_together(self, chunks: list[tuple[_Sequence, int]]
+                          ) -> tuple[torch.Tensor | None, list[tuple[_Sequence, list[LayerKV]]], int]:
+        rows = [PrefillRow(seq.past, seq.prefilled, self._chunk_embeds(seq, end)) for seq, end in chunks]
+        hidden, kv = prefill_forward(self.model, rows)
+        done, keep = [], []
+        for i, ((seq, end), layers) in enumerate(zip(chunks, kv, strict=True)):
+            seq.slots_filled += int(np.count_nonzero(
+                np.asarray(seq.request.prompt.token_ids[seq.prefilled:end]) == self.img_context_id))
+            seq.prefilled = end
+            if end < seq.prompt_len:
+                seq.past = [(k.clone(), v.clone()) for k, v in layers]  # owns its memory; the forward's buffer goes
             else:
-                keep.append(row)
-        self._batch.keep(keep)
-        self._running = [running[row] for row in keep]
+                seq.past = seq.image_rows = None
+                seq.state = _State.RUNNING
+                done.append((seq, layers))
+                keep.append(i)
+        fed = sum(end - row.past_length for (_, end), row in zip(chunks, rows, strict=True))
+        return (hidden[keep] if keep else None), done, fed
 
-    def _admit(self, seq: _Sequence) -> None:
-        """First chunk of a prefill: device tensors, sampler, and the longest cached prefix."""
-        prompt, request = seq.request.prompt, seq.request
-        seq.ids = torch.tensor(prompt.token_ids, device=self.device)
-        seq.identity = prompt_identity(prompt.token_ids, prompt.image_keys, self.img_context_id)
-        penalty_ids = seq.ids if request.sampling.penalty is not None else None
-        seq.sampler = Sampler(request.sampling, self.vocab_size, self.device, penalty_ids)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
-        seq.stops = StopStrings(request.sampling.stop_strings)
-        match = self.prefix_cache.lookup(seq.identity, max_length=seq.prompt_len - 1)
-        if match is None:
-            seq.cache = make_cache(self.model)
-        else:
-            seq.cache = make_cache(self.model, [(k[None], v[None]) for k, v in match.layers])
-            seq.prefilled = seq.cached_tokens = match.length
-            seq.slots_filled = int((seq.ids[:match.length] == self.img_context_id).sum())
-
-    def _prefill_chunk(self, seq: _Sequence, events: list) -> int:
-        """Prefills the next chunk of `seq`; returns the number of tokens it fed."""
-        if seq.cache is None:
-            self._admit(seq)
-        start = seq.prefilled
-        end = min(start + self.prefill_chunk_tokens, seq.prompt_len)
-        chunk = seq.ids[start:end]
-        embeds = self.model.get_input_embeddings()(chunk[None])
-        rows = seq.image_rows
-        if rows is not None:
+    def _chunk_embeds(self, seq: _Sequence, end: int) -> torch.Tensor:
+        """Input embeddings of prompt positions [prefilled, end), image rows in their slots: [end - prefilled, hidden]."""
+        chunk = seq.ids[seq.prefilled:end]
+        embeds = self.model.get_input_embeddings()(chunk)
+        if seq.image_rows is not None:
             slots = chunk == self.img_context_id
             count = int(slots.sum())
             if count:
-                part = rows[seq.slots_filled:seq.slots_filled + count]
-                embeds[0, slots] = part.to(device=self.device, dtype=embeds.dtype)
-                seq.slots_filled += count
-        positions = torch.arange(start, end, device=self.device)[None]
-        out = self.model(inputs_embeds=embeds, position_ids=positions, cache=seq.cache, use_cache=True,
-                         logits_to_keep=1)
-        seq.prefilled = end
-        if end < seq.prompt_len:
-            return end - start
-        seq.image_rows = None
-        [token], [report] = sample_batch(out.logits[:, -1], [seq.sampler])
-        if self._emit(seq, token, report, events):
-            cache = seq.cache
-            self._remember(seq, seq.prompt_len, lambda: [(k[0], v[0]) for k, v in cache_layers(cache)])
-        else:
-            self._batch.add(seq.cache, seq.prompt_len)
-            seq.state = _State.RUNNING
-            self._running.append(seq)
-        seq.cache = None
-        return end - start
+                part = seq.image_rows[seq.slots_filled:seq.slots_filled + count]
+                embeds[slots] = part.to(device=self.device, dtype=embeds.dtype)
+        return embeds
 
-    def _emit(self, seq: _Sequence, token: int, report: TopLogprobs | None, events: list) -> bool:
-        """Records a sampled token and its event(s); True when the sequence finished with it."""
-        seq.generated.append(token)
-        reason = None
-        if token == self.stop_token_id:
-            reason, text = FinishReason.STOP, seq.stops.flush()
-        else:
-            text, hit = seq.stops.feed(seq.detokenizer.add(token))
-            if hit:
+    def _sample(self, rows: list[_Sequence], logits: torch.Tensor, result: _StepResult) -> None:
+        """One token for each row of `logits` [rows, vocab]; a row whose sampling fails fails alone."""
+        try:
+            picked = list(zip(rows, *sample_batch(logits, [seq.sampler for seq in rows]), strict=True))
+        except Exception as exc:  # noqa: BLE001 - find the row at fault
+            log.warning("sampling %d rows failed (%s); sampling them one by one", len(rows), exc)
+            picked = []
+            for i, seq in enumerate(rows):
+                try:
+                    [token], [report] = sample_batch(logits[i:i + 1], [seq.sampler])
+                except Exception as one_exc:  # noqa: BLE001 - this request's fault only
+                    result.failed.append((seq, _request_error(one_exc, seq)))
+                    self._forget(seq)
+                    continue
+                picked.append((seq, token, report))
+        for seq, token, report in picked:
+            seq.generated.append(token)
+            reason = None
+            if token == self.stop_token_id:
                 reason = FinishReason.STOP
             elif (len(seq.generated) >= seq.request.max_new_tokens
                   or seq.prompt_len + len(seq.generated) >= self.max_context_tokens):
                 reason = FinishReason.LENGTH
-                text += seq.stops.flush()
-        events.append((seq, TokenDelta((token,), text, (report,) if report is not None else ())))
-        if reason is not None:
-            seq.state = _State.DONE
-            events.append((seq, Finish(reason, seq.usage())))
-        return reason is not None
+            result.sampled.append(_Sampled(seq, token, report, reason))
 
-    def _remember(self, seq: _Sequence, length: int, layers: Callable[[], list[LayerKV]]) -> None:
-        """Offers a finished sequence's KV (`length` positions; `layers()` extracts them) to the prefix cache."""
+    def _forget(self, seq: _Sequence) -> None:
+        """Takes a failed sequence out of the batch (a prefilled one is kept from joining by `_step`)."""
+        if seq in self._running:
+            self._leave(seq, remember=False)
+
+    def _remember(self, seq: _Sequence, layers) -> None:
+        """Offers a finished sequence's KV (`layers()` extracts it) to the prefix cache: the prompt and every
+        generated token but the last, which was never fed back."""
+        length = seq.prompt_len + len(seq.generated) - 1
         if not self.prefix_cache.enabled or length * self.kv_bytes_per_token > self.prefix_cache.budget_bytes:
             return
-        fed = np.asarray(seq.generated[:length - seq.prompt_len], dtype=np.int64)
+        fed = np.asarray(seq.generated[:-1], dtype=np.int64)
         self.prefix_cache.insert(np.concatenate([seq.identity, fed]), layers())
+
+
+def _request_error(exc: BaseException, seq: _Sequence) -> BaseException:
+    """What a caller is told when computing its request failed."""
+    if isinstance(exc, InternVLError):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OverloadedError(f"the LLM server ran out of memory computing this request ({seq.prompt_len} prompt "
+                               "tokens); retry later or with a shorter conversation")
+    log.error("request %s failed: %s: %s", seq.request.request_id or seq.id, type(exc).__name__, exc)
+    return InternVLError(f"the LLM server failed computing this request ({type(exc).__name__}); other requests "
+                         "are unaffected")

@@ -1,8 +1,8 @@
 """Prometheus metrics of the LLM service, in a registry of its own (`internvl_llm_*`).
 
-The engine calls these hooks on the asyncio thread only: `on_step` and `on_tokens` after every step, `on_finish` for
-every finished request, `on_schedule` whenever its counts change. The prefix cache's own counters are exported as
-deltas, so this module never reaches into the worker thread.
+The engine calls these hooks (services.llm.engine_api.EngineObserver) on the asyncio thread only: `on_step` and
+`on_tokens` after every step, `on_finish` for every finished request, `on_schedule` with its `EngineLoad` whenever
+its counts change. The prefix cache's counters are exported as deltas of the load's.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.request_metrics import RequestMetrics
+from services.llm.engine_api import EngineLoad, EngineObserver, StepReport
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class LLMMetrics:
+class LLMMetrics(EngineObserver):
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -41,6 +42,10 @@ class LLMMetrics:
             "internvl_llm_kv_cache_usage_bytes",
             "KV state held: 'running' (the decode batch) and 'prefix' (finished turns kept for reuse).",
             ["pool"], registry=r)
+        self.kv_reserved = Gauge("internvl_llm_kv_reserved_bytes", "KV memory admission has promised to running "
+                                 "sequences (each one's prompt + max_new_tokens, in the padded batch).", registry=r)
+        self.kv_budget = Gauge("internvl_llm_kv_budget_bytes", "Admission's limit on the reserved KV memory.",
+                               registry=r)
         self.kv_cache_budget = Gauge("internvl_llm_prefix_cache_budget_bytes", "Prefix cache byte budget.",
                                      registry=r)
         self.prefix_lookups = Counter("internvl_llm_prefix_cache_lookups", "Prefix cache lookups (one per "
@@ -49,19 +54,25 @@ class LLMMetrics:
                                    "(hit rate = hits / lookups).", registry=r)
         self.forward_steps = Counter("internvl_llm_forward_steps", "Model forwards by kind (decode, prefill).",
                                      ["kind"], registry=r)
-        self.scheduler_steps = Counter("internvl_llm_scheduler_steps", "Scheduler steps (one decode forward for "
-                                       "all running sequences plus at most one prefill chunk).", registry=r)
+        self.scheduler_steps = Counter("internvl_llm_scheduler_steps", "Scheduler steps (at most one decode forward "
+                                       "for all running sequences and one prefill forward).", registry=r)
         self.batch_size = Histogram("internvl_llm_decode_batch_size", "Sequences per decode forward.",
                                     buckets=BATCH_BUCKETS, registry=r)
+        self.prefill_batch_size = Histogram("internvl_llm_prefill_batch_size", "Prompts per prefill forward.",
+                                            buckets=BATCH_BUCKETS, registry=r)
+        self.prefill_tokens = Counter("internvl_llm_prefill_tokens", "Prompt tokens fed by prefill forwards "
+                                      "(prefix cache hits excluded).", registry=r)
         self._seen = {"lookups": 0, "hits": 0}
 
-    def on_step(self, decode_batch_size: int, prefill_tokens: int) -> None:
+    def on_step(self, step: StepReport) -> None:
         self.scheduler_steps.inc()
-        if decode_batch_size:
+        if step.decode_rows:
             self.forward_steps.labels("decode").inc()
-            self.batch_size.observe(decode_batch_size)
-        if prefill_tokens:
+            self.batch_size.observe(step.decode_rows)
+        if step.prefill_rows:
             self.forward_steps.labels("prefill").inc()
+            self.prefill_batch_size.observe(step.prefill_rows)
+            self.prefill_tokens.inc(step.prefill_tokens)
 
     def on_tokens(self, timed: list, now: float) -> None:
         """`timed`: (arrival, previous token time or None, TokenDelta) for each token delivered at `now`."""
@@ -77,16 +88,17 @@ class LLMMetrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.cached_prompt_tokens.inc(cached_prompt_tokens)
 
-    def on_schedule(self, engine) -> None:
-        """Gauges and the prefix cache's own counters, after any change of the engine's state."""
-        cache = engine.prefix_cache
-        self.running.set(engine.stats.running)
-        self.waiting.set(engine.stats.waiting)
-        self.kv_cache_usage.labels("prefix").set(cache.nbytes)
-        self.kv_cache_usage.labels("running").set(engine.running_kv_bytes)
-        self.kv_cache_budget.set(cache.budget_bytes)
-        for name, value, counter in (("lookups", cache.lookups, self.prefix_lookups),
-                                     ("hits", cache.hits, self.prefix_hits)):
+    def on_schedule(self, load: EngineLoad) -> None:
+        """Gauges and the prefix cache's counters, after any change of the engine's state."""
+        self.running.set(load.running)
+        self.waiting.set(load.waiting)
+        self.kv_cache_usage.labels("prefix").set(load.prefix_bytes)
+        self.kv_cache_usage.labels("running").set(load.kv_bytes)
+        self.kv_reserved.set(load.kv_reserved_bytes)
+        self.kv_budget.set(load.kv_budget_bytes)
+        self.kv_cache_budget.set(load.prefix_budget_bytes)
+        for name, value, counter in (("lookups", load.prefix_lookups, self.prefix_lookups),
+                                     ("hits", load.prefix_hits, self.prefix_hits)):
             if value > self._seen[name]:
                 counter.inc(value - self._seen[name])
                 self._seen[name] = value

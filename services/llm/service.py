@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,7 +33,8 @@ from services.common.model import default_device, load_language_model, load_toke
 from services.common.redis_client import connect as connect_redis
 from services.common.redis_client import redis_errors
 from services.llm.config import LLMConfig
-from services.llm.engine import Engine, GenerationStream
+from services.llm.engine import TransformersEngine
+from services.llm.engine_api import Engine, GenerationStream
 from services.llm.events import EngineRequest
 from services.llm.metrics import LLMMetrics
 from services.llm.prompt import Conversation, Prompt, PromptBuilder, TextPart
@@ -50,30 +52,41 @@ class GenerateRequest:
 
 
 class LLMService:
-    """One language model, its tokenizer, the engine, and the embedding cache client."""
+    """The tokenizer, the prompt builder, the embedding cache client, and an engine (services.llm.engine_api)."""
 
-    def __init__(self, config: LLMConfig, checkpoint: Checkpoint, model: PreTrainedModel,
-                 tokenizer: PreTrainedTokenizerBase, metrics: LLMMetrics | None = None):
+    def __init__(self, config: LLMConfig, checkpoint: Checkpoint, tokenizer: PreTrainedTokenizerBase,
+                 engine: Callable[[PromptBuilder, int], Engine], metrics: LLMMetrics | None = None):
+        """`engine(prompts, max_context_tokens)` builds the engine for this service's prompts."""
         self.config = config
         self.checkpoint = checkpoint
-        self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics
         spec = checkpoint.spec
         self.hidden_size = spec.llm_hidden_size
         self.tokens_per_tile = spec.tokens_per_tile
-        self.max_context_tokens = min(config.max_context_tokens or model.config.max_position_embeddings,
-                                      model.config.max_position_embeddings)
+        positions = spec.text_hf_config().max_position_embeddings
+        self.max_context_tokens = min(config.max_context_tokens or positions, positions)
         self.prompts = PromptBuilder(tokenizer, self.tokens_per_tile, spec.system_message, self.max_context_tokens)
-        self.engine = Engine(
-            model, tokenizer, stop_token_id=tokenizer.convert_tokens_to_ids(template.STOP_TOKEN),
-            img_context_id=self.prompts.img_context_id, max_context_tokens=self.max_context_tokens,
-            max_batch_size=config.max_batch_size, max_queue=config.max_queue,
-            prefill_chunk_tokens=config.prefill_chunk_tokens, kv_cache_budget_bytes=config.kv_cache_budget_bytes,
-            observer=metrics)
+        self.engine = engine(self.prompts, self.max_context_tokens)
+        self.engine.observer = metrics
         self.embedding_cache = None
         # Tokenisation and embedding concatenation, off the event loop and out of the model's worker thread.
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-prompt")
+
+    @classmethod
+    def with_model(cls, config: LLMConfig, checkpoint: Checkpoint, model: PreTrainedModel,
+                   tokenizer: PreTrainedTokenizerBase, metrics: LLMMetrics | None = None) -> LLMService:
+        """The service over the transformers engine on `model`."""
+
+        def engine(prompts: PromptBuilder, max_context_tokens: int) -> Engine:
+            return TransformersEngine(
+                model, tokenizer, stop_token_id=tokenizer.convert_tokens_to_ids(template.STOP_TOKEN),
+                img_context_id=prompts.img_context_id, max_context_tokens=max_context_tokens,
+                max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+                max_step_tokens=config.max_step_tokens, prefix_cache_budget_bytes=config.kv_cache_budget_bytes,
+                kv_budget_bytes=config.kv_budget_bytes)
+
+        return cls(config, checkpoint, tokenizer, engine, metrics)
 
     @classmethod
     def load(cls, config: LLMConfig, metrics: LLMMetrics | None = None) -> LLMService:
@@ -84,7 +97,7 @@ class LLMService:
         if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or ()):
             raise CheckpointError(f"{checkpoint.path}: sliding-window attention is not supported by the LLM service")
         log.info("loaded %s (%s, %s on %s)", checkpoint.name, checkpoint.spec.llm_architecture, model.dtype, device)
-        return cls(config, checkpoint, model, load_tokenizer(checkpoint), metrics)
+        return cls.with_model(config, checkpoint, model, load_tokenizer(checkpoint), metrics)
 
     async def start(self) -> None:
         if self.config.redis_url:
@@ -104,7 +117,7 @@ class LLMService:
             await self.embedding_cache.redis.aclose()
 
     def model_info(self) -> ModelInfo:
-        return self.checkpoint.model_info(self.model.dtype)
+        return self.checkpoint.model_info(self.engine.dtype)
 
     async def generate(self, request: GenerateRequest, inline: dict[str, torch.Tensor] | None = None,
                        timeout: float | None = None) -> GenerationStream:
@@ -167,5 +180,8 @@ class LLMService:
             if shape != expected:
                 raise InvalidArgumentError(f"embeddings of {key} have shape {list(shape)}, but {num_tiles} tiles of "
                                            f"this model need {list(expected)}")
+            if not bool(torch.isfinite(found[key]).all()):
+                # NaN or inf would make this request's logits NaN; caught here, it fails alone and clearly.
+                raise InvalidArgumentError(f"embeddings of {key} contain NaN or infinite values")
         rows = [found[image.key] for image in prompt.images]
         return await asyncio.get_running_loop().run_in_executor(self._cpu, torch.cat, rows)

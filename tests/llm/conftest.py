@@ -61,7 +61,7 @@ def make_service(reference):
     async def make(llm: str = "qwen2", **overrides):
         chat = reference(llm)
         config = LLMConfig(model=str(chat.checkpoint.path), dtype="float32", device="cpu", **overrides)
-        service = LLMService(config, chat.checkpoint, chat.language_model, chat.tokenizer, LLMMetrics())
+        service = LLMService.with_model(config, chat.checkpoint, chat.language_model, chat.tokenizer, LLMMetrics())
         await service.start()
         try:
             yield service

@@ -41,13 +41,13 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def on_step(self, decode_batch_size, prefill_tokens):
-        self.steps.append((decode_batch_size, prefill_tokens))
-        self.inner.on_step(decode_batch_size, prefill_tokens)
+    def on_step(self, step):
+        self.steps.append((step.decode_rows, step.prefill_tokens))
+        self.inner.on_step(step)
 
-    def on_schedule(self, engine):
-        self.schedules.append((engine.stats.steps, engine.stats.running))
-        self.inner.on_schedule(engine)
+    def on_schedule(self, load):
+        self.schedules.append((load.steps, load.running))
+        self.inner.on_schedule(load)
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +64,20 @@ async def test_eight_streams_share_steps_and_equal_their_solo_runs(make_service,
                 for i in range(8)]
     async with make_service(kv_cache_budget_mb=0) as service:
         solo = [await collect(await service.generate(r, inline)) for r in requests]
-        steps_before = service.engine.stats.steps
+        steps_before = service.engine.steps
         together = await asyncio.gather(*[collect(await service.generate(r, inline)) for r in requests])
-        stats = service.engine.stats
+        load, seen = service.engine.load(), service.engine.max_batch_size_seen
     assert [r.token_ids for r in together] == [r.token_ids for r in solo]
     assert [r.text for r in together] == [r.text for r in solo]
     tokens = sum(len(r.token_ids) for r in together)
-    assert stats.steps - steps_before < tokens
-    assert stats.max_batch_size_seen > 1
-    assert (stats.running, stats.waiting) == (0, 0)
+    assert load.steps - steps_before < tokens
+    assert seen > 1
+    assert (load.running, load.waiting) == (0, 0)
 
 
 async def test_long_prefill_is_chunked_between_decode_steps(make_service, collect, image):
     part, inline = image
-    async with make_service(prefill_chunk_tokens=64, max_batch_size=4) as service:
+    async with make_service(max_step_tokens=65, max_batch_size=4) as service:
         recorder = Recorder(service.engine)
         running = await service.generate(ask("Count to a hundred.", max_new_tokens=60))
         await running.__anext__()
@@ -105,11 +105,11 @@ async def test_cancel_frees_the_slot_and_others_go_on(make_service, collect):
                 counts[i] += 1 if hasattr(event, "token_ids") else 0
 
         tasks = [asyncio.create_task(consume(i)) for i in range(3)]
-        await until(lambda: service.engine.stats.running == 3 and min(counts) >= 2)
+        await until(lambda: service.engine.load().running == 3 and min(counts) >= 2)
         tasks[1].cancel()
         streams[1].cancel()
-        steps_at_cancel = service.engine.stats.steps
-        await until(lambda: service.engine.stats.running == 2)
+        steps_at_cancel = service.engine.steps
+        await until(lambda: service.engine.load().running == 2)
         assert service.metrics.running._value.get() == 2
         await asyncio.gather(tasks[0], tasks[2])
     # The first scheduling point that saw two running sequences came at most one step (the one in flight) later.
@@ -124,7 +124,7 @@ async def test_deadline_frees_the_slot(make_service, collect):
         result = await collect(await service.generate(ask("Ramble.", max_new_tokens=10_000), timeout=0.3))
         assert result.reason == "cancelled"
         assert 0 < len(result.token_ids) < 10_000
-        assert service.engine.stats.running == 0
+        assert service.engine.load().running == 0
 
 
 async def test_second_turn_reuses_the_first_and_matches_no_cache(make_service, collect, image):
@@ -164,7 +164,7 @@ async def test_prefix_cache_respects_its_budget(make_service, collect):
 async def test_full_queue_is_overloaded(make_service, collect):
     async with make_service(max_batch_size=1, max_queue=1) as service:
         running = await service.generate(ask("Long one.", max_new_tokens=500))
-        await until(lambda: service.engine.stats.running == 1 and service.engine.stats.waiting == 0)
+        await until(lambda: service.engine.load().running == 1 and service.engine.load().waiting == 0)
         waiting = await service.generate(ask("Second.", max_new_tokens=1))
         with pytest.raises(OverloadedError):
             await service.generate(ask("Third.", max_new_tokens=1))

@@ -1,4 +1,5 @@
-"""The prefix cache's keys, matching and budget, and the left-padded decode batch."""
+"""The prefix cache's keys, matching and budget; the decode batch and the batched prefill against transformers' own
+forward with its DynamicCache, one sequence at a time."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.llm.batch import DecodeBatch, make_cache
+from transformers import DynamicCache
+
+from services.llm import batch as batch_module
+from services.llm.batch import KVBatch, PrefillRow, prefill_forward
 from services.llm.kv_cache import PrefixCache, image_identity, kv_nbytes, prompt_identity
 
 CTX = 9
@@ -71,25 +75,70 @@ def test_disabled_cache():
     assert cache.lookup(np.arange(3), max_length=3) is None and cache.lookups == 0
 
 
+class Solo:
+    """One sequence through transformers' forward and DynamicCache: the reference for every row."""
+
+    def __init__(self, model, ids):
+        self.model, self.cache = model, DynamicCache(config=model.config)
+        self.logits = model(input_ids=ids[None], cache=self.cache, use_cache=True).logits[0, -1]
+
+    def kv(self):
+        return [(layer.keys[0], layer.values[0]) for layer in self.cache.layers]
+
+    def step(self, token: int):
+        self.logits = self.model(input_ids=torch.tensor([[token]]), cache=self.cache, use_cache=True).logits[0, -1]
+        return self.logits
+
+
+def assert_kv_close(ours, theirs, atol=1e-5):
+    assert len(ours) == len(theirs)
+    for (k, v), (k0, v0) in zip(ours, theirs, strict=True):
+        assert k.shape == k0.shape
+        torch.testing.assert_close(k, k0, atol=atol, rtol=0)
+        torch.testing.assert_close(v, v0, atol=atol, rtol=0)
+
+
 @torch.inference_mode()
-def test_batch_rows_join_leave_and_keep_their_kv(reference):
+def test_batched_prefill_equals_each_prompt_alone(reference):
+    """Three prompts of different lengths in one forward, one continuing from a cached past (left and right padding
+    both): every row's logits and KV equal its solo forward."""
+    model = reference("qwen2").language_model
+    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 17, 9)]
+    solo = [Solo(model, ids) for ids in prompts]
+    past = Solo(model, prompts[1][:11])  # the 17-token prompt's first 11 positions are cached
+    embed = model.get_input_embeddings()
+    rows = [PrefillRow(None, 0, embed(prompts[0])), PrefillRow(past.kv(), 11, embed(prompts[1][11:])),
+            PrefillRow(None, 0, embed(prompts[2]))]
+    hidden, kv = prefill_forward(model, rows)
+    logits = model.get_output_embeddings()(hidden)
+    for row in range(3):
+        torch.testing.assert_close(logits[row], solo[row].logits, atol=1e-4, rtol=0)
+        assert_kv_close(kv[row], solo[row].kv())
+
+
+@torch.inference_mode()
+def test_decode_batch_rows_join_leave_and_step_as_alone(reference, monkeypatch):
+    monkeypatch.setattr(batch_module, "COLUMN_SLACK", 3)  # rebuilds every few steps, to cover them too
     model = reference("qwen2").language_model
     prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 12, 8)]
-    solo = []
-    batch = DecodeBatch(model)
-    for ids in prompts:
-        cache = make_cache(model)
-        model(input_ids=ids[None], cache=cache, use_cache=True, logits_to_keep=1)
-        solo.append([(k[0].clone(), v[0].clone()) for k, v in ((layer.keys, layer.values) for layer in cache.layers)])
-        batch.add(cache, len(ids))
+    solo = [Solo(model, ids) for ids in prompts]
+    batch = KVBatch(model)
+    batch.add([solo[0].kv()])
+    batch.add([solo[1].kv(), solo[2].kv()])  # a longer row joins: the others shift right
     assert batch.width == 12 and batch.lengths == [5, 12, 8]
     for row in range(3):
-        for (k, v), (k0, v0) in zip(batch.row(row), solo[row], strict=True):
-            assert torch.equal(k, k0) and torch.equal(v, v0)
-    batch.keep([2, 0])  # the longest leaves: the padding it needed goes too
-    assert batch.width == 8 and batch.lengths == [8, 5]
-    assert torch.equal(batch.row(0)[0][0], solo[2][0][0]) and torch.equal(batch.row(1)[1][1], solo[0][1][1])
-    logits = batch.forward([1, 2])
-    assert logits.shape == (2, model.config.vocab_size) and batch.lengths == [9, 6]
-    batch.keep([])
+        assert_kv_close(batch.row(row), solo[row].kv(), atol=0)
+    rows = [0, 1, 2]
+    for step in range(8):
+        if step == 3:
+            batch.remove(1)  # the longest leaves; the last row takes its place
+            rows = [0, 2]
+        tokens = [int(solo[i].logits.argmax()) for i in rows]
+        logits = batch.forward(torch.tensor(tokens))
+        for row, i in enumerate(rows):
+            torch.testing.assert_close(logits[row], solo[i].step(tokens[row]), atol=1e-4, rtol=0)
+    assert batch.lengths == [5 + 8, 8 + 8]
+    assert_kv_close(batch.row(1), solo[2].kv())
+    batch.remove(0)
+    batch.remove(0)
     assert len(batch) == 0 and batch.nbytes == 0

@@ -46,7 +46,7 @@ def servers(tiny_checkpoint, redis_url):
         for llm in LLMS:
             started[llm] = spawn_service(f"llm-{llm}", "llm", "--model", str(tiny_checkpoint(llm=llm)), "--redis-url",
                                          redis_url, "--dtype", "float32", "--device", "cpu",
-                                         "--prefill-chunk-tokens", "256")
+                                         "--max-step-tokens", "256")
         wait_serving(list(started.values()))
         yield started
     finally:

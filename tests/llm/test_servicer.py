@@ -126,15 +126,15 @@ async def test_client_cancel_frees_the_slot_while_others_go_on(make_service):
 
         tasks = [asyncio.create_task(consume(i)) for i in range(3)]
         for _ in range(2000):
-            if service.engine.stats.running == 3 and min(received) >= 2:
+            if service.engine.load().running == 3 and min(received) >= 2:
                 break
             await asyncio.sleep(0.005)
         calls[1].cancel()
         for _ in range(2000):
-            if service.engine.stats.running == 2:
+            if service.engine.load().running == 2:
                 break
             await asyncio.sleep(0.005)
-        assert service.engine.stats.running == 2
+        assert service.engine.load().running == 2
         assert service.metrics.running._value.get() == 2
         codes = await asyncio.gather(*tasks, return_exceptions=True)
     assert codes[0] == codes[2] == grpc.StatusCode.OK
@@ -148,7 +148,7 @@ async def test_full_queue_is_resource_exhausted(make_service):
         await long.read()
         waiting = stub.Generate(iter([start_message(llm_pb2.ContentPart(text="Next."), max_new_tokens=1)]))
         for _ in range(2000):
-            if service.engine.stats.waiting == 1:
+            if service.engine.load().waiting == 1:
                 break
             await asyncio.sleep(0.005)
         with pytest.raises(grpc.aio.AioRpcError) as failure:
