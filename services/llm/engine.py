@@ -138,7 +138,7 @@ class _Sampled:
 class _StepResult:
     sampled: list[_Sampled] = field(default_factory=list)
     failed: list[tuple[_Sequence, BaseException]] = field(default_factory=list)
-    report: StepReport = StepReport(0, 0, 0)
+    report: StepReport = field(default_factory=lambda: StepReport(0, 0, 0))
 
 
 class TransformersEngine(Engine):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from transformers import DynamicCache
 
 from services.llm import batch as batch_module
