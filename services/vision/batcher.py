@@ -192,7 +192,7 @@ class MicroBatcher:
         inputs = [job.pixels[start:end] for job, start, end in pieces]
         tiles = sum(x.shape[0] for x in inputs)
         try:
-            output, seconds = await loop.run_in_executor(self._executor, self._forward, inputs, tiles)
+            output, seconds, joined = await loop.run_in_executor(self._executor, self._forward, inputs, tiles, pieces)
         except asyncio.CancelledError:  # close(): the forward finishes in its thread, its callers get an error
             for job, _, _ in pieces:
                 self._fail(job, NotReadyError("the vision encoder is shutting down"))
@@ -206,9 +206,10 @@ class MicroBatcher:
         for job, start, end in pieces:
             n = end - start
             if not job.future.done():
-                job.parts.append(output[offset:offset + n])
-                if sum(p.shape[0] for p in job.parts) == job.total:
-                    job.future.set_result(job.parts[0] if len(job.parts) == 1 else torch.cat(job.parts))
+                if end < job.total:
+                    job.parts.append(output[offset:offset + n])
+                else:  # its last tiles: every earlier batch of it succeeded, or its future would be done
+                    job.future.set_result(joined[id(job)] if job.parts else output[offset:offset + n])
             offset += n
         stats = BatchStats(tiles=tiles, requests=len({id(job) for job, _, _ in pieces}), seconds=seconds)
         self.batches += 1
@@ -217,14 +218,29 @@ class MicroBatcher:
         if self._on_batch is not None:
             self._on_batch(stats)
 
-    def _forward(self, inputs: list[torch.Tensor], tiles: int) -> tuple[torch.Tensor, float]:
-        """Runs in the encoder thread: concatenating tens of MiB of pixels would stall the loop too."""
+    def _forward(self, inputs: list[torch.Tensor], tiles: int,
+                 pieces: list[tuple[_Job, int, int]]) -> tuple[torch.Tensor, float, dict[int, torch.Tensor]]:
+        """Runs in the encoder thread: (output, seconds of the forward, the whole output of each request split
+        over several batches that this batch completes, by ``id(job)``).
+
+        Every torch kernel of the batcher runs here, none on the event loop's thread: concatenating tens of MiB
+        would stall the loop, and on CPU a torch kernel on another thread gives it an OpenMP team of its own,
+        which makes libgomp throttle the spin-waiting of this thread's team in every later forward.
+        """
         started = time.perf_counter()
         batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         output = self._encoder(batch)
         if output.shape[0] != tiles:
             raise RuntimeError(f"encoder returned {output.shape[0]} rows for {tiles} tiles")
-        return output, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        joined: dict[int, torch.Tensor] = {}
+        offset = 0
+        for job, start, end in pieces:
+            # ``parts`` only changes on the loop's thread, which is waiting for this call.
+            if end == job.total and job.parts and not job.future.done():
+                joined[id(job)] = torch.cat([*job.parts, output[offset:offset + end - start]])
+            offset += end - start
+        return output, seconds, joined
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
         if not job.future.done():

@@ -52,26 +52,45 @@ def dynamic_tiles(
     return tiles
 
 
+def _normalise_table() -> np.ndarray:
+    """float32 [3, 256]: what ``ToTensor`` + ``Normalize`` make of each uint8 value in each channel.
+
+    Computed once with the very torch operations the reference applies per pixel (uint8 -> float32, /255, minus
+    mean, divided by std, each one correctly rounded float32 arithmetic, element by element), so looking a pixel
+    up in it gives the same bits as running those operations on it.
+    """
+    values = torch.arange(256, dtype=torch.uint8).to(torch.float32).div(255).expand(3, 256).clone()
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None]
+    return values.sub_(mean).div_(std).numpy()
+
+
+_NORMALISE = _normalise_table()
+
+
 def tiles_to_tensor(tiles: Sequence[Image.Image], image_size: int = IMAGE_SIZE) -> torch.Tensor:
     """Stack tiles into a float32 tensor [n, 3, image_size, image_size], ImageNet-normalised.
 
-    Same arithmetic as torchvision's ``ToTensor`` then ``Normalize`` (uint8 -> float32, /255, minus
-    mean, divided by std, all in float32), so the values match the reference bit for bit.
+    Same values as torchvision's ``ToTensor`` then ``Normalize`` (uint8 -> float32, /255, minus mean, divided by
+    std, all in float32) bit for bit: each pixel is looked up in a table of those results (``_NORMALISE``).
+    numpy only, no torch kernel: this runs in the service's preprocessing threads, and a torch kernel there would
+    give each of those threads an OpenMP team of its own, which makes libgomp throttle the spin-waiting of the
+    encoder thread's team (its workers then sleep and wake in the kernel around every parallel region of the
+    forward).
     """
     if not tiles:
         raise ValueError("no tiles to convert")
-    arrays = []
-    for tile in tiles:
+    out = np.empty((len(tiles), 3, image_size, image_size), dtype=np.float32)
+    for i, tile in enumerate(tiles):
         if tile.mode != "RGB":
             tile = tile.convert("RGB")
         if tile.size != (image_size, image_size):
             # torchvision's Resize((s, s), BICUBIC) on a PIL image is this call.
             tile = tile.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        arrays.append(np.asarray(tile, dtype=np.uint8))
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32).div(255)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
-    return pixels.sub_(mean).div_(std).contiguous()
+        pixels = np.asarray(tile, dtype=np.uint8)  # [S, S, 3]
+        for c in range(3):
+            np.take(_NORMALISE[c], pixels[:, :, c], out=out[i, c], mode="clip")
+    return torch.from_numpy(out)
 
 
 def _too_many_pixels(max_pixels: int | None) -> str:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from golden import GOLDEN
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from services.common.contract.errors import InvalidMediaError, MediaTooLargeError
 from services.common.contract.tiling import count_tiles, tile_grid
@@ -105,6 +106,51 @@ def test_tiles_to_tensor_converts_mode_and_resizes():
     assert out.shape == (1, 3, 448, 448) and out.dtype == torch.float32
     expected = (1.0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     _assert_close(out[0, :, 0, 0], expected, atol=1e-6)
+
+
+def _reference_tiles_to_tensor(tiles) -> torch.Tensor:
+    """``ToTensor`` + ``Normalize`` as the model card runs them: torch float32 arithmetic on the whole stack."""
+    arrays = [np.asarray(t.convert("RGB").resize((448, 448), Image.Resampling.BICUBIC) if t.size != (448, 448)
+                         else t.convert("RGB"), dtype=np.uint8) for t in tiles]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32).div(255)
+    mean = torch.tensor((0.485, 0.456, 0.406), dtype=torch.float32)[:, None, None]
+    std = torch.tensor((0.229, 0.224, 0.225), dtype=torch.float32)[:, None, None]
+    return pixels.sub_(mean).div_(std)
+
+
+def test_tiles_to_tensor_is_the_reference_arithmetic_bit_for_bit():
+    # Every uint8 value in every channel (rows 0..255 of the first tile), noise, a grey and a small tile.
+    every = np.zeros((448, 448, 3), dtype=np.uint8)
+    every[:256] = np.arange(256, dtype=np.uint8)[:, None, None]
+    every[:256, 200:] = (255 - np.arange(256, dtype=np.uint8))[:, None, None]
+    noise = np.random.default_rng(7).integers(0, 256, (448, 448, 3), dtype=np.uint8)
+    tiles = [Image.fromarray(every), Image.fromarray(noise), Image.fromarray(noise).convert("L"),
+             Image.fromarray(noise[:120, :300])]
+    out = tiles_to_tensor(tiles)
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (4, 3, 448, 448)
+    assert torch.equal(out, _reference_tiles_to_tensor(tiles))
+
+
+class _Kernels(TorchDispatchMode):
+    """Records the torch operations run in this thread that are more than a view (a kernel doing work)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_tiles_to_tensor_runs_no_torch_kernel():
+    # It runs in the service's preprocessing threads: a torch kernel there would give each of them an OpenMP team,
+    # which makes libgomp throttle the spin-waiting of the encoder thread's team (slower forwards).
+    tiles = [Image.new("RGB", (448, 448), (1, 2, 3)), Image.new("L", (100, 50), 255)]
+    with _Kernels() as kernels:
+        tiles_to_tensor(tiles)
+    assert kernels.ops == []
 
 
 # --- pixels ---------------------------------------------------------------------------------------

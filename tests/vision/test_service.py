@@ -12,6 +12,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from services.common.checkpoint import open_checkpoint
 from services.common.contract.encoding import MediaItem
@@ -205,6 +206,48 @@ async def test_an_image_larger_than_a_batch_is_split_across_forwards(checkpoint_
         assert (stored - reference(data)).abs().max().item() <= TOL
     finally:
         await svc.close()
+
+
+class _Kernels(TorchDispatchMode):
+    """Records the torch operations run in this thread that are more than a view (a kernel doing work)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.asyncio
+async def test_torch_kernels_run_on_the_encoder_thread_only(checkpoint_dir, reference):
+    """On CPU each thread that runs a parallel torch kernel gets an OpenMP team of its own; with more such workers
+    than CPUs libgomp stops spin-waiting, and the encoder's forwards slow down. So loading, warming up, the event
+    loop (joining a request split over batches included) and preprocessing run no torch kernel of their own."""
+    data = encoded(gradient(1000, 700))
+    on_loop, in_pool = _Kernels(), _Kernels()
+    with on_loop:
+        svc = await VisionService.load(make_config(checkpoint_dir, max_batch_tiles=4), store=InProcessRedis())
+        preprocess = svc._preprocess
+
+        def recorded(*args):
+            with in_pool:
+                return preprocess(*args)
+
+        svc._preprocess = recorded
+        try:
+            await svc.warm_up()
+            [item] = await svc.encode([MediaItem.image(data)])
+            assert [s.tiles for s in svc.batcher.history][-2:] == [4, 3]
+            [again] = await svc.encode([MediaItem.image(data)])
+            assert again.cache_hit
+            stored = await svc.fetch(item.key)
+        finally:
+            await svc.close()
+    assert on_loop.ops == [] and in_pool.ops == []
+    assert (stored.to_tensor() - reference(data)).abs().max().item() <= TOL
 
 
 @pytest_asyncio.fixture
