@@ -110,6 +110,13 @@ class Baseline:
         """(question as stored in history, expanded prompt): the original `chat()`'s prompt rules."""
         return self.chat.build_prompt(question, history, num_patches_list)
 
+    def mixed_prompt(self, question: str, num_patches_list: Sequence[int]) -> str:
+        """The expanded prompt of a first turn with these images (tiles per image), as the gateway renders such a
+        request: `<image>\\n` before the question for one image, `Image-1: <image>\\nImage-2: ...` for several."""
+        text = template.multi_image_prefix(len(num_patches_list)) + question if len(num_patches_list) > 1 \
+            else question
+        return self.prompt(text, None, num_patches_list)[1]
+
     def answer_text(self, ids: list[int]) -> str:
         return template.clean_response(self.tokenizer.decode(ids, skip_special_tokens=True))
 

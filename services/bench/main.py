@@ -1,10 +1,11 @@
 """`internvl-serve bench`: the stack against transformers' InternVL path on the same weights, in one run.
 
 Writes a random checkpoint of InternVL2_5-1B's real shape (or the tiny one with --quick; or benchmarks --model),
-measures the machine's limits, runs the baseline, then the stack with one and with two vision replicas (the second
-with three LLM replicas), then three LLM replicas under round_robin routing on a Redis Cluster, and writes
-`<out>/<date>.json`, `<out>/<date>.md` and PNG plots. `--scenarios` measures some scenarios only, skipping the
-phases none of them needs.
+measures the machine's limits, runs the repeats (the baseline in this process and the stack with one vision and one
+LLM replica, both up, each scenario's two sides taken in turn), the scaled pool in that stack, then the stack with
+two vision replicas and three LLM replicas, then three LLM replicas under round_robin routing on a Redis Cluster,
+and writes `<out>/<date>.json`, `<out>/<date>.md` and PNG plots. `--scenarios` measures some scenarios only,
+skipping the phases none of them needs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny model, 1 repeat, few tokens: a smoke run of every scenario in about a minute")
     parser.add_argument("--out", default="bench/results", help="directory for the JSON, markdown and plots")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="repeats per scenario (default 2, about an hour on 2 CPU cores; 1 with --quick)")
+                        help="repeats per scenario (default 2, about an hour on 2 CPU cores; 1 with --quick; scenario 9 "
+                             "runs in the first only)")
     parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default=None,
                         help="benchmark dtype (default: bfloat16 on a GPU or a CPU with AMX/AVX512-BF16, else float32)")
     parser.add_argument("--model", default=None,
@@ -58,11 +60,12 @@ def _scenario_list(text: str) -> frozenset[int]:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of scenario numbers: {text!r}") from None
 
 
-# The scenarios each phase measures a part of: a phase runs when one of them is selected.
+# The scenarios each phase measures a part of: a phase runs when one of them is selected. "repeat" is one phase per
+# repeat (repeat-1, repeat-2, ...): the baseline and the stack with one vision replica, interleaved (`phases`).
 PHASE_SCENARIOS = {
     "limits": {7},
-    "baseline": {2, 3, 4, 5, 6, 7},
-    "stack-1": {1, 2, 3, 4, 5, 6, 7, 8},
+    "repeat": {1, 2, 3, 4, 5, 6, 7, 9},
+    "stack-1": {8},
     "stack-2": {5, 8},
     "stack-round-robin": {8},
     "limits-end": {7},
@@ -126,26 +129,40 @@ def run(args: argparse.Namespace) -> int:
         log.info("resuming %s: phases %s already done", partial, ", ".join(done))
     # The scaled pool's session images are encoded in the first stack; later stacks get their cache values copied.
     cached = pool.CachedValues()
+    # The repeats' baseline and stack, started on first use and kept up through the repeats.
+    subjects = phases.Subjects(settings, model, rec)
     steps = [
-        ("limits", lambda: _limits(settings, rec, "start")),
-        ("baseline", lambda: phases.run_baseline(settings, model, rec)),
-        ("stack-1", lambda: phases.run_stack(settings, model, rec, replicas=1, cached=cached)),
-        ("stack-2", lambda: phases.run_stack(settings, model, rec, replicas=2, cached=cached)),
-        ("stack-round-robin", lambda: phases.run_round_robin(settings, model, rec, cached=cached)),
-        ("limits-end", lambda: _limits(settings, rec, "end")),
+        ("limits", "limits", lambda: _limits(settings, rec, "start")),
+        *((f"repeat-{r + 1}", "repeat", lambda r=r: phases.run_repeat(settings, subjects, rec, r))
+          for r in range(settings.repeats)),
+        ("stack-1", "stack-1", lambda: phases.run_one_replica(settings, subjects, rec, cached)),
+        ("stack-2", "stack-2", lambda: phases.run_stack(settings, model, rec, replicas=2, cached=cached)),
+        ("stack-round-robin", "stack-round-robin", lambda: phases.run_round_robin(settings, model, rec,
+                                                                                   cached=cached)),
+        ("limits-end", "limits-end", lambda: _limits(settings, rec, "end")),
     ]
-    steps = [(name, step) for name, step in steps if not settings.scenarios.isdisjoint(PHASE_SCENARIOS[name])]
+    unknown = sorted(set(done) - {name for name, _, _ in steps})
+    if unknown:
+        # E.g. "baseline" of a run before the repeats were interleaved, or a repeat beyond this --repeats.
+        print(f"internvl-serve bench: error: {partial} has phases {unknown} that this run does not have; resume with "
+              "the same --repeats, or start again without --resume", file=sys.stderr)
+        return 2
+    steps = [(name, step) for name, kind, step in steps if not settings.scenarios.isdisjoint(PHASE_SCENARIOS[kind])]
     rec.extra["vision_flops_per_tile"] = vision_flops_per_tile(spec)
     rec.extra["machine_cpus"] = machine["usable_cpus"]
     rec.extra["resumed"] = bool(done)
     seconds = rec.extra.setdefault("phase_seconds", {})
-    for name, step in steps:
-        if name not in done:
-            phase_started = time.perf_counter()
-            step()
-            seconds[name] = time.perf_counter() - phase_started
-            done.append(name)
-            rec.save(partial)
+    try:
+        for name, step in steps:
+            if name not in done:
+                phase_started = time.perf_counter()
+                step()
+                seconds[name] = time.perf_counter() - phase_started
+                done.append(name)
+                rec.save(partial)
+    finally:
+        # An interrupted repeat leaves its stack up and its baseline loaded.
+        subjects.close()
     limits = rec.extra.get("limits")
 
     machine["load_average_at_end"] = list(os.getloadavg())

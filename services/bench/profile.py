@@ -33,6 +33,8 @@ from services.bench.settings import REPO
 from services.bench.stack import RunningStack, chat, encode, image_part, text_part
 
 RATE_HZ = 50
+# The seed namespace of the profile's images (`workload.seed`): no scenario's.
+PROFILE_SEEDS = 99
 # Functions a thread waits in (selectors, locks, queues, executors' idle workers).
 _WAITS = frozenset({"select", "poll", "wait", "_worker", "run_forever", "get", "acquire"})
 
@@ -94,7 +96,7 @@ def summarise(title: str, stacks: collections.Counter, top: int = 15) -> str:
 
 def _concurrent(stack: RunningStack, n: int, new_tokens: int) -> list:
     """The benchmark's concurrency scenario once: `n` requests with their own 448² image, started together."""
-    images = [W.image_png(W.seed(9, 3, i), 448) for i in range(n)]
+    images = [W.image_png(W.seed(PROFILE_SEEDS, 3, i), 448) for i in range(n)]
     started = time.perf_counter()
     with ThreadPoolExecutor(n) as pool:
         return list(pool.map(lambda data: chat(stack.chat, [image_part(data), text_part(W.QUESTIONS[0])], new_tokens,
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="internvl-profile-"))
     sections = []
     with RunningStack(args.checkpoint_dir, args.dtype, replicas=1) as stack:
-        chat(stack.chat, [image_part(W.image_png(W.seed(9, 0), 448)), text_part("Hello")], 2)  # warm-up
+        chat(stack.chat, [image_part(W.image_png(W.seed(PROFILE_SEEDS, 0), 448)), text_part("Hello")], 2)  # warm-up
 
         rec = Recording(py_spy, stack.pids["llm"], scratch / "llm.txt")
         t = chat(stack.chat, [text_part(W.DECODE_PROMPT + " (profile)")], 64)
@@ -123,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{1e3 * t.decode_step_s():.0f} ms/step)", rec.stop()))
 
         rec = Recording(py_spy, stack.pids["vision-0"], scratch / "vision.txt")
-        seconds, items = encode(stack.vision_stub(0), W.image_png(W.seed(9, 1), 896), 4)
+        seconds, items = encode(stack.vision_stub(0), W.image_png(W.seed(PROFILE_SEEDS, 1), 896), 4)
         sections.append(summarise(f"vision service, cold Encode of {items[0].num_tiles} tiles ({seconds:.1f} s)",
                                   rec.stop()))
 
         rec = Recording(py_spy, stack.pids["gateway"], scratch / "gateway.txt")
-        t = chat(stack.chat, [image_part(W.image_png(W.seed(9, 2), 448)), text_part(W.QUESTIONS[0])], 32)
+        t = chat(stack.chat, [image_part(W.image_png(W.seed(PROFILE_SEEDS, 2), 448)), text_part(W.QUESTIONS[0])], 32)
         sections.append(summarise(f"gateway, one cold image request ({t.total_s:.1f} s end to end)", rec.stop()))
 
         llm = Recording(py_spy, stack.pids["llm"], scratch / "llm-8.txt")

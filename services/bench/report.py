@@ -78,9 +78,24 @@ def markdown(doc: dict, plot_names: list[str]) -> str:
                 f"{_better(c)} | {(c['target'] or {}).get('text', '')} | {_met(c)} |")
     lines += ["", "Setups:", ""]
     lines += [f"{s['number']}. **{s['title']}**: {s['setup']}." for s in doc["scenarios"]]
+    for s in doc["scenarios"]:
+        for table in s.get("extra", {}).get("tables", []):
+            lines += ["", f"**{table['title']}**", "", *_table(table)]
     if plot_names:
         lines += ["", *[f"![{name}]({name})" for name in plot_names]]
     return "\n".join(lines) + "\n"
+
+
+def _table(table: dict) -> list[str]:
+    """A scenario's extra table ({"columns", "units", "rows"}) in markdown; numbers formatted by their column's unit."""
+    def cell(value, unit: str) -> str:
+        if isinstance(value, str):
+            return value
+        return _fmt(value, unit) if unit else ("n/a" if value is None or math.isnan(value) else f"{value:.3g}")
+
+    return [f"| {' | '.join(table['columns'])} |", f"|{'---|' * len(table['columns'])}",
+            *(f"| {' | '.join(cell(v, u) for v, u in zip(row, table['units'], strict=True))} |"
+              for row in table["rows"])]
 
 
 def plots(doc: dict, out_dir: Path, stamp: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The benchmark's eight scenarios as comparisons of recorded measures, each with its target where one is set.
+"""The benchmark's nine scenarios as comparisons of recorded measures, each with its target where one is set.
 
 Ratios are always ours / baseline of the medians; `Target` says which side of it is asked for. `build` returns the
 scenarios of `BenchSettings.scenarios`, in order.
@@ -7,12 +7,14 @@ scenarios of `BenchSettings.scenarios`, in order.
 from __future__ import annotations
 
 import math
+import statistics
 
 from gateway.config import GatewayConfig
-from services.bench import pool
+from services.bench import arrivals, pool
 from services.bench.phases import Recorder
 from services.bench.results import Comparison, Measure, Scenario, Target
 from services.bench.settings import BenchSettings
+from services.bench.workload import ARRIVAL_KINDS
 
 MIB = 2**20
 # The gateway's default load bound of affinity routing, which the benchmark's stacks run with.
@@ -35,6 +37,7 @@ def build(s: BenchSettings, rec: Recorder, limits: dict | None) -> list[Scenario
     if 7 in s.scenarios:
         out.append(_limits(s, rec, limits))
     out.append(_scaled_pool(s, rec))
+    out.append(_arrivals(s, rec))
     return [scenario for scenario in out if scenario.number in s.scenarios]
 
 
@@ -70,12 +73,12 @@ def _build_1_to_5(s: BenchSettings, rec: Recorder) -> list[Scenario]:
         Comparison("tokens/s vs sequential chat()", _m(rec, "s3.ours"), _m(rec, "s3.sequential"),
                    higher_is_better=True, target=Target(">= 3x", min_ratio=3.0)),
         Comparison("tokens/s vs padded batch_chat", _m(rec, "s3.ours"), _m(rec, "s3.batch_chat"),
-                   higher_is_better=True, target=Target("ahead (> 1x)", min_ratio=1.0)),
+                   higher_is_better=True, target=Target(">= 1.0x", min_ratio=1.0)),
         Comparison("decode-phase tokens/s vs sequential chat()", _m(rec, "s3.ours.decode"),
                    _m(rec, "s3.sequential.decode"), higher_is_better=True,
                    note="only the window where all streams decode together, vs the baseline's decode phases"),
         Comparison("decode-phase tokens/s vs batch_chat", _m(rec, "s3.ours.decode"), _m(rec, "s3.batch_chat.decode"),
-                   higher_is_better=True),
+                   higher_is_better=True, target=Target(">= 1.0x", min_ratio=1.0)),
     ], {k: e[k] for k in ("s3.tokens_per_request.ours", "s3.tokens_per_request.baseline", "s3.ttft_s.ours")
         if k in e}))
 
@@ -134,7 +137,11 @@ def _limits(s: BenchSettings, rec: Recorder, limits: dict) -> Scenario:
                         f"read bandwidth {bandwidth / 1e9:.1f} GB/s and {s.dtype} matmul {flops / 1e9:.0f} GFLOP/s "
                         "measured with torch (best of the run's start and end); "
                         f"decode floor = {step_bytes / 1e9:.3f} GB read per step / bandwidth; "
-                        f"tile floor = {tile_flops / 1e9:.0f} GFLOP per tile / matmul throughput")
+                        f"tile floor = {tile_flops / 1e9:.0f} GFLOP per tile / matmul throughput; the bare modules "
+                        "(the baseline's language model after a prefill of the decode prompt, its vision path on 5 "
+                        "random tiles) are measured in the same repeats as the stack's decode step (a "
+                        f"{s.workload.decode_new_tokens}-token text answer) and its encoder forward (scenario 1's "
+                        "miss)")
     scenario.comparisons += [
         Comparison("single-stream decode step (through the stack) vs its floor", _m(rec, "s7.service_decode"),
                    _const("floor", "s", decode_floor), target=Target("<= 1.5x floor", max_ratio=1.5),
@@ -142,6 +149,10 @@ def _limits(s: BenchSettings, rec: Recorder, limits: dict) -> Scenario:
         Comparison("vision encoder per tile (service forward) vs its floor", _m(rec, "s7.service_tile"),
                    _const("floor", "s", tile_floor), target=Target("<= 2x floor", max_ratio=2.0),
                    competitive=False),
+        Comparison("single-stream decode step through the stack vs bare language-model decode step",
+                   _m(rec, "s7.service_decode"), _m(rec, "s7.bare_decode"), target=Target("<= 1.1x", max_ratio=1.1)),
+        Comparison("vision service encoder forward per tile vs bare vision path per tile",
+                   _m(rec, "s7.service_tile"), _m(rec, "s7.bare_tile"), target=Target("<= 1.1x", max_ratio=1.1)),
         Comparison("bare language-model decode step vs the floor", _m(rec, "s7.bare_decode"),
                    _const("floor", "s", decode_floor), competitive=False),
         Comparison("bare vision path per tile vs the floor", _m(rec, "s7.bare_tile"),
@@ -154,7 +165,6 @@ def _limits(s: BenchSettings, rec: Recorder, limits: dict) -> Scenario:
                       "bandwidth_note": "best of a full reduction and a matrix-vector product over a "
                                         f"{limits['buffer_bytes'] / MIB:.0f} MiB buffer"}
     return scenario
-
 
 
 def _scaled_pool(s: BenchSettings, rec: Recorder) -> Scenario:
@@ -208,3 +218,89 @@ def _scaled_pool(s: BenchSettings, rec: Recorder) -> Scenario:
     ]
     scenario.extra = {k: v for k, v in e.items() if k.startswith("s8.") or k == "stack_startup_s_round_robin"}
     return scenario
+
+
+def _arrivals(s: BenchSettings, rec: Recorder) -> Scenario:
+    w = s.workload
+    e = rec.extra
+    cal = e.get("s9.calibration") or {}
+    loads = list(cal.get("loads") or w.arrival_loads)
+    rates = cal.get("rates_rps") or [math.nan] * len(loads)
+    high = max(loads)
+
+    def m(system: str, load: float, metric: str) -> Measure:
+        return _m(rec, arrivals.measure_key(system, load, metric))
+
+    def secs(key: str) -> str:
+        return f"{cal.get(key, math.nan):.2f} s"
+
+    kinds = cal.get("kinds", {})
+    two = ARRIVAL_KINDS[-1]
+    scenario = Scenario(9, "Arrivals", (
+        f"{w.arrival_requests} requests per rate, Poisson arrivals (seeded exponential gaps, the same sequence of "
+        f"requests at every rate) at {' and '.join(f'{load:g}x' for load in loads)} the sequential chat() capacity: "
+        f"{' and '.join(f'{r:.3f}' for r in rates)} requests/s. Capacity = 1 / chat()'s mean service time on this "
+        f"mix, {secs('mean_service_s')}, estimated before the first run from {w.arrival_calibration_runs} unloaded "
+        "chat()s of each kind (sum over kinds of p(kind) x (its median TTFT + (mean max_new_tokens - 1) x its median "
+        "decode step)). Requests: text-only, "
+        f"one or two fresh {w.arrival_image_side}x{w.arrival_image_side} images (one tile each; new per request and "
+        f"rate, so the vision cache misses) with probabilities {', '.join(f'{p:g}' for p in w.arrival_mix)}; "
+        f"max_new_tokens uniform over {', '.join(map(str, w.arrival_new_tokens))} (greedy on random weights, which "
+        "rarely stops before it; actual counts recorded per request). Stack: each request its own streamed gateway "
+        "Chat, sent by its own thread at its arrival time. chat(): one worker serving the arrivals first come first "
+        "served (TTFT includes the queueing). Windowed batch_chat: one worker; a batch starts "
+        f"{secs('window_s')} ({w.arrival_window:g} x the mean service time) after its first request arrived, at once "
+        f"if the worker frees up later or when {w.arrival_max_batch} wait, holds every request arrived by then and "
+        "runs as one left-padded generate to its longest max_new_tokens, each row keeping its own (rows timed at the "
+        "batch's steps, as if batch_chat streamed). TTFT from arrival; TPOT = (last token - first) / (tokens - 1) "
+        "per request; ITL = every gap between consecutive tokens, pooled; throughput = output tokens / (last token - "
+        "first arrival); goodput = requests within the SLO / the same span, SLO: TTFT <= "
+        f"{secs('slo_ttft_s')} ({w.arrival_slo_ttft:g} x chat()'s unloaded TTFT of a two-image request, "
+        f"{kinds.get(two, {}).get('ttft_s', math.nan):.2f} s) and TPOT <= {1e3 * cal.get('slo_tpot_s', math.nan):.0f} "
+        f"ms ({w.arrival_slo_tpot:g} x its decode step); percentiles linear between order statistics; measured in "
+        f"the first {min(w.arrival_repeats, s.repeats)} repeat(s), cells are medians over them"))
+    for load, rate in zip(loads, rates, strict=True):
+        at_high = load == high
+        scenario.comparisons += [
+            Comparison(f"{load:g}x load: p50 TTFT vs windowed batch_chat", m("stack", load, "ttft_p50"),
+                       m("batch", load, "ttft_p50"), target=Target("<= 0.5x", max_ratio=0.5) if at_high else None),
+            Comparison(f"{load:g}x load: p50 TTFT vs sequential chat()", m("stack", load, "ttft_p50"),
+                       m("chat", load, "ttft_p50")),
+            Comparison(f"{load:g}x load: output tokens/s vs windowed batch_chat", m("stack", load, "throughput"),
+                       m("batch", load, "throughput"), higher_is_better=True,
+                       target=Target(">= 1.0x", min_ratio=1.0) if at_high else None),
+            Comparison(f"{load:g}x load: output tokens/s vs sequential chat()", m("stack", load, "throughput"),
+                       m("chat", load, "throughput"), higher_is_better=True),
+            Comparison(f"{load:g}x load: goodput vs the offered rate", m("stack", load, "goodput"),
+                       _const("offered rate", "req/s", rate), higher_is_better=True, competitive=False,
+                       note="every system's goodput is in the percentiles table"),
+        ]
+    columns = ["system", "load", "rate", *(arrivals.METRICS[k][0] for k in TABLE_METRICS), "worker busy",
+               "mean batch", "answers of max_new_tokens"]
+    units = ["", "", "req/s", *(arrivals.METRICS[k][1] for k in TABLE_METRICS), "%", "", ""]
+    rows = []
+    for load, rate in zip(loads, rates, strict=True):
+        for system, name in arrivals.SYSTEMS.items():
+            runs = e.get(f"s9.runs.{system}.{arrivals.load_key(load)}", [])
+            busy = [100 * run["busy_fraction"] for run in runs if run.get("busy_fraction") is not None]
+            batch = [run["mean_batch"] for run in runs if "mean_batch" in run]
+            full = f"{sum(run['requests_at_max_new_tokens'] for run in runs)}/{sum(run['requests'] for run in runs)}"
+            rows.append([name, f"{load:g}x", rate, *(m(system, load, k).median for k in TABLE_METRICS),
+                         _median(busy), _median(batch), full])
+    scenario.extra = {
+        "calibration": cal,
+        "tables": [{"title": "Scenario 9, per rate and system (medians over the repeats that measured it)",
+                    "columns": columns, "units": units, "rows": rows}],
+        "runs": {k: [{key: v for key, v in run.items() if key != "served"} for run in e[k]]
+                 for k in e if k.startswith("s9.runs.")},
+    }
+    return scenario
+
+
+# The percentiles table's columns (`arrivals.METRICS` keys).
+TABLE_METRICS = ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50", "itl_p99", "throughput", "goodput",
+                 "within_slo")
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan

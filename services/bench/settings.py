@@ -58,13 +58,35 @@ class Workload:
     pool_new_tokens: int = 8
     fetch_calls: int = 20
     pool_redis_masters: int = 3
+    # 9. Arrivals: Poisson arrivals (seeded exponential gaps) at each of `arrival_loads` x the sequential chat()
+    #    capacity, `arrival_requests` requests per rate. The capacity is 1 / chat()'s mean service time on this mix,
+    #    estimated before the first run from `arrival_calibration_runs` unloaded chat()s of each request kind (the
+    #    medians of each kind's TTFT and decode step). Each request is text-only, or has one or two fresh
+    #    `arrival_image_side`² images (one tile each), with the probabilities `arrival_mix`; its max_new_tokens is
+    #    drawn from `arrival_new_tokens`. The targets are read at the highest load. Windowed batch_chat: a batch starts
+    #    `arrival_window` x the mean service time after its first request arrived (at once if the worker frees up
+    #    later, or when `arrival_max_batch` requests wait). SLO of goodput: TTFT <= `arrival_slo_ttft` x chat()'s
+    #    unloaded TTFT of a two-image request and TPOT <= `arrival_slo_tpot` x its unloaded decode step.
+    #    Measured in the first `arrival_repeats` repeats (a repeat of it takes about 9 x requests x service time).
+    arrival_requests: int = 30
+    arrival_loads: tuple[float, ...] = (0.5, 0.9)
+    arrival_mix: tuple[float, float, float] = (0.5, 0.3, 0.2)
+    arrival_new_tokens: tuple[int, ...] = (8, 12, 16)
+    arrival_image_side: int = 448
+    arrival_window: float = 0.5
+    arrival_max_batch: int = 8
+    arrival_slo_ttft: float = 3.0
+    arrival_slo_tpot: float = 3.0
+    arrival_repeats: int = 1
+    arrival_calibration_runs: int = 3
 
 
 QUICK_WORKLOAD = Workload(turn_new_tokens=4, concurrency_new_tokens=8, overhead_new_tokens=4, video_frames=4,
                           video_new_tokens=2, decode_new_tokens=8, hit_calls=3, bandwidth_mib=256,
-                          matmul_sizes=(1024,), pool_sessions=3, pool_new_tokens=2, fetch_calls=5)
+                          matmul_sizes=(1024,), pool_sessions=3, pool_new_tokens=2, fetch_calls=5,
+                          arrival_requests=8, arrival_new_tokens=(2, 4, 6))
 # Every scenario `--scenarios` can name.
-SCENARIOS = tuple(range(1, 9))
+SCENARIOS = tuple(range(1, 10))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Seeds are namespaced per scenario (`seed(scenario, repeat, index)`) so no two sc
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -24,6 +25,61 @@ VIDEO_FPS = 8
 
 def seed(scenario: int, repeat: int, index: int = 0) -> int:
     return scenario * 1_000_000 + repeat * 1_000 + index
+
+
+# Scenario 9's request kinds: the number of images a request carries.
+ARRIVAL_KINDS = ("text-only", "one image", "two images")
+# The seed index of scenario 9's generator; its images take the indices below (2 per request and rate).
+ARRIVAL_RNG_INDEX = 999
+# The repeat slot of scenario 9's calibration requests (no benchmark runs 999 repeats).
+CALIBRATION_REPEAT = 999
+
+
+@dataclass(frozen=True)
+class ArrivalRequest:
+    """One request of scenario 9: when it arrives (seconds after the run's first arrival), what it asks."""
+
+    index: int
+    arrival_s: float
+    images: tuple[bytes, ...]
+    question: str
+    max_new_tokens: int
+
+    @property
+    def kind(self) -> str:
+        return ARRIVAL_KINDS[len(self.images)]
+
+
+def arrival_requests(repeat: int, load_index: int, n: int, rate: float, mix: tuple[float, ...],
+                     lengths: tuple[int, ...], side: int) -> list[ArrivalRequest]:
+    """`n` requests with Poisson arrivals at `rate` per second (the first at 0).
+
+    One generator per repeat (seed namespace 9) draws the unit-rate exponential gaps, each request's kind (`mix`:
+    probabilities of 0, 1 and 2 images) and max_new_tokens (uniform over `lengths`), so every rate of a repeat
+    serves the same sequence of requests with its gaps scaled by 1 / rate. Images and question texts are new per
+    rate and request, so no request hits the vision cache or another's whole prompt in the prefix cache.
+    """
+    if 2 * n * (load_index + 1) > ARRIVAL_RNG_INDEX:
+        raise ValueError(f"{n} arrival requests per rate at {load_index + 1} rates need more than "
+                         f"{ARRIVAL_RNG_INDEX} image seeds per repeat")
+    rng = np.random.default_rng(seed(9, repeat, ARRIVAL_RNG_INDEX))
+    gaps = rng.exponential(1.0, n - 1)
+    kinds = rng.choice(len(ARRIVAL_KINDS), size=n, p=np.asarray(mix, dtype=float) / sum(mix))
+    tokens = rng.choice(np.asarray(lengths), size=n)
+    arrivals = np.concatenate([[0.0], np.cumsum(gaps)]) / rate
+    return [ArrivalRequest(i, float(arrivals[i]),
+                           tuple(image_png(seed(9, repeat, 2 * (n * load_index + i) + j), side)
+                                 for j in range(int(kinds[i]))),
+                           f"{QUESTIONS[i % len(QUESTIONS)]} (request {i + 1}, run {load_index + 1})",
+                           int(tokens[i]))
+            for i in range(n)]
+
+
+def calibration_requests(lengths: tuple[int, ...], side: int) -> list[ArrivalRequest]:
+    """One request of each kind with the longest of `lengths`, on images of their own (scenario 9's capacity)."""
+    return [ArrivalRequest(k, 0.0, tuple(image_png(seed(9, CALIBRATION_REPEAT, 2 * k + j), side) for j in range(k)),
+                           f"{QUESTIONS[k % len(QUESTIONS)]} (calibration)", max(lengths))
+            for k in range(len(ARRIVAL_KINDS))]
 
 
 def _pixels(seed_: int, width: int, height: int) -> np.ndarray:
