@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import enum
 import itertools
 import logging
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from services.common.contract.errors import InternVLError, OverloadedError
+from services.common.contract.errors import InternVLError, InvalidArgumentError, OverloadedError
 from services.common.contract.finish import FinishReason
 from services.llm.admission import Admission
 from services.llm.batch import COLUMN_SLACK, KVBatch, KVShape, PrefillRow, prefill_forward
@@ -87,7 +88,9 @@ class _Sequence:
     queue: asyncio.Queue
     arrival: float
     extent: int  # prompt + max_new_tokens: the most positions its KV can reach
-    # Embeddings for the prompt's image slots [slots, hidden], dropped after the prefill.
+    # Each image's embeddings (EngineRequest.image_rows), until the first chunk; then all of them in slot order
+    # [slots, hidden], dropped after the prefill.
+    image_parts: tuple[torch.Tensor, ...] = ()
     image_rows: torch.Tensor | None = None
     state: _State = _State.WAITING
     bypassed: int = 0
@@ -229,8 +232,8 @@ class TransformersEngine(Engine):
                 f"this request may hold {self.admission.cost_bytes([extent]) / mib:.1f} MiB of KV ({len(request.prompt)} "
                 f"prompt + {request.max_new_tokens} new tokens), more than this LLM server's budget of "
                 f"{self.admission.budget_bytes / mib:.1f} MiB; lower max_new_tokens or shorten the conversation")
-        seq = _Sequence(next(self._ids), request, asyncio.Queue(), arrival=request.arrival or time.monotonic(),
-                        extent=extent, image_rows=request.image_rows)
+        seq = _Sequence(next(self._ids), dataclasses.replace(request, image_rows=()), asyncio.Queue(),
+                        arrival=request.arrival or time.monotonic(), extent=extent, image_parts=request.image_rows)
         self._waiting.append(seq)
         self._wake.set()
         return GenerationStream(seq.queue, lambda: self._cancel(seq))
@@ -287,12 +290,10 @@ class TransformersEngine(Engine):
         return _Plan(leaving, chunks)
 
     def _admit(self, seq: _Sequence) -> None:
-        """Prefill bookkeeping: token ids, sampler, text state, and the longest prefix the prefix cache holds."""
+        """Prefill bookkeeping (no torch kernel: see `_prepare`): text state and the longest cached prefix."""
         prompt = seq.request.prompt
         seq.state = _State.PREFILL
-        seq.ids = torch.tensor(prompt.token_ids, device=self.device)
         seq.identity = prompt_identity(prompt.token_ids, prompt.image_keys, self.img_context_id)
-        seq.sampler = Sampler(seq.request.sampling, self.vocab_size, self.device)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
         seq.stops = StopStrings(seq.request.sampling.stop_strings)
         match = self.prefix_cache.lookup(seq.identity, max_length=seq.prompt_len - 1)
@@ -314,11 +315,13 @@ class TransformersEngine(Engine):
     def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
         seq.state = _State.DONE
         seq.past = seq.image_rows = None
+        seq.image_parts = ()
         self._put(seq, Finish(reason, seq.usage()))
 
     def _fail(self, seq: _Sequence, exc: BaseException) -> None:
         seq.state = _State.DONE
         seq.past = seq.image_rows = None
+        seq.image_parts = ()
         self._put(seq, exc)
 
     def _put(self, seq: _Sequence, event: Event | BaseException) -> None:
@@ -432,6 +435,15 @@ class TransformersEngine(Engine):
         Returns the next-token logits of the prompts it completed [completed, vocab], those prompts with their KV,
         and the number of prompt tokens fed.
         """
+        ready = []
+        for chunk in chunks:
+            try:
+                self._prepare(chunk[0])
+            except Exception as exc:  # noqa: BLE001 - this request's inputs only
+                failed.append((chunk[0], _request_error(exc, chunk[0])))
+            else:
+                ready.append(chunk)
+        chunks = ready
         if not chunks:
             return None, [], 0
         try:
@@ -455,6 +467,21 @@ class TransformersEngine(Engine):
         if not done:
             return None, [], fed
         return self.model.get_output_embeddings()(hidden), done, fed
+
+    def _prepare(self, seq: _Sequence) -> None:
+        """Before a prompt's first chunk, on the model's thread (every torch kernel of the engine runs on this one
+        thread: see services.common.own_thread): token ids, sampler, the image rows in slot order, checked."""
+        if seq.ids is not None:
+            return
+        for image, rows in zip(seq.request.prompt.images, seq.image_parts, strict=True):
+            if not bool(torch.isfinite(rows).all()):
+                # NaN or inf would make this request's logits NaN; caught here, it fails alone and clearly.
+                raise InvalidArgumentError(f"embeddings of {image.key} contain NaN or infinite values")
+        if seq.image_parts:
+            seq.image_rows = torch.cat(seq.image_parts).to(device=self.device, dtype=self.dtype)
+            seq.image_parts = ()
+        seq.sampler = Sampler(seq.request.sampling, self.vocab_size, self.device)
+        seq.ids = torch.tensor(seq.request.prompt.token_ids, device=self.device)
 
     def _prefill_together(self, chunks: list[tuple[_Sequence, int]]
                           ) -> tuple[torch.Tensor | None, list[tuple[_Sequence, list[LayerKV]]], int]:
@@ -483,8 +510,7 @@ class TransformersEngine(Engine):
             slots = chunk == self.img_context_id
             count = int(slots.sum())
             if count:
-                part = seq.image_rows[seq.slots_filled:seq.slots_filled + count]
-                embeds[slots] = part.to(device=self.device, dtype=embeds.dtype)
+                embeds[slots] = seq.image_rows[seq.slots_filled:seq.slots_filled + count]
         return embeds
 
     def _sample(self, rows: list[_Sequence], logits: torch.Tensor, result: _StepResult) -> None:

@@ -44,8 +44,8 @@ class EngineRequest:
     sampling: SamplingParams
     # Already resolved against the server default and the room left in the context.
     max_new_tokens: int
-    # Embeddings for the prompt's IMG_CONTEXT slots, in slot order: [slots, hidden]; None without images.
-    image_rows: torch.Tensor | None = None
+    # The embeddings of each of the prompt's images, in `prompt.images` order: [tiles * tokens_per_tile, hidden] each.
+    image_rows: tuple[torch.Tensor, ...] = ()
     # time.monotonic() after which the request is dropped; None: no deadline.
     deadline: float | None = None
     # time.monotonic() when the request reached the service (time to first token counts from here).

@@ -15,6 +15,7 @@ from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 
 from services.common.contract.errors import InvalidArgumentError, NotReadyError
 from services.common.grpc_server import GrpcServer
+from services.common.own_thread import in_own_thread
 from services.llm import config as llm_config
 from services.llm import wire
 from services.llm.config import SERVICE_NAME, LLMConfig
@@ -65,7 +66,7 @@ async def serve(config: LLMConfig) -> None:
     server.add(llm_pb2_grpc.add_LLMServiceServicer_to_server, servicer)
     await server.start(registry=metrics.registry)
     try:
-        service = await asyncio.to_thread(LLMService.load, config, metrics)
+        service = await in_own_thread(LLMService.load, config, metrics)  # see services.common.own_thread
     except BaseException:
         await server.stop()
         raise

@@ -70,7 +70,7 @@ class LLMService:
         self.engine = engine(self.prompts, self.max_context_tokens)
         self.engine.observer = metrics
         self.embedding_cache = None
-        # Tokenisation and embedding concatenation, off the event loop and out of the model's worker thread.
+        # Tokenisation, off the event loop and out of the model's worker thread.
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-prompt")
 
     @classmethod
@@ -142,8 +142,8 @@ class LLMService:
             request_id=request.request_id))
 
     async def _image_rows(self, prompt: Prompt, inline: dict[str, torch.Tensor] | None,
-                          inline_expected: bool) -> torch.Tensor | None:
-        """The embeddings of the prompt's images, concatenated in slot order: [slots, hidden]."""
+                          inline_expected: bool) -> tuple[torch.Tensor, ...]:
+        """The embeddings of each of the prompt's images, in order: [tiles * tokens_per_tile, hidden] each."""
         tiles: dict[str, int] = {}
         for image in prompt.images:
             if tiles.setdefault(image.key, image.num_tiles) != image.num_tiles:
@@ -160,7 +160,7 @@ class LLMService:
                                            f"once ({'; '.join(problems)})")
             found = inline
         elif not tiles:
-            return None
+            return ()
         elif self.embedding_cache is None:
             raise InvalidArgumentError("this LLM server has no shared embedding cache (--redis-url); send the "
                                        "embeddings inline (inline_embeddings = true)")
@@ -173,15 +173,12 @@ class LLMService:
                 raise EmbeddingsMissingError(missing)
             found = dict(zip(keys, values, strict=True))
         if not tiles:
-            return None
+            return ()
         for key, num_tiles in tiles.items():
             shape = tuple(found[key].shape)
             expected = (num_tiles * self.tokens_per_tile, self.hidden_size)
             if shape != expected:
                 raise InvalidArgumentError(f"embeddings of {key} have shape {list(shape)}, but {num_tiles} tiles of "
                                            f"this model need {list(expected)}")
-            if not bool(torch.isfinite(found[key]).all()):
-                # NaN or inf would make this request's logits NaN; caught here, it fails alone and clearly.
-                raise InvalidArgumentError(f"embeddings of {key} contain NaN or infinite values")
-        rows = [found[image.key] for image in prompt.images]
-        return await asyncio.get_running_loop().run_in_executor(self._cpu, torch.cat, rows)
+        # Concatenated (and checked for NaN) by the engine, on the thread that runs its torch kernels.
+        return tuple(found[image.key] for image in prompt.images)

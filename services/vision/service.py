@@ -15,10 +15,9 @@ import contextlib
 import functools
 import logging
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import redis.exceptions
@@ -39,6 +38,7 @@ from services.common.contract.model_info import ModelInfo
 from services.common.contract.tiling import MAX_NUM_LIMIT
 from services.common.embedding_store import EmbeddingCache, StoredEmbeddings
 from services.common.model import default_device, load_vision, resolve_dtype
+from services.common.own_thread import in_own_thread
 from services.common.redis_client import RedisClient, redis_errors
 from services.common.redis_client import connect as connect_redis
 from services.vision.batcher import Encoder, MicroBatcher
@@ -48,8 +48,6 @@ from services.vision.metrics import VisionMetrics
 from services.vision.preprocess import dynamic_tiles, open_image, tiles_to_tensor
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # Most keys one Lookup may ask about, and the longest key accepted.
 MAX_LOOKUP_KEYS = 4096
@@ -106,7 +104,7 @@ class VisionService:
         """Opens the checkpoint, loads the vision path (off the loop), connects the cache and starts batching."""
         device = torch.device(config.device) if config.device else default_device()
         dtype = resolve_dtype(config.dtype, device)
-        checkpoint, model = await _in_own_thread(_open_and_load, config.model, dtype, device)
+        checkpoint, model = await in_own_thread(_open_and_load, config.model, dtype, device)
         if store is None:
             store = await connect_store(config)
 
@@ -125,7 +123,7 @@ class VisionService:
 
     async def warm_up(self) -> None:
         """Runs one blank tile through the batcher and the encoder (kernels, allocator, lazy init)."""
-        # numpy, not torch.zeros: no torch kernel on the event loop's thread (see ``_in_own_thread``).
+        # numpy, not torch.zeros: no torch kernel on the event loop's thread (see services.common.own_thread).
         blank = torch.from_numpy(np.zeros((1, 3, self.image_size, self.image_size), dtype=np.float32))
         out = await self.batcher.encode(blank)
         expected = (1, self.tokens_per_tile, self.hidden_size)
@@ -272,24 +270,6 @@ class VisionService:
 def _open_and_load(model: str, dtype: torch.dtype, device: torch.device) -> tuple[Checkpoint, torch.nn.Module]:
     checkpoint = open_checkpoint(model)
     return checkpoint, load_vision(checkpoint, dtype, device)
-
-
-async def _in_own_thread(fn: Callable[..., T], *args) -> T:
-    """``fn(*args)`` in a thread of its own that exits when it returns (``asyncio.to_thread``'s threads stay).
-
-    On CPU, torch's OpenMP runtime (libgomp) gives every thread that runs a parallel kernel a team of workers that
-    lives as long as that thread. Once the process holds more of them than it has CPUs, libgomp cuts its spin-wait
-    from 300000 to 100 rounds, and the encoder team's workers then sleep and are woken in the kernel around every
-    parallel region of every forward (~1000 voluntary context switches per forward instead of ~20). Loading copies
-    every weight with parallel kernels: run here, its team goes with the thread, and the batcher's encoder thread
-    stays the only one of the service that runs torch kernels.
-    """
-    loop = asyncio.get_running_loop()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-load")
-    try:
-        return await loop.run_in_executor(pool, fn, *args)
-    finally:
-        pool.shutdown(wait=False)  # the thread exits as soon as ``fn`` has returned (at once when it has)
 
 
 async def connect_store(config: VisionConfig) -> RedisClient | InProcessRedis:

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from services.common.contract.errors import InternVLError, OverloadedError
+from services.common.contract.errors import InternVLError, InvalidArgumentError, OverloadedError
 from services.llm import engine as engine_module
 from services.llm.engine_api import BatchFaultError
 from services.llm.prompt import ImagePart
@@ -87,6 +87,22 @@ async def test_a_request_failing_in_a_shared_prefill_fails_alone(make_service, c
     assert max(r.prefill_rows for r in steps.reports) >= 4, "the poisoned prompt never shared a prefill forward"
     assert after.token_ids == solo[0].token_ids
     assert service.engine.load().running == 0
+
+
+async def test_non_finite_embeddings_fail_their_request_alone(make_service, collect, reference):
+    hidden = reference("qwen2").language_model.config.hidden_size
+    rows = torch.zeros(256, hidden)
+    rows[17, 3] = float("nan")
+    requests = [ask(f"Fine {i}", max_new_tokens=4) for i in range(2)]
+    async with make_service(kv_cache_budget_mb=0) as service:
+        solo = [await collect(await service.generate(r)) for r in requests]
+        streams = [await service.generate(requests[0]),
+                   await service.generate(ask("Look.", ImagePart("broken", 1), max_new_tokens=4), {"broken": rows}),
+                   await service.generate(requests[1])]
+        results = await asyncio.gather(*(outcome(collect, s) for s in streams))
+    failure = results.pop(1)
+    assert isinstance(failure, InvalidArgumentError) and "broken" in str(failure) and "NaN" in str(failure)
+    assert [r.token_ids for r in results] == [r.token_ids for r in solo]
 
 
 async def test_a_failed_decode_batch_is_rebuilt_and_the_engine_serves_on(make_service, collect, reference):

@@ -99,6 +99,6 @@ async def test_a_fake_engine_drives_the_service_and_servicer(fake_service, refer
     assert request.prompt.image_keys == ["small"]
     assert request.max_new_tokens == 77
     assert (request.sampling.temperature, request.sampling.seed) == (0.5, 3)
-    assert torch.equal(request.image_rows, rows)
+    assert len(request.image_rows) == 1 and torch.equal(request.image_rows[0], rows)
     assert info.model_info.dtype == common_pb2.DTYPE_BFLOAT16
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
