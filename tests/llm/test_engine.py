@@ -11,6 +11,7 @@ from services.common.contract.template import clean_response
 from services.llm.prompt import Conversation, ImagePart, TextPart, Turn
 from services.llm.sampling import SamplingParams
 from services.llm.service import GenerateRequest
+from tests.torch_kernels import Kernels
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -191,3 +192,25 @@ async def test_stop_strings_cut_the_text(make_service, collect):
     assert cut.reason == "stop"
     assert cut.text == free.text[:free.text.index(stop)]
     assert free.token_ids[:len(cut.token_ids)] == cut.token_ids
+
+
+async def test_torch_kernels_run_on_the_engine_thread_only(make_service, collect, image):
+    """A request with inline embeddings, start to finish: the event loop's thread and the prompt thread run no torch
+    kernel (one more thread with an OpenMP team of its own makes libgomp stop spin-waiting, and every decode step
+    slower: see services.common.own_thread)."""
+    part, inline = image
+    on_loop, in_pool = Kernels(), Kernels()
+    async with make_service() as service:
+        build = service.prompts.build
+
+        def recorded(conversation):
+            with in_pool:
+                return build(conversation)
+
+        service.prompts.build = recorded
+        with on_loop:
+            result = await collect(await service.generate(ask("Describe.", part, max_new_tokens=4, temperature=0.7,
+                                                              top_p=0.9, repetition_penalty=1.2, top_logprobs=2),
+                                                          inline))
+    assert len(result.token_ids) == 4
+    assert on_loop.ops == [] and in_pool.ops == []

@@ -12,7 +12,6 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from services.common.checkpoint import open_checkpoint
 from services.common.contract.encoding import MediaItem
@@ -24,6 +23,7 @@ from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
 from services.vision.preprocess import load_image
 from services.vision.service import EncodeOptions, VisionService
+from tests.torch_kernels import Kernels
 
 TOL = 1e-5
 
@@ -208,26 +208,13 @@ async def test_an_image_larger_than_a_batch_is_split_across_forwards(checkpoint_
         await svc.close()
 
 
-class _Kernels(TorchDispatchMode):
-    """Records the torch operations run in this thread that are more than a view (a kernel doing work)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.asyncio
 async def test_torch_kernels_run_on_the_encoder_thread_only(checkpoint_dir, reference):
     """On CPU each thread that runs a parallel torch kernel gets an OpenMP team of its own; with more such workers
     than CPUs libgomp stops spin-waiting, and the encoder's forwards slow down. So loading, warming up, the event
     loop (joining a request split over batches included) and preprocessing run no torch kernel of their own."""
     data = encoded(gradient(1000, 700))
-    on_loop, in_pool = _Kernels(), _Kernels()
+    on_loop, in_pool = Kernels(), Kernels()
     with on_loop:
         svc = await VisionService.load(make_config(checkpoint_dir, max_batch_tiles=4), store=InProcessRedis())
         preprocess = svc._preprocess
