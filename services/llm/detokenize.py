@@ -2,8 +2,8 @@
 
 `IncrementalDetokenizer` is TGI's offset scheme: decode a short window of recent tokens twice (without and with the
 new ones) and emit the difference, holding text back while it ends inside a multi-byte character. Special tokens are
-skipped, as the original decodes its answer with `skip_special_tokens=True`; the concatenated deltas equal
-`tokenizer.decode(generated, skip_special_tokens=True)` up to a stop string.
+skipped, as the original decodes its answer with `skip_special_tokens=True`; the concatenated deltas, with `flush()`
+at the end, equal `tokenizer.decode(generated, skip_special_tokens=True)` up to a stop string.
 
 `StopStrings` finds the first stop string in the text and holds back any tail that could still grow into one, so the
 stop string itself is never sent.
@@ -34,6 +34,19 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix):]
         return ""
+
+    def flush(self) -> str:
+        """The text `add` still holds back, replacement characters included, for when the sequence ends.
+
+        With it, the deltas equal `tokenizer.decode(ids, skip_special_tokens=True)` even when the ids end inside a
+        multi-byte character (or on a token that decodes to U+FFFD itself).
+        """
+        if self.read_offset == len(self.ids):
+            return ""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
 
 
 class StopStrings:

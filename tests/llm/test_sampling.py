@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import (
@@ -12,67 +14,180 @@ from transformers import (
 )
 
 from services.common.contract.errors import InvalidArgumentError
+from services.llm import sampling
 from services.llm.detokenize import IncrementalDetokenizer, StopStrings
 from services.llm.sampling import Sampler, SamplingParams, sample_batch
 
 VOCAB = 1000
+CPU = torch.device("cpu")
 
 
-def hf_choice(logits, seen, params: SamplingParams, seed: int) -> int:
-    """transformers' generate order: penalty, temperature, top-k, top-p, softmax, multinomial."""
-    scores = logits[None].clone()
-    ids = seen[None]
-    if params.penalty:
-        scores = RepetitionPenaltyLogitsProcessor(params.penalty)(ids, scores)
-    if params.greedy:
-        return int(scores.argmax())
-    scores = TemperatureLogitsWarper(params.temperature)(ids, scores)
-    if params.top_k:
-        scores = TopKLogitsWarper(params.top_k)(ids, scores)
-    if 0 < params.top_p < 1:
-        scores = TopPLogitsWarper(params.top_p)(ids, scores)
-    generator = torch.Generator().manual_seed(seed)
-    return int(torch.multinomial(scores.softmax(-1)[0], 1, generator=generator))
+class TransformersRow:
+    """One sequence sampled as transformers' generate does, alone: its processors, then the global-RNG multinomial.
+
+    `input_ids` are the generated tokens only, as generate(inputs_embeds=...) has them: the prompt is not among them.
+    The generator stands for `torch.manual_seed(seed)`'s global one.
+    """
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generated: list[int] = []
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+
+    def step(self, logits: torch.Tensor) -> int:
+        """The next token from logits [vocab]."""
+        params = self.params
+        ids = torch.tensor([self.generated], dtype=torch.long, device=logits.device)  # [1, generated]
+        scores = logits[None].clone()
+        if params.penalty:
+            scores = RepetitionPenaltyLogitsProcessor(params.penalty)(ids, scores)
+        if params.greedy:
+            token = int(scores.argmax())
+        else:
+            if params.temperature != 1.0:
+                scores = TemperatureLogitsWarper(params.temperature)(ids, scores)
+            if params.top_k:
+                scores = TopKLogitsWarper(params.top_k)(ids, scores)
+            if 0 < params.top_p < 1:
+                scores = TopPLogitsWarper(params.top_p)(ids, scores)
+            token = int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator)[0, 0])
+        self.generated.append(token)
+        return token
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(),
-    SamplingParams(repetition_penalty=1.3),
-    SamplingParams(temperature=0.7, seed=3),
-    SamplingParams(temperature=1.5, top_k=20, seed=4),
-    SamplingParams(temperature=1.0, top_p=0.8, seed=5),
-    SamplingParams(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=6),
-], ids=["greedy", "greedy-penalty", "temperature", "top-k", "top-p", "all"])
-def test_choices_equal_transformers_processors(params):
-    for trial in range(20):
-        logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(trial)) * 3
-        prompt = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(100 + trial))
-        sampler = Sampler(params, VOCAB, torch.device("cpu"), prompt)
-        assert sampler.choose(logits) == hf_choice(logits, prompt, params, params.seed or 0)
+ROWS = {
+    "greedy": SamplingParams(top_logprobs=3),
+    "greedy-penalty": SamplingParams(repetition_penalty=1.3),
+    "temperature": SamplingParams(temperature=0.7, seed=3),
+    "penalty-only": SamplingParams(temperature=1.0, repetition_penalty=1.5, seed=8),
+    "top-k": SamplingParams(temperature=1.5, top_k=20, seed=4),
+    "top-p": SamplingParams(temperature=1.0, top_p=0.8, seed=5),
+    "all": SamplingParams(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=6),
+    "reward-logprobs": SamplingParams(temperature=1.2, top_p=0.95, repetition_penalty=0.8, seed=7, top_logprobs=5),
+}
+
+
+def step_logits(step: int, rows: int) -> torch.Tensor:
+    """[rows, VOCAB]: eight "hot" tokens of either sign against a low rest, so that tokens repeat and the penalty's
+    two branches (divide a positive logit, multiply a negative one) both decide choices."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    logits = torch.randn(rows, VOCAB, generator=generator) * 3 - 6
+    logits[:, :8] = torch.randn(rows, 8, generator=generator) * 3
+    return logits
+
+
+def test_choices_equal_transformers_processors():
+    """Rows of different parameters in one sample_batch call, step after step: each equals transformers alone."""
+    names = list(ROWS)
+    samplers = [Sampler(ROWS[n], VOCAB, CPU) for n in names]
+    references = [TransformersRow(ROWS[n]) for n in names]
+    penalty_decided = 0
+    for step in range(40):
+        logits = step_logits(step, len(names))
+        raw_greedy = int(logits[names.index("greedy-penalty")].argmax())
+        tokens, reports = sample_batch(logits, samplers)
+        expected = [ref.step(logits[row]) for row, ref in enumerate(references)]
+        assert tokens == expected, f"step {step}"
+        penalty_decided += tokens[names.index("greedy-penalty")] != raw_greedy
+        raw = torch.log_softmax(logits, dim=-1)
+        for row, name in enumerate(names):
+            n = ROWS[name].top_logprobs
+            if not n:
+                assert reports[row] is None
+                continue
+            values, ids = torch.topk(raw[row], n)
+            assert list(reports[row].token_ids) == ids.tolist()
+            assert list(reports[row].logprobs) == pytest.approx(values.tolist(), abs=1e-6)
+            assert reports[row].logprob == pytest.approx(float(raw[row, tokens[row]]), abs=1e-6)
+    assert penalty_decided >= 3, "the penalty never changed a greedy choice: the test would not see it"
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_each_row_alone_equals_transformers_processors(name):
+    sampler, reference = Sampler(ROWS[name], VOCAB, CPU), TransformersRow(ROWS[name])
+    for step in range(20):
+        logits = step_logits(step, 1)
+        assert sample_batch(logits, [sampler])[0] == [reference.step(logits[0])]
+
+
+def test_transformed_scores_equal_transformers_bit_for_bit():
+    """Penalised and warped scores of a batch, element for element, before any draw (a one-bit difference rarely
+    changes a draw, so the draws alone would hardly show it)."""
+    params = [*ROWS.values(), SamplingParams(temperature=0.6, top_p=1e-9, seed=1)]  # float32(1 - top_p) == 1:
+    # every cumulative probability is at most that, and only min_tokens_to_keep keeps the most likely token.
+    generated = [3, 5, 0, 900, 7, 5]
+    samplers = [Sampler(p, VOCAB, CPU) for p in params]
+    for sampler in samplers:
+        for token in generated:
+            sampler.observe(torch.tensor([token]))
+    logits = step_logits(0, len(params))
+    logits[:, 900] = -2.5  # a generated token with a negative logit, off the hot ones
+    knobs = torch.stack([s.knobs for s in samplers])
+    penalised = sampling._penalise(logits, samplers, knobs)
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    warped = sampling._warp(penalised[sampled], [samplers[r] for r in sampled], knobs[sampled])
+    ids = torch.tensor([generated])
+    for row, p in enumerate(params):
+        expected = logits[row:row + 1].clone()
+        if p.penalty:
+            expected = RepetitionPenaltyLogitsProcessor(p.penalty)(ids, expected)
+        assert torch.equal(penalised[row], expected[0]), f"penalty of row {row}"
+        if p.greedy:
+            continue
+        if p.temperature != 1.0:
+            expected = TemperatureLogitsWarper(p.temperature)(ids, expected)
+        if p.top_k:
+            expected = TopKLogitsWarper(p.top_k)(ids, expected)
+        if 0 < p.top_p < 1:
+            expected = TopPLogitsWarper(p.top_p)(ids, expected)
+        assert torch.equal(warped[sampled.index(row)], expected[0]), f"warps of row {row}"
+    assert int(torch.isfinite(warped[-1]).sum()) == 1
+
+
+def test_penalty_counts_generated_tokens_not_the_prompt():
+    """The sampler knows no prompt: a token of the prompt is not penalised until the sequence generates it."""
+    params = SamplingParams(repetition_penalty=1.3)
+    assert "prompt_ids" not in inspect.signature(Sampler).parameters
+    with pytest.raises(TypeError):
+        Sampler(params, VOCAB, CPU, torch.tensor([5]))  # the former prompt_ids argument is gone
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 5], logits[0, 6] = 2.0, 1.9  # token 5 stands for a prompt token: 2.0 / 1.3 would lose to 1.9
+    sampler = Sampler(params, VOCAB, CPU)
+    assert sample_batch(logits, [sampler])[0] == [5]
+    # Generated once, it is penalised from the next step on, as transformers does with input_ids == [5].
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([[5]]), logits.clone()).argmax(-1).tolist()
+    assert sample_batch(logits, [sampler])[0] == expected == [6]
 
 
 def test_same_seed_same_tokens_regardless_of_batch():
-    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=1.0, seed=11)
+    steps = [torch.randn(VOCAB, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    noise = torch.Generator().manual_seed(100)
 
-    def run(rows):
-        sampler = Sampler(params, VOCAB, torch.device("cpu"))
-        return [sampler.choose(logits[r]) for r in rows]
+    def run(row: int, neighbours: list[SamplingParams]) -> list[int]:
+        """Tokens of a `params` sampler at `row` of each step's batch, among samplers of `neighbours` (whose rows
+        get other logits)."""
+        samplers = [Sampler(p, VOCAB, CPU) for p in neighbours]
+        samplers.insert(row, Sampler(params, VOCAB, CPU))
+        tokens = []
+        for logits in steps:
+            batch = list(torch.randn(len(neighbours), VOCAB, generator=noise))
+            batch.insert(row, logits)
+            tokens.append(sample_batch(torch.stack(batch), samplers)[0][row])
+        return tokens
 
-    alone = run([0, 1, 2, 3])
-    batched_sampler = Sampler(params, VOCAB, torch.device("cpu"))
-    neighbour = Sampler(SamplingParams(temperature=1.0, seed=99), VOCAB, torch.device("cpu"))
-    batched = [sample_batch(torch.stack([logits[r], logits[r]]), [neighbour, batched_sampler])[0][1]
-               for r in range(4)]
-    assert batched == alone
-    other = Sampler(SamplingParams(temperature=1.0, seed=12), VOCAB, torch.device("cpu"))
-    assert [other.choose(logits[r]) for r in range(4)] != alone
+    alone = run(0, [])
+    assert run(1, [SamplingParams(temperature=1.0, seed=99)]) == alone
+    assert run(0, [SamplingParams(temperature=0.5, top_k=3, repetition_penalty=1.4, seed=1), SamplingParams()]) == alone
+    assert run(2, [SamplingParams(top_logprobs=2), SamplingParams(temperature=2.0, top_p=0.5, seed=11)]) == alone
+    other = Sampler(SamplingParams(temperature=1.0, seed=12), VOCAB, CPU)
+    assert [sample_batch(logits[None], [other])[0][0] for logits in steps] != alone
 
 
 def test_top_logprobs_are_raw_log_softmax():
     logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(1))
-    samplers = [Sampler(SamplingParams(temperature=5.0, top_k=3, seed=1, top_logprobs=4), VOCAB, torch.device("cpu")),
-                Sampler(SamplingParams(top_logprobs=2), VOCAB, torch.device("cpu"))]
+    samplers = [Sampler(SamplingParams(temperature=5.0, top_k=3, seed=1, top_logprobs=4), VOCAB, CPU),
+                Sampler(SamplingParams(top_logprobs=2), VOCAB, CPU)]
     tokens, reports = sample_batch(logits, samplers)
     expected = torch.log_softmax(logits, dim=-1)
     for row, (token, report) in enumerate(zip(tokens, reports, strict=True)):
@@ -81,7 +196,7 @@ def test_top_logprobs_are_raw_log_softmax():
         assert list(report.logprobs) == pytest.approx(values.tolist(), abs=1e-6)
         assert report.logprob == pytest.approx(float(expected[row, token]), abs=1e-6)
     assert tokens[1] == int(logits[1].argmax())
-    assert sample_batch(logits, [Sampler(SamplingParams(), VOCAB, torch.device("cpu"))] * 2)[1] == [None, None]
+    assert sample_batch(logits, [Sampler(SamplingParams(), VOCAB, CPU)] * 2)[1] == [None, None]
 
 
 @pytest.mark.parametrize("params", [
@@ -102,9 +217,30 @@ def test_incremental_text_equals_full_decode(reference):
     pieces = [detokenizer.add(i) for i in ids]
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == text
     assert all("\ufffd" not in p for p in pieces)
+    assert detokenizer.flush() == ""
     # Special tokens are skipped, as the original decodes its answer.
     special = IncrementalDetokenizer(tokenizer)
     assert [special.add(i) for i in tokenizer.convert_tokens_to_ids(["<|im_end|>", "<img>"])] == ["", ""]
+
+
+def test_flush_returns_the_text_held_inside_a_multibyte_character(reference):
+    """Ids that end inside a character: the deltas plus flush() equal the full decode, replacement chars included."""
+    tokenizer = reference("qwen2").tokenizer
+    emoji = "\U0001F32D"  # 🌭: byte-level BPE splits it into partial UTF-8 sequences (" 🌭" into three tokens)
+    assert len(tokenizer(emoji).input_ids) == 2
+    ids = tokenizer(f"Hot {emoji} dog, {emoji}{emoji}").input_ids
+    cuts = [cut for cut in range(1, len(ids) + 1) if tokenizer.decode(ids[:cut]).endswith("\ufffd")]
+    assert len(cuts) >= 3  # inside each of the three emoji
+    for cut in cuts:
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        sent = "".join(detokenizer.add(i) for i in ids[:cut])
+        held = detokenizer.flush()
+        assert held.endswith("\ufffd")
+        assert sent + held == tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        assert detokenizer.flush() == ""
+    # A stream that ends on a whole character holds nothing back.
+    whole = IncrementalDetokenizer(tokenizer)
+    assert "".join(whole.add(i) for i in ids) == tokenizer.decode(ids) and whole.flush() == ""
 
 
 def test_stop_strings():
