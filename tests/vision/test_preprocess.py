@@ -12,11 +12,11 @@ import pytest
 import torch
 from golden import GOLDEN
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from services.common.contract.errors import InvalidMediaError, MediaTooLargeError
 from services.common.contract.tiling import count_tiles, tile_grid
 from services.vision.preprocess import dynamic_tiles, load_image, open_image, tiles_to_tensor
+from tests.torch_kernels import Kernels
 
 TOL = 1e-4
 
@@ -131,24 +131,11 @@ def test_tiles_to_tensor_is_the_reference_arithmetic_bit_for_bit():
     assert torch.equal(out, _reference_tiles_to_tensor(tiles))
 
 
-class _Kernels(TorchDispatchMode):
-    """Records the torch operations run in this thread that are more than a view (a kernel doing work)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_tiles_to_tensor_runs_no_torch_kernel():
     # It runs in the service's preprocessing threads: a torch kernel there would give each of them an OpenMP team,
     # which makes libgomp throttle the spin-waiting of the encoder thread's team (slower forwards).
     tiles = [Image.new("RGB", (448, 448), (1, 2, 3)), Image.new("L", (100, 50), 255)]
-    with _Kernels() as kernels:
+    with Kernels() as kernels:
         tiles_to_tensor(tiles)
     assert kernels.ops == []
 
