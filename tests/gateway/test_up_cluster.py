@@ -27,6 +27,11 @@ def finished(metrics_port: int) -> float:
     return sum(float(v) for v in re.findall(r"^internvl_llm_finished_requests_total\{[^}]*\} (\S+)$", text, re.MULTILINE))
 
 
+def environ(pid: int) -> dict[str, str]:
+    raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
 def test_up_with_a_redis_cluster_and_two_llm_replicas(tiny_checkpoint, tmp_path):
     checkpoint, logs = tiny_checkpoint(), tmp_path / "logs"
     port = free_port()
@@ -34,7 +39,7 @@ def test_up_with_a_redis_cluster_and_two_llm_replicas(tiny_checkpoint, tmp_path)
                       "--gateway-port", str(port), "--http-port", "0", "--metrics-port", str(free_port()),
                       "--redis-cluster", "3", "--llm-replicas", "2", "--llm-routing", "round_robin",
                       "--log-dir", str(logs)],
-               None, cwd=REPO, env=cli_env()).process
+               None, cwd=REPO, env=cli_env(drop=("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"))).process
     try:
         output = read_banner(up)
         assert UP_READY_LINE in output, output
@@ -42,6 +47,10 @@ def test_up_with_a_redis_cluster_and_two_llm_replicas(tiny_checkpoint, tmp_path)
         assert "llm-0 ready on" in output and "llm-1 ready on" in output
         llm_metrics = [int(p) for p in re.findall(r"llm-\d http://127\.0\.0\.1:(\d+)/metrics", output)]
         assert len(llm_metrics) == 2 and re.search(r"services: vision-0 [\d.:]+, llm-0 [\d.:]+, llm-1 [\d.:]+", output)
+        # The model services share this machine's cores: up shortens libgomp's spin-wait for them, not the gateway's.
+        spin = {role: environ(p.pid).get("GOMP_SPINCOUNT") for p in processes() if p.ppid == up.pid
+                for role in ("vision", "llm", "gateway") if role in p.argv}
+        assert spin == {"vision": "2000", "llm": "2000", "gateway": None}, spin
 
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = gateway_pb2_grpc.ChatServiceStub(channel)
