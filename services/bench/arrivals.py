@@ -34,7 +34,6 @@ import itertools
 import logging
 import math
 import statistics
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,7 +43,7 @@ import torch
 
 from services.bench import workload as W
 from services.bench.settings import BenchSettings
-from services.bench.stack import RunningStack, chat, image_part, text_part
+from services.bench.stack import ChatTiming, RunningStack, chat, image_part, in_threads, text_part
 
 if TYPE_CHECKING:  # phases runs this module's measurements, so it cannot be imported from here at run time
     from services.bench.baseline import Baseline, Generation
@@ -278,25 +277,15 @@ def delta_token_times(deltas: Sequence[tuple[float, int]], t0: float) -> list[fl
 
 def serve_stack(stack: RunningStack, requests: Sequence[W.ArrivalRequest]) -> tuple[list[Served], list[dict]]:
     """Every request a streamed gateway Chat on its own thread, sent at its arrival time; (served, usages)."""
-    timings: list[Any] = [None] * len(requests)
-    errors: list[BaseException] = []
     t0 = time.perf_counter() + LEAD_S
 
-    def one(i: int, req: W.ArrivalRequest) -> None:
-        try:
-            _sleep_until(t0 + req.arrival_s)
-            content = [*(image_part(data) for data in req.images), text_part(req.question)]
-            timings[i] = chat(stack.chat, content, req.max_new_tokens, started=t0 + req.arrival_s)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below on the main thread
-            errors.append(exc)
+    def one(i: int) -> ChatTiming:
+        req = requests[i]
+        _sleep_until(t0 + req.arrival_s)
+        content = [*(image_part(data) for data in req.images), text_part(req.question)]
+        return chat(stack.chat, content, req.max_new_tokens, started=t0 + req.arrival_s)
 
-    threads = [threading.Thread(target=one, args=(i, req), daemon=True) for i, req in enumerate(requests)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    timings = in_threads(one, len(requests))
     served = [Served(req.index, req.kind, req.max_new_tokens, req.arrival_s,
                      delta_token_times(t.deltas, t0)[:req.max_new_tokens])
               for req, t in zip(requests, timings, strict=True)]

@@ -46,11 +46,13 @@ from services.bench.machine import RssSampler, decode_bytes_per_step, module_byt
 from services.bench.results import Measure
 from services.bench.settings import BenchSettings
 from services.bench.stack import (
+    ChatTiming,
     RunningStack,
     StackStartError,
     chat,
     encode,
     image_part,
+    in_threads,
     metric_value,
     text_part,
     video_part,
@@ -418,25 +420,13 @@ def _concurrency(s: BenchSettings, stack: RunningStack, rec: Recorder, r: int) -
     log.info("stack: concurrency, repeat %d", r + 1)
     images = [W.image_png(W.seed(3, r, i), w.concurrency_image_side) for i in range(w.concurrency)]
     barrier = threading.Barrier(w.concurrency)
-    timings: list[Any] = [None] * w.concurrency
-    errors: list[BaseException] = []
 
-    def one(i: int) -> None:
-        try:
-            barrier.wait()
-            timings[i] = chat(stack.chat, [image_part(images[i]), text_part(W.QUESTIONS[0])],
-                              w.concurrency_new_tokens)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below on the main thread
-            errors.append(exc)
+    def one(i: int) -> ChatTiming:
+        barrier.wait()
+        return chat(stack.chat, [image_part(images[i]), text_part(W.QUESTIONS[0])], w.concurrency_new_tokens)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(w.concurrency)]
     with RssSampler({"llm": stack.pids["llm"]}) as sampler:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    if errors:
-        raise errors[0]
+        timings = in_threads(one, w.concurrency)
     start = min(t.started for t in timings)
     wall = max(t.finished for t in timings) - start
     tokens = sum(t.tokens for t in timings)

@@ -38,6 +38,7 @@ from services.bench.stack import (
     encode,
     fetch_embeddings,
     image_part,
+    in_threads,
     lookup,
     metric_value,
     redis_client,
@@ -139,23 +140,12 @@ def _session(stack: RunningStack, image: bytes, new_tokens: int, max_num: int) -
 def _closed_loop(stack: RunningStack, images: list[bytes], new_tokens: int, max_num: int) -> list[list[ChatTiming]]:
     """Each image's session in its own thread, all released together; the turns' timings."""
     barrier = threading.Barrier(len(images))
-    turns: list[list[ChatTiming]] = [[] for _ in images]
-    errors: list[BaseException] = []
 
-    def client(i: int) -> None:
-        try:
-            barrier.wait()
-            turns[i] = _session(stack, images[i], new_tokens, max_num)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below on the main thread
-            errors.append(exc)
+    def client(i: int) -> list[ChatTiming]:
+        barrier.wait()
+        return _session(stack, images[i], new_tokens, max_num)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(images))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    turns = in_threads(client, len(images))
     return turns
 
 

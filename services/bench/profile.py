@@ -3,7 +3,10 @@
     python -m services.bench.profile [--out bench/results] [--checkpoint-dir checkpoints/bench-1b-shape]
 
 Needs `py-spy` (`pip install py-spy`, not a project dependency) and the benchmark's 1B-shape checkpoint (written by
-`make bench`). Recordings of one process each, while the request runs:
+`make bench`). First, three cold image requests stage by stage: each stage's milliseconds from the services' own
+metrics (the gateway's Chat, the vision Encode call and its encoder forward, the LLM Generate call, its time to first
+token and its decode steps; the gateway's own share is what its Chat spent outside the two calls). Then recordings
+of one process each, while the request runs:
 
 * the LLM service during a single-stream decode of 64 tokens (the decode step against its bandwidth floor);
 * vision replica 0 during a cold 5-tile Encode (the encoder tile against its matmul floor);
@@ -29,8 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from services.bench import workload as W
+from services.bench.machine import choose_device, choose_dtype
 from services.bench.settings import REPO
-from services.bench.stack import RunningStack, chat, encode, image_part, text_part
+from services.bench.stack import RunningStack, chat, encode, image_part, metric_value, text_part
 
 RATE_HZ = 50
 # The seed namespace of the profile's images (`workload.seed`): no scenario's.
@@ -94,6 +98,44 @@ def summarise(title: str, stacks: collections.Counter, top: int = 15) -> str:
     return "\n".join(lines) + "\n"
 
 
+# (service, metric, labels, what it is) of the stages one cold Chat goes through, from the services' own metrics.
+_STAGES = (
+    ("gateway", "internvl_gateway_request_seconds_sum", {"method": "Chat"}, "gateway Chat, as the gateway saw it"),
+    ("vision-0", "internvl_vision_request_seconds_sum", {"method": "Encode"}, "vision Encode call"),
+    ("vision-0", "internvl_vision_encode_seconds_sum", {}, "  of which the encoder forward"),
+    ("llm", "internvl_llm_request_seconds_sum", {"method": "Generate"}, "LLM Generate call"),
+    ("llm", "internvl_llm_time_to_first_token_seconds_sum", {}, "  of which arrival to first token (fetch, prefill)"),
+    ("llm", "internvl_llm_inter_token_latency_seconds_sum", {}, "  of which first to last token (decode steps)"),
+)
+
+
+def breakdown(stack: RunningStack, repeats: int = 3, new_tokens: int = 32) -> str:
+    """Where the milliseconds of one cold image request go, stage by stage: the mean over `repeats` cold requests
+    (a fresh 448x448 image each, `new_tokens` tokens) of each stage's seconds from the services' metrics."""
+    def read() -> dict[str, float]:
+        texts = {name: stack.metrics(name) for name in {stage[0] for stage in _STAGES}}
+        return {what: metric_value(texts[name], metric, **labels) for name, metric, labels, what in _STAGES}
+
+    totals: collections.Counter = collections.Counter()
+    client = 0.0
+    for i in range(repeats):
+        before = read()
+        t = chat(stack.chat, [image_part(W.image_png(W.seed(PROFILE_SEEDS, 4, i), 448)),
+                              text_part(W.QUESTIONS[0])], new_tokens)
+        client += t.total_s
+        time.sleep(0.5)  # a stream's request metrics are recorded when the server closes it, just after the client
+        after = read()
+        for what in after:
+            totals[what] += after[what] - before[what]
+    lines = [f"## one cold image request, stage by stage (mean of {repeats}; 448x448 image, {new_tokens} tokens)",
+             f"  {1e3 * client / repeats:8.1f} ms  end to end, as the client saw it"]
+    lines += [f"  {1e3 * totals[what] / repeats:8.1f} ms  {what}" for _, _, _, what in _STAGES]
+    gateway_own = totals[_STAGES[0][3]] - totals[_STAGES[1][3]] - totals[_STAGES[3][3]]
+    lines.append(f"  {1e3 * gateway_own / repeats:8.1f} ms  the gateway's own (its Chat less the Encode and "
+                 "Generate calls)")
+    return "\n".join(lines) + "\n"
+
+
 def _concurrent(stack: RunningStack, n: int, new_tokens: int) -> list:
     """The benchmark's concurrency scenario once: `n` requests with their own 448² image, started together."""
     images = [W.image_png(W.seed(PROFILE_SEEDS, 3, i), 448) for i in range(n)]
@@ -107,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.bench.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--checkpoint-dir", default=str(REPO / "checkpoints" / "bench-1b-shape"))
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default=None, help="default: the benchmark's (bfloat16 where the CPU has bf16 "
+                        "units or on a GPU, else float32)")
     args = parser.parse_args(argv)
+    args.dtype = args.dtype or choose_dtype(None, choose_device())[0]
     py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         parser.error("py-spy is not installed (pip install py-spy)")
@@ -118,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     with RunningStack(args.checkpoint_dir, args.dtype, replicas=1) as stack:
         chat(stack.chat, [image_part(W.image_png(W.seed(PROFILE_SEEDS, 0), 448)), text_part("Hello")], 2)  # warm-up
+        sections.append(breakdown(stack))
 
         rec = Recording(py_spy, stack.pids["llm"], scratch / "llm.txt")
         t = chat(stack.chat, [text_part(W.DECODE_PROMPT + " (profile)")], 64)

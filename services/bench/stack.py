@@ -13,9 +13,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Any, Self, TypeVar
 
 import grpc
 from internvl.common.v1 import common_pb2
@@ -35,6 +36,7 @@ from services.tools.launcher import (
     spawn,
 )
 
+T = TypeVar("T")
 RPC_TIMEOUT_S = 3600.0
 # Large enough for 16-frame videos and 4-tile PNGs.
 MAX_MESSAGE_BYTES = 256 * 2**20
@@ -285,3 +287,25 @@ def fetch_embeddings(stub: vision_pb2_grpc.VisionServiceStub, key: str) -> tuple
     size = sum(len(reply.chunk.data) for reply in stub.FetchEmbeddings(
         vision_pb2.FetchEmbeddingsRequest(key=key), timeout=RPC_TIMEOUT_S))
     return time.perf_counter() - started, size
+
+
+def in_threads(fn: Callable[[int], T], n: int) -> list[T]:
+    """`fn(0)` ... `fn(n - 1)`, each on a thread of its own, all started at once; their results in order (the first
+    error is re-raised here, after every thread has ended)."""
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fn(i)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below on the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
