@@ -229,7 +229,8 @@ async def test_combined_mode_sends_concatenated_embeddings_inline(fakes):
         assert [p.WhichOneof("part") for p in start.user_parts] == ["image", "text"]
         combined = start.user_parts[0].image
         assert combined.num_tiles == 4
-        leaves = [k for k in stack.cache.tiles]
+        # In request order (a: 3 tiles, then b: 1), whichever of the two Encodes finished first.
+        leaves = sorted(stack.cache.tiles, key=stack.cache.tiles.get, reverse=True)
         sent = stack.llm.inline[-1]
         assert list(sent) == [combined.key]
         assert sent[combined.key] == b"".join(fakes.embedding_bytes(k, stack.cache.tiles[k]) for k in leaves)
