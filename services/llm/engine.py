@@ -149,8 +149,7 @@ class TransformersEngine(Engine):
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, stop_token_id: int,
                  img_context_id: int, max_context_tokens: int, max_batch_size: int = 32, max_queue: int = 256,
-                 max_step_tokens: int = 512, prefix_cache_budget_bytes: int = 0, kv_budget_bytes: int = 0,
-                 observer=None):
+                 max_step_tokens: int = 512, prefix_cache_budget_bytes: int = 0, kv_budget_bytes: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.stop_token_id = stop_token_id
@@ -160,7 +159,6 @@ class TransformersEngine(Engine):
         self.max_queue = max_queue
         self.max_step_tokens = max_step_tokens
         self.prefix_cache = PrefixCache(prefix_cache_budget_bytes)
-        self.observer = observer
         self.device = model.device
         self.dtype = model.dtype
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
