@@ -33,6 +33,7 @@ class GenerateFinish:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
+    index: int = 0  # the answer it ends (0 to sampling.n - 1)
 
 
 class VisionBackend(Protocol):

@@ -23,25 +23,43 @@ class MultiImageMode(enum.Enum):
     COMBINED = "combined"
 
 
+class ImageDetail(enum.Enum):
+    """OpenAI's `detail`: LOW is one tile of the whole image (no thumbnail); AUTO and HIGH tile up to max_num."""
+
+    AUTO = "auto"
+    LOW = "low"
+    HIGH = "high"
+
+    @classmethod
+    def from_pb(cls, value: int) -> ImageDetail:
+        return {gateway_pb2.IMAGE_DETAIL_LOW: cls.LOW, gateway_pb2.IMAGE_DETAIL_HIGH: cls.HIGH}.get(value, cls.AUTO)
+
+    def max_num(self, requested: int) -> int:
+        """The tiles an image of this detail may be cut into when the request allows `requested`."""
+        return 1 if self is ImageDetail.LOW else requested
+
+
 @dataclass(frozen=True)
 class ImageInput:
-    """Exactly one of `data`, `path` (inside the media root) or `url` (a base64 `data:` URL)."""
+    """Exactly one of `data`, `path` (inside the media root) or `url` (a base64 `data:` URL, or an http(s) URL the
+    gateway fetches by its allowlist before planning)."""
 
     data: bytes | None = None
     path: str | None = None
     url: str | None = None
+    detail: ImageDetail = ImageDetail.AUTO
 
     @classmethod
     def from_pb(cls, pb: gateway_pb2.ImageInput, where: str = "image") -> ImageInput:
         which = pb.WhichOneof("source")
         if which is None:
             raise InvalidArgumentError(f"{where} (image) has no source: set data, path or url")
-        return cls(**{which: getattr(pb, which)})
+        return cls(**{which: getattr(pb, which)}, detail=ImageDetail.from_pb(pb.detail))
 
 
 @dataclass(frozen=True)
 class VideoInput:
-    """Exactly one of `data`, `path` or `url` (a base64 `data:` URL; the HTTP API's only)."""
+    """Exactly one of `data`, `path` or `url` (as ImageInput's)."""
 
     data: bytes | None = None
     path: str | None = None
@@ -54,7 +72,7 @@ class VideoInput:
     def from_pb(cls, pb: gateway_pb2.VideoInput, where: str = "video") -> VideoInput:
         which = pb.WhichOneof("source")
         if which is None:
-            raise InvalidArgumentError(f"{where} (video) has no source: set data or path")
+            raise InvalidArgumentError(f"{where} (video) has no source: set data, path or url")
         return cls(**{which: getattr(pb, which)},
                    num_segments=pb.num_segments if pb.HasField("num_segments") else DEFAULT_NUM_SEGMENTS,
                    bound=(pb.bound.start_s, pb.bound.end_s) if pb.HasField("bound") else None,

@@ -27,10 +27,12 @@ class Delta:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0  # the answer (0 to sampling.n - 1)
 
     def to_pb(self) -> gateway_pb2.ChatResponse:
         return gateway_pb2.ChatResponse(delta=gateway_pb2.ChatDelta(
-            text=self.text, token_ids=self.token_ids, logprobs=[lp.to_pb() for lp in self.logprobs]))
+            text=self.text, token_ids=self.token_ids, logprobs=[lp.to_pb() for lp in self.logprobs],
+            index=self.index))
 
 
 @dataclass(frozen=True)
@@ -54,17 +56,19 @@ class ChatUsage:
                 "encoded_tiles": self.encoded_tiles, "reused_tiles": self.reused_tiles}
 
 
-
-
 @dataclass(frozen=True)
 class Finish:
+    """The end of answer `index`; its usage has the request's prompt counts and this answer's completion tokens."""
+
     reason: FinishReason
     usage: ChatUsage
     session_id: str
+    index: int = 0
 
     def to_pb(self) -> gateway_pb2.ChatResponse:
         return gateway_pb2.ChatResponse(finish=gateway_pb2.ChatFinish(
-            reason=self.reason.to_pb(gateway_pb2.FinishReason), usage=self.usage.to_pb(), session_id=self.session_id))
+            reason=self.reason.to_pb(gateway_pb2.FinishReason), usage=self.usage.to_pb(), session_id=self.session_id,
+            index=self.index))
 
 
 @dataclass(frozen=True)

@@ -251,7 +251,7 @@ def _delta(message: llm_pb2.TokenDelta) -> Delta:
     logprobs = tuple(
         TokenLogprob(token_id, top.logprob, tuple(zip(top.token_ids, top.logprobs, strict=False)))
         for token_id, top in zip(message.token_ids, message.top_logprobs, strict=False))
-    return Delta(message.text, tuple(message.token_ids), logprobs)
+    return Delta(message.text, tuple(message.token_ids), logprobs, message.index)
 
 
 class LLMClient:
@@ -274,7 +274,7 @@ class LLMClient:
     async def generate(self, conversation: LLMConversation, sampling: SamplingParams, request_id: str,
                        inline: dict[str, Embeddings] | None, timeout: float | None
                        ) -> AsyncIterator[Delta | GenerateFinish]:
-        """Streams `Delta`s, then one `GenerateFinish`. Leaving the iteration early cancels the call.
+        """Streams `Delta`s, then one `GenerateFinish` per answer. Leaving the iteration early cancels the call.
 
         A replica that fails UNAVAILABLE before the first token is passed over for the key's next choice; when every
         ready replica has failed, the round is tried once more after `GENERATE_RETRY_PAUSE_S` (a Redis restart, say).
@@ -328,24 +328,28 @@ class LLMClient:
                 # The server ended the call while we were still writing (e.g. it rejected the request):
                 # its status says why.
                 pass
-            finish = None
+            finishes = []
             async for reply in call:
                 kind = reply.WhichOneof("message")
                 if kind == "delta":
                     yield _delta(reply.delta)
                 elif kind == "finish":
                     usage = reply.finish.usage
-                    finish = GenerateFinish(FinishReason.from_pb(reply.finish.reason, llm_pb2.FinishReason),
-                                            usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens)
-            # The finish is passed on once the stream has closed OK, so the replica records a completed call rather
-            # than one this side cancelled while its handler was still returning.
+                    finishes.append(GenerateFinish(
+                        FinishReason.from_pb(reply.finish.reason, llm_pb2.FinishReason), usage.prompt_tokens,
+                        usage.completion_tokens, usage.cached_prompt_tokens, reply.finish.index))
+            # The finishes are passed on once the stream has closed OK, so the replica records a completed call rather
+            # than one this side cancelled while its handler was still returning; so every answer's deltas come
+            # before any finish.
             code = await call.code()
             if code != grpc.StatusCode.OK:
                 raise grpc.aio.AioRpcError(code, await call.initial_metadata(), await call.trailing_metadata(),
                                            await call.details())
-            if finish is None:
-                raise RuntimeError("the LLM stream ended without a finish message")
-            yield finish
+            if sorted(f.index for f in finishes) != list(range(sampling.answers)):
+                raise RuntimeError(f"the LLM stream ended with finishes for answers {[f.index for f in finishes]}, "
+                                   f"expected {sampling.answers}")
+            for finish in sorted(finishes, key=lambda f: f.index):
+                yield finish
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "LLM") from None
         finally:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.endpoints import parse_target
+from gateway.remote_media import host_pattern_problem
 from gateway.routing import Policy
 from services.common.contract.cache_keys import DEFAULT_NAMESPACE
 from services.common.contract.errors import InvalidArgumentError
@@ -60,6 +61,15 @@ class GatewayConfig:
     media_root: str | None = None
     # Largest image or video a request may carry or name (bytes).
     max_media_bytes: int = 64 * 1024 * 1024
+    # Hosts whose http(s) image and video URLs the gateway fetches: exact names (`img.example.com`) or `*.example.com`
+    # (any subdomain, not example.com itself). Empty: remote URLs are refused.
+    allowed_media_domains: tuple[str, ...] = ()
+    # Let remote media come from loopback, private, link-local and other non-public addresses (off: a caller's URL
+    # cannot reach the gateway's own network, e.g. a cloud metadata endpoint).
+    allow_private_media_addresses: bool = False
+    # Seconds a media fetch may take to connect (DNS, TCP, TLS), and to receive the response and read its body.
+    media_connect_timeout_s: float = 5.0
+    media_read_timeout_s: float = 30.0
     # Images and video frames with more pixels are refused before decoding (decompression-bomb guard).
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Most frames one video may be sampled into (num_segments).
@@ -92,6 +102,10 @@ class GatewayConfig:
             (self.resolve_interval_s > 0, f"--resolve-interval-s must be > 0, got {self.resolve_interval_s}"),
             (self.session_ttl_s >= 1, f"--session-ttl-s must be >= 1, got {self.session_ttl_s}"),
             (self.max_media_bytes >= 1, f"--max-media-bytes must be >= 1, got {self.max_media_bytes}"),
+            (0 < self.media_connect_timeout_s < math.inf,
+             f"--media-connect-timeout-s must be > 0, got {self.media_connect_timeout_s}"),
+            (0 < self.media_read_timeout_s < math.inf,
+             f"--media-read-timeout-s must be > 0, got {self.media_read_timeout_s}"),
             (self.max_pixels >= 1, f"--max-pixels must be >= 1, got {self.max_pixels}"),
             (self.max_video_frames >= 1, f"--max-video-frames must be >= 1, got {self.max_video_frames}"),
             (self.max_request_tiles >= 1, f"--max-request-tiles must be >= 1, got {self.max_request_tiles}"),
@@ -110,6 +124,10 @@ class GatewayConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidArgumentError(message)
+        for pattern in self.allowed_media_domains:
+            problem = host_pattern_problem(pattern)
+            if problem:
+                raise InvalidArgumentError(f"--allowed-media-domains: {problem}")
         url_problem = redis_url_problem(self.redis_url)
         if url_problem:
             raise InvalidArgumentError(f"--redis-url: {url_problem}")
@@ -134,6 +152,10 @@ class GatewayConfig:
             session_ttl_s=args.session_ttl_s,
             media_root=args.media_root,
             max_media_bytes=args.max_media_bytes,
+            allowed_media_domains=_domain_list(args.allowed_media_domains),
+            allow_private_media_addresses=args.allow_private_media_addresses,
+            media_connect_timeout_s=args.media_connect_timeout_s,
+            media_read_timeout_s=args.media_read_timeout_s,
             max_pixels=args.max_pixels,
             max_video_frames=args.max_video_frames,
             max_request_tiles=args.max_request_tiles,
@@ -157,6 +179,11 @@ def _api_token(path: str | None, environ: Mapping[str, str]) -> str | None:
             raise InvalidArgumentError(f"--api-token-file {path} is empty")
         return token
     return environ.get(ENV_API_TOKEN, "").strip() or None
+
+
+def _domain_list(text: str | None) -> tuple[str, ...]:
+    """The entries of a comma-separated `--allowed-media-domains`, stripped, empty ones dropped."""
+    return tuple(entry.strip() for entry in (text or "").split(",") if entry.strip())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +213,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory whose files requests may name by path (default: paths refused)")
     parser.add_argument("--max-media-bytes", type=int, default=d.max_media_bytes,
                         help=f"largest image or video per part (default {d.max_media_bytes})")
+    parser.add_argument("--allowed-media-domains", default="",
+                        help="comma-separated hosts whose http(s) image and video URLs are fetched, e.g. "
+                             "'img.example.com,*.cdn.example.com' (*.d: any subdomain of d, not d itself; quote it "
+                             "in a shell); default: none, remote URLs are refused")
+    parser.add_argument("--allow-private-media-addresses", action="store_true",
+                        help="also fetch media from loopback, private, link-local and other non-public addresses "
+                             "(default: refused, so a URL cannot reach the gateway's own network)")
+    parser.add_argument("--media-connect-timeout-s", type=float, default=d.media_connect_timeout_s,
+                        help="seconds a media fetch may take to connect, DNS and TLS included "
+                             f"(default {d.media_connect_timeout_s})")
+    parser.add_argument("--media-read-timeout-s", type=float, default=d.media_read_timeout_s,
+                        help="seconds a media fetch may wait for the response and read its body, per redirect hop "
+                             f"(default {d.media_read_timeout_s})")
     parser.add_argument("--max-pixels", type=int, default=d.max_pixels,
                         help=f"largest image or frame in pixels (default {d.max_pixels})")
     parser.add_argument("--max-video-frames", type=int, default=d.max_video_frames,

@@ -3,8 +3,10 @@
 Everything here is blocking (file reads, base64, PyAV decoding); the orchestrator runs it in an executor. Errors
 are domain errors whose messages name the content part (`where`), so a caller can tell which of its inputs failed:
 
-* image sources: raw bytes, a file path that must lie inside the media root (after resolving symlinks and `..`),
-  or a base64 `data:` URL. Remote URLs are never fetched.
+* image and video sources: raw bytes, a file path that must lie inside the media root (after resolving symlinks
+  and `..`), or a base64 `data:` URL. Nothing here touches the network: `http(s)://` URLs are fetched before media
+  resolution by `gateway.remote_media` (only from hosts in `--allowed-media-domains`), which replaces them by their
+  bytes; a remote URL that still reaches this module was not fetched and is refused.
 * images are only probed here (format header and size, for the pixel limit and the tile count); the vision service
   decodes them, and only on a cache miss.
 * videos are decoded once, in stream order, keeping only the frames `gateway.video.frame_indices` picks, as RGB24.
@@ -23,6 +25,7 @@ import av
 from PIL import Image
 
 from gateway.errors import MediaAccessError
+from gateway.remote_media import DISABLED_MESSAGE, is_remote_url
 from gateway.video import frame_indices
 from services.common.contract.errors import (
     InternVLError,
@@ -127,10 +130,13 @@ class MediaResolver:
 
 
 def decode_data_url(url: str, where: str, max_bytes: int) -> bytes:
-    """The payload of a `data:[<mime>];base64,<data>` URL; remote URLs are refused, never fetched."""
-    if url.startswith(("http://", "https://")):
-        raise InvalidArgumentError(f"{where}: remote URLs are not fetched; send a base64 data: URL, the bytes, "
-                                   "or a path under the gateway's media root")
+    """The payload of a `data:[<mime>];base64,<data>` URL.
+
+    Remote URLs are refused here: `gateway.remote_media` fetches those (when the gateway allows their host) and
+    replaces them by their bytes before media resolution, so one arriving here was not fetched.
+    """
+    if is_remote_url(url):
+        raise InvalidArgumentError(f"{where}: {DISABLED_MESSAGE}")
     if not url.startswith("data:"):
         raise InvalidArgumentError(f"{where}: expected a data: URL, got {url[:32]!r}")
     header, sep, payload = url[len("data:"):].partition(",")

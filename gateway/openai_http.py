@@ -1,14 +1,15 @@
 """The OpenAI-compatible HTTP API, served by aiohttp on the gateway's event loop (beside gRPC).
 
 `POST /v1/chat/completions` (JSON or SSE streaming) and `GET /v1/models`, translated into the same domain request
-the gRPC `Chat` takes. Supported: `messages` with `system`/`user`/`assistant` roles, string or part-list content
-(`text`, `image_url` with a base64 `data:` URL or a path under the gateway's media root, and the `video` extension
-part), `max_tokens`/`max_completion_tokens`, `temperature` (default 1, as OpenAI's), `top_p`, `stop`, `seed`,
-`logprobs`/`top_logprobs`, `stream` and `stream_options.include_usage`. Extensions: `top_k`, `repetition_penalty`,
-`max_num` (tiles per image), `session_id` (continue a session; every response carries `session_id`), and
-`multi_image_mode` ("separate" or "combined"). The extension part:
+the gRPC `Chat` takes. Every field of OpenAI's Chat Completions request is either honoured, accepted where its value
+asks for nothing (`store: false`, `modalities: ["text"]`, ...), or refused with a 400 naming it (`FIELDS`); an unknown
+field is refused too, so nothing a caller asks for is dropped. The README's API section lists them all.
 
-    {"type": "video", "video": {"url": "data:video/mp4;base64,..." | "path": "clips/a.mp4",
+Extensions: `top_k`, `repetition_penalty`, `max_num` (tiles per image), `session_id` (continue a session; every
+response carries `session_id`), `multi_image_mode` ("separate" or "combined"), `structured_outputs` (`{"regex": ...}`
+or `{"choice": [...]}`, vLLM's names), and the video part:
+
+    {"type": "video", "video": {"url": "data:video/mp4;base64,..." | "https://..." | "path": "clips/a.mp4",
                                 "num_segments": 8, "bound": [start_s, end_s], "max_num": 1}}
 
 The gateway holds no tokenizer: a logprob entry's `token` is the text of its delta, and alternatives are named
@@ -18,6 +19,7 @@ The gateway holds no tokenizer: a logprob entry's `token` is the text of its del
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -28,11 +30,20 @@ from typing import Any
 from aiohttp import web
 
 from gateway.auth import http_middleware
-from gateway.chat_request import CallerTurn, ChatRequest, ContentPart, ImageInput, MultiImageMode, VideoInput
+from gateway.chat_request import (
+    CallerTurn,
+    ChatRequest,
+    ContentPart,
+    ImageDetail,
+    ImageInput,
+    MultiImageMode,
+    VideoInput,
+)
 from gateway.chat_response import Delta, Finish
 from gateway.errors import RequestTooLargeError
 from gateway.metrics import GatewayMetrics
 from gateway.orchestrator import Orchestrator
+from services.common.contract.constraint import Constraint, ConstraintKind
 from services.common.contract.errors import (
     InternVLError,
     InvalidArgumentError,
@@ -82,9 +93,15 @@ def _image(spec: Any, where: str) -> ImageInput:
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url:
         raise InvalidArgumentError(f"{where}.image_url.url must be a non-empty string")
-    if url.startswith(("data:", "http://", "https://")):
-        return ImageInput(url=url)
-    return ImageInput(path=url)
+    raw_detail = spec.get("detail") if isinstance(spec, dict) else None
+    try:
+        detail = ImageDetail(raw_detail or "auto")
+    except ValueError:
+        raise InvalidArgumentError(f"{where}.image_url.detail must be 'low', 'high' or 'auto', got "
+                                   f"{raw_detail!r}") from None
+    if url.lower().startswith(("data:", "http://", "https://")):
+        return ImageInput(url=url, detail=detail)
+    return ImageInput(path=url, detail=detail)
 
 
 def _video(spec: Any, where: str) -> VideoInput:
@@ -92,12 +109,12 @@ def _video(spec: Any, where: str) -> VideoInput:
         raise InvalidArgumentError(f"{where}.video must be an object")
     options: dict[str, Any] = {}
     url = spec.get("url")
-    if isinstance(url, str) and url.startswith(("data:", "http://", "https://")):
+    if isinstance(url, str) and url.lower().startswith(("data:", "http://", "https://")):
         options["url"] = url  # decoded (or refused) off the event loop, with the images
     elif isinstance(spec.get("path") or url, str):
         options["path"] = spec.get("path") or url
     else:
-        raise InvalidArgumentError(f"{where}.video needs a url (base64 data: URL) or a path")
+        raise InvalidArgumentError(f"{where}.video needs a url (a data: or http(s) URL) or a path")
     if spec.get("num_segments") is not None:
         options["num_segments"] = _integer(spec["num_segments"], f"{where}.video.num_segments")
     if spec.get("max_num") is not None:
@@ -115,6 +132,8 @@ def _parts(content: Any, where: str) -> list[ContentPart]:
         return [ContentPart(text=content)]
     if not isinstance(content, list):
         raise InvalidArgumentError(f"{where}.content must be a string or a list of parts")
+    if not content:
+        raise InvalidArgumentError(f"{where}.content is an empty list")
     parts = []
     for i, item in enumerate(content):
         at = f"{where}.content[{i}]"
@@ -137,21 +156,134 @@ def _text(content: Any, where: str) -> str:
     return "".join(p.text for p in parts)
 
 
+# Every field of a Chat Completions request: True where this API honours it (or its extensions), otherwise why it is
+# refused. Fields whose value can ask for nothing (`store: false`) are accepted with that value only (`_check_fields`).
+FIELDS: dict[str, bool | str] = {
+    **dict.fromkeys(("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
+                     "seed", "logprobs", "top_logprobs", "stream", "stream_options", "presence_penalty",
+                     "frequency_penalty", "logit_bias", "response_format", "user", "safety_identifier", "store",
+                     "service_tier", "modalities", "parallel_tool_calls",
+                     # extensions
+                     "top_k", "repetition_penalty", "max_num", "session_id", "multi_image_mode",
+                     "structured_outputs"), True),
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "InternVL 2.5 is not a reasoning model",
+    "verbosity": "verbosity is not supported",
+    "web_search_options": "web search is not supported",
+    "metadata": "stored completions are not supported (metadata needs store)",
+    "prompt_cache_key": "the prefix cache is keyed by content; a prompt_cache_key has no effect here",
+    "prompt_cache_retention": "the prefix cache is keyed by content; its retention is the server's",
+    "prompt_cache_options": "the prefix cache is keyed by content; its options are the server's",
+    "moderation": "moderation is not part of this server",
+}
+# Message fields beside role and content.
+MESSAGE_FIELDS_REFUSED = {
+    "name": "participant names are not part of the internvl2_5 template",
+    "tool_calls": "tool calling is not supported",
+    "tool_call_id": "tool calling is not supported",
+    "function_call": "function calling is not supported",
+    "audio": "audio is not supported",
+    "refusal": "assistant refusals cannot be replayed",
+}
+
+
+def _check_fields(body: dict) -> None:
+    for name, value in body.items():
+        rule = FIELDS.get(name)
+        if rule is None:
+            raise InvalidArgumentError(f"unknown field {name!r}; this API's fields are listed in the README")
+        if rule is not True and value is not None:
+            raise InvalidArgumentError(f"{name} is not supported: {rule}")
+    if body.get("store") not in (None, False):
+        raise InvalidArgumentError("store is not supported: completions are not stored (omit it or send false)")
+    if body.get("service_tier") not in (None, "auto", "default"):
+        raise InvalidArgumentError("service_tier: this server has one tier ('auto' or 'default')")
+    if body.get("modalities") not in (None, ["text"]):
+        raise InvalidArgumentError("modalities: only [\"text\"] output is supported")
+    options = _field(body, "stream_options", dict, {})
+    for name in options:
+        if name not in ("include_usage", "include_obfuscation"):
+            raise InvalidArgumentError(f"stream_options.{name} is not supported")
+    if options.get("include_obfuscation"):
+        raise InvalidArgumentError("stream_options.include_obfuscation is not supported")
+
+
+def _logit_bias(raw: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} object, as (id, bias) pairs in token order."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise InvalidArgumentError("logit_bias must be an object mapping token ids to biases")
+    pairs = []
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidArgumentError(f"logit_bias: {key!r} is not a token id") from None
+        pairs.append((token, _float(value, f"logit_bias[{key}]")))
+    return tuple(sorted(pairs))
+
+
+def _constraint(body: dict) -> Constraint | None:
+    """`response_format` (text, json_object, json_schema) or the `structured_outputs` extension (regex, choice)."""
+    fmt = _field(body, "response_format", dict, None)
+    extension = _field(body, "structured_outputs", dict, None)
+    kind = fmt.get("type") if fmt is not None else None
+    if kind not in (None, "text", "json_object", "json_schema"):
+        raise InvalidArgumentError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got "
+                                   f"{kind!r}")
+    if extension is not None and kind not in (None, "text"):
+        raise InvalidArgumentError("send either response_format or structured_outputs, not both")
+    if kind == "json_object":
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+            raise InvalidArgumentError("response_format.json_schema must be an object with a `schema` object")
+        unknown = set(spec) - {"name", "description", "schema", "strict"}
+        if unknown:
+            raise InvalidArgumentError(f"response_format.json_schema: unknown field {min(unknown)!r}")
+        strict = spec.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise InvalidArgumentError("response_format.json_schema.strict must be a boolean")
+        return Constraint(ConstraintKind.JSON_SCHEMA, schema=json.dumps(spec["schema"]), strict=bool(strict))
+    if extension is None:
+        return None
+    if len(extension) != 1 or next(iter(extension)) not in ("regex", "choice"):
+        raise InvalidArgumentError("structured_outputs must have exactly one of 'regex' (a string) or 'choice' "
+                                   "(a list of strings)")
+    if "regex" in extension:
+        if not isinstance(extension["regex"], str):
+            raise InvalidArgumentError("structured_outputs.regex must be a string")
+        return Constraint(ConstraintKind.REGEX, pattern=extension["regex"])
+    choices = extension["choice"]
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise InvalidArgumentError("structured_outputs.choice must be a list of strings")
+    return Constraint(ConstraintKind.CHOICE, choices=tuple(choices))
+
+
 def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
     """(request, stream, include_usage, top_logprobs to report) from a chat completions body."""
     if not isinstance(body, dict):
         raise InvalidArgumentError("the body must be a JSON object")
+    _check_fields(body)
     messages = _field(body, "messages", list)
     if not messages:
         raise InvalidArgumentError("messages must be a non-empty list")
-    if _field(body, "n", int, 1) != 1:
-        raise InvalidArgumentError("only n = 1 is supported")
     system: list[str] = []
     turns: list[CallerTurn] = []
     pending: list[ContentPart] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
+        for name, reason in MESSAGE_FIELDS_REFUSED.items():
+            if isinstance(message, dict) and message.get(name) is not None:
+                raise InvalidArgumentError(f"{where}.{name} is not supported: {reason}")
         if role in ("system", "developer"):
             system.append(_text(message.get("content"), where))
         elif role == "user":
@@ -186,11 +318,17 @@ def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
         repetition_penalty=_float(_field(body, "repetition_penalty", (int, float), 0.0), "repetition_penalty"),
         stop_strings=stop_strings, seed=_field(body, "seed", int, None),
         # The LLM service reports a token's own logprob only alongside alternatives: ask for at least one.
-        top_logprobs=max(top, 1) if want_logprobs else 0)
+        top_logprobs=max(top, 1) if want_logprobs else 0,
+        presence_penalty=_float(_field(body, "presence_penalty", (int, float), 0.0), "presence_penalty"),
+        frequency_penalty=_float(_field(body, "frequency_penalty", (int, float), 0.0), "frequency_penalty"),
+        logit_bias=_logit_bias(body.get("logit_bias")), n=_field(body, "n", int, 1), constraint=_constraint(body))
+    if sampling.n < 1:
+        raise InvalidArgumentError(f"n must be >= 1, got {sampling.n}")
     request = ChatRequest(
         content=tuple(pending), history=tuple(turns), session_id=_field(body, "session_id", str, None),
         max_num=_field(body, "max_num", int, DEFAULT_MAX_NUM), multi_image_mode=MultiImageMode(mode), sampling=sampling,
-        system_message="\n".join(system) if system else None, request_id=str(body.get("user") or ""))
+        system_message="\n".join(system) if system else None,
+        request_id=_field(body, "user", str, None) or _field(body, "safety_identifier", str, ""))
     stream = bool(_field(body, "stream", bool, False))
     include_usage = bool((_field(body, "stream_options", dict, {}) or {}).get("include_usage", False))
     return request, stream, include_usage, top if want_logprobs else -1
@@ -199,8 +337,9 @@ def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
 # ------------------------------------------------------------------------------------------------ rendering
 
 
-def _usage(finish: Finish) -> dict:
-    u = finish.usage
+def _usage(finishes: list[Finish]) -> dict:
+    """OpenAI's usage of n answers: the prompt once, the completion tokens of every answer summed."""
+    u = dataclasses.replace(finishes[0].usage, completion_tokens=sum(f.usage.completion_tokens for f in finishes))
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.prompt_tokens + u.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}, "internvl": u.as_dict()}
@@ -266,26 +405,29 @@ class OpenAIHandlers:
             except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
                 status, body = error_body(exc, call)
                 return web.json_response(body, status=status)
-            model, stream, include_usage, top = options
+            model, stream, include_usage, top, answers = options
             ident, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
             if stream:
-                return await self._stream(http, call, events, first, ident, created, model, include_usage, top)
-            deltas = [first]
+                return await self._stream(http, call, events, first, ident, created, model, include_usage, top,
+                                          answers)
+            received = [first]
             try:
                 async for event in events:
-                    deltas.append(event)
+                    received.append(event)
             except Exception as exc:  # noqa: BLE001
                 status, body = error_body(exc, call)
                 return web.json_response(body, status=status)
-            finish = deltas.pop()
-            assert isinstance(finish, Finish)
-            text = "".join(d.text for d in deltas)
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": FINISH[finish.reason.value],
-                      "logprobs": {"content": [e for d in deltas for e in _logprobs(d, top)]} if top >= 0 else None}
+            finishes = sorted((e for e in received if isinstance(e, Finish)), key=lambda f: f.index)
+            choices = []
+            for finish in finishes:
+                deltas = [e for e in received if isinstance(e, Delta) and e.index == finish.index]
+                logprobs = {"content": [e for d in deltas for e in _logprobs(d, top)]} if top >= 0 else None
+                choices.append({"index": finish.index,
+                                "message": {"role": "assistant", "content": "".join(d.text for d in deltas)},
+                                "finish_reason": FINISH[finish.reason.value], "logprobs": logprobs})
             return web.json_response({"id": ident, "object": "chat.completion", "created": created, "model": model,
-                                      "choices": [choice], "usage": _usage(finish),
-                                      "session_id": finish.session_id})
+                                      "choices": choices, "usage": _usage(finishes),
+                                      "session_id": finishes[0].session_id})
 
     async def _events(self, http: web.Request):
         """The parsed options, then the orchestrator's events (failures, parsing included, are tracked)."""
@@ -299,13 +441,13 @@ class OpenAIHandlers:
                                        "(the gateway's --max-media-bytes sets it)") from None
         request, stream, include_usage, top = parse_request(body)
         model = body.get("model") if isinstance(body.get("model"), str) else self.model_name
-        yield (model, stream, include_usage, top)
+        yield (model, stream, include_usage, top, request.sampling.answers)
         async with contextlib.aclosing(self.orchestrator.chat(request)) as events:
             async for event in events:
                 yield event
 
     async def _stream(self, http: web.Request, call: RequestCall, events, first, ident: str, created: int,
-                      model: str, include_usage: bool, top: int) -> web.StreamResponse:
+                      model: str, include_usage: bool, top: int, answers: int) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http)
 
@@ -313,22 +455,26 @@ class OpenAIHandlers:
             data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
             await response.write(f"data: {data}\n\n".encode())
 
-        def chunk(delta: dict, finish_reason: str | None = None, **extra) -> dict:
+        def chunk(index: int, delta: dict, finish_reason: str | None = None, **extra) -> dict:
             return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, **extra}]}
+                    "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, **extra}]}
 
-        await send(chunk({"role": "assistant", "content": ""}))
-        event = first
+        for index in range(answers):
+            await send(chunk(index, {"role": "assistant", "content": ""}))
+        event, finishes = first, []
         try:
             while True:
                 if isinstance(event, Finish):
-                    await send({**chunk({}, FINISH[event.reason.value]), "session_id": event.session_id})
-                    if include_usage:
-                        await send({"id": ident, "object": "chat.completion.chunk", "created": created,
-                                    "model": model, "choices": [], "usage": _usage(event)})
-                    break
-                extra = {"logprobs": {"content": _logprobs(event, top)}} if top >= 0 else {}
-                await send(chunk({"content": event.text}, **extra))
+                    finishes.append(event)
+                    await send({**chunk(event.index, {}, FINISH[event.reason.value]), "session_id": event.session_id})
+                    if len(finishes) == answers:
+                        if include_usage:
+                            await send({"id": ident, "object": "chat.completion.chunk", "created": created,
+                                        "model": model, "choices": [], "usage": _usage(finishes)})
+                        break
+                else:
+                    extra = {"logprobs": {"content": _logprobs(event, top)}} if top >= 0 else {}
+                    await send(chunk(event.index, {"content": event.text}, **extra))
                 event = await anext(events)
         except (ConnectionResetError, ConnectionError):
             call.code = RpcStatus.CANCELLED.name

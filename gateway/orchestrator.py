@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -53,6 +54,7 @@ from gateway.planning import (
     flatten,
     turn_jobs,
 )
+from gateway.remote_media import RemoteMedia
 from gateway.sessions import Session, SessionStore, new_session_id
 from services.common.contract import template
 from services.common.contract.encoding import EncodedItem
@@ -99,6 +101,7 @@ class Orchestrator:
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         self.media = MediaResolver(config.media_root, config.max_media_bytes, config.max_pixels,
                                    config.max_video_frames)
+        self.remote_media = RemoteMedia.from_config(config)
         self._pool = ThreadPoolExecutor(config.media_threads, thread_name_prefix="gateway-media")
         self.model: ModelInfo | None = None
         self._keyer: Keyer | None = None
@@ -129,6 +132,7 @@ class Orchestrator:
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        await self.remote_media.close()
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
@@ -146,6 +150,8 @@ class Orchestrator:
         check_max_num(request.max_num, "max_num", MAX_NUM_LIMIT)
         for where, video in _videos(request):
             check_max_num(video.max_num, f"{where} (video)", MAX_NUM_LIMIT)
+        # Remote URLs become their bytes (fetched by the allowlist) before planning: the cache keys cover the bytes.
+        request = await self.remote_media.resolve_urls(request)
         continuing = request.session_id is not None
         session_id = request.session_id if continuing else new_session_id()
         # A new session's id is known to nobody else yet: only a continued one needs the one-round-at-a-time lock.
@@ -164,17 +170,24 @@ class Orchestrator:
             history = (*session.turns, *(TurnRecord(refs[n], t.assistant_text or "")
                                          for n, t in enumerate(plan.turns[:-1])))
             conversation = LLMConversation(refs[-1], history, session.system_message)
-            answer: list[str] = []
+            first_answer: list[str] = []  # what the session records: answer 0 (of n)
+            tiles: ChatUsage | None = None
             async with contextlib.aclosing(self._generate(conversation, plan, request, deadline)) as events:
                 async for event in events:
                     if isinstance(event, Delta):
-                        answer.append(event.text)
+                        if event.index == 0:
+                            first_answer.append(event.text)
                         yield event
                         continue
-                    turn = TurnRecord(refs[-1], template.clean_response("".join(answer)))
-                    await self.sessions.save(Session(session_id, session.system_message, (*history, turn)))
-                    self.metrics.sessions.labels("continued" if continuing else "started").inc()
-                    yield Finish(event.reason, self._usage(event, conversation, plan), session_id)
+                    if tiles is None:  # the first finish: every answer's deltas came before it (LLMClient)
+                        turn = TurnRecord(refs[-1], template.clean_response("".join(first_answer)))
+                        await self.sessions.save(Session(session_id, session.system_message, (*history, turn)))
+                        self.metrics.sessions.labels("continued" if continuing else "started").inc()
+                        tiles = self._tile_usage(conversation, plan)
+                    usage = dataclasses.replace(tiles, prompt_tokens=event.prompt_tokens,
+                                                completion_tokens=event.completion_tokens,
+                                                cached_prompt_tokens=event.cached_prompt_tokens)
+                    yield Finish(event.reason, usage, session_id, event.index)
 
     async def batch_chat(self, requests: list[ChatRequest], timeout: float | None = None) -> list[ChatResult]:
         """Answers independent requests concurrently (the LLM service batches them); any failure fails all."""
@@ -182,6 +195,10 @@ class Orchestrator:
             raise InvalidArgumentError("requests is empty")
         if len(requests) > MAX_BATCH_REQUESTS:
             raise InvalidArgumentError(f"{len(requests)} requests; at most {MAX_BATCH_REQUESTS} per batch")
+        for index, request in enumerate(requests):
+            if request.sampling.answers > 1:
+                raise InvalidArgumentError(f"requests[{index}]: BatchChat gives one answer per request (n = "
+                                           f"{request.sampling.n}); use Chat for n > 1")
 
         async def one(index: int, request: ChatRequest) -> ChatResult:
             deltas, finish = [], None
@@ -351,7 +368,8 @@ class Orchestrator:
         tiles = {ref.key: ref.num_tiles for ref in conversation.refs()}
         self.metrics.embedding_bytes.labels("reference").inc(sum(tiles.values()) * self.model.bytes_per_tile)
 
-    def _usage(self, finish: GenerateFinish, conversation: LLMConversation, plan: Plan) -> ChatUsage:
+    def _tile_usage(self, conversation: LLMConversation, plan: Plan) -> ChatUsage:
+        """The request's image tiles (and their metrics, counted once per request); token counts left zero."""
         leaves = [leaf for ref in conversation.refs() for leaf in ref.leaves()]
         fresh = {image.key for image in plan.images if image.encoded}
         encoded = 0
@@ -362,8 +380,8 @@ class Orchestrator:
         total = sum(leaf.num_tiles for leaf in leaves)
         self.metrics.tiles_encoded.inc(encoded)
         self.metrics.tiles_reused.inc(total - encoded)
-        return ChatUsage(finish.prompt_tokens, finish.completion_tokens, finish.cached_prompt_tokens,
-                     tuple(leaf.num_tiles for leaf in leaves), encoded, total - encoded)
+        return ChatUsage(image_tiles=tuple(leaf.num_tiles for leaf in leaves), encoded_tiles=encoded,
+                         reused_tiles=total - encoded)
 
 
 def _combined_key(namespace: str, leaves: tuple[ImageRef, ...]) -> str:

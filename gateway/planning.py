@@ -96,6 +96,7 @@ def resolve_part(part: ContentPart, where: str, max_num: int, media: MediaResolv
         return part.text
     if part.image is not None:
         image = part.image
+        max_num = image.detail.max_num(max_num)
         probed = media.image(image.data, image.path, image.url, where=f"{where} (image)")
         item = MediaItem.image(probed.data)
         return PendingImage(f"{where} (image)", item, max_num, keyer.key(item, max_num),

@@ -22,6 +22,7 @@ from typing import Protocol
 
 class Candidate(Protocol):
     extent: int  # prompt + max_new_tokens
+    rows: int  # decode rows it will hold: its answers (a request for n answers is admitted as a whole)
     bypassed: int  # later requests admitted before this one
 
 
@@ -40,8 +41,8 @@ class Admission:
             return 0
         return len(extents) * (max(extents) + self.spare_columns) * self.bytes_per_token
 
-    def fits_alone(self, extent: int) -> bool:
-        return self.cost_bytes([extent]) <= self.budget_bytes
+    def fits_alone(self, extent: int, rows: int = 1) -> bool:
+        return rows <= self.max_batch_size and self.cost_bytes([extent] * rows) <= self.budget_bytes
 
     def choose(self, waiting: Sequence[Candidate], admitted: Sequence[int]) -> list[int]:
         """Indices (into `waiting`, in order) of the requests to start now, next to `admitted` (running and
@@ -52,9 +53,11 @@ class Admission:
         for index, candidate in enumerate(waiting):
             if len(extents) >= self.max_batch_size:
                 break
-            if self.cost_bytes([*extents, candidate.extent]) <= self.budget_bytes:
+            rows = [candidate.extent] * candidate.rows
+            room = len(extents) + len(rows) <= self.max_batch_size
+            if room and self.cost_bytes([*extents, *rows]) <= self.budget_bytes:
                 chosen.append(index)
-                extents.append(candidate.extent)
+                extents += rows
                 for earlier in passed:
                     earlier.bypassed += 1
             elif candidate.bypassed >= self.max_bypass:

@@ -11,6 +11,10 @@ then one *step* runs in the model's worker thread:
 3. one vectorised sampling call for every row that needs a token (one host sync), then finished rows leave the batch
    (their KV offered to the prefix cache) and prompts whose prefill completed join it.
 
+A request for n answers is one waiting entry admitted as n rows: its prompt is prefilled once, then each answer
+joins the batch as a row of its own (the prompt's KV copied into each row, the prompt's last logits sampled by each
+answer's own sampler and seed).
+
 Detokenisation and stop strings run on the event loop's thread when the step's tokens are delivered, not on the model
 thread. A sequence a stop string ended leaves the batch at the next step.
 
@@ -93,6 +97,9 @@ class _Sequence:
     image_parts: tuple[torch.Tensor, ...] = ()
     image_rows: torch.Tensor | None = None
     state: _State = _State.WAITING
+    index: int = 0  # which of the request's answers this is
+    # The request's other answers, until its prefill completes: they share its prompt's KV and logits, then run alone.
+    forks: list[_Sequence] = field(default_factory=list)
     bypassed: int = 0
     cancelled: bool = False
     # A stop string ended it (found on the loop thread); its row leaves the batch at the next step.
@@ -114,6 +121,11 @@ class _Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt)
+
+    @property
+    def rows(self) -> int:
+        """Decode rows it will take: itself and its forks."""
+        return 1 + len(self.forks)
 
     def usage(self) -> Usage:
         return Usage(self.prompt_len, len(self.generated), self.cached_tokens)
@@ -212,8 +224,8 @@ class TransformersEngine(Engine):
         active = [s for s in (*self._running, *self._prefilling) if s.state is not _State.DONE]
         cache = self.prefix_cache
         return EngineLoad(
-            running=len(active), waiting=len(self._waiting), kv_bytes=self._batch.nbytes,
-            kv_reserved_bytes=self.admission.cost_bytes([s.extent for s in active]),
+            running=sum(s.rows for s in active), waiting=len(self._waiting), kv_bytes=self._batch.nbytes,
+            kv_reserved_bytes=self.admission.cost_bytes([s.extent for s in active for _ in range(s.rows)]),
             kv_budget_bytes=self.admission.budget_bytes, prefix_bytes=cache.nbytes,
             prefix_budget_bytes=cache.budget_bytes, prefix_lookups=cache.lookups, prefix_hits=cache.hits,
             steps=self.steps)
@@ -224,22 +236,32 @@ class TransformersEngine(Engine):
         if self.queue_full:
             raise OverloadedError(f"the LLM server's queue is full ({self.max_queue} waiting requests); retry later")
         extent = len(request.prompt) + request.max_new_tokens
-        if not self.admission.fits_alone(extent):
+        answers = request.sampling.answers
+        if answers > self.max_batch_size:
+            raise InvalidArgumentError(f"n = {answers} answers exceed this LLM server's batch of "
+                                       f"{self.max_batch_size} rows (--max-batch-size)")
+        if not self.admission.fits_alone(extent, answers):
             mib = 2**20
             raise OverloadedError(
-                f"this request may hold {self.admission.cost_bytes([extent]) / mib:.1f} MiB of KV ({len(request.prompt)} "
-                f"prompt + {request.max_new_tokens} new tokens), more than this LLM server's budget of "
-                f"{self.admission.budget_bytes / mib:.1f} MiB; lower max_new_tokens or shorten the conversation")
-        seq = _Sequence(next(self._ids), dataclasses.replace(request, image_rows=()), asyncio.Queue(),
-                        arrival=request.arrival or time.monotonic(), extent=extent, image_parts=request.image_rows)
+                f"this request may hold {self.admission.cost_bytes([extent] * answers) / mib:.1f} MiB of KV "
+                f"({answers} x ({len(request.prompt)} prompt + {request.max_new_tokens} new tokens)), more than this "
+                f"LLM server's budget of {self.admission.budget_bytes / mib:.1f} MiB; lower max_new_tokens or n, or "
+                "shorten the conversation")
+        queue, arrival = asyncio.Queue(), request.arrival or time.monotonic()
+        group = [_Sequence(next(self._ids), dataclasses.replace(request, image_rows=(),
+                                                                sampling=request.sampling.for_answer(i)),
+                           queue, arrival=arrival, extent=extent, index=i) for i in range(answers)]
+        seq = group[0]
+        seq.image_parts, seq.forks = request.image_rows, group[1:]
         self._waiting.append(seq)
         self._wake.set()
-        return GenerationStream(seq.queue, lambda: self._cancel(seq))
+        return GenerationStream(queue, lambda: self._cancel(group), answers)
 
-    def _cancel(self, seq: _Sequence) -> None:
-        if seq.state is not _State.DONE:
-            seq.cancelled = True
-            self._wake.set()
+    def _cancel(self, group: list[_Sequence]) -> None:
+        for seq in group:
+            if seq.state is not _State.DONE:
+                seq.cancelled = True
+        self._wake.set()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -269,7 +291,8 @@ class TransformersEngine(Engine):
         for seq in leaving:
             if seq.state is not _State.DONE:
                 self._finish(seq, FinishReason.CANCELLED)
-        admitted = [s.extent for s in self._running if s not in leaving] + [s.extent for s in self._prefilling]
+        admitted = [s.extent for s in self._running if s not in leaving]
+        admitted += [s.extent for s in self._prefilling for _ in range(s.rows)]
         waiting = list(self._waiting)
         for index in self.admission.choose(waiting, admitted):
             seq = waiting[index]
@@ -290,15 +313,17 @@ class TransformersEngine(Engine):
     def _admit(self, seq: _Sequence) -> None:
         """Prefill bookkeeping (no torch kernel: see `_prepare`): text state and the longest cached prefix."""
         prompt = seq.request.prompt
-        seq.state = _State.PREFILL
         seq.identity = prompt_identity(prompt.token_ids, prompt.image_keys, self.img_context_id)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
-        seq.stops = StopStrings(seq.request.sampling.stop_strings)
         match = self.prefix_cache.lookup(seq.identity, max_length=seq.prompt_len - 1)
         if match is not None:
             seq.past, seq.prefilled = match.layers, match.length
-            seq.cached_tokens = match.length
             seq.slots_filled = int(np.count_nonzero(np.asarray(prompt.token_ids[:match.length]) == self.img_context_id))
+        for answer in (seq, *seq.forks):
+            answer.state = _State.PREFILL
+            answer.identity = seq.identity
+            answer.detokenizer = IncrementalDetokenizer(self.tokenizer)
+            answer.stops = StopStrings(answer.request.sampling.stop_strings)
+            answer.cached_tokens = match.length if match is not None else 0
 
     def _chunks(self, decode_rows: int) -> list[tuple[_Sequence, int]]:
         """This step's prefill chunks: the token budget left after the decode rows, shared equally by the first
@@ -311,21 +336,29 @@ class TransformersEngine(Engine):
         return [(seq, min(seq.prefilled + share, seq.prompt_len)) for seq in rows]
 
     def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
-        seq.state = _State.DONE
-        seq.past = seq.image_rows = None
-        seq.image_parts = ()
-        self._put(seq, Finish(reason, seq.usage()))
+        """Ends `seq` (and its forks, while it has them: a request not yet prefilled ends as a whole)."""
+        for answer in (seq, *seq.forks):
+            self._end(answer)
+            self._put(answer, Finish(reason, answer.usage(), answer.index))
 
     def _fail(self, seq: _Sequence, exc: BaseException) -> None:
+        for answer in (seq, *seq.forks):
+            self._end(answer)
+            self._put(answer, exc)
+
+    @staticmethod
+    def _end(seq: _Sequence) -> None:
         seq.state = _State.DONE
         seq.past = seq.image_rows = None
         seq.image_parts = ()
-        self._put(seq, exc)
 
     def _put(self, seq: _Sequence, event: Event | BaseException) -> None:
         seq.queue.put_nowait(event)
         if isinstance(event, Finish) and self.observer is not None:
-            self.observer.on_finish(event.reason.value, event.usage.prompt_tokens, event.usage.cached_prompt_tokens)
+            # The prompt is the request's, counted once (with answer 0), as OpenAI's usage counts it.
+            first = event.index == 0
+            self.observer.on_finish(event.reason.value, event.usage.prompt_tokens if first else 0,
+                                    event.usage.cached_prompt_tokens if first else 0)
 
     def _deliver(self, result: _StepResult) -> None:
         """The step's tokens as text and events, on the event loop's thread."""
@@ -366,7 +399,7 @@ class TransformersEngine(Engine):
             text += more if hit else more + seq.stops.flush()
             reason = FinishReason.STOP if hit else reason
         report = (sampled.report,) if sampled.report is not None else ()
-        return TokenDelta((sampled.token,), text, report), reason
+        return TokenDelta((sampled.token,), text, report, seq.index), reason
 
     def _drop_batch(self, exc: BaseException, with_prefilling: bool = False) -> list[tuple[_Sequence, BaseException]]:
         """Fails every running sequence (and the prefilling ones) with BatchFaultError and starts a fresh batch."""
@@ -464,7 +497,23 @@ class TransformersEngine(Engine):
             hidden = torch.cat(parts) if parts else None
         if not done:
             return None, [], fed
-        return self.model.get_output_embeddings()(hidden), done, fed
+        return self._fork(self.model.get_output_embeddings()(hidden), done) + (fed,)
+
+    @staticmethod
+    def _fork(logits: torch.Tensor, done: list[tuple[_Sequence, list[LayerKV]]]
+              ) -> tuple[torch.Tensor, list[tuple[_Sequence, list[LayerKV]]]]:
+        """Completed prompts' logits [completed, vocab] and KV, with each prompt's forks after it sharing both (the
+        batch copies the KV into a row per answer): [answers, vocab]."""
+        if all(not seq.forks for seq, _ in done):
+            return logits, done
+        counts = torch.tensor([seq.rows for seq, _ in done], device=logits.device)
+        answers = []
+        for seq, kv in done:
+            for fork in seq.forks:
+                fork.state = _State.RUNNING
+            answers += [(answer, kv) for answer in (seq, *seq.forks)]
+            seq.forks = []
+        return logits.repeat_interleave(counts, dim=0), answers
 
     def _prepare(self, seq: _Sequence) -> None:
         """Before a prompt's first chunk, on the model's thread (every torch kernel of the engine runs on this one
@@ -478,7 +527,9 @@ class TransformersEngine(Engine):
         if seq.image_parts:
             seq.image_rows = torch.cat(seq.image_parts).to(device=self.device, dtype=self.dtype)
             seq.image_parts = ()
-        seq.sampler = Sampler(seq.request.sampling, self.vocab_size, self.device)
+        for answer in (seq, *seq.forks):
+            answer.sampler = Sampler(answer.request.sampling, self.vocab_size, self.device,
+                                     grammar=answer.request.grammar)
         seq.ids = torch.tensor(seq.request.prompt.token_ids, device=self.device)
 
     def _prefill_together(self, chunks: list[tuple[_Sequence, int]]

@@ -6,8 +6,10 @@
 keys match ours) goes beside it and must provide the same:
 
 - `submit(request)` from the event loop's thread, returning a `GenerationStream` at once (raising `OverloadedError`
-  when it cannot queue the request), whose events are `TokenDelta`s and then exactly one `Finish`, or an exception
-  (a domain error from `services.common.contract.errors`) instead of the `Finish`;
+  when it cannot queue the request), whose events are `TokenDelta`s and one `Finish` per answer (`sampling.n`
+  answers, prefilled once, answer i sampled as a single request with `sampling.for_answer(i)`), or an exception
+  (a domain error from `services.common.contract.errors`) instead;
+- constrained decoding: a row with `request.grammar` samples only tokens the grammar allows;
 - the original's semantics for every sampling option (those of `generate(inputs_embeds=...)`: the repetition penalty
   sees only generated tokens), text deltas whose concatenation is the decoded answer cut before a stop string;
 - `cancel` (through `GenerationStream.cancel`) freeing the request's memory within one step;
@@ -70,11 +72,13 @@ class EngineObserver:
 
 
 class GenerationStream:
-    """The events of one request: TokenDelta..., then one Finish (or an exception). `cancel()` frees its slot."""
+    """The events of one request: TokenDelta..., and one Finish per answer (`sampling.n` of them, told apart by
+    `index`), or an exception instead. `cancel()` frees its slots."""
 
-    def __init__(self, queue: asyncio.Queue, cancel: Callable[[], None]):
+    def __init__(self, queue: asyncio.Queue, cancel: Callable[[], None], answers: int = 1):
         self._queue = queue
         self._cancel = cancel
+        self._open = answers
         self._done = False
 
     def __aiter__(self) -> GenerationStream:
@@ -88,7 +92,8 @@ class GenerationStream:
             self._done = True
             raise item
         if isinstance(item, Finish):
-            self._done = True
+            self._open -= 1
+            self._done = self._open == 0
         return item
 
     def cancel(self) -> None:

@@ -27,12 +27,16 @@ class TokenDelta:
     token_ids: tuple[int, ...]
     text: str
     top_logprobs: tuple[TopLogprobs, ...] = ()
+    index: int = 0  # the answer (0 to sampling.n - 1)
 
 
 @dataclass(frozen=True)
 class Finish:
+    """The end of one answer (`index`); its usage counts the prompt and that answer's tokens."""
+
     reason: FinishReason
     usage: Usage
+    index: int = 0
 
 
 Event = TokenDelta | Finish
@@ -51,3 +55,5 @@ class EngineRequest:
     # time.monotonic() when the request reached the service (time to first token counts from here).
     arrival: float | None = None
     request_id: str = ""
+    # The compiled grammar of `sampling.constraint` (an xgrammar CompiledGrammar, made by services.llm.grammar).
+    grammar: object | None = None

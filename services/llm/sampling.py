@@ -1,15 +1,27 @@
 """Choosing the next token of each sequence from its logits, and the top-k log-probabilities reported with it.
 
-The order and the arithmetic of the transforms are transformers' (`generate` with do_sample): repetition penalty,
-temperature, top-k, top-p, softmax, then a multinomial draw; greedy decoding applies only the penalty before the
-argmax. The penalty counts generated tokens only, never the prompt: the original calls `generate(inputs_embeds=...)`,
-where the `input_ids` its processors see hold only the generated tokens.
+The transforms, in this order, each only for the rows that ask for it:
+
+1. the repetition penalty (transformers' RepetitionPenaltyLogitsProcessor);
+2. OpenAI's frequency and presence penalties: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) *
+   presence_penalty, count[j] being how many times the sequence generated token j, in float32;
+3. logit_bias, added;
+4. the grammar's mask (`services.llm.grammar`): -inf for every token the row's constraint does not allow next;
+5. greedy rows: the argmax; sampled rows: temperature, top-k, top-p, softmax, then a multinomial draw.
+
+Steps 1 and 5 are transformers' (`generate` with do_sample), order and arithmetic. The penalties count generated
+tokens only, never the prompt: the original calls `generate(inputs_embeds=...)`, where the `input_ids` its processors
+see hold only the generated tokens; OpenAI's penalties are counted over the generated tokens as well.
 
 `sample_batch` applies each transform to all the rows that use it at once, with per-row parameters (a row with an
 option off comes out of it unchanged), and reads the results back to the host once. Every sampled sequence still
 draws from its own `torch.Generator`, one `torch.multinomial` per row, so that a seeded stream equals the original's
 `torch.manual_seed(seed); generate(do_sample=True)` draw for draw and never depends on its batch neighbours.
 Reported log-probabilities are the raw log-softmax of the logits, before any transform.
+
+A constrained row's matcher accepts its token after the one transfer to the host. A failing call (a refused token,
+which the mask should make impossible, or a torch error) changes no sampler's state but its generator's, so that the
+engine may retry its rows one by one.
 """
 
 from __future__ import annotations
@@ -19,11 +31,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import xgrammar
 
+from services.common.contract.errors import InvalidArgumentError
 from services.common.contract.sampling import SamplingParams
 
 # Columns of `Sampler.knobs`.
-_PENALTY, _PENALTY_DIVISOR, _TEMPERATURE_DIVISOR, _TOP_P_FLOOR, _TOP_K_ON = range(5)
+_PENALTY, _PENALTY_DIVISOR, _TEMPERATURE_DIVISOR, _TOP_P_FLOOR, _TOP_K_ON, _FREQUENCY, _PRESENCE = range(7)
 
 
 @dataclass(frozen=True)
@@ -34,13 +48,16 @@ class TopLogprobs:
 
 
 class Sampler:
-    """Per-sequence sampling state: the parameters, the seeded generator, the tokens generated so far (for the penalty).
+    """Per-sequence sampling state: the parameters, the seeded generator, the tokens generated so far (for the
+    penalties), the logit bias and the grammar matcher.
 
-    `knobs` [5] float32 and `kth` [] int64 hold the parameters on the device, made once here, so that a step stacks
-    them for its rows without a host-to-device copy.
+    `knobs` [7] float32 and `kth` [] int64 hold the parameters on the device, made once here, so that a step stacks
+    them for its rows without a host-to-device copy. `grammar` is the compiled constraint of `params.constraint`
+    (`services.llm.grammar.Grammars.compile`), compiled for the same `vocab_size`.
     """
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device):
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device | str, *,
+                 grammar: xgrammar.CompiledGrammar | None = None):
         self.params = params
         self.top_k = min(params.top_k, vocab_size)  # transformers' "safety check"; 0: off
         self.uses_top_p = 0 < params.top_p < 1
@@ -52,24 +69,68 @@ class Sampler:
         self.seen: torch.Tensor | None = None
         if params.penalty is not None:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=torch.device(device))
+        # counts [vocab] float32: how many times this sequence generated each token (exact up to 2**24).
+        self.counts: torch.Tensor | None = None
+        self._one: torch.Tensor | None = None  # [1] float32 1.0: what `observe` adds, without a host-to-device copy
+        if params.frequency_penalty or params.presence_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=torch.device(device))
+            self._one = torch.ones(1, dtype=torch.float32, device=torch.device(device))
+        # bias [vocab] float32: logit_bias, dense.
+        self.bias: torch.Tensor | None = None
+        if params.logit_bias:
+            self.bias = _dense_bias(params.logit_bias, vocab_size).to(device)
+        self.matcher: xgrammar.GrammarMatcher | None = None
+        if grammar is not None:
+            if grammar.tokenizer_info.vocab_size != vocab_size:
+                raise ValueError(f"the grammar was compiled for {grammar.tokenizer_info.vocab_size} tokens, the "
+                                 f"logits have {vocab_size}")
+            self.matcher = xgrammar.GrammarMatcher(grammar)
+        elif params.constraint is not None:
+            # Sampling it unconstrained would answer without saying so.
+            raise ValueError(f"a {params.constraint.kind.value} constraint needs its compiled grammar")
         penalty = params.penalty or 1.0
         temperature = params.temperature if not params.greedy else 1.0
         # Python's double `1 - top_p`, then float32: what comparing a float32 tensor with it does in transformers.
         # -1 (cumulative probabilities are >= 0) removes nothing.
         top_p_floor = 1 - params.top_p if self.uses_top_p else -1.0
-        knobs = [penalty, _divisor(penalty, device), _divisor(temperature, device), top_p_floor, float(self.top_k > 0)]
+        knobs = [penalty, _divisor(penalty, device), _divisor(temperature, device), top_p_floor, float(self.top_k > 0),
+                 params.frequency_penalty, params.presence_penalty]
         self.knobs = torch.tensor(knobs, dtype=torch.float32).to(device)
         self.kth = torch.tensor(max(self.top_k - 1, 0)).to(device)
 
     @property
     def plain_greedy(self) -> bool:
         """Argmax of the raw logits: decided for all such rows by one argmax."""
-        return self.params.greedy and self.seen is None
+        return (self.params.greedy and self.seen is None and self.counts is None and self.bias is None
+                and self.matcher is None)
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a grammar masks this sequence's tokens."""
+        return self.matcher is not None
+
+    @property
+    def grammar_done(self) -> bool:
+        """Whether the grammar accepted the stop token: the answer is complete, nothing more may be sampled."""
+        return self.matcher is not None and self.matcher.is_terminated()
 
     def observe(self, token: torch.Tensor) -> None:
         """Marks `token` ([1] int64, on the device) generated, without reading it back."""
         if self.seen is not None:
             self.seen.index_fill_(0, token, True)
+        if self.counts is not None:
+            self.counts.index_add_(0, token, self._one)
+
+
+def _dense_bias(logit_bias: Sequence[tuple[int, float]], vocab_size: int) -> torch.Tensor:
+    """[vocab_size] float32 of the (token id, bias) pairs, 0 elsewhere; an id outside the vocabulary is refused."""
+    bias = torch.zeros(vocab_size, dtype=torch.float32)
+    for token, value in logit_bias:
+        if not 0 <= token < vocab_size:
+            raise InvalidArgumentError(f"logit_bias: token id {token} is not in the vocabulary ({vocab_size} tokens, "
+                                       f"ids 0 to {vocab_size - 1})")
+        bias[token] = value
+    return bias
 
 
 def _reciprocal_division(device: torch.device | str) -> bool:
@@ -109,6 +170,62 @@ def _penalise(scores: torch.Tensor, samplers: Sequence[Sampler], knobs: torch.Te
     return torch.where(torch.stack(masks), penalised, scores)
 
 
+def _penalise_counts(scores: torch.Tensor, samplers: Sequence[Sampler], knobs: torch.Tensor) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties on scores [n, vocab], in float32.
+
+    A row without them subtracts count 0 times penalty 0: +0.0, and x - (+0.0) is x for every float x (-0.0 and the
+    infinities included), so it comes out unchanged bit for bit.
+    """
+    zeros: torch.Tensor | None = None  # [vocab] 0, shared by the rows without penalties
+    counts = []
+    for sampler in samplers:
+        if sampler.counts is None and zeros is None:
+            zeros = torch.zeros_like(scores[0])
+        counts.append(sampler.counts if sampler.counts is not None else zeros)
+    count = torch.stack(counts)  # [n, vocab]
+    return scores - (count * knobs[:, _FREQUENCY, None] + (count > 0) * knobs[:, _PRESENCE, None])
+
+
+def _add_bias(scores: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
+    """scores [n, vocab] + each row's logit bias.
+
+    A row without one adds -0.0: x + (-0.0) is x for every float x (+0.0 included, which + 0.0 would not keep for
+    -0.0), so it comes out unchanged bit for bit.
+    """
+    neutral: torch.Tensor | None = None
+    biases = []
+    for sampler in samplers:
+        if sampler.bias is None and neutral is None:
+            neutral = torch.full_like(scores[0], -0.0)
+        biases.append(sampler.bias if sampler.bias is not None else neutral)
+    return scores + torch.stack(biases)
+
+
+def _mask(scores: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
+    """scores [n, vocab] with -inf for the tokens each constrained row's grammar does not allow next.
+
+    The matchers fill a bitmask [c, ceil(vocab / 32)] int32 on the host (bit j % 32 of word j // 32: token j
+    allowed), copied to the device without waiting for it (pinned memory) and unpacked there. Unconstrained rows
+    come out unchanged.
+    """
+    rows = [row for row, s in enumerate(samplers) if s.matcher is not None]
+    vocab = scores.shape[1]
+    bitmask = torch.empty(xgrammar.get_bitmask_shape(len(rows), vocab), dtype=xgrammar.bitmask_dtype,
+                          pin_memory=scores.is_cuda)
+    for k, row in enumerate(rows):
+        if samplers[row].grammar_done:
+            raise RuntimeError("the grammar already accepted the stop token: the sequence should have ended")
+        samplers[row].matcher.fill_next_token_bitmask(bitmask, k)  # writes the whole row k
+    words = bitmask.to(scores.device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=scores.device)
+    allowed = ((words[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()  # [c, vocab]
+    masked = _rows(scores, rows).masked_fill(~allowed, float("-inf"))
+    if len(rows) == len(samplers):
+        return masked
+    at = {row: k for k, row in enumerate(rows)}
+    return torch.stack([masked[at[row]] if row in at else scores[row] for row in range(len(samplers))])
+
+
 def _warp(scores: torch.Tensor, samplers: Sequence[Sampler], knobs: torch.Tensor) -> torch.Tensor:
     """Temperature, top-k and top-p on scores [n, vocab] of sampled rows (each skipped when no row uses it)."""
     owned = False  # whether `scores` is a tensor made here, which may be filled in place (it saves a [n, vocab] copy)
@@ -142,10 +259,16 @@ def _choose(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
     work = [i for i, s in enumerate(samplers) if not s.plain_greedy]
     if work:
         working = [samplers[i] for i in work]
-        knobs = torch.stack([s.knobs for s in working])  # [n, 5]
+        knobs = torch.stack([s.knobs for s in working])  # [n, 7]
         scores = _rows(logits, work)
         if any(s.seen is not None for s in working):
             scores = _penalise(scores, working, knobs)
+        if any(s.counts is not None for s in working):
+            scores = _penalise_counts(scores, working, knobs)
+        if any(s.bias is not None for s in working):
+            scores = _add_bias(scores, working)
+        if any(s.matcher is not None for s in working):
+            scores = _mask(scores, working)
         if any(s.params.greedy for s in working):
             argmax = torch.argmax(scores, dim=-1)
             for row, (i, sampler) in enumerate(zip(work, working, strict=True)):
@@ -168,8 +291,36 @@ def sample_batch(logits: torch.Tensor, samplers: Sequence[Sampler]) -> tuple[lis
     """
     logits = logits.float()
     tokens = _choose(logits, samplers)  # [batch]
+    token_ids, reports = _read_back(logits, tokens, samplers)
+    _accept(token_ids, samplers)
+    # After the acceptance, which may fail: a failed call leaves the counts unchanged. No host sync: `tokens` is
+    # still the device tensor.
     for row, sampler in enumerate(samplers):
         sampler.observe(tokens[row:row + 1])
+    return token_ids, reports
+
+
+def _accept(token_ids: list[int], samplers: Sequence[Sampler]) -> None:
+    """Advances each constrained row's matcher by its token; all or none of them.
+
+    The mask allows only what the matcher accepts, so a refusal is a bug. It raises for the whole call, the
+    matchers that had accepted rolled back: the engine then samples the rows one by one, and only the row at fault
+    fails.
+    """
+    accepted: list[Sampler] = []
+    for row, sampler in enumerate(samplers):
+        if sampler.matcher is None:
+            continue
+        if not sampler.matcher.accept_token(token_ids[row]):
+            for done in accepted:
+                done.matcher.rollback(1)
+            raise RuntimeError(f"the grammar refused token {token_ids[row]} of row {row}, which its mask allowed")
+        accepted.append(sampler)
+
+
+def _read_back(logits: torch.Tensor, tokens: torch.Tensor, samplers: Sequence[Sampler]
+               ) -> tuple[list[int], list[TopLogprobs | None]]:
+    """The tokens [batch] and the wanted top log-probabilities of logits [batch, vocab], in one transfer."""
     wanted = [i for i, s in enumerate(samplers) if s.params.top_logprobs]
     if not wanted:
         return tokens.tolist(), [None] * len(samplers)

@@ -36,6 +36,7 @@ from services.llm.config import LLMConfig
 from services.llm.engine import TransformersEngine
 from services.llm.engine_api import Engine, GenerationStream
 from services.llm.events import EngineRequest
+from services.llm.grammar import Grammars
 from services.llm.metrics import LLMMetrics
 from services.llm.prompt import Conversation, Prompt, PromptBuilder, TextPart
 
@@ -69,6 +70,8 @@ class LLMService:
         self.prompts = PromptBuilder(tokenizer, self.tokens_per_tile, spec.system_message, self.max_context_tokens)
         self.engine = engine(self.prompts, self.max_context_tokens)
         self.engine.observer = metrics
+        self.vocab_size = spec.text_hf_config().vocab_size
+        self.grammars = Grammars(tokenizer, self.vocab_size, tokenizer.convert_tokens_to_ids(template.STOP_TOKEN))
         self.embedding_cache = None
         # Tokenisation, off the event loop and out of the model's worker thread.
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-prompt")
@@ -121,25 +124,33 @@ class LLMService:
 
     async def generate(self, request: GenerateRequest, inline: dict[str, torch.Tensor] | None = None,
                        timeout: float | None = None) -> GenerationStream:
-        """Starts generating; the returned stream yields TokenDelta events and ends with one Finish.
+        """Starts generating; the returned stream yields TokenDelta events and one Finish per answer.
 
-        Raises InvalidArgumentError, ContextTooLongError, EmbeddingsMissingError (listing every missing key) or
-        OverloadedError before anything is generated.
+        Raises InvalidArgumentError (a constraint xgrammar cannot compile among them), ContextTooLongError,
+        EmbeddingsMissingError (listing every missing key) or OverloadedError before anything is generated.
         """
         arrival = time.monotonic()
-        request.sampling.validate()
+        sampling = request.sampling
+        sampling.validate()
+        outside = [token for token, _ in sampling.logit_bias if token >= self.vocab_size]
+        if outside:
+            raise InvalidArgumentError(f"logit_bias: token id {outside[0]} is outside the vocabulary of "
+                                       f"{self.vocab_size} tokens")
         if self.engine.queue_full:  # before any work; submit checks again
             raise OverloadedError(f"the LLM server's queue is full ({self.config.max_queue} waiting requests)")
         loop = asyncio.get_running_loop()
+        # Compiled in the default executor: a large schema must not hold up other requests' tokenisation.
+        grammar = (None if sampling.constraint is None
+                   else await loop.run_in_executor(None, self.grammars.compile, sampling.constraint))
         prompt = await loop.run_in_executor(self._cpu, self.prompts.build, request.conversation)
         rows = await self._image_rows(prompt, inline if request.inline_embeddings else None,
                                       request.inline_embeddings)
         room = self.max_context_tokens - len(prompt)
         max_new = min(request.sampling.max_new_tokens or self.config.max_new_tokens_default, room)
         return self.engine.submit(EngineRequest(
-            prompt=prompt, sampling=request.sampling, max_new_tokens=max_new, image_rows=rows,
+            prompt=prompt, sampling=sampling, max_new_tokens=max_new, image_rows=rows,
             deadline=None if timeout is None else arrival + timeout, arrival=arrival,
-            request_id=request.request_id))
+            request_id=request.request_id, grammar=grammar))
 
     async def _image_rows(self, prompt: Prompt, inline: dict[str, torch.Tensor] | None,
                           inline_expected: bool) -> tuple[torch.Tensor, ...]:

@@ -128,11 +128,12 @@ def event_to_pb(event: Event) -> llm_pb2.GenerateResponse:
         return llm_pb2.GenerateResponse(delta=llm_pb2.TokenDelta(
             text=event.text, token_ids=event.token_ids,
             top_logprobs=[llm_pb2.TopLogprobs(logprob=t.logprob, token_ids=t.token_ids, logprobs=t.logprobs)
-                          for t in event.top_logprobs]))
+                          for t in event.top_logprobs], index=event.index))
     assert isinstance(event, Finish)
     usage = llm_pb2.Usage(prompt_tokens=event.usage.prompt_tokens, completion_tokens=event.usage.completion_tokens,
                           cached_prompt_tokens=event.usage.cached_prompt_tokens)
-    return llm_pb2.GenerateResponse(finish=llm_pb2.GenerateFinish(reason=event.reason.to_pb(llm_pb2.FinishReason), usage=usage))
+    return llm_pb2.GenerateResponse(finish=llm_pb2.GenerateFinish(reason=event.reason.to_pb(llm_pb2.FinishReason),
+                                                                  usage=usage, index=event.index))
 
 
 def model_info_to_pb(info: ModelInfo) -> llm_pb2.GetModelInfoResponse:

@@ -181,13 +181,19 @@ class FakeLLM(llm_pb2_grpc.LLMServiceServicer):
             except asyncio.CancelledError:
                 self.cancelled.set()
                 raise
+        # Answer i of n (interleaved, as the real service streams them) ends with " <i>" after the first.
+        answers = max(start.sampling.n, 1)
         for token_id, text in ((1, "a"), (2, " b"), (3, " c")):
-            top = [llm_pb2.TopLogprobs(logprob=-0.5, token_ids=[token_id, 9], logprobs=[-0.5, -1.5])]
-            yield llm_pb2.GenerateResponse(delta=llm_pb2.TokenDelta(
-                text=text, token_ids=[token_id], top_logprobs=top if start.sampling.top_logprobs else []))
-        yield llm_pb2.GenerateResponse(finish=llm_pb2.GenerateFinish(
-            reason=llm_pb2.FINISH_REASON_STOP,
-            usage=llm_pb2.Usage(prompt_tokens=100, completion_tokens=3, cached_prompt_tokens=10 * len(start.history))))
+            for index in range(answers):
+                top = [llm_pb2.TopLogprobs(logprob=-0.5, token_ids=[token_id, 9], logprobs=[-0.5, -1.5])]
+                yield llm_pb2.GenerateResponse(delta=llm_pb2.TokenDelta(
+                    text=text + (f" {index}" if index and token_id == 3 else ""), token_ids=[token_id],
+                    top_logprobs=top if start.sampling.top_logprobs else [], index=index))
+        for index in reversed(range(answers)):
+            yield llm_pb2.GenerateResponse(finish=llm_pb2.GenerateFinish(
+                reason=llm_pb2.FINISH_REASON_STOP, index=index,
+                usage=llm_pb2.Usage(prompt_tokens=100, completion_tokens=3,
+                                    cached_prompt_tokens=10 * len(start.history))))
 
     async def GetModelInfo(self, request, context):
         return llm_pb2.GetModelInfoResponse(model_info=model_info(self.fingerprint))

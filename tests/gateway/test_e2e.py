@@ -54,6 +54,7 @@ class Stack:
     http_port: int
     metrics_port: int
     vision_metrics_port: int
+    llm_metrics_port: int
     media_root: Path
 
     def metrics_text(self, port: int | None = None) -> str:
@@ -81,8 +82,9 @@ def stack(checkpoint, tmp_path_factory):
         pytest.fail(f"`internvl-serve up` did not come up:\n{output}\n{tails}", pytrace=False)
     assert f"on localhost:{port}" in output and "internvl-chat --target" in output
     vision_metrics = int(re.search(r"vision-0 http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
+    llm_metrics = int(re.search(r"llm http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
     try:
-        yield Stack(f"127.0.0.1:{port}", http_port, metrics_port, vision_metrics, media_root)
+        yield Stack(f"127.0.0.1:{port}", http_port, metrics_port, vision_metrics, llm_metrics, media_root)
     finally:
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=90)
@@ -305,6 +307,82 @@ def test_openai_client(stack, reference, images):
     with pytest.raises(openai.BadRequestError, match="remote URLs are not fetched"):
         client.chat.completions.create(model="internvl", max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+
+
+WEATHER = {"type": "object", "properties": {
+    "sky": {"enum": ["clear", "cloudy", "rain"]},
+    "degrees": {"type": "integer", "minimum": -50, "maximum": 50},
+    "windy": {"type": "boolean"}}, "required": ["sky", "degrees", "windy"]}
+
+
+def test_openai_structured_outputs(stack, reference, images):
+    """Random weights make free text garbage: only the grammar can make these answers valid."""
+    openai = pytest.importorskip("openai")
+    jsonschema = pytest.importorskip("jsonschema")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.http_port}/v1", api_key="unused", max_retries=0)
+    url = "data:image/png;base64," + base64.b64encode(images["small_120x90"]).decode()
+    prompts = {"text": [{"role": "user", "content": "Report the weather."}],
+               "image": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "Describe the weather here."}]}]}
+    schema = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER, "strict": True}}
+    for messages in prompts.values():
+        reply = client.chat.completions.create(model="internvl", messages=messages, max_tokens=80, temperature=0,
+                                               response_format=schema)
+        assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+        jsonschema.validate(json.loads(reply.choices[0].message.content), WEATHER)
+        stream = client.chat.completions.create(model="internvl", messages=messages, max_tokens=80, temperature=0.9,
+                                                seed=5, response_format=schema, stream=True)
+        text_ = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        jsonschema.validate(json.loads(text_), WEATHER)
+
+    # Any object: a random model writes one endless key, so logit_bias favours closing a string most, then closing
+    # the object; the grammar alone decides where they may go ("}" inside a string is text, not the end).
+    ids = reference.tokenizer.convert_tokens_to_ids
+    closing = {str(ids('"')): 100, str(ids("}")): 50}
+    reply = client.chat.completions.create(model="internvl", messages=prompts["text"], max_tokens=60, temperature=0,
+                                           response_format={"type": "json_object"}, logit_bias=closing)
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    choices = ["sunny", "rainy", "it is \"foggy\""]
+    reply = client.chat.completions.create(model="internvl", messages=prompts["image"], max_tokens=20,
+                                           temperature=1.0, extra_body={"structured_outputs": {"choice": choices}})
+    assert reply.choices[0].message.content in choices
+
+    with pytest.raises(openai.BadRequestError, match="json_schema: .*nonsense"):
+        client.chat.completions.create(model="internvl", messages=prompts["text"], max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+    with pytest.raises(openai.BadRequestError, match="tools is not supported: tool calling is not supported"):
+        client.chat.completions.create(model="internvl", messages=prompts["text"], max_tokens=4, tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+
+
+def test_openai_n_answers_are_prefilled_once_and_detail_low_is_one_tile(stack, images):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.http_port}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Write a line about n answers to one prompt, " + "again " * 20}]
+    before = read_metrics(stack.llm_metrics_port)
+    reply = client.chat.completions.create(model="internvl", messages=messages, n=3, seed=41, temperature=1.0,
+                                           max_tokens=8, logprobs=True)
+    fed = metric(read_metrics(stack.llm_metrics_port), "internvl_llm_prefill_tokens_total") - metric(
+        before, "internvl_llm_prefill_tokens_total")
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    # Once for the three answers: the prompt's tokens less those the prefix cache held (earlier tests' system prompt).
+    cached = reply.usage.prompt_tokens_details.cached_tokens
+    assert cached < reply.usage.prompt_tokens - 20
+    assert fed == reply.usage.prompt_tokens - cached, "the prompt was not prefilled exactly once for the three answers"
+    singles = [client.chat.completions.create(model="internvl", messages=messages, seed=seed, temperature=1.0,
+                                              max_tokens=8).choices[0].message.content for seed in (41, 42, 43)]
+    assert [c.message.content for c in reply.choices] == singles
+    assert reply.usage.completion_tokens == sum(len(c.logprobs.content) for c in reply.choices)
+
+    url = "data:image/png;base64," + base64.b64encode(images["landscape_1000x700"]).decode()
+    tiles = {}
+    for detail in ("low", "high"):
+        reply = client.chat.completions.create(model="internvl", max_tokens=2, temperature=0, messages=[{
+            "role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": detail}},
+                                        {"type": "text", "text": "What?"}]}], extra_body={"max_num": 6})
+        tiles[detail] = reply.usage.model_extra["internvl"]["image_tiles"]
+    assert tiles["low"] == [1] and tiles["high"][0] > 1
 
 
 def test_media_path_and_metrics_move(stack, stub, images):

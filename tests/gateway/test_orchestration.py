@@ -387,3 +387,74 @@ async def test_no_ready_llm_replica_is_unavailable_at_once_not_a_hang(fakes):
         assert code == grpc.StatusCode.UNAVAILABLE
         assert "no LLM replica ready" in details, details
         assert loop.time() - started < 5
+
+
+async def test_detail_low_is_one_tile_without_a_thumbnail(fakes):
+    async with fakes.stack() as stack:
+        png = fakes.png(900, 448)  # a 2x1 grid plus the thumbnail at any max_num >= 2
+        request = G.ChatRequest(content=[
+            G.ContentPart(image=G.ImageInput(data=png, detail=G.IMAGE_DETAIL_LOW)),
+            G.ContentPart(image=G.ImageInput(data=png, detail=G.IMAGE_DETAIL_HIGH)),
+            image_part(png), text("Compare.")], max_num=6)
+        _, finish = await chat(stack, request)
+        assert list(finish.usage.image_tiles) == [1, 3, 3]
+        # The low-detail image is its own cache entry (one tile); the other two share one.
+        refs = [p.image for p in stack.llm.starts[-1].user_parts if p.HasField("image")]
+        assert refs[0].key != refs[1].key == refs[2].key
+
+
+async def test_n_answers_are_streamed_with_their_index_and_batch_chat_refuses_them(fakes):
+    async with fakes.stack() as stack:
+        deltas, finishes = [], []
+        async for response in stack.stub.Chat(G.ChatRequest(content=[text("Hi")], sampling=G.SamplingParams(n=2)),
+                                              timeout=20):
+            if response.HasField("delta"):
+                deltas.append(response.delta)
+            else:
+                finishes.append(response.finish)
+        assert ["".join(d.text for d in deltas if d.index == i) for i in (0, 1)] == ["a b c", "a b c 1"]
+        assert sorted(f.index for f in finishes) == [0, 1]
+        assert {f.usage.completion_tokens for f in finishes} == {3} and {f.session_id for f in finishes} != {""}
+        assert len({f.session_id for f in finishes}) == 1
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stack.stub.BatchChat(G.BatchChatRequest(requests=[
+                G.ChatRequest(content=[text("a")]), G.ChatRequest(content=[text("b")], sampling=G.SamplingParams(n=2))]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "requests[1]: BatchChat gives one answer per request" in info.value.details()
+
+
+async def test_a_remote_image_is_fetched_by_the_allowlist_and_shares_the_cache_with_its_bytes(fakes):
+    from aiohttp import web
+
+    png = fakes.png(900, 448)
+    async def cat(request: web.Request) -> web.Response:
+        return web.Response(body=png, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/cat.png", cat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        # The guard is lifted for the loopback test server only by its flag.
+        async with fakes.stack(allowed_media_domains=("127.0.0.1",), allow_private_media_addresses=True) as stack:
+            by_url = G.ChatRequest(content=[image_part(url=f"http://127.0.0.1:{port}/cat.png"), text("What?")])
+            deltas, finish = await chat(stack, by_url)
+            assert "".join(d.text for d in deltas) == "a b c" and list(finish.usage.image_tiles) == [3]
+            key = stack.llm.starts[-1].user_parts[0].image.key
+            _, again = await chat(stack, G.ChatRequest(content=[image_part(png), text("What?")]))
+            assert stack.llm.starts[-1].user_parts[0].image.key == key
+            assert (again.usage.encoded_tiles, again.usage.reused_tiles) == (0, 3)
+            assert stack.vision_calls("Encode") == [1]
+        async with fakes.stack(allowed_media_domains=("media.example.com",)) as stack:
+            code, details, _ = await refusal(stack, G.ChatRequest(content=[
+                text("What?"), image_part(url=f"http://127.0.0.1:{port}/cat.png")]))
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+            assert details.startswith("content[1] (image): host '127.0.0.1' is not in the gateway's "
+                                      "--allowed-media-domains")
+            assert stack.vision_calls("Lookup") == []
+    finally:
+        await runner.cleanup()

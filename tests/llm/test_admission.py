@@ -10,6 +10,7 @@ from services.llm.admission import Admission
 @dataclass(eq=False)
 class Req:
     extent: int
+    rows: int = 1
     bypassed: int = 0
 
 
@@ -47,3 +48,14 @@ def test_a_long_request_is_passed_over_at_most_max_bypass_times():
 def test_nothing_fits_nothing_is_chosen():
     a = policy(50)
     assert a.choose([Req(40)], admitted=[10]) == []
+
+
+def test_a_request_for_n_answers_is_admitted_as_n_rows_or_not_at_all():
+    a = policy(100, max_batch_size=4)
+    assert a.fits_alone(21, rows=4) and not a.fits_alone(22, rows=4)  # 4 x (21 + 4) = 100
+    assert not a.fits_alone(1, rows=5)  # more answers than the batch has rows
+    three, one = Req(16, rows=3), Req(16)
+    assert a.choose([three, one], admitted=[]) == [0, 1]  # 4 rows x 20 = 80
+    assert a.choose([three, one], admitted=[16]) == [0]  # the batch is full after the three
+    assert a.choose([three, one], admitted=[16, 16]) == [1]  # 3 more rows would exceed the batch size
+    assert three.bypassed == 1

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -22,11 +25,31 @@ VOCAB = 1000
 CPU = torch.device("cpu")
 
 
+def openai_adjusted(scores: torch.Tensor, generated: list[int], params: SamplingParams) -> torch.Tensor:
+    """scores [1, vocab] after OpenAI's frequency and presence penalties, then logit_bias, token by token in float32:
+
+        logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty
+        logit[j] += logit_bias[j]
+
+    count[j] being how many times token j is among the generated tokens (the prompt is not counted).
+    """
+    out = scores.clone()
+    f32 = np.float32
+    if params.frequency_penalty or params.presence_penalty:
+        for token, count in Counter(generated).items():  # count > 0 for each
+            penalty = f32(count) * f32(params.frequency_penalty) + f32(params.presence_penalty)
+            out[0, token] = float(f32(out[0, token].item()) - penalty)
+    for token, bias in params.logit_bias:
+        out[0, token] = float(f32(out[0, token].item()) + f32(bias))
+    return out
+
+
 class TransformersRow:
     """One sequence sampled as transformers' generate does, alone: its processors, then the global-RNG multinomial.
 
     `input_ids` are the generated tokens only, as generate(inputs_embeds=...) has them: the prompt is not among them.
-    The generator stands for `torch.manual_seed(seed)`'s global one.
+    The generator stands for `torch.manual_seed(seed)`'s global one. OpenAI's penalties and logit_bias, which
+    transformers has not, come after the repetition penalty (`openai_adjusted`).
     """
 
     def __init__(self, params: SamplingParams):
@@ -41,6 +64,7 @@ class TransformersRow:
         scores = logits[None].clone()
         if params.penalty:
             scores = RepetitionPenaltyLogitsProcessor(params.penalty)(ids, scores)
+        scores = openai_adjusted(scores, self.generated, params)
         if params.greedy:
             token = int(scores.argmax())
         else:
@@ -64,6 +88,21 @@ ROWS = {
     "top-p": SamplingParams(temperature=1.0, top_p=0.8, seed=5),
     "all": SamplingParams(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=6),
     "reward-logprobs": SamplingParams(temperature=1.2, top_p=0.95, repetition_penalty=0.8, seed=7, top_logprobs=5),
+}
+
+
+# OpenAI's options, alone and with transformers' ones. The biases of -100 ban a hot token; those of +5..8 lift a cold
+# one (about -6) among the hot ones.
+OPENAI_ROWS = {
+    "greedy-frequency": SamplingParams(frequency_penalty=0.8),
+    "greedy-presence-bias": SamplingParams(presence_penalty=1.5, logit_bias=((0, -100.0), (500, 6.0)), top_logprobs=2),
+    "greedy-reward": SamplingParams(frequency_penalty=0.3, presence_penalty=-1.0),
+    "greedy-bias-penalty": SamplingParams(repetition_penalty=1.4, logit_bias=((1, -2.5), (7, 1.5), (640, 5.0))),
+    "sampled-frequency": SamplingParams(temperature=0.8, frequency_penalty=0.5, seed=21),
+    "sampled-presence": SamplingParams(temperature=1.0, presence_penalty=2.0, seed=23),
+    "sampled-all": SamplingParams(temperature=1.1, top_k=40, top_p=0.9, repetition_penalty=1.2, frequency_penalty=-0.4,
+                                  presence_penalty=0.6, logit_bias=((3, 2.5), (999, 8.0)), seed=22, top_logprobs=4),
+    "sampled-bias": SamplingParams(temperature=0.5, logit_bias=((2, -100.0), (4, -100.0), (321, 7.0)), seed=24),
 }
 
 
@@ -142,6 +181,104 @@ def test_transformed_scores_equal_transformers_bit_for_bit():
             expected = TopPLogitsWarper(p.top_p)(ids, expected)
         assert torch.equal(warped[sampled.index(row)], expected[0]), f"warps of row {row}"
     assert int(torch.isfinite(warped[-1]).sum()) == 1
+
+
+def test_openai_options_mixed_with_the_others_equal_their_reference_alone():
+    """OpenAI's penalties and logit_bias in one sample_batch call with every other kind of row, step after step: each
+    row equals its reference (transformers' processors plus the formula) run alone, greedy rows exactly and sampled
+    rows draw for draw."""
+    params = {**ROWS, **OPENAI_ROWS}
+    names = list(params)
+    samplers = [Sampler(params[n], VOCAB, CPU) for n in names]
+    references = [TransformersRow(params[n]) for n in names]
+    # The same greedy rows without OpenAI's options: the options must decide some choices, or the test sees nothing.
+    plain = {n: TransformersRow(dataclasses.replace(params[n], frequency_penalty=0.0, presence_penalty=0.0,
+                                                    logit_bias=()))
+             for n in OPENAI_ROWS if params[n].greedy}
+    decided = Counter()
+    for step in range(40):
+        logits = step_logits(step, len(names))
+        tokens, reports = sample_batch(logits, samplers)
+        expected = [ref.step(logits[row]) for row, ref in enumerate(references)]
+        assert tokens == expected, f"step {step}"
+        for name, reference in plain.items():
+            row = names.index(name)
+            reference.generated = list(references[row].generated[:-1])  # the same history, without the options
+            decided[name] += reference.step(logits[row]) != tokens[row]
+        raw = torch.log_softmax(logits, dim=-1)
+        for row, name in enumerate(names):
+            if params[name].top_logprobs:  # still the raw log-softmax, whatever the options
+                values, ids = torch.topk(raw[row], params[name].top_logprobs)
+                assert list(reports[row].token_ids) == ids.tolist()
+                assert list(reports[row].logprobs) == pytest.approx(values.tolist(), abs=1e-6)
+    assert all(decided[name] >= 3 for name in plain), decided
+    banned = names.index("greedy-presence-bias")
+    assert 0 not in references[banned].generated and 500 in references[banned].generated
+
+
+def test_openai_options_each_row_alone_equals_its_reference():
+    for name, params in OPENAI_ROWS.items():
+        sampler, reference = Sampler(params, VOCAB, CPU), TransformersRow(params)
+        for step in range(20):
+            logits = step_logits(step, 1)
+            assert sample_batch(logits, [sampler])[0] == [reference.step(logits[0])], f"{name} step {step}"
+
+
+def test_frequency_presence_and_bias_by_hand():
+    """One greedy step whose winner follows from the formula worked out by hand."""
+    logits = torch.full((1, VOCAB), -10.0)
+    logits[0, 5], logits[0, 6], logits[0, 7] = 3.0, 2.0, 1.0
+    generated = [5, 5, 6]
+    # token 5: 3 - (2 * 0.4 + 0.5) = 1.7; token 6: 2 - (1 * 0.4 + 0.5) = 1.1; token 7, not generated: 1 + bias.
+    for bias, winner in [(0.5, 5), (0.8, 7), (-1.0, 5)]:
+        params = SamplingParams(frequency_penalty=0.4, presence_penalty=0.5, logit_bias=((7, bias),))
+        sampler = Sampler(params, VOCAB, CPU)
+        assert not sampler.plain_greedy
+        for token in generated:
+            sampler.observe(torch.tensor([token]))
+        assert sample_batch(logits, [sampler])[0] == [winner], bias
+    # Without the presence penalty token 5 keeps 3 - 0.8 = 2.2 and wins over 7 at 1.8.
+    sampler = Sampler(SamplingParams(frequency_penalty=0.4, logit_bias=((7, 0.8),)), VOCAB, CPU)
+    for token in generated:
+        sampler.observe(torch.tensor([token]))
+    # The scores themselves, element for element (before sample_batch counts its own token).
+    knobs = sampler.knobs[None]
+    scores = sampling._add_bias(sampling._penalise_counts(logits, [sampler], knobs), [sampler])
+    f32 = np.float32
+    expected = logits.clone()
+    expected[0, 5] = float(f32(3.0) - f32(2) * f32(0.4))
+    expected[0, 6] = float(f32(2.0) - f32(1) * f32(0.4))
+    expected[0, 7] = float(f32(1.0) + f32(0.8))
+    assert torch.equal(scores, expected)
+    assert sample_batch(logits, [sampler])[0] == [5]
+
+
+def test_rows_without_openai_options_unchanged_bit_for_bit():
+    """The neutral elements the batched step uses for rows without an option keep every float, -0.0 and inf too."""
+    logits = torch.tensor([[-0.0, 0.0, float("inf"), float("-inf"), 1.5, -2.25] + [0.0] * (VOCAB - 6)] * 2)
+    samplers = [Sampler(SamplingParams(temperature=1.0, seed=1), VOCAB, CPU),
+                Sampler(SamplingParams(frequency_penalty=1.0, presence_penalty=1.0, logit_bias=((4, 1.0),)), VOCAB,
+                        CPU)]
+    samplers[1].observe(torch.tensor([5]))
+    knobs = torch.stack([s.knobs for s in samplers])
+    out = sampling._add_bias(sampling._penalise_counts(logits, samplers, knobs), samplers)
+    assert torch.equal(out[0], logits[0]) and torch.equal(torch.signbit(out[0]), torch.signbit(logits[0]))
+    assert out[1, 4] == 2.5 and out[1, 5] == -4.25
+
+
+def test_logit_bias_outside_the_vocabulary_refused():
+    with pytest.raises(InvalidArgumentError, match=rf"token id {VOCAB} .*{VOCAB} tokens"):
+        Sampler(SamplingParams(logit_bias=((3, 1.0), (VOCAB, 1.0))), VOCAB, CPU)
+    Sampler(SamplingParams(logit_bias=((VOCAB - 1, 1.0),)), VOCAB, CPU)  # the last id is fine
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(frequency_penalty=0.1), SamplingParams(presence_penalty=-0.1),
+    SamplingParams(logit_bias=((1, 0.0),)),
+])
+def test_openai_options_are_not_plain_greedy(params):
+    assert not Sampler(params, VOCAB, CPU).plain_greedy
+    assert Sampler(SamplingParams(), VOCAB, CPU).plain_greedy
 
 
 def test_penalty_counts_generated_tokens_not_the_prompt():

@@ -54,9 +54,11 @@ class ChatServiceServicer:
     """
 
     def Chat(self, request, context):
-        """One question, answered as a stream: `delta` messages, then exactly one `finish`. Errors abort the
+        """One question, answered as a stream: `delta` messages, then exactly one `finish` per answer
+        (SamplingParams.n answers, their messages interleaved and told apart by `index`). Errors abort the
         stream with a status (INVALID_ARGUMENT for bad input naming the part, NOT_FOUND for an unknown or
-        expired session, PERMISSION_DENIED for a file path outside the gateway's media root).
+        expired session, PERMISSION_DENIED for a file path outside the gateway's media root or a remote
+        URL its allowlist refuses).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -64,7 +66,8 @@ class ChatServiceServicer:
 
     def BatchChat(self, request, context):
         """Several independent questions answered together (the LLM service batches them); one result per
-        request, in request order. Any failing request fails the call, naming its index.
+        request, in request order. Any failing request fails the call, naming its index. Each request
+        gets one answer (SamplingParams.n > 1 is refused here: use Chat).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,7 +56,8 @@ class LLMServiceServicer:
     def Generate(self, request_iterator, context):
         """Bidirectional stream. The client sends one GenerateRequest carrying `start`, then, only when
         start.inline_embeddings is true, the embeddings of every referenced image as `embedding` chunks,
-        then half-closes. The server streams `delta` messages and ends with exactly one `finish`.
+        then half-closes. The server streams `delta` messages and ends with one `finish` per answer
+        (SamplingParams.n answers, told apart by `index`; the prompt is prefilled once for all).
         Errors abort the stream with a status; embeddings missing from the cache abort it with
         FAILED_PRECONDITION and an ErrorDetail listing the missing keys. Cancelling the call (or its
         deadline passing) stops generation.
