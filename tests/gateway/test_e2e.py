@@ -334,6 +334,12 @@ def test_openai_structured_outputs(stack, reference, images):
                                                 seed=5, response_format=schema, stream=True)
         text_ = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         jsonschema.validate(json.loads(text_), WEATHER)
+    # The next round of the (image) session, constrained as well.
+    reply = client.chat.completions.create(model="internvl", messages=[{"role": "user", "content": "And tomorrow?"}],
+                                           max_tokens=80, temperature=0, response_format=schema,
+                                           extra_body={"session_id": reply.model_extra["session_id"]})
+    assert reply.usage.prompt_tokens_details.cached_tokens > 256  # the first round's prefix, image included
+    jsonschema.validate(json.loads(reply.choices[0].message.content), WEATHER)
 
     # Any object: a random model writes one endless key, so logit_bias favours closing a string most, then closing
     # the object; the grammar alone decides where they may go ("}" inside a string is text, not the end).
