@@ -116,7 +116,10 @@ class ChatRequest:
     multi_image_mode: MultiImageMode = MultiImageMode.SEPARATE
     sampling: SamplingParams = field(default_factory=SamplingParams)
     system_message: str | None = None
+    # Set by the API that received the request (the caller's, or a new one): see services.common.request_ids.
     request_id: str = ""
+    # The OpenAI API's `user` / `safety_identifier`: recorded on the request's span as `user.id`.
+    user: str = ""
 
     @classmethod
     def from_pb(cls, pb: gateway_pb2.ChatRequest) -> ChatRequest:

@@ -64,11 +64,12 @@ class Finish:
     usage: ChatUsage
     session_id: str
     index: int = 0
+    request_id: str = ""
 
     def to_pb(self) -> gateway_pb2.ChatResponse:
         return gateway_pb2.ChatResponse(finish=gateway_pb2.ChatFinish(
             reason=self.reason.to_pb(gateway_pb2.FinishReason), usage=self.usage.to_pb(), session_id=self.session_id,
-            index=self.index))
+            index=self.index, request_id=self.request_id))
 
 
 @dataclass(frozen=True)
@@ -89,4 +90,4 @@ class ChatResult:
         return gateway_pb2.ChatResult(
             text=self.text, token_ids=self.token_ids, logprobs=[lp.to_pb() for lp in self.logprobs],
             finish_reason=self.finish.reason.to_pb(gateway_pb2.FinishReason), usage=self.finish.usage.to_pb(),
-            session_id=self.finish.session_id)
+            session_id=self.finish.session_id, request_id=self.finish.request_id)

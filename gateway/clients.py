@@ -31,6 +31,7 @@ from gateway.endpoints import EndpointPool
 from gateway.errors import DeadlineExceededError
 from gateway.metrics import GatewayMetrics
 from gateway.routing import Policy, Router
+from services.common import request_ids, tracing
 from services.common.contract.encoding import EncodedItem, MediaItem
 from services.common.contract.errors import (
     EmbeddingsMissingError,
@@ -82,7 +83,9 @@ def replica_channel(target: str, host: str | None, max_message_bytes: int = DEFA
                ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5_000)]
     if tls is not None and host is not None and tls.server_name is None:
         options.append(("grpc.ssl_target_name_override", host))
-    return secure_or_insecure_channel(target, options, tls)
+    # Every call carries the request's id and (when tracing) its trace context to the service.
+    interceptors = [*tracing.client_interceptors(), *request_ids.client_interceptors()]
+    return secure_or_insecure_channel(target, options, tls, interceptors)
 
 
 # ----------------------------------------------------------------------------------------------------- errors

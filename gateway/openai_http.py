@@ -43,6 +43,7 @@ from gateway.chat_response import Delta, Finish
 from gateway.errors import RequestTooLargeError
 from gateway.metrics import GatewayMetrics
 from gateway.orchestrator import Orchestrator
+from services.common import request_ids
 from services.common.contract.constraint import Constraint, ConstraintKind
 from services.common.contract.errors import (
     InternVLError,
@@ -57,6 +58,7 @@ from services.common.request_metrics import RequestCall
 
 log = logging.getLogger(__name__)
 RPC = "openai.chat_completions"
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
@@ -328,7 +330,7 @@ def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
         content=tuple(pending), history=tuple(turns), session_id=_field(body, "session_id", str, None),
         max_num=_field(body, "max_num", int, DEFAULT_MAX_NUM), multi_image_mode=MultiImageMode(mode), sampling=sampling,
         system_message="\n".join(system) if system else None,
-        request_id=_field(body, "user", str, None) or _field(body, "safety_identifier", str, ""))
+        user=_field(body, "user", str, None) or _field(body, "safety_identifier", str, ""))
     stream = bool(_field(body, "stream", bool, False))
     include_usage = bool((_field(body, "stream_options", dict, {}) or {}).get("include_usage", False))
     return request, stream, include_usage, top if want_logprobs else -1
@@ -393,11 +395,12 @@ class OpenAIHandlers:
 
     async def chat_completions(self, http: web.Request) -> web.StreamResponse:
         # Recorded like a gRPC call (same families, method `openai.chat_completions`); a disconnect cancels it.
-        with self.metrics.requests.track(RPC) as call:
+        with self.metrics.requests.track(RPC, http.headers.get(request_ids.HEADER)) as call:
+            http[REQUEST_ID_KEY] = call.request_id  # echoed by _echo_request_id
             return await self._chat_completions(http, call)
 
     async def _chat_completions(self, http: web.Request, call: RequestCall) -> web.StreamResponse:
-        events = self.metrics.track_tokens(RPC, self._events(http))
+        events = self.metrics.track_tokens(RPC, self._events(http, call.request_id))
         async with contextlib.aclosing(events):
             try:
                 options = await anext(events)
@@ -429,7 +432,7 @@ class OpenAIHandlers:
                                       "choices": choices, "usage": _usage(finishes),
                                       "session_id": finishes[0].session_id})
 
-    async def _events(self, http: web.Request):
+    async def _events(self, http: web.Request, request_id: str):
         """The parsed options, then the orchestrator's events (failures, parsing included, are tracked)."""
         try:
             body = await http.json()
@@ -440,6 +443,7 @@ class OpenAIHandlers:
                                        f"{max_body_bytes(self.orchestrator.config)} bytes; send smaller media "
                                        "(the gateway's --max-media-bytes sets it)") from None
         request, stream, include_usage, top = parse_request(body)
+        request = dataclasses.replace(request, request_id=request_id)
         model = body.get("model") if isinstance(body.get("model"), str) else self.model_name
         yield (model, stream, include_usage, top, request.sampling.answers)
         async with contextlib.aclosing(self.orchestrator.chat(request)) as events:
@@ -487,6 +491,12 @@ class OpenAIHandlers:
         return response
 
 
+async def _echo_request_id(http: web.Request, response: web.StreamResponse) -> None:
+    """Every chat completion's response, errors and streams included, carries its request id."""
+    if REQUEST_ID_KEY in http:
+        response.headers[request_ids.HEADER] = http[REQUEST_ID_KEY]
+
+
 def max_body_bytes(config) -> int:
     """The largest HTTP request body read: room for one medium at the limit, base64-encoded (4/3), and the rest."""
     return config.max_media_bytes * 2
@@ -495,8 +505,10 @@ def max_body_bytes(config) -> int:
 def create_app(orchestrator: Orchestrator, metrics: GatewayMetrics, is_ready: Callable[[], bool]) -> web.Application:
     handlers = OpenAIHandlers(orchestrator, metrics, is_ready)
     token = orchestrator.config.api_token
+    # With tracing on, OpenTelemetry's instrumentation puts its middleware first (services.common.tracing).
     app = web.Application(client_max_size=max_body_bytes(orchestrator.config),
                           middlewares=[http_middleware(token)] if token else [])
+    app.on_response_prepare.append(_echo_request_id)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)

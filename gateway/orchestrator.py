@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import logging
@@ -56,6 +57,7 @@ from gateway.planning import (
 )
 from gateway.remote_media import RemoteMedia
 from gateway.sessions import Session, SessionStore, new_session_id
+from services.common import tracing
 from services.common.contract import template
 from services.common.contract.encoding import EncodedItem
 from services.common.contract.errors import (
@@ -69,6 +71,7 @@ from services.common.contract.errors import (
 )
 from services.common.contract.model_info import ModelInfo
 from services.common.contract.tiling import MAX_NUM_LIMIT
+from services.common.logs import request_scope
 
 log = logging.getLogger(__name__)
 _ITEM_PREFIX = re.compile(r"^items\[\d+\]:\s*")
@@ -135,7 +138,8 @@ class Orchestrator:
         await self.remote_media.close()
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        # In the request's context, so that the media threads' log lines carry its id.
+        return await asyncio.get_running_loop().run_in_executor(self._pool, contextvars.copy_context().run, fn)
 
     # ------------------------------------------------------------------------------------------------ chat
 
@@ -150,6 +154,12 @@ class Orchestrator:
         check_max_num(request.max_num, "max_num", MAX_NUM_LIMIT)
         for where, video in _videos(request):
             check_max_num(video.max_num, f"{where} (video)", MAX_NUM_LIMIT)
+        tracing.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.request.model": self.model.model_name,
+                                "gen_ai.request.max_tokens": request.sampling.max_new_tokens or None,
+                                "gen_ai.request.temperature": request.sampling.temperature,
+                                "gen_ai.request.top_p": request.sampling.top_p or None,
+                                "gen_ai.request.choice.count": request.sampling.answers,
+                                "user.id": request.user or None})
         # Remote URLs become their bytes (fetched by the allowlist) before planning: the cache keys cover the bytes.
         request = await self.remote_media.resolve_urls(request)
         continuing = request.session_id is not None
@@ -164,7 +174,10 @@ class Orchestrator:
                                                "leave it unset when continuing a session")
             else:
                 session = Session(session_id, request.system_message)
-            plan = await self._plan(request)
+            with tracing.tracer().start_as_current_span("media.plan") as span:
+                plan = await self._plan(request)
+                tracing.set_attributes({"internvl.images": len(plan.images),
+                                        "internvl.tiles": sum(image.num_tiles for image in plan.images)}, span)
             self._check_tiles(plan, session)
             refs = await self._ensure_cached(plan, session, deadline)
             history = (*session.turns, *(TurnRecord(refs[n], t.assistant_text or "")
@@ -172,6 +185,7 @@ class Orchestrator:
             conversation = LLMConversation(refs[-1], history, session.system_message)
             first_answer: list[str] = []  # what the session records: answer 0 (of n)
             tiles: ChatUsage | None = None
+            finished: list[GenerateFinish] = []
             async with contextlib.aclosing(self._generate(conversation, plan, request, deadline)) as events:
                 async for event in events:
                     if isinstance(event, Delta):
@@ -187,7 +201,16 @@ class Orchestrator:
                     usage = dataclasses.replace(tiles, prompt_tokens=event.prompt_tokens,
                                                 completion_tokens=event.completion_tokens,
                                                 cached_prompt_tokens=event.cached_prompt_tokens)
-                    yield Finish(event.reason, usage, session_id, event.index)
+                    finished.append(event)
+                    if len(finished) == request.sampling.answers:
+                        tracing.set_attributes({
+                            "gen_ai.usage.input_tokens": event.prompt_tokens,
+                            "gen_ai.usage.output_tokens": sum(f.completion_tokens for f in finished),
+                            "gen_ai.response.finish_reasons": [f.reason.value for f in finished],
+                            "internvl.cached_prompt_tokens": event.cached_prompt_tokens,
+                            "internvl.encoded_tiles": tiles.encoded_tiles, "internvl.reused_tiles": tiles.reused_tiles,
+                            "internvl.session_id": session_id})
+                    yield Finish(event.reason, usage, session_id, event.index, request.request_id)
 
     async def batch_chat(self, requests: list[ChatRequest], timeout: float | None = None) -> list[ChatResult]:
         """Answers independent requests concurrently (the LLM service batches them); any failure fails all."""
@@ -203,12 +226,14 @@ class Orchestrator:
         async def one(index: int, request: ChatRequest) -> ChatResult:
             deltas, finish = [], None
             try:
-                async with contextlib.aclosing(self.chat(request, timeout)) as events:
-                    async for event in events:
-                        if isinstance(event, Delta):
-                            deltas.append(event)
-                        else:
-                            finish = event
+                # Each question's log lines carry its own id (this task's context is its own).
+                with request_scope(request.request_id):
+                    async with contextlib.aclosing(self.chat(request, timeout)) as events:
+                        async for event in events:
+                            if isinstance(event, Delta):
+                                deltas.append(event)
+                            else:
+                                finish = event
             except InternVLError as exc:
                 exc.args = (f"requests[{index}]: {exc}",)
                 exc.item_index = index

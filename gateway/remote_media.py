@@ -38,6 +38,7 @@ from yarl import URL
 
 from gateway.chat_request import ChatRequest, ContentPart
 from gateway.errors import DeadlineExceededError, MediaAccessError
+from services.common import tracing
 from services.common.contract.errors import InvalidArgumentError, InvalidMediaError
 
 if TYPE_CHECKING:
@@ -240,7 +241,10 @@ class RemoteMedia:
                     fetches[t, i] = self.fetch(media.url, f"{prefix}[{i}] ({kind})")
         if not fetches:
             return request
-        fetched = dict(zip(fetches, await _gather_or_cancel(fetches.values())))
+        with tracing.tracer().start_as_current_span("media.fetch") as span:
+            fetched = dict(zip(fetches, await _gather_or_cancel(fetches.values())))
+            tracing.set_attributes({"internvl.urls": len(fetched),
+                                    "internvl.bytes": sum(map(len, fetched.values()))}, span)
 
         def with_bytes(t: int, parts: tuple[ContentPart, ...]) -> tuple[ContentPart, ...]:
             return tuple(_part_with_data(part, fetched[t, i]) if (t, i) in fetched else part

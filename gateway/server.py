@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 
+import grpc
 from aiohttp import web
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -29,6 +31,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai_http import create_app
 from gateway.orchestrator import Orchestrator
 from gateway.sessions import MemorySessionStore, RedisSessionStore
+from services.common import request_ids, tracing
 from services.common.contract.errors import InternVLError
 from services.common.grpc_server import GrpcServer
 from services.common.redis_client import connect as connect_redis
@@ -43,29 +46,40 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
         self.orchestrator = orchestrator
         self.metrics = metrics
 
-    async def _events(self, request: gateway_pb2.ChatRequest, timeout: float | None):
-        chat = ChatRequest.from_pb(request)
+    async def _events(self, request: gateway_pb2.ChatRequest, request_id: str, timeout: float | None):
+        chat = dataclasses.replace(ChatRequest.from_pb(request), request_id=request_id)
         async with contextlib.aclosing(self.orchestrator.chat(chat, timeout)) as events:
             async for event in events:
                 yield event
 
     async def Chat(self, request: gateway_pb2.ChatRequest, context):
-        events = self.metrics.track_tokens("Chat", self._events(request, context.time_remaining()))
+        request_id = await _adopt_request_id(request.request_id, context)
+        events = self.metrics.track_tokens("Chat", self._events(request, request_id, context.time_remaining()))
         async with contextlib.aclosing(events):
             async for event in events:
                 yield event.to_pb()
 
     async def BatchChat(self, request: gateway_pb2.BatchChatRequest, context):
+        call_id = await _adopt_request_id("", context)
         requests = []
         for index, item in enumerate(request.requests):
             try:
-                requests.append(ChatRequest.from_pb(item))
+                chat = ChatRequest.from_pb(item)
             except InternVLError as exc:
                 exc.args = (f"requests[{index}]: {exc}",)
                 raise
+            requests.append(dataclasses.replace(chat, request_id=request_ids.accepted(
+                item.request_id or f"{call_id}.{index}")))
         results = await self.orchestrator.batch_chat(requests, context.time_remaining())
         self.metrics.generated_tokens.labels("BatchChat").inc(sum(len(r.token_ids) for r in results))
         return gateway_pb2.BatchChatResponse(results=[r.to_pb() for r in results])
+
+
+async def _adopt_request_id(field: str, context: grpc.aio.ServicerContext) -> str:
+    """The call's request id (`request_ids.adopt`), returned to the caller at once in the initial metadata."""
+    request_id = request_ids.adopt(field, context.invocation_metadata())
+    await context.send_initial_metadata(((request_ids.HEADER, request_id),))
+    return request_id
 
 
 def _session_store(config: GatewayConfig) -> RedisSessionStore | MemorySessionStore:
@@ -144,5 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(GatewayConfig.from_args(args)))
+    config = GatewayConfig.from_args(args)
+    with tracing.traced_process("gateway", config.server.otlp_endpoint):
+        asyncio.run(serve(config))
     return 0

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from services.common.contract.errors import InternVLError
+from services.common.logs import LOG_FORMATS, configure_logging
 
 SUBCOMMANDS = {
     "make-tiny": ("services.tools.make_tiny", "write a random checkpoint in the original OpenGVLab format"),
@@ -28,6 +28,8 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="internvl-serve", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="stderr log lines: text (default) or json, one object per line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     # Only the chosen subcommand's module is imported; the others are listed by name.
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             module.add_arguments(sub)
             sub.set_defaults(run=module.run)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format, service=args.command)
     try:
         return int(args.run(args) or 0)
     except InternVLError as exc:

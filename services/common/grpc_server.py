@@ -20,6 +20,7 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import tracing
 from services.common.contract.errors import InvalidArgumentError
 from services.common.grpc_errors import ErrorMappingInterceptor
 from services.common.request_metrics import RequestMetrics, RequestMetricsInterceptor
@@ -43,6 +44,9 @@ class ServerOptions:
     drain_seconds: float = 30.0
     # None: plaintext. Otherwise TLS, and mutual TLS when it names a client CA (services.common.tls).
     tls: ServerTls | None = None
+    # Where to send traces (OTLP/gRPC, e.g. http://collector:4317); None: the OTEL_* environment decides (off unless
+    # it names an exporter). See services.common.tracing.
+    otlp_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -61,7 +65,8 @@ class ServerOptions:
         """From the flags `add_server_options` registered (TLS paths may come from the environment)."""
         return cls(port=args.port, host=args.host, metrics_port=args.metrics_port,
                    max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds,
-                   tls=server_tls_from_args(args, os.environ if environ is None else environ))
+                   tls=server_tls_from_args(args, os.environ if environ is None else environ),
+                   otlp_endpoint=args.otlp_endpoint)
 
 
 def add_server_options(parser: argparse.ArgumentParser, default_port: int | None) -> None:
@@ -75,6 +80,9 @@ def add_server_options(parser: argparse.ArgumentParser, default_port: int | None
                         help="gRPC message size limit (default %(default)s)")
     parser.add_argument("--drain-seconds", type=float, default=ServerOptions.drain_seconds,
                         help="grace period for running calls after SIGTERM (default %(default)s)")
+    parser.add_argument("--otlp-endpoint", default=None,
+                        help="send OpenTelemetry traces to this OTLP/gRPC collector (e.g. http://collector:4317); "
+                             "default: off unless the OTEL_* environment names an exporter")
     add_server_arguments(parser)
 
 
@@ -102,7 +110,9 @@ class GrpcServer:
         self.options = options
         self.service_names = list(service_names)
         self.requests = requests
-        chain = [RequestMetricsInterceptor(requests, self.service_names), *interceptors, ErrorMappingInterceptor()]
+        # Tracing's span outermost, so that the request id and everything after it lands on the call's span.
+        chain = [*tracing.server_interceptors(), RequestMetricsInterceptor(requests, self.service_names),
+                 *interceptors, ErrorMappingInterceptor()]
         self.server = grpc.aio.server(interceptors=chain,
                                       options=[*channel_options(options.max_message_bytes), *_CONNECTION_AGE])
         self.health = health.aio.HealthServicer()

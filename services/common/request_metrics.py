@@ -7,9 +7,13 @@
 - `<prefix>in_flight_requests{method}`: requests being answered now.
 
 `RequestMetricsInterceptor` records every call of a server's own services through `RequestMetrics.track` (health
-checks and reflection are left out, so probes do not drown the traffic); `GrpcServer` installs it outermost, so the
-status recorded is the one that went on the wire, refusals of the interceptors after it included. The gateway's HTTP
-API records into the same families through the same `track`.
+checks and reflection are left out, so probes do not drown the traffic); `GrpcServer` installs it outside every
+interceptor but tracing's, so the status recorded is the one that went on the wire, refusals of the interceptors
+after it included. The gateway's HTTP API records into the same families through the same `track`.
+
+`track` also gives the request its id (`services.common.request_ids`: the caller's `x-request-id`, or a new one),
+bound for every log line of the request and set on its span, and logs one access line when it ends
+(`internvl.access`: method, status, seconds).
 """
 
 from __future__ import annotations
@@ -17,13 +21,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import time
 from collections.abc import Iterable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common import request_ids, tracing
 from services.common.contract.errors import RpcStatus, rpc_status
+from services.common.logs import request_scope
+
+access_log = logging.getLogger("internvl.access")
 
 # From a cache lookup (milliseconds) to a long generation stream (minutes; the gateway's default deadline is 300 s).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -34,8 +43,9 @@ class RequestCall:
     """One request being recorded. `code` is the status name it will be counted under; set it when a transport
     answers a failure itself (the HTTP API turns errors into bodies), otherwise `track` derives it."""
 
-    def __init__(self) -> None:
+    def __init__(self, request_id: str) -> None:
         self.code = RpcStatus.OK.name
+        self.request_id = request_id
 
 
 class RequestMetrics:
@@ -51,25 +61,30 @@ class RequestMetrics:
         self.in_flight = Gauge(prefix + "in_flight_requests", "Requests being answered now", ["method"], registry=r)
 
     @contextlib.contextmanager
-    def track(self, method: str) -> Iterator[RequestCall]:
-        """Records one request: in flight while the block runs, then counted by its status and timed.
+    def track(self, method: str, request_id: str | None = None) -> Iterator[RequestCall]:
+        """Records one request: in flight while the block runs, then counted by its status, timed and logged, its
+        request id (`request_id` if usable, else a new one: `call.request_id`) bound meanwhile.
 
         An exception leaving the block sets the status from the error table (a cancellation is CANCELLED), unless
         the block already set `call.code` to something other than OK.
         """
-        call = RequestCall()
+        call = RequestCall(request_ids.accepted(request_id))
         started = time.perf_counter()
         self.in_flight.labels(method).inc()
-        try:
-            yield call
-        except BaseException as exc:
-            if call.code == RpcStatus.OK.name:
-                call.code = rpc_status(exc).name
-            raise
-        finally:
-            self.in_flight.labels(method).dec()
-            self.total.labels(method, call.code).inc()
-            self.seconds.labels(method).observe(time.perf_counter() - started)
+        with request_scope(call.request_id):
+            tracing.set_attributes({tracing.REQUEST_ID_ATTRIBUTE: call.request_id})
+            try:
+                yield call
+            except BaseException as exc:
+                if call.code == RpcStatus.OK.name:
+                    call.code = rpc_status(exc).name
+                raise
+            finally:
+                seconds = time.perf_counter() - started
+                self.in_flight.labels(method).dec()
+                self.total.labels(method, call.code).inc()
+                self.seconds.labels(method).observe(seconds)
+                access_log.info("%s %s %.3f s", method, call.code, seconds)
 
 
 def _grpc_outcome(call: RequestCall, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
@@ -88,7 +103,7 @@ def _grpc_outcome(call: RequestCall, context: grpc.aio.ServicerContext, exc: Bas
 
 def _wrap_unary_response(metrics: RequestMetrics, behavior, method: str):
     async def wrapper(request, context):
-        with metrics.track(method) as call:
+        with metrics.track(method, request_ids.from_metadata(context.invocation_metadata())) as call:
             try:
                 response = await behavior(request, context)
             except BaseException as exc:
@@ -102,7 +117,7 @@ def _wrap_unary_response(metrics: RequestMetrics, behavior, method: str):
 
 def _wrap_stream_response(metrics: RequestMetrics, behavior, method: str):
     async def wrapper(request, context):
-        with metrics.track(method) as call:
+        with metrics.track(method, request_ids.from_metadata(context.invocation_metadata())) as call:
             try:
                 async for response in behavior(request, context):
                     yield response

@@ -47,7 +47,7 @@ from services.llm.admission import Admission
 from services.llm.batch import COLUMN_SLACK, KVBatch, KVShape, PrefillRow, prefill_forward
 from services.llm.detokenize import IncrementalDetokenizer, StopStrings
 from services.llm.engine_api import BatchFaultError, Engine, EngineLoad, GenerationStream, StepReport
-from services.llm.events import EngineRequest, Event, Finish, TokenDelta, Usage
+from services.llm.events import EngineRequest, Event, Finish, Timing, TokenDelta, Usage
 from services.llm.kv_cache import LayerKV, PrefixCache, prompt_identity
 from services.llm.sampling import Sampler, TopLogprobs, sample_batch
 
@@ -116,6 +116,8 @@ class _Sequence:
     # Loop-side: text, and timing for metrics.
     detokenizer: IncrementalDetokenizer | None = None
     stops: StopStrings | None = None
+    admitted_at: float | None = None
+    first_token_at: float | None = None
     last_token_at: float | None = None
 
     @property
@@ -318,8 +320,10 @@ class TransformersEngine(Engine):
         if match is not None:
             seq.past, seq.prefilled = match.layers, match.length
             seq.slots_filled = int(np.count_nonzero(np.asarray(prompt.token_ids[:match.length]) == self.img_context_id))
+        now = time.monotonic()
         for answer in (seq, *seq.forks):
             answer.state = _State.PREFILL
+            answer.admitted_at = now
             answer.identity = seq.identity
             answer.detokenizer = IncrementalDetokenizer(self.tokenizer)
             answer.stops = StopStrings(answer.request.sampling.stop_strings)
@@ -337,9 +341,11 @@ class TransformersEngine(Engine):
 
     def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
         """Ends `seq` (and its forks, while it has them: a request not yet prefilled ends as a whole)."""
+        now = time.monotonic()
         for answer in (seq, *seq.forks):
             self._end(answer)
-            self._put(answer, Finish(reason, answer.usage(), answer.index))
+            timing = Timing(answer.arrival, answer.admitted_at, answer.first_token_at, now)
+            self._put(answer, Finish(reason, answer.usage(), answer.index, timing))
 
     def _fail(self, seq: _Sequence, exc: BaseException) -> None:
         for answer in (seq, *seq.forks):
@@ -372,6 +378,8 @@ class TransformersEngine(Engine):
             self._put(seq, delta)
             timed.append((seq.arrival, seq.last_token_at, delta))
             seq.last_token_at = now
+            if seq.first_token_at is None:
+                seq.first_token_at = now
             if reason is not None:
                 if sampled.reason is None:
                     seq.stopped = True  # a stop string: the model thread still has its row

@@ -31,12 +31,24 @@ class TokenDelta:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """When (`time.monotonic()`) a request reached the service, was admitted to the batch, got its first token, and
+    when this answer ended (None: it never got that far)."""
+
+    arrival: float
+    admitted: float | None
+    first_token: float | None
+    finished: float
+
+
+@dataclass(frozen=True)
 class Finish:
     """The end of one answer (`index`); its usage counts the prompt and that answer's tokens."""
 
     reason: FinishReason
     usage: Usage
     index: int = 0
+    timing: Timing | None = None
 
 
 Event = TokenDelta | Finish

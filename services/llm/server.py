@@ -13,12 +13,14 @@ import logging
 
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 
+from services.common import request_ids, tracing
 from services.common.contract.errors import InvalidArgumentError, NotReadyError
 from services.common.grpc_server import GrpcServer
 from services.common.own_thread import in_own_thread
 from services.llm import config as llm_config
 from services.llm import wire
 from services.llm.config import SERVICE_NAME, LLMConfig
+from services.llm.events import Finish
 from services.llm.metrics import LLMMetrics
 from services.llm.service import LLMService
 
@@ -42,20 +44,57 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
                 pass
             raise InvalidArgumentError("the first message of Generate must carry `start`")
         request = wire.generate_request_from_pb(first.start)
+        request_ids.adopt(request.request_id, context.invocation_metadata())
         inline = None
         if request.inline_embeddings:
             limit = service.max_context_tokens * service.hidden_size * 4
             inline = await wire.read_inline_embeddings(request_iterator, limit)
         stream = await service.generate(request, inline, timeout=context.time_remaining())
+        finishes: list[Finish] = []
         try:
             async for event in stream:
+                if isinstance(event, Finish):
+                    finishes.append(event)
                 yield wire.event_to_pb(event)
         finally:
             # The client cancelled, the deadline passed, or the stream ended: free the slot (no-op once finished).
             stream.cancel()
+        record_generation(finishes)
 
     async def GetModelInfo(self, request: llm_pb2.GetModelInfoRequest, context):
         return wire.model_info_to_pb(self._ready().model_info())
+
+
+def record_generation(finishes: list[Finish]) -> None:
+    """The phases of a finished request on its span: queue wait, prefill (to the first token) and each answer's
+    decode as child spans, and their figures as attributes (the `gen_ai` names, vLLM's latency attributes)."""
+    if not tracing.enabled() or not finishes or finishes[0].timing is None:
+        return
+    first = min(finishes, key=lambda f: f.index)
+    timing, usage = first.timing, first.usage
+    attributes = {
+        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": sum(f.usage.completion_tokens for f in finishes),
+        "gen_ai.response.finish_reasons": [f.reason.value for f in finishes],
+        "internvl.cached_prompt_tokens": usage.cached_prompt_tokens,
+        "gen_ai.latency.e2e": max(f.timing.finished for f in finishes) - timing.arrival,
+    }
+    if timing.admitted is not None:
+        attributes["gen_ai.latency.time_in_queue"] = timing.admitted - timing.arrival
+        tracing.record_span("llm.queue", timing.arrival, timing.admitted)
+    if timing.first_token is not None:
+        attributes["gen_ai.latency.time_to_first_token"] = timing.first_token - timing.arrival
+        if timing.admitted is not None:
+            attributes["gen_ai.latency.time_in_model_prefill"] = timing.first_token - timing.admitted
+            tracing.record_span("llm.prefill", timing.admitted, timing.first_token, {
+                "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                "internvl.cached_prompt_tokens": usage.cached_prompt_tokens})
+    for finish in finishes:
+        if finish.timing.first_token is not None:
+            tracing.record_span("llm.decode", finish.timing.first_token, finish.timing.finished, {
+                "internvl.answer": finish.index, "gen_ai.usage.output_tokens": finish.usage.completion_tokens,
+                "gen_ai.response.finish_reasons": [finish.reason.value]})
+    tracing.set_attributes(attributes)
 
 
 async def serve(config: LLMConfig) -> None:
@@ -87,5 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(LLMConfig.from_args(args)))
+    config = LLMConfig.from_args(args)
+    with tracing.traced_process("llm", config.server.otlp_endpoint):
+        asyncio.run(serve(config))
     return 0

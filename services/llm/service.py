@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from services.common import tracing
 from services.common.checkpoint import Checkpoint, open_checkpoint
 from services.common.contract import template
 from services.common.contract.errors import (
@@ -177,8 +178,10 @@ class LLMService:
                                        "embeddings inline (inline_embeddings = true)")
         else:
             keys = list(tiles)
-            with redis_errors("embedding cache"):
+            with redis_errors("embedding cache"), tracing.tracer().start_as_current_span("embeddings.fetch") as span:
                 values = await asyncio.gather(*(self.embedding_cache.get(key) for key in keys))
+                tracing.set_attributes({"internvl.images": len(keys), "internvl.bytes": sum(
+                    v.numel() * v.element_size() for v in values if v is not None)}, span)
             missing = [key for key, value in zip(keys, values, strict=True) if value is None]
             if missing:
                 raise EmbeddingsMissingError(missing)

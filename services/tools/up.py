@@ -27,9 +27,10 @@ from services.tools.launcher import (
     RedisMissingError,
     cli_env,
     free_port,
+    service_argv,
+    spawn,
     start_redis,
     start_redis_cluster,
-    start_service,
     wait_serving,
 )
 
@@ -106,10 +107,22 @@ class Stack:
                 metrics_port: int | None = None) -> Child:
         openmp = {} if command == "gateway" or {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ) \
             else COLOCATED_OPENMP
-        child = start_service(name, command, *extra, log_path=self.log_dir / f"{name}.log", port=port,
-                              metrics_port=metrics_port, host=host, env=cli_env(openmp), **SUPERVISED)
+        port, metrics_port = port or free_port(), metrics_port or free_port()
+        argv = service_argv(command, port, metrics_port, *extra, host=host)
+        # `services.cli`'s global flags go before the subcommand, which service_argv puts right after the module.
+        cli = argv.index("services.cli") + 1
+        argv[cli:cli] = self.log_flags()
+        child = spawn(name, argv, self.log_dir / f"{name}.log", command=command, port=port, metrics_port=metrics_port,
+                      env=cli_env(openmp), **SUPERVISED)
         self.children.append(child)
         return child
+
+    def log_flags(self) -> list[str]:
+        """`up`'s own --log-level and --log-format, for its children. A Namespace built by `up`'s parser alone,
+        without the CLI's global flags, has neither; the children then get the CLI's defaults."""
+        a = self.args
+        level, log_format = getattr(a, "log_level", None), getattr(a, "log_format", None)
+        return [*(["--log-level", level] if level else []), *(["--log-format", log_format] if log_format else [])]
 
     def start_redis(self) -> str:
         """One redis-server, or a Redis Cluster with --redis-cluster; its URL."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common import tracing
 from services.common.contract.errors import NotReadyError
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,14 @@ class BatchStats:
 class _Job:
     """One request's tiles, consumed batch by batch, and the future its caller awaits."""
 
-    __slots__ = ("enqueued_at", "future", "parts", "pixels", "scheduled")
+    __slots__ = ("batch_spans", "enqueued_at", "future", "parts", "pixels", "scheduled")
 
     def __init__(self, pixels: torch.Tensor, future: asyncio.Future, enqueued_at: float) -> None:
         self.pixels = pixels
         self.future = future
         self.enqueued_at = enqueued_at
+        # The spans of the shared batches its tiles ran in (tracing): what its own encode span links to.
+        self.batch_spans: list = []
         # Tiles already handed to a batch; the rest are still queued.
         self.scheduled = 0
         # Output rows received so far, in tile order.
@@ -117,7 +120,12 @@ class MicroBatcher:
         self._queued_tiles += job.total
         self._wakeup.set()
         try:
-            return await job.future
+            rows = await job.future
+            # The request's wait and the batches it joined: a link to each (a batch serves several traces).
+            tracing.record_span("vision.encode", job.enqueued_at, loop.time(),
+                                {"internvl.tiles": job.total, "internvl.batches": len(job.batch_spans)},
+                                links=job.batch_spans)
+            return rows
         finally:
             if job.remaining and job in self._pending:  # cancelled (or failed) before all its tiles ran
                 self._pending.remove(job)
@@ -191,6 +199,7 @@ class MicroBatcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, pieces: list[tuple[_Job, int, int]]) -> None:
         inputs = [job.pixels[start:end] for job, start, end in pieces]
         tiles = sum(x.shape[0] for x in inputs)
+        started = loop.time()
         try:
             output, seconds, joined = await loop.run_in_executor(self._executor, self._forward, inputs, tiles, pieces)
         except asyncio.CancelledError:  # close(): the forward finishes in its thread, its callers get an error
@@ -212,6 +221,11 @@ class MicroBatcher:
                     job.future.set_result(joined[id(job)] if job.parts else output[offset:offset + n])
             offset += n
         stats = BatchStats(tiles=tiles, requests=len({id(job) for job, _, _ in pieces}), seconds=seconds)
+        # A root span of its own (the batcher's task has no request context): the requests link to it.
+        batch = tracing.record_span("vision.encode_batch", started, loop.time(),
+                                    {"internvl.tiles": tiles, "internvl.requests": stats.requests})
+        for job in {id(job): job for job, _, _ in pieces}.values():
+            job.batch_spans.append(batch)
         self.batches += 1
         self.tiles_encoded += tiles
         self.history.append(stats)

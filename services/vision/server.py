@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 
+from services.common import tracing
 from services.common.contract.errors import NotReadyError
 from services.common.grpc_server import GrpcServer
 from services.vision import config as vision_config
@@ -49,16 +50,22 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     async def Encode(self, request: vision_pb2.EncodeRequest, context) -> vision_pb2.EncodeResponse:
         results = await self._ready().encode([wire.item_from_pb(i) for i in request.items],
                                              wire.options_from_pb(request.options))
+        tracing.set_attributes({"internvl.items": len(results), "internvl.tiles": sum(r.num_tiles for r in results),
+                                "internvl.cache_hits": sum(r.cache_hit for r in results)})
         return wire.encode_response_to_pb(results)
 
     async def Lookup(self, request: vision_pb2.LookupRequest, context) -> vision_pb2.LookupResponse:
-        return vision_pb2.LookupResponse(exists=await self._ready().lookup(list(request.keys)))
+        exists = await self._ready().lookup(list(request.keys))
+        tracing.set_attributes({"internvl.keys": len(exists), "internvl.cache_hits": sum(exists)})
+        return vision_pb2.LookupResponse(exists=exists)
 
     async def FetchEmbeddings(self, request: vision_pb2.FetchEmbeddingsRequest,
                               context) -> AsyncIterator[vision_pb2.FetchEmbeddingsResponse]:
         service = self._ready()
         chunk_bytes = service.config.chunk_bytes(request.max_chunk_bytes)
-        for response in wire.fetch_responses(await service.fetch(request.key), chunk_bytes):
+        embeddings = await service.fetch(request.key)
+        tracing.set_attributes({"internvl.bytes": embeddings.nbytes})
+        for response in wire.fetch_responses(embeddings, chunk_bytes):
             yield response
 
     async def GetModelInfo(self, request, context) -> vision_pb2.GetModelInfoResponse:
@@ -74,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = VisionConfig.from_args(args)
-    asyncio.run(serve(config))
+    with tracing.traced_process("vision", config.server.otlp_endpoint):
+        asyncio.run(serve(config))
     return 0
 
 

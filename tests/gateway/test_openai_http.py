@@ -112,7 +112,7 @@ def test_fields_that_ask_for_nothing_are_accepted():
     request, *_ = parse_request({"messages": [user("a")], "store": False, "service_tier": "auto",
                                  "modalities": ["text"], "parallel_tool_calls": True, "safety_identifier": "u1",
                                  "stream_options": {"include_usage": True, "include_obfuscation": False}})
-    assert request.request_id == "u1"
+    assert request.user == "u1"
 
 
 def test_parse_sampling_extensions_and_structured_outputs():

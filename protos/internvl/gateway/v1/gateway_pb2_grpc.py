@@ -66,7 +66,7 @@ class ChatServiceServicer:
 
     def BatchChat(self, request, context):
         """Several independent questions answered together (the LLM service batches them); one result per
-        request, in request order. Any failing request fails the call, naming its index. Each request
+        request, in request order; the call's request id is in the `x-request-id` initial metadata. Any failing request fails the call, naming its index. Each request
         gets one answer (SamplingParams.n > 1 is refused here: use Chat).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
