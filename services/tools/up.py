@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gateway's; see `internvl-serve gateway --help`)")
     parser.add_argument("--media-root", default=None, help="directory requests may name files in (gateway)")
     parser.add_argument("--log-dir", default=None, help="where the processes' logs go (default: a temp directory)")
+    parser.add_argument("--otlp-endpoint", default=None,
+                        help="every process sends OpenTelemetry traces to this OTLP/gRPC collector (e.g. "
+                             "http://127.0.0.1:4317); default: off unless the OTEL_* environment names an exporter")
     parser.add_argument("--startup-timeout", type=float, default=900.0,
                         help="seconds to wait for each process to become ready (default 900)")
     tls = parser.add_argument_group("TLS (default: plaintext everywhere)")
@@ -112,6 +115,8 @@ class Stack:
         # `services.cli`'s global flags go before the subcommand, which service_argv puts right after the module.
         cli = argv.index("services.cli") + 1
         argv[cli:cli] = self.log_flags()
+        if getattr(self.args, "otlp_endpoint", None):
+            argv += ["--otlp-endpoint", self.args.otlp_endpoint]
         child = spawn(name, argv, self.log_dir / f"{name}.log", command=command, port=port, metrics_port=metrics_port,
                       env=cli_env(openmp), **SUPERVISED)
         self.children.append(child)

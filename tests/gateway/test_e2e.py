@@ -81,9 +81,9 @@ def stack(checkpoint, tmp_path_factory):
         tails = "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-2000:]}" for f in logs.glob("*.log"))
         pytest.fail(f"`internvl-serve up` did not come up:\n{output}\n{tails}", pytrace=False)
     assert f"on localhost:{port}" in output and "internvl-chat --target" in output
-    vision_metrics = int(re.search(r"vision-0 http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
-    llm_metrics = int(re.search(r"llm http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
     try:
+        vision_metrics = int(re.search(r"vision-0 http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
+        llm_metrics = int(re.search(r"llm http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
         yield Stack(f"127.0.0.1:{port}", http_port, metrics_port, vision_metrics, llm_metrics, media_root)
     finally:
         up.send_signal(signal.SIGINT)

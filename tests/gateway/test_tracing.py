@@ -1,8 +1,8 @@
 """One request across three processes: OpenTelemetry traces, request ids and JSON logs, on real processes.
 
-`internvl-serve --log-format json up` runs Redis, the vision service, the LLM service and the gateway; their OTLP
-exporters point (through the standard `OTEL_EXPORTER_OTLP_ENDPOINT`) at an OTLP trace receiver inside this test,
-built on the `opentelemetry-proto` package's own trace service. One image chat must be one trace with spans from the
+`internvl-serve --log-format json up --otlp-endpoint ...` runs Redis, the vision service, the LLM service and the
+gateway; their OTLP exporters point at an OTLP trace receiver inside this test, built on the `opentelemetry-proto`
+package's own trace service (the SDK's batch delay shortened through its standard `OTEL_BSP_SCHEDULE_DELAY`). One image chat must be one trace with spans from the
 three services, parent links and attributes right; over HTTP a caller's `traceparent` must be continued; a caller's
 request id must come back from both APIs and appear in all three services' logs.
 """
@@ -92,11 +92,11 @@ def stack(tiny_checkpoint, receiver, tmp_path_factory):
     _, otlp_port = receiver
     logs = tmp_path_factory.mktemp("traced-logs")
     port, http_port = free_port(), free_port()
-    env = cli_env({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
-                   "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    env = cli_env({"OTEL_BSP_SCHEDULE_DELAY": "100"})
     up = spawn("up", [sys.executable, "-m", "services.cli", "--log-format", "json", "up", "--model",
                       str(tiny_checkpoint()), "--dtype", "float32", "--gateway-port", str(port), "--http-port",
-                      str(http_port), "--metrics-port", str(free_port()), "--log-dir", str(logs)],
+                      str(http_port), "--metrics-port", str(free_port()), "--log-dir", str(logs),
+                      "--otlp-endpoint", f"http://127.0.0.1:{otlp_port}"],
                None, cwd=REPO, env=env).process
     output = read_banner(up)
     if UP_READY_LINE not in output:
