@@ -31,7 +31,7 @@ from gateway.endpoints import EndpointPool
 from gateway.errors import DeadlineExceededError
 from gateway.metrics import GatewayMetrics
 from gateway.routing import Policy, Router
-from services.common import request_ids, tracing
+from services.common.calls import Metadata, outgoing
 from services.common.contract.encoding import EncodedItem, MediaItem
 from services.common.contract.errors import (
     EmbeddingsMissingError,
@@ -68,6 +68,8 @@ HEALTH_FIRST_CHECK_S = 2.0
 # The readiness names the replicas' health services report.
 VISION_HEALTH = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 LLM_HEALTH = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
+VISION_SERVICE = VISION_HEALTH  # internvl.vision.v1.VisionService, the prefix of its methods' span names
+LLM_GENERATE = f"{LLM_HEALTH}/Generate"
 T = TypeVar("T")
 
 
@@ -83,9 +85,7 @@ def replica_channel(target: str, host: str | None, max_message_bytes: int = DEFA
                ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5_000)]
     if tls is not None and host is not None and tls.server_name is None:
         options.append(("grpc.ssl_target_name_override", host))
-    # Every call carries the request's id and (when tracing) its trace context to the service.
-    interceptors = [*tracing.client_interceptors(), *request_ids.client_interceptors()]
-    return secure_or_insecure_channel(target, options, tls, interceptors)
+    return secure_or_insecure_channel(target, options, tls)
 
 
 # ----------------------------------------------------------------------------------------------------- errors
@@ -139,9 +139,10 @@ class VisionClient:
         """The replica an Encode routed by `key` would go to now (None: none is ready)."""
         return self.router.preferred(key.encode())
 
-    async def _retrying(self, method: str, call: Callable[[vision_pb2_grpc.VisionServiceStub, float | None],
-                                                         Awaitable[T]],
+    async def _retrying(self, method: str,
+                        call: Callable[[vision_pb2_grpc.VisionServiceStub, float | None, Metadata], Awaitable[T]],
                         timeout: float | None, key: str | None = None) -> T:
+        """`call(stub, seconds left, metadata)` on a ready replica, retried as the class says."""
         end = None if timeout is None else time.monotonic() + timeout
         tried: set[str] = set()
         for attempt in range(1, RETRY_ATTEMPTS + 1):
@@ -150,8 +151,8 @@ class VisionClient:
                 raise DeadlineExceededError("the deadline passed while waiting for the vision service")
             address = self.router.pick(None if key is None else key.encode(), tried)
             try:
-                with self.pool.call(address) as endpoint:
-                    return await call(vision_pb2_grpc.VisionServiceStub(endpoint.channel), left)
+                with self.pool.call(address) as endpoint, outgoing(f"{VISION_SERVICE}/{method}", address) as metadata:
+                    return await call(vision_pb2_grpc.VisionServiceStub(endpoint.channel), left, metadata)
             except grpc.aio.AioRpcError as exc:
                 error = translate(exc, "vision")
                 if not isinstance(error, NotReadyError) or attempt == RETRY_ATTEMPTS:
@@ -174,7 +175,8 @@ class VisionClient:
         if not keys:
             return []
         request = vision_pb2.LookupRequest(keys=list(keys))
-        reply = await self._retrying("Lookup", lambda stub, left: stub.Lookup(request, timeout=left), timeout)
+        reply = await self._retrying("Lookup", lambda stub, left, metadata: stub.Lookup(
+            request, timeout=left, metadata=metadata), timeout)
         if len(reply.exists) != len(keys):
             raise RuntimeError(f"vision Lookup answered {len(reply.exists)} flags for {len(keys)} keys")
         return list(reply.exists)
@@ -187,8 +189,8 @@ class VisionClient:
                    vision_pb2.EncodeItem(frame=vision_pb2.RawFrame(rgb=i.data, height=i.height, width=i.width))
                    for i in items],
             options=common_pb2.PreprocessOptions(max_num=max_num, use_thumbnail=use_thumbnail))
-        reply = await self._retrying("Encode", lambda stub, left: stub.Encode(request, timeout=left), timeout,
-                                     route_key)
+        reply = await self._retrying("Encode", lambda stub, left, metadata: stub.Encode(
+            request, timeout=left, metadata=metadata), timeout, route_key)
         if len(reply.items) != len(items):
             raise RuntimeError(f"vision Encode answered {len(reply.items)} items for {len(items)}")
         return [EncodedItem(r.key, r.num_tiles, r.num_tokens, r.cache_hit) for r in reply.items]
@@ -196,9 +198,10 @@ class VisionClient:
     async def fetch(self, key: str, timeout: float | None) -> Embeddings:
         """One cached tensor; EmbeddingsMissingError when the key is not (or no longer) cached."""
 
-        async def attempt(stub: vision_pb2_grpc.VisionServiceStub, left: float | None):
+        async def attempt(stub: vision_pb2_grpc.VisionServiceStub, left: float | None, metadata: Metadata):
             header, parts = None, []
-            async for reply in stub.FetchEmbeddings(vision_pb2.FetchEmbeddingsRequest(key=key), timeout=left):
+            async for reply in stub.FetchEmbeddings(vision_pb2.FetchEmbeddingsRequest(key=key), timeout=left,
+                                                    metadata=metadata):
                 if reply.chunk.HasField("header"):
                     header = reply.chunk.header
                 parts.append(reply.chunk.data)
@@ -297,10 +300,10 @@ class LLMClient:
                 address = self.router.pick(key, tried)
             started = False
             try:
-                with self.pool.call(address) as endpoint:
+                with self.pool.call(address) as endpoint, outgoing(LLM_GENERATE, address) as metadata:
                     left = None if end is None else max(0.0, end - time.monotonic())
                     stream = self._generate(llm_pb2_grpc.LLMServiceStub(endpoint.channel), conversation, sampling,
-                                            request_id, inline, left)
+                                            request_id, inline, left, metadata)
                     async with contextlib.aclosing(stream):
                         async for event in stream:
                             started = True
@@ -317,8 +320,8 @@ class LLMClient:
 
     async def _generate(self, stub: llm_pb2_grpc.LLMServiceStub, conversation: LLMConversation,
                         sampling: SamplingParams, request_id: str, inline: dict[str, Embeddings] | None,
-                        timeout: float | None) -> AsyncIterator[Delta | GenerateFinish]:
-        call = stub.Generate(timeout=timeout)
+                        timeout: float | None, metadata: Metadata) -> AsyncIterator[Delta | GenerateFinish]:
+        call = stub.Generate(timeout=timeout, metadata=metadata)
         try:
             try:
                 await call.write(llm_pb2.GenerateRequest(start=generate_start(

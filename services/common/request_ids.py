@@ -3,7 +3,7 @@
 A request id comes from the caller (`x-request-id`: an HTTP header or gRPC metadata) or is minted by the first
 server that sees the request without one. Every server echoes it (`x-request-id` in the response headers / initial
 metadata), binds it for the request's log lines (`services.common.logs.request_scope`) and sets it on the request's
-span; the gateway's channels send it on to the services with every call (`client_interceptors`).
+span; the gateway sends it on to the services with every call (`services.common.calls.outgoing`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterable
-
-import grpc
 
 from services.common import tracing
 from services.common.logs import REQUEST_ID
@@ -48,39 +46,3 @@ def adopt(field: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> str
         REQUEST_ID.set(accepted(field))  # this call's task only: the id is the call's for the rest of its life
         tracing.set_attributes({tracing.REQUEST_ID_ATTRIBUTE: REQUEST_ID.get()})
     return REQUEST_ID.get()
-
-
-def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    request_id = REQUEST_ID.get()
-    if not request_id:
-        return details
-    metadata = [(k, v) for k, v in (details.metadata or ()) if k != HEADER]
-    metadata.append((HEADER, request_id))
-    return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*metadata),
-                                      details.credentials, details.wait_for_ready)
-
-
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(_with_request_id(client_call_details), request)
-
-
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(_with_request_id(client_call_details), request)
-
-
-class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return await continuation(_with_request_id(client_call_details), request_iterator)
-
-
-class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return await continuation(_with_request_id(client_call_details), request_iterator)
-
-
-def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors that send the request id bound in the calling task (if any) as `x-request-id` metadata on every
-    call. One per call shape: a channel files each interceptor under the first shape it implements only."""
-    return [_UnaryUnary(), _UnaryStream(), _StreamUnary(), _StreamStream()]

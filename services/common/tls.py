@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,13 +96,11 @@ class ClientTls:
                    _read(key, flags[2]) if key else None, server_name or None)
 
 
-def secure_or_insecure_channel(target: str, options: list, tls: ClientTls | None,
-                               interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> grpc.aio.Channel:
+def secure_or_insecure_channel(target: str, options: list, tls: ClientTls | None) -> grpc.aio.Channel:
     """An aio channel to `target`: TLS when `tls` is given, plaintext otherwise."""
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
-    return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.channel_options()],
-                                   interceptors=interceptors)
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, tls.credentials(), options=[*options, *tls.channel_options()])
 
 
 # ---------------------------------------------------------------------------------------------------- flags

@@ -4,8 +4,9 @@ Off by default. It is on when a process is given `--otlp-endpoint` or the standa
 exporter (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, or `OTEL_TRACES_EXPORTER=otlp`);
 `OTEL_SDK_DISABLED=true` keeps it off. Then `configure_tracing` installs the SDK's tracer provider with a batching
 OTLP/gRPC exporter (the other `OTEL_*` variables — service name, resource attributes, sampler, batch delays, headers
-— are the SDK's and apply as documented there), and the gRPC servers and channels get OpenTelemetry's interceptors,
-which carry the W3C `traceparent` in the calls' metadata. Off, no interceptor is installed and every span this
+— are the SDK's and apply as documented there), and the gRPC servers get OpenTelemetry's server interceptor, which
+continues the W3C `traceparent` a call's metadata carries (the gateway's calls set it: `services.common.calls`).
+Off, no interceptor is installed and every span this
 project starts is the API's non-recording span, so it costs a function call. The gateway's HTTP API is traced by
 OpenTelemetry's aiohttp server instrumentation, which continues a caller's `traceparent` header.
 
@@ -103,16 +104,6 @@ def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
 
     return [aio_server_interceptor(filter_=filters.negate(filters.any_of(
         *(filters.service_name(name) for name in _UNTRACED_SERVICES))))]
-
-
-def client_interceptors() -> list:
-    """OpenTelemetry's client interceptors (a span per call, `traceparent` in its metadata), or none when off."""
-    if not _enabled:
-        return []
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
-
-    return aio_client_interceptors(filter_=filters.negate(filters.any_of(
-        *(filters.service_name(name) for name in _UNTRACED_SERVICES))))
 
 
 def current_context() -> SpanContext:

@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.common import request_ids, tracing
+from services.common import calls, request_ids, tracing
 from services.common.logs import REQUEST_ID, request_scope
 from services.common.request_metrics import RequestMetrics
 
@@ -78,5 +78,32 @@ def test_tracing_is_on_only_when_an_exporter_is_named(endpoint, environ, on):
 
 def test_off_means_no_interceptors_and_no_spans():
     assert not tracing.enabled()  # no test process configures the global provider
-    assert tracing.server_interceptors() == [] and tracing.client_interceptors() == []
+    assert tracing.server_interceptors() == []
     assert not tracing.record_span("x", 0.0, 1.0).is_valid
+    with request_scope("r-1"), calls.outgoing("internvl.llm.v1.LLMService/Generate", "10.0.0.1:50051") as metadata:
+        assert metadata == (("x-request-id", "r-1"),)
+    with calls.outgoing("internvl.llm.v1.LLMService/Generate") as metadata:
+        assert metadata == ()
+
+
+def test_an_outgoing_call_is_a_client_span_whose_context_the_metadata_carries(monkeypatch):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "_enabled", True)
+    monkeypatch.setattr(tracing, "tracer", lambda: provider.get_tracer("test"))
+    with provider.get_tracer("test").start_as_current_span("request") as request, request_scope("r-2"):
+        with calls.outgoing("internvl.vision.v1.VisionService/Encode", "10.0.0.2:50052") as metadata:
+            pass
+        with pytest.raises(KeyError), calls.outgoing("internvl.vision.v1.VisionService/Lookup"):
+            raise KeyError("failed")
+    sent = dict(metadata)
+    assert sent["x-request-id"] == "r-2"
+    encode, lookup, _ = exporter.get_finished_spans()
+    assert (encode.name, encode.kind.name, encode.parent.span_id) == (
+        "internvl.vision.v1.VisionService/Encode", "CLIENT", request.get_span_context().span_id)
+    # W3C traceparent: version-trace id-span id-flags, naming the client span as the service's parent.
+    context = encode.context
+    assert sent["traceparent"] == f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+    assert encode.attributes["rpc.method"] == "Encode" and encode.attributes["server.address"] == "10.0.0.2:50052"
+    assert lookup.status.status_code.name == "ERROR" and lookup.events[0].name == "exception"
