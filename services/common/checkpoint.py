@@ -32,28 +32,122 @@ INDEX_FILE = "model.safetensors.index.json"
 _FINGERPRINT_SAMPLE_BYTES = 1 << 20
 
 
-def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
-    """A local directory as is; otherwise a hub id (`OpenGVLab/InternVL2_5-1B`) fetched or found in the hub cache.
+# Weights, config and tokenizer only; of the remote code, only InternLM2's tokenizer is ever used. Both hubs fetch the
+# same files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenization_*.py"]
 
-    Offline with no local copy this raises a one-line CheckpointError naming the directory it looked in.
+MODELSCOPE_PREFIX = "modelscope:"
+MODELSCOPE_INSTALL_HINT = "pip install 'internvl-serve[modelscope]'"
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a `--model` value resolved to: the checkpoint directory and the name the services report."""
+
+    path: Path
+    name: str
+
+
+def locate_model(model: str, cache_dir: str | None = None) -> ModelLocation:
+    """Resolves `--model`: a local directory, a Hugging Face hub id, or a ModelScope id.
+
+    - a local directory is used as is; its name is the directory's name;
+    - `ORG/NAME` (e.g. `OpenGVLab/InternVL2_5-1B`) is a Hugging Face hub id, fetched into or found in the hub cache;
+    - `modelscope:ORG/NAME` (e.g. `modelscope:OpenGVLab/InternVL2_5-4B`) is a ModelScope id, fetched with
+      `modelscope.snapshot_download` into or found in ModelScope's own cache (`MODELSCOPE_CACHE`, by default
+      `~/.cache/modelscope`). The prefix always wins over a local directory of the same name. Needs the
+      `modelscope` extra.
+
+    A hub or ModelScope model is named by its id's last part (`InternVL2_5-1B`), not by the snapshot directory (a
+    commit hash or revision). `cache_dir` overrides the cache root of whichever hub is used. Offline
+    (`HF_HUB_OFFLINE=1`, the one switch for both hubs) or with the hub unreachable, only a cached copy is used; with
+    none, a one-line CheckpointError names the directory it looked in.
     """
+    if model.startswith(MODELSCOPE_PREFIX):
+        model_id = _modelscope_id(model)
+        return ModelLocation(_modelscope_snapshot(model, model_id, cache_dir), model_id.split("/")[1])
     path = Path(model).expanduser()
     if path.is_dir():
-        return path.resolve()
+        path = path.resolve()
+        return ModelLocation(path, path.name)
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise CheckpointError(f"model directory {path} does not exist (and {model!r} is not a hub id)")
+    return ModelLocation(_hub_snapshot(model, cache_dir), model.split("/")[1])
+
+
+def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
+    """The checkpoint directory `model` resolves to (see `locate_model`)."""
+    return locate_model(model, cache_dir).path
+
+
+def _modelscope_id(model: str) -> str:
+    """The `ORG/NAME` after the prefix; anything else (empty, no slash, two slashes, blanks) is a CheckpointError."""
+    model_id = model[len(MODELSCOPE_PREFIX):]
+    parts = model_id.split("/")
+    if len(parts) != 2 or not all(parts) or any(char.isspace() for char in model_id):
+        raise CheckpointError(f"{model!r} is not a ModelScope model id: expected {MODELSCOPE_PREFIX}ORG/NAME, "
+                              f"e.g. {MODELSCOPE_PREFIX}OpenGVLab/InternVL2_5-4B")
+    return model_id
+
+
+def _hub_snapshot(model: str, cache_dir: str | None) -> Path:
+    """A Hugging Face hub snapshot: huggingface_hub itself falls back to its cache when offline or unreachable."""
     from huggingface_hub import constants, snapshot_download
 
     looked_in = Path(cache_dir or constants.HF_HUB_CACHE)
     try:
-        # Weights, config and tokenizer only; of the remote code, only InternLM2's tokenizer is ever used.
-        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenization_*.py"]
-        return Path(snapshot_download(model, cache_dir=cache_dir, allow_patterns=patterns))
+        return Path(snapshot_download(model, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # noqa: BLE001 - the hub client raises many types for offline, not found, gated
         raise CheckpointError(
             f"cannot fetch {model!r} from the hub and no local copy was found in {looked_in} "
             f"({type(exc).__name__}); pass a local checkpoint directory with --model"
         ) from None
+
+
+def _modelscope_snapshot(model: str, model_id: str, cache_dir: str | None) -> Path:
+    """A ModelScope snapshot: downloaded when online, else (or when that fails) the copy in ModelScope's cache.
+
+    Unlike huggingface_hub, modelscope neither has an offline switch nor falls back to its cache when the network
+    fails, so both are done here: `local_files_only=True` is modelscope's own cache lookup, which never connects.
+    """
+    snapshot_download = _import_modelscope(model)
+    if _offline():
+        reason = "offline: HF_HUB_OFFLINE is set"
+    else:
+        try:
+            return Path(snapshot_download(model_id, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS))
+        except Exception as exc:  # noqa: BLE001 - network, not found and auth errors have many types
+            reason = type(exc).__name__
+    try:
+        return Path(snapshot_download(model_id, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS,
+                                      local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - modelscope 1.38+ raises CacheNotFound, older versions ValueError
+        # CacheNotFound carries the directory modelscope looked in; older versions say nothing, so name the root.
+        looked_in = getattr(exc, "cache_dir", None) or cache_dir or os.environ.get("MODELSCOPE_CACHE") \
+            or "~/.cache/modelscope"
+        raise CheckpointError(
+            f"cannot fetch {model!r} from ModelScope ({reason}) and no local copy was found in {looked_in}; "
+            "pass a local checkpoint directory with --model"
+        ) from None
+
+
+def _import_modelscope(model: str):
+    """`modelscope.snapshot_download`, imported only for a ModelScope id: it is an optional extra."""
+    try:
+        from modelscope import snapshot_download
+    except Exception as exc:  # noqa: BLE001 - not installed (ImportError), or a broken install failing on import
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{model!r} needs the modelscope package, which cannot be imported ({detail}); "
+            f"{MODELSCOPE_INSTALL_HINT}"
+        ) from None
+    return snapshot_download
+
+
+def _offline() -> bool:
+    """Whether huggingface_hub would be offline now; read at call time, as the variables may change after import."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 @dataclass(frozen=True)
@@ -65,10 +159,13 @@ class Checkpoint:
     spec: ModelSpec
     weight_map: dict[str, str]
     fingerprint: str
+    # The name resolution gave (a hub id's last part); empty for a Checkpoint built without one.
+    model_name: str = ""
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """What GetModelInfo and /v1/models call the model: the id's last part, or the directory's name."""
+        return self.model_name or self.path.name
 
     def model_info(self, dtype: torch.dtype) -> ModelInfo:
         """What GetModelInfo reports for this checkpoint computing in `dtype`."""
@@ -91,14 +188,16 @@ class Checkpoint:
                         yield key, reader.get_tensor(key)
 
 
-def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
-    """Validates the directory (config, index, every shard present and readable) and fingerprints it."""
-    path = resolve_model_path(str(model))
+def open_checkpoint(model: str | os.PathLike, *, cache_dir: str | None = None) -> Checkpoint:
+    """Resolves `model` (see `locate_model`), validates the directory (config, index, every shard present and
+    readable) and fingerprints it."""
+    location = locate_model(str(model), cache_dir)
+    path = location.path
     config = _read_json(path / CONFIG_FILE)
     spec = ModelSpec.from_config(config, source=str(path / CONFIG_FILE))
     weight_map = _read_weight_map(path)
     return Checkpoint(path=path, config=config, spec=spec, weight_map=weight_map,
-                      fingerprint=_fingerprint(path, config, weight_map))
+                      fingerprint=_fingerprint(path, config, weight_map), model_name=location.name)
 
 
 def _read_json(file: Path) -> dict:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+import traceback
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -56,6 +58,8 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.SlotNotCoveredError,
 )
 
+
+_CONNECTION_MODULE = os.path.join("redis", "asyncio", "connection.py")
 
 # -------------------------------------------------------------------------------------------------------- URL
 
@@ -117,7 +121,13 @@ async def retry_transient(attempt: Callable[[], Awaitable[T]], budget_s: float, 
     deadline = None
     while True:
         try:
-            return await attempt()
+            try:
+                return await attempt()
+            except (AttributeError, TypeError) as exc:
+                if not _closed_during_write(exc):
+                    raise
+                raise redis.exceptions.ConnectionError(
+                    f"the connection closed during a write ({type(exc).__name__})") from exc
         except TRANSIENT_ERRORS as exc:
             now = time.monotonic()
             deadline = deadline or now + budget_s
@@ -126,6 +136,19 @@ async def retry_transient(attempt: Callable[[], Awaitable[T]], budget_s: float, 
             failures += 1
             log.debug("redis cluster: %s (%s); retry %d", type(exc).__name__, exc, failures)
             await asyncio.sleep(min(backoff.compute(failures), deadline - now))
+
+
+def _closed_during_write(exc: AttributeError | TypeError) -> bool:
+    """Whether `exc` is a write on a connection that closed meanwhile, which should have been a ConnectionError.
+
+    redis-py 8.1's asyncio connection writes through a stream writer another task may have torn down (a node of a
+    failing-over cluster dropping its connections): the write then fails with `AttributeError` (`_writer` is None) or
+    `TypeError` (the transport's callbacks cleared) instead of `ConnectionError` (redis-py issues #3546 and #4287),
+    and no retry recognises it. Only errors raised inside redis-py's connection write count; anything else is a bug
+    and stays what it is.
+    """
+    return any(frame.filename.endswith(_CONNECTION_MODULE) and "send_packed_command" in frame.name
+               for frame in traceback.extract_tb(exc.__traceback__))
 
 
 class ResilientRedisCluster(RedisCluster):

@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="passed to the gateway's --llm-routing (how it picks an LLM replica; default: the "
                              "gateway's; see `internvl-serve gateway --help`)")
     parser.add_argument("--media-root", default=None, help="directory requests may name files in (gateway)")
+    parser.add_argument("--allowed-media-domains", default=None,
+                        help="hosts whose http(s) media URLs the gateway fetches, e.g. 'img.example.com,*.cdn.com' "
+                             "(passed to the gateway; default: none)")
     parser.add_argument("--log-dir", default=None, help="where the processes' logs go (default: a temp directory)")
     parser.add_argument("--otlp-endpoint", default=None,
                         help="every process sends OpenTelemetry traces to this OTLP/gRPC collector (e.g. "
@@ -229,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
             gateway_args += ["--http-port", str(args.http_port)]
         if args.media_root:
             gateway_args += ["--media-root", args.media_root]
+        if args.allowed_media_domains:
+            gateway_args += ["--allowed-media-domains", args.allowed_media_domains]
         if args.api_token_file:
             gateway_args += ["--api-token-file", args.api_token_file]
         gateway_args += [*stack.tls_server_args(mutual=False), *stack.tls_upstream_args()]

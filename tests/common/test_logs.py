@@ -299,14 +299,14 @@ def test_cli_unknown_log_format_is_a_usage_error(tmp_path):
 # ------------------------------------------------------------------------------------------------------------- up
 
 
-def test_up_hands_its_log_flags_to_the_children(monkeypatch, root_logging, tmp_path):
+def test_up_hands_its_log_and_tracing_flags_to_the_children(monkeypatch, root_logging, tmp_path):
     from services.tools import launcher, up
 
     # The Namespace `up.run` gets from the real CLI, global flags included.
     parsed = []
     monkeypatch.setattr(up, "run", lambda args: parsed.append(args) or 0)
     assert cli.main(["--log-level", "debug", "--log-format", "json", "up", "--model", "m",
-                     "--log-dir", str(tmp_path)]) == 0
+                     "--log-dir", str(tmp_path), "--otlp-endpoint", "http://collector:4317"]) == 0
     started = []
     monkeypatch.setattr(up, "spawn", lambda name, argv, *a, **kw: started.append(argv) or object())
     stack = up.Stack(parsed[0])
@@ -315,6 +315,7 @@ def test_up_hands_its_log_flags_to_the_children(monkeypatch, root_logging, tmp_p
     for argv, command in zip(started, ("vision", "llm", "gateway"), strict=True):
         assert argv[:8] == [sys.executable, "-m", "services.cli", "--log-level", "debug", "--log-format", "json",
                             command], argv
+        assert argv[-2:] == ["--otlp-endpoint", "http://collector:4317"], argv  # every process traces
 
 
 @pytest.mark.e2e

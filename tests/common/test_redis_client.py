@@ -93,6 +93,47 @@ async def test_transient_cluster_errors_are_retried(error):
     assert await retry_transient(attempt, budget_s=2, backoff=NoBackoff()) == "done" and calls == 4
 
 
+def _raising_in(filename: str, function: str, exc: BaseException):
+    """A function named `function` whose code lives in `filename` (as traceback frames show it), raising `exc`."""
+    namespace: dict = {}
+    exec(compile(f"def {function}(exc):\n    raise exc\n", filename, "exec"), namespace)  # noqa: S102
+    return lambda: namespace[function](exc)
+
+
+@pytest.mark.asyncio
+async def test_a_write_on_a_connection_closed_meanwhile_is_retried_as_a_connection_error():
+    """redis-py 8.1 lets a write race with a closing connection escape as AttributeError / TypeError; raised in its
+    connection's write, that is retried like the ConnectionError it stands for. The same errors anywhere else are
+    bugs and are not retried."""
+    writer = "/venv/site-packages/redis/asyncio/connection.py"
+    raced = [_raising_in(writer, "send_packed_command", AttributeError("'NoneType' object has no attribute "
+                                                                        "'writelines'")),
+             _raising_in(writer, "send_packed_command", TypeError("'NoneType' object is not callable"))]
+
+    async def attempt():
+        if raced:
+            raced.pop(0)()
+        return "written"
+
+    assert await retry_transient(attempt, budget_s=2, backoff=NoBackoff()) == "written" and not raced
+    elsewhere = _raising_in("/repo/services/common/embedding_store.py", "send_packed_command", AttributeError("bug"))
+    calls = []
+
+    async def bug():
+        calls.append(1)
+        elsewhere()
+
+    with pytest.raises(AttributeError, match="bug"):
+        await retry_transient(bug, budget_s=2, backoff=NoBackoff())
+    assert calls == [1]
+
+    async def always():
+        _raising_in(writer, "send_packed_command", AttributeError("x"))()
+
+    with pytest.raises(redis.exceptions.ConnectionError, match="closed during a write"):  # once the budget is spent
+        await retry_transient(always, budget_s=0.1, backoff=NoBackoff())
+
+
 @pytest.mark.asyncio
 async def test_retries_stop_after_the_budget_and_other_errors_are_not_retried():
     calls = 0
