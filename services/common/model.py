@@ -15,6 +15,7 @@ from transformers import (
     InternVLConfig,
     InternVLModel,
     LlamaForCausalLM,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2ForCausalLM,
@@ -134,6 +135,10 @@ def load_tokenizer(checkpoint: Checkpoint) -> PreTrainedTokenizerBase:
     """The checkpoint's own tokenizer. InternLM2 sizes ship a sentencepiece tokenizer as remote code."""
     trust = checkpoint.spec.llm_architecture == "InternLM2ForCausalLM"
     try:
-        return AutoTokenizer.from_pretrained(checkpoint.path, trust_remote_code=trust)
+        # An empty model config: without one AutoTokenizer reads config.json through AutoConfig, which with
+        # trust_remote_code imports the checkpoint's configuration_internvl_chat.py (and what that imports) when the
+        # directory holds it, as a clone of a published checkpoint does. The tokenizer needs nothing from the model
+        # config, and of the checkpoint's code only the tokenizer's may run.
+        return AutoTokenizer.from_pretrained(checkpoint.path, trust_remote_code=trust, config=PreTrainedConfig())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{checkpoint.path}: cannot load the tokenizer ({exc})") from None

@@ -73,8 +73,9 @@ class Grammars:
                 # Compact whitespace (", " and ": " between members, nothing else): with any_whitespace the grammar
                 # allows whitespace between every two tokens, and a model that does not know the schema well can
                 # spend all of max_new_tokens on spaces and newlines without ever closing the object.
-                return compiler.compile_json_schema(constraint.schema, any_whitespace=False,
-                                                    strict_mode=constraint.strict)
+                grammar = xgrammar.Grammar.from_json_schema(constraint.schema, any_whitespace=False,
+                                                            strict_mode=constraint.strict)
+                return compiler.compile_grammar(json_string_characters_fixed(str(grammar)))
             if constraint.kind is ConstraintKind.REGEX:
                 return compiler.compile_regex(constraint.pattern)
             if constraint.kind is ConstraintKind.CHOICE:
@@ -82,6 +83,20 @@ class Grammars:
         except (RuntimeError, ValueError) as exc:  # xgrammar raises RuntimeError; ValueError: e.g. unencodable text
             raise InvalidArgumentError(f"{constraint.kind.value}: {_reason(exc)}") from None
         raise InvalidArgumentError(f"unsupported constraint kind {constraint.kind!r}")
+
+
+# xgrammar 0.2.9 writes the characters of a length-bounded JSON string (minLength / maxLength) as any character but a
+# quote, a backslash, CR or LF: control characters pass unescaped (invalid JSON) and escapes are impossible.
+_BOUNDED_CHARACTERS = re.compile(r'^(\S+_characters) ::= \(\(\[\^\\"\\\\\\r\\n\]\)\)$', re.MULTILINE)
+# What a JSON string character is: anything but a control character, a quote or a backslash, or an escape.
+_JSON_CHARACTER = (r'(([^\0-\x1f\"\\]) | ("\\" (([\"\\/bfnrt]) | ("u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] '
+                   r'[A-Fa-f0-9]))))')
+
+
+def json_string_characters_fixed(ebnf: str) -> str:
+    """xgrammar's EBNF of a JSON schema with every length-bounded string's character rule made JSON's (see above):
+    each counted character is one unescaped character or one escape sequence."""
+    return _BOUNDED_CHARACTERS.sub(lambda m: f"{m.group(1)} ::= {_JSON_CHARACTER}", ebnf)
 
 
 def choice_ebnf(choices: tuple[str, ...] | list[str]) -> str:

@@ -297,16 +297,18 @@ def test_invalid_constraints_refused_with_the_reason(tiny, constraint, message):
 
 
 def test_same_schema_compiled_once(tiny):
-    """xgrammar's cache: the second compile of a schema adds nothing to it (a new one does)."""
+    """xgrammar's cache (keyed by the grammar): the second compile of a schema adds nothing to it; a schema whose
+    grammar differs (here by `strict`, which matters without additionalProperties) is another entry."""
     compiler = tiny.grammars.compiler
-    schema = json.dumps({**SCHEMA, "title": "cached once"})
+    open_schema = {k: v for k, v in SCHEMA.items() if k != "additionalProperties"}
+    schema = json.dumps({**open_schema, "properties": {**SCHEMA["properties"], "only_in_this_test": {"type": "null"}}})
     before = compiler.get_cache_size_bytes()
     first = tiny.compile(ConstraintKind.JSON_SCHEMA, schema=schema)
     grown = compiler.get_cache_size_bytes()
     second = tiny.compile(ConstraintKind.JSON_SCHEMA, schema=schema)
     assert grown > before and compiler.get_cache_size_bytes() == grown
     assert second.memory_size_bytes == first.memory_size_bytes
-    tiny.compile(ConstraintKind.JSON_SCHEMA, schema=schema, strict=True)  # other options: another entry
+    tiny.compile(ConstraintKind.JSON_SCHEMA, schema=schema, strict=True)  # no other properties: another grammar
     assert compiler.get_cache_size_bytes() > grown
 
 

@@ -12,7 +12,9 @@ sentencepiece pieces, the model's vocabulary cut to match. Then, each against an
 * the LLM service answers a text and an image question greedily with the reference path's tokens and text;
 * a JSON schema compiles for this byte-fallback vocabulary and random logits decode to JSON that validates;
 * no other checkpoint code runs: the directory holds the published checkpoints' modeling and configuration modules
-  as tripwires that record their import and raise.
+  as tripwires that record their import and raise;
+* a length-bounded JSON string refuses control characters (xgrammar's own rule for it admits them, and this
+  vocabulary has a byte piece for each: services.llm.grammar rewrites the rule).
 """
 
 from __future__ import annotations
@@ -68,17 +70,21 @@ with open({record!r}, "a", encoding="utf-8") as record:
 raise RuntimeError("the checkpoint's {name}.py was imported")
 '''
 MAX_NEW = 12
-SCHEMA = {
+# Bounded: enum, integer range, boolean; what a greedy random model completes within a few dozen tokens.
+BOUNDED_SCHEMA = {
     "type": "object",
     "properties": {
         "colour": {"enum": ["red", "green", 'blue "sky"']},
         "count": {"type": "integer", "minimum": -5, "maximum": 120},
         "ok": {"type": "boolean"},
-        "name": {"type": "string", "maxLength": 8},
     },
-    "required": ["colour", "count", "ok", "name"],
+    "required": ["colour", "count", "ok"],
     "additionalProperties": False,
 }
+# With a free string, where noise spells text in byte pieces as well as in merged pieces.
+SCHEMA = {**BOUNDED_SCHEMA, "properties": {**BOUNDED_SCHEMA["properties"], "name": {"type": "string"}},
+          "required": [*BOUNDED_SCHEMA["required"], "name"]}
+BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 def corpus(lines: int = 400) -> list[str]:
@@ -245,7 +251,7 @@ def test_load_tokenizer_runs_the_checkpoints_class_with_the_added_tokens_at_thei
     _, prompt = chat.build_prompt("What colour is the car in the picture?", None, [1])
     ids = tokenizer(prompt).input_ids
     assert ids == expected_ids(built, prompt)
-    assert any(re.fullmatch(r"<0x[0-9A-F]{2}>", built.sp.id_to_piece(i)) for i in ids if i < base)
+    assert any(BYTE_PIECE.fullmatch(built.sp.id_to_piece(i)) for i in ids if i < base)
     start = ids.index(built.id_of(template.IMG_START))
     assert ids[start + 1:start + 257] == [built.id_of(template.IMG_CONTEXT)] * 256
     assert ids[start + 257] == built.id_of(template.IMG_END)
@@ -295,7 +301,7 @@ async def test_the_service_answers_as_the_reference_path(built, chat, collect):
         assert list(service.prompts.build(image_request.conversation).token_ids) == expected_ids(built, image_prompt)
         text_reply = await collect(await service.generate(text_request))
         image_reply = await collect(await service.generate(image_request, {"tile": embeddings}))
-        schema = Constraint(ConstraintKind.JSON_SCHEMA, schema=json.dumps(SCHEMA))
+        schema = Constraint(ConstraintKind.JSON_SCHEMA, schema=json.dumps(BOUNDED_SCHEMA))
         json_reply = await collect(await service.generate(ask(TextPart("The weather, as JSON."), max_new_tokens=80,
                                                               constraint=schema)))
     finally:
@@ -309,7 +315,7 @@ async def test_the_service_answers_as_the_reference_path(built, chat, collect):
         answer, _ = chat.chat(pixels, question, params)
         assert template.clean_response(reply.text) == answer
     assert json_reply.reason == "stop", json_reply.text
-    jsonschema.validate(json.loads(json_reply.text), SCHEMA)
+    jsonschema.validate(json.loads(json_reply.text), BOUNDED_SCHEMA)
     built.assert_no_other_code_ran()
 
 
@@ -326,12 +332,16 @@ def test_a_json_schema_constrains_random_logits_to_valid_json(built, chat):
     assert grammars.tokenizer_info.vocab_type == xgrammar.VocabType.BYTE_FALLBACK
     grammar = grammars.compile(Constraint(ConstraintKind.JSON_SCHEMA, schema=json.dumps(SCHEMA)))
     never = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
+    # Pieces holding a quote (the byte piece <0x22> among them), lifted a little more every step, so that the free
+    # string ends within the steps while its first characters are noise.
+    quotes = [i for token, i in tokenizer.get_vocab().items() if '"' in token or token == "<0x22>"]
     byte_pieces = 0
     for run, params in enumerate(SAMPLED):
         sampler = Sampler(params, vocab, "cpu", grammar=grammar)
         tokens: list[int] = []
         for step in range(300):
             logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(run * 1000 + step)) * 3
+            logits[0, quotes] += 0.1 * step
             [token], _ = sample_batch(logits, [sampler])
             tokens.append(token)
             if token == chat.stop_id:
@@ -341,7 +351,7 @@ def test_a_json_schema_constrains_random_logits_to_valid_json(built, chat):
         text = tokenizer.decode(tokens[:-1])
         assert text == tokenizer.decode(tokens[:-1], skip_special_tokens=True)
         jsonschema.validate(json.loads(text), SCHEMA)
-        byte_pieces += sum(bool(re.fullmatch(r"<0x[0-9A-F]{2}>", built.sp.id_to_piece(t))) for t in tokens[:-1])
+        byte_pieces += sum(bool(BYTE_PIECE.fullmatch(built.sp.id_to_piece(t))) for t in tokens[:-1])
     assert byte_pieces, "no answer used a byte piece: the byte-fallback decoding went untested"
     built.assert_no_other_code_ran()
 
@@ -363,3 +373,23 @@ def test_the_tripwires_are_live_and_no_model_code_was_imported(built, chat, tmp_
     loaded = [name for name in sys.modules
               if name.startswith("transformers_modules.") and name.rsplit(".", 1)[-1] in TRIPWIRES]
     assert not loaded, loaded
+
+
+def test_a_length_bounded_string_refuses_control_characters(built, chat):
+    """Found by the random-logits run above when `name` had a maxLength: xgrammar's rule for a length-bounded string
+    let <0x19> into the string and the answer was not JSON (services.llm.grammar now rewrites that rule).
+    Deterministic here: after `{"name": "a`, no control-character byte piece may follow, and an escape may."""
+    vocab = chat.language_model.get_output_embeddings().weight.shape[0]
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name"]}
+    grammar = Grammars(chat.tokenizer, vocab, chat.stop_id).compile(
+        Constraint(ConstraintKind.JSON_SCHEMA, schema=json.dumps(schema)))
+    matcher = xgrammar.GrammarMatcher(grammar)
+    assert matcher.accept_string('{"name": "a')
+    bitmask = xgrammar.allocate_token_bitmask(1, vocab)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    control = [built.sp.piece_to_id(f"<0x{byte:02X}>") for byte in range(0x20)]
+    allowed = [i for i in control if bitmask[0, i // 32] >> (i % 32) & 1]
+    assert not allowed, [built.sp.id_to_piece(i) for i in allowed]
+    # An escaped quote counts as one of the 8 characters, and closes nothing.
+    assert matcher.accept_string('\\"bc"}')
+    assert matcher.is_completed()
