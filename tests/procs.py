@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -28,7 +29,18 @@ from services.tools.launcher import (
 )
 
 __all__ = ["REPO", "Child", "free_port", "redis_cluster", "redis_server", "run_service", "spawn_service",
-           "stop_together", "wait_serving"]
+           "stop_together", "wait_for", "wait_serving"]
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.02):
+    """The first truthy `condition()`, polled every `interval_s`; AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out waiting for {what}")
 
 def spawn_service(name: str, command: str, *args: str, env: Mapping[str, str] | None = None, **ports) -> Child:
     """`internvl-serve COMMAND --port P --metrics-port M ARGS...` started (not waited for); `ports`: port=,

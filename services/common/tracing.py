@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind
+from opentelemetry.trace import Link, Span, SpanContext
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +106,16 @@ def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
         *(filters.service_name(name) for name in _UNTRACED_SERVICES))))]
 
 
-def current_context() -> SpanContext:
-    """The context of the span current in this task (invalid when none or tracing is off): what a link points at."""
-    return trace.get_current_span().get_span_context()
+def _present(attributes: Mapping[str, object]) -> dict[str, object]:
+    """`attributes` without the None values (OpenTelemetry refuses None)."""
+    return {k: v for k, v in attributes.items() if v is not None}
 
 
 def set_attributes(attributes: Mapping[str, object], span: Span | None = None) -> None:
     """Sets `attributes` (None values left out) on `span` or the current span."""
     span = span if span is not None else trace.get_current_span()
     if span.is_recording():
-        span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+        span.set_attributes(_present(attributes))
 
 
 def wall_ns(monotonic_s: float) -> int:
@@ -124,13 +124,12 @@ def wall_ns(monotonic_s: float) -> int:
 
 
 def record_span(name: str, start_monotonic: float, end_monotonic: float, attributes: Mapping[str, object] = {},
-                links: Sequence[SpanContext] = (), kind: SpanKind = SpanKind.INTERNAL) -> SpanContext:
+                links: Sequence[SpanContext] = ()) -> SpanContext:
     """A span, child of the current one, of a phase that has already happened (times from `time.monotonic()`):
     phases measured inside the engines (a queue wait, a prefill) are recorded when their request ends."""
     if not _enabled:
         return trace.INVALID_SPAN_CONTEXT
-    span = tracer().start_span(name, kind=kind, start_time=wall_ns(start_monotonic),
-                               links=[Link(c) for c in links if c.is_valid],
-                               attributes={k: v for k, v in attributes.items() if v is not None})
+    span = tracer().start_span(name, start_time=wall_ns(start_monotonic), links=[Link(c) for c in links if c.is_valid],
+                               attributes=_present(attributes))
     span.end(end_time=wall_ns(end_monotonic))
     return span.get_span_context()

@@ -21,7 +21,7 @@ import time
 import grpc
 import pytest
 from internvl.gateway.v1 import gateway_pb2 as G
-from procs import wait_serving
+from procs import wait_for, wait_serving
 
 from reliability import media
 from reliability.harness import assert_no_leak, chat, image_part, running_stack, text_part
@@ -36,16 +36,6 @@ def stack(checkpoint):
     slow = ["--max-wait-ms", str(SLOW_BATCH_MS)]
     with running_stack(checkpoint, vision_args=[slow, slow], namespace="relreplica") as running:
         yield running
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def holding(stack):
