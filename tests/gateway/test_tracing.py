@@ -15,7 +15,6 @@ import re
 import signal
 import sys
 import threading
-import time
 import urllib.request
 from collections import defaultdict
 from concurrent import futures
@@ -25,7 +24,7 @@ import pytest
 from internvl.gateway.v1 import gateway_pb2 as G
 from internvl.gateway.v1 import gateway_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from procs import REPO, free_port
+from procs import REPO, free_port, wait_for
 
 from services.tools.launcher import UP_READY_LINE, cli_env, read_banner, spawn
 
@@ -55,15 +54,12 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
             return [(s, span) for s, span in self.spans if span.trace_id == trace_id]
 
     def wait_for(self, predicate, timeout_s: float = 20.0):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = predicate()
-            if found:
-                return found
-            time.sleep(0.1)
-        with self.lock:
-            seen = sorted({(s, span.name) for s, span in self.spans})
-        pytest.fail(f"spans did not arrive in time; seen: {seen}")
+        try:
+            return wait_for(predicate, timeout_s, "spans", interval_s=0.1)
+        except AssertionError:
+            with self.lock:
+                seen = sorted({(s, span.name) for s, span in self.spans})
+            pytest.fail(f"spans did not arrive in time; seen: {seen}")
 
 
 def attributes(span) -> dict:
@@ -200,9 +196,10 @@ def test_http_continues_the_callers_trace_and_the_request_id_is_in_every_log(sta
         json.loads(reply.read())
 
     def continued():
+        # Both server spans: the client spans of the gateway's calls may arrive before its HTTP span has ended.
         spans = spans_of.trace(bytes.fromhex(trace_id))
-        services = {service for service, _ in spans}
-        return spans if {"internvl-gateway", "internvl-llm"} <= services else None
+        servers = {service for service, span in spans if span.kind == SERVER}
+        return spans if {"internvl-gateway", "internvl-llm"} <= servers else None
 
     spans = spans_of.wait_for(continued)
     http_span = next(span for service, span in spans if service == "internvl-gateway" and span.kind == SERVER)
@@ -212,15 +209,21 @@ def test_http_continues_the_callers_trace_and_the_request_id_is_in_every_log(sta
     assert attributes(generate)["internvl.request_id"] == "http-req-7"
 
     # Every service's log has lines about this request (JSON, one object per line, all parseable).
-    lines_by_service = defaultdict(list)
-    time.sleep(0.5)  # the last access lines are written as the streams close
-    for name, file in (("gateway", "gateway"), ("vision", "vision-0"), ("llm", "llm")):
-        for line in (logs / f"{file}.log").read_text().splitlines():
-            if not line.startswith("{"):
-                continue  # a child's non-logging output (none expected, but the banner tools may print)
-            entry = json.loads(line)
-            assert {"time", "level", "service", "message"} <= set(entry)
-            lines_by_service[name].append(entry)
+    def read_logs():
+        lines_by_service = defaultdict(list)
+        for name, file in (("gateway", "gateway"), ("vision", "vision-0"), ("llm", "llm")):
+            for line in (logs / f"{file}.log").read_text().splitlines():
+                if not line.startswith("{"):
+                    continue  # a child's non-logging output (none expected, but the banner tools may print)
+                entry = json.loads(line)
+                assert {"time", "level", "service", "message"} <= set(entry)
+                lines_by_service[name].append(entry)
+        mentioned = all(any(e.get("request_id") == "http-req-7" for e in lines_by_service[name])
+                        for name in ("gateway", "vision", "llm"))
+        return lines_by_service if mentioned else None
+
+    # The last access lines are written as the streams close: polled, and then asserted on below.
+    lines_by_service = wait_for(read_logs, 10, "log lines with the request id")
     for name in ("gateway", "vision", "llm"):
         mine = [e for e in lines_by_service[name] if e.get("request_id") == "http-req-7"]
         assert mine, f"no {name} log line carries the request id"
