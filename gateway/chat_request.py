@@ -120,6 +120,8 @@ class ChatRequest:
     request_id: str = ""
     # The OpenAI API's `user` / `safety_identifier`: recorded on the request's span as `user.id`.
     user: str = ""
+    # The model id to answer with (the base's name or a LoRA adapter's); "": the base, or the session's model.
+    model: str = ""
 
     @classmethod
     def from_pb(cls, pb: gateway_pb2.ChatRequest) -> ChatRequest:
@@ -136,4 +138,5 @@ class ChatRequest:
             sampling=SamplingParams.from_pb(pb.sampling),
             system_message=pb.system_message if pb.HasField("system_message") else None,
             request_id=pb.request_id,
+            model=pb.model,
         )

@@ -182,13 +182,14 @@ class VisionClient:
         return list(reply.exists)
 
     async def encode(self, items: Sequence[MediaItem], max_num: int, use_thumbnail: bool,
-                     timeout: float | None, route_key: str | None = None) -> list[EncodedItem]:
-        """Encodes `items` in one call, on the replica `route_key` (the first item's cache key) prefers."""
+                     timeout: float | None, route_key: str | None = None, adapter: str = "") -> list[EncodedItem]:
+        """Encodes `items` with `adapter` ("" the base) in one call, on the replica `route_key` (the first item's
+        cache key) prefers."""
         request = vision_pb2.EncodeRequest(
             items=[vision_pb2.EncodeItem(image_bytes=i.data) if i.kind == "image" else
                    vision_pb2.EncodeItem(frame=vision_pb2.RawFrame(rgb=i.data, height=i.height, width=i.width))
                    for i in items],
-            options=common_pb2.PreprocessOptions(max_num=max_num, use_thumbnail=use_thumbnail))
+            options=common_pb2.PreprocessOptions(max_num=max_num, use_thumbnail=use_thumbnail), adapter=adapter)
         reply = await self._retrying("Encode", lambda stub, left, metadata: stub.Encode(
             request, timeout=left, metadata=metadata), timeout, route_key)
         if len(reply.items) != len(items):
@@ -240,7 +241,7 @@ def generate_start(conversation: LLMConversation, sampling: SamplingParams, requ
                  for t in conversation.history],
         user_parts=[_part_pb(p) for p in conversation.user_parts],
         sampling=sampling.to_pb(llm_pb2.SamplingParams),
-        inline_embeddings=inline, request_id=request_id)
+        inline_embeddings=inline, request_id=request_id, adapter=conversation.adapter)
     if conversation.system_message is not None:
         start.system_message = conversation.system_message
     return start
@@ -391,7 +392,7 @@ async def open_clients(config: GatewayConfig, metrics: GatewayMetrics,
     def fingerprint(stub_type, request):
         async def of(replica: grpc.aio.Channel) -> str:
             reply = await stub_type(replica).GetModelInfo(request, timeout=HEALTH_FIRST_CHECK_S)
-            return reply.model_info.fingerprint
+            return ModelInfo.from_pb(reply.model_info).serving_identity
 
         return of
 

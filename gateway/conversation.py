@@ -49,6 +49,8 @@ class LLMConversation:
     history: tuple[TurnRecord, ...] = ()
     # None keeps the model's default system message; "" means none.
     system_message: str | None = None
+    # The LoRA adapter to answer with; "" is the base.
+    adapter: str = ""
 
     def refs(self) -> list[ImageRef]:
         """Every image reference in prompt order (history first); a video contributes its frames."""
@@ -58,9 +60,10 @@ class LLMConversation:
         """What every turn of this conversation starts with: the system message and the first user turn (its text
         and its images' content keys). The LLM routing key: equal for all turns of a session, for a stateless caller
         that resends the history, on every gateway replica, and for identical first turns of different users (whose
-        prompts then share that prefix too)."""
+        prompts then share that prefix too). The adapter is part of it: a prefix's KV is another under another
+        adapter."""
         first = self.history[0].user_parts if self.history else self.user_parts
-        identity = [self.system_message, [_part_identity(p) for p in first]]
+        identity = [self.system_message, [_part_identity(p) for p in first], *([self.adapter] if self.adapter else [])]
         return hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode()).digest()
 
     @property

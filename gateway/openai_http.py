@@ -330,7 +330,8 @@ def parse_request(body: Any) -> tuple[ChatRequest, bool, bool, int]:
         content=tuple(pending), history=tuple(turns), session_id=_field(body, "session_id", str, None),
         max_num=_field(body, "max_num", int, DEFAULT_MAX_NUM), multi_image_mode=MultiImageMode(mode), sampling=sampling,
         system_message="\n".join(system) if system else None,
-        user=_field(body, "user", str, None) or _field(body, "safety_identifier", str, ""))
+        user=_field(body, "user", str, None) or _field(body, "safety_identifier", str, ""),
+        model=_field(body, "model", str, ""))
     stream = bool(_field(body, "stream", bool, False))
     include_usage = bool((_field(body, "stream_options", dict, {}) or {}).get("include_usage", False))
     return request, stream, include_usage, top if want_logprobs else -1
@@ -387,8 +388,13 @@ class OpenAIHandlers:
         return model.model_name if model is not None else "internvl"
 
     async def models(self, request: web.Request) -> web.Response:
+        """The base model, then each LoRA adapter with the base as its `parent` (vLLM's field)."""
+        base = self.model_name
+        served = self.orchestrator.served_models() if self.orchestrator.model is not None else [(base, None)]
         return web.json_response({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": 0, "owned_by": "internvl-serve"}]})
+            {"id": name, "object": "model", "created": 0, "owned_by": "internvl-serve", "root": base,
+             "parent": base if adapter is not None else None}
+            for name, adapter in served]})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"ready": self.is_ready()}, status=200 if self.is_ready() else 503)

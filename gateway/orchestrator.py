@@ -67,9 +67,10 @@ from services.common.contract.errors import (
     InvalidArgumentError,
     InvalidMediaError,
     ModelMismatchError,
+    NotFoundError,
     NotReadyError,
 )
-from services.common.contract.model_info import ModelInfo
+from services.common.contract.model_info import AdapterInfo, ModelInfo
 from services.common.contract.tiling import MAX_NUM_LIMIT
 from services.common.logs import request_scope
 
@@ -107,7 +108,8 @@ class Orchestrator:
         self.remote_media = RemoteMedia.from_config(config)
         self._pool = ThreadPoolExecutor(config.media_threads, thread_name_prefix="gateway-media")
         self.model: ModelInfo | None = None
-        self._keyer: Keyer | None = None
+        # Per served adapter ("" the base): its image keys.
+        self._keyers: dict[str, Keyer] = {}
         self._warned_key_mismatch = False
 
     async def connect(self, timeout: float | None = None, retry_interval_s: float = 2.0) -> ModelInfo:
@@ -129,9 +131,26 @@ class Orchestrator:
                 log.info("peers not ready yet (%s); retrying in %.0fs", exc, retry_interval_s)
                 await asyncio.sleep(retry_interval_s)
         check_same_model(vision, llm)
-        self.model, self._keyer = vision, Keyer(vision, self.config.namespace)
-        log.info("serving %s (fingerprint %s, %s embeddings)", vision.model_name, vision.fingerprint, vision.dtype)
+        self.model = vision
+        self._keyers = {name: Keyer(vision, self.config.namespace, name)
+                        for name in ("", *(a.name for a in vision.adapters))}
+        log.info("serving %s (fingerprint %s, %s embeddings)%s", vision.model_name, vision.fingerprint, vision.dtype,
+                 "".join(f"; adapter {a.name} ({a.digest})" for a in vision.adapters))
         return vision
+
+    def served_models(self) -> list[tuple[str, AdapterInfo | None]]:
+        """The model ids requests may name: the base's, then each adapter's (with its AdapterInfo)."""
+        if self.model is None:
+            raise NotReadyError("the gateway is still connecting to the vision and LLM services")
+        return [(self.model.model_name, None), *((a.name, a) for a in self.model.adapters)]
+
+    def _adapter(self, model: str) -> str:
+        """The adapter a request's model id names ("" the base); NotFoundError for an id that is not served."""
+        if not model or model == self.model.model_name:
+            return ""
+        if self.model.adapter(model) is None:
+            raise NotFoundError(f"model {model!r} is not served; GET /v1/models (or ListModels) lists them")
+        return model
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -145,16 +164,18 @@ class Orchestrator:
 
     async def chat(self, request: ChatRequest, timeout: float | None = None) -> AsyncIterator[Delta | Finish]:
         """Streams the answer's deltas, then one Finish; raises domain errors before or during the stream."""
-        if self._keyer is None or self.model is None:
+        if not self._keyers or self.model is None:
             raise NotReadyError("the gateway is still connecting to the vision and LLM services")
         deadline = Deadline(timeout if timeout is not None else self.config.default_timeout_s)
         if not request.content:
             raise InvalidArgumentError("content is empty: the new user turn needs text, an image or a video")
         request.sampling.validate()
+        adapter = self._adapter(request.model)
         check_max_num(request.max_num, "max_num", MAX_NUM_LIMIT)
         for where, video in _videos(request):
             check_max_num(video.max_num, f"{where} (video)", MAX_NUM_LIMIT)
-        tracing.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.request.model": self.model.model_name,
+        tracing.set_attributes({"gen_ai.operation.name": "chat",
+                                "gen_ai.request.model": request.model or self.model.model_name,
                                 "gen_ai.request.max_tokens": request.sampling.max_new_tokens or None,
                                 "gen_ai.request.temperature": request.sampling.temperature,
                                 "gen_ai.request.top_p": request.sampling.top_p or None,
@@ -172,17 +193,22 @@ class Orchestrator:
                 if request.system_message is not None and request.system_message != session.system_message:
                     raise InvalidArgumentError("system_message differs from the one this session started with; "
                                                "leave it unset when continuing a session")
+                if request.model and adapter != session.adapter:
+                    raise InvalidArgumentError(
+                        f"this session answers with model {session.adapter or self.model.model_name!r}; a session "
+                        "keeps the model it started with (leave model unset or name that one)")
+                adapter = self._adapter(session.adapter)  # still served?
             else:
-                session = Session(session_id, request.system_message)
+                session = Session(session_id, request.system_message, adapter=adapter)
             with tracing.tracer().start_as_current_span("media.plan") as span:
-                plan = await self._plan(request)
+                plan = await self._plan(request, adapter)
                 tracing.set_attributes({"internvl.images": len(plan.images),
                                         "internvl.tiles": sum(image.num_tiles for image in plan.images)}, span)
             self._check_tiles(plan, session)
-            refs = await self._ensure_cached(plan, session, deadline)
+            refs = await self._ensure_cached(plan, session, deadline, adapter)
             history = (*session.turns, *(TurnRecord(refs[n], t.assistant_text or "")
                                          for n, t in enumerate(plan.turns[:-1])))
-            conversation = LLMConversation(refs[-1], history, session.system_message)
+            conversation = LLMConversation(refs[-1], history, session.system_message, adapter)
             first_answer: list[str] = []  # what the session records: answer 0 (of n)
             tiles: ChatUsage | None = None
             finished: list[GenerateFinish] = []
@@ -195,7 +221,8 @@ class Orchestrator:
                         continue
                     if tiles is None:  # the first finish: every answer's deltas came before it (LLMClient)
                         turn = TurnRecord(refs[-1], template.clean_response("".join(first_answer)))
-                        await self.sessions.save(Session(session_id, session.system_message, (*history, turn)))
+                        await self.sessions.save(Session(session_id, session.system_message, (*history, turn),
+                                                         adapter))
                         self.metrics.sessions.labels("continued" if continuing else "started").inc()
                         tiles = self._tile_usage(conversation, plan)
                     usage = dataclasses.replace(tiles, prompt_tokens=event.prompt_tokens,
@@ -251,8 +278,8 @@ class Orchestrator:
 
     # ------------------------------------------------------------------------------------------------ plan
 
-    async def _plan(self, request: ChatRequest) -> Plan:
-        jobs = turn_jobs(request.history, request.content, request.max_num, self.media, self._keyer)
+    async def _plan(self, request: ChatRequest, adapter: str) -> Plan:
+        jobs = turn_jobs(request.history, request.content, request.max_num, self.media, self._keyers[adapter])
         resolved = await asyncio.gather(*(asyncio.gather(*(self._run(job) for job in parts))
                                           for _, _, parts in jobs))
         turns = [PlannedTurn(where, arrange_turn(where, list(parts), request.multi_image_mode), answer)
@@ -273,7 +300,8 @@ class Orchestrator:
 
     # ------------------------------------------------------------------------------------------ embeddings
 
-    async def _ensure_cached(self, plan: Plan, session: Session, deadline: Deadline) -> list[tuple[RefPart, ...]]:
+    async def _ensure_cached(self, plan: Plan, session: Session, deadline: Deadline,
+                             adapter: str) -> list[tuple[RefPart, ...]]:
         """Looks up every key, encodes the misses, and returns each planned turn's parts as references."""
         stored = [leaf.key for turn in session.turns for ref in part_refs(turn.user_parts) for leaf in ref.leaves()]
         keys = list(dict.fromkeys([*stored, *(image.key for image in plan.images)]))
@@ -281,11 +309,12 @@ class Orchestrator:
         evicted = [key for key in dict.fromkeys(stored) if not exists[key]]
         if evicted:
             raise SessionMediaEvictedError(evicted)
-        await self._encode([image for image in plan.images if not exists[image.key]], deadline)
+        await self._encode([image for image in plan.images if not exists[image.key]], deadline, adapter)
         return [tuple(self._ref(part) for part in turn.parts) for turn in plan.turns]
 
-    async def _encode(self, images: list[PendingImage], deadline: Deadline) -> None:
-        """Encodes each distinct image once, in concurrent calls of at most `encode_items_per_call` items.
+    async def _encode(self, images: list[PendingImage], deadline: Deadline, adapter: str) -> None:
+        """Encodes each distinct image once with `adapter`, in concurrent calls of at most `encode_items_per_call`
+        items.
 
         Each image goes to the vision replica its key prefers, so the misses of a request spread over the pool and
         two gateways encoding the same new image reach the same replica (whose single-flight encodes it once).
@@ -299,15 +328,17 @@ class Orchestrator:
         size = self.config.encode_items_per_call
         calls = [(max_num, groups[i:i + size]) for (max_num, _), groups in by_call.items()
                  for i in range(0, len(groups), size)]
-        await asyncio.gather(*(self._encode_call(max_num, groups, deadline) for max_num, groups in calls))
+        await asyncio.gather(*(self._encode_call(max_num, groups, deadline, adapter) for max_num, groups in calls))
 
-    async def _encode_call(self, max_num: int, groups: list[list[PendingImage]], deadline: Deadline) -> None:
+    async def _encode_call(self, max_num: int, groups: list[list[PendingImage]], deadline: Deadline,
+                           adapter: str) -> None:
         items = [group[0].item for group in groups]
         self.metrics.encode_calls.inc()
         for item in items:
             self.metrics.media_bytes_sent.labels(item.kind).inc(len(item.data))
         try:
-            results = await self.vision.encode(items, max_num, True, deadline.remaining(), route_key=groups[0][0].key)
+            results = await self.vision.encode(items, max_num, True, deadline.remaining(), route_key=groups[0][0].key,
+                                               adapter=adapter)
         except (InvalidMediaError, InvalidArgumentError) as exc:
             if exc.item_index is not None and 0 <= exc.item_index < len(groups):
                 raise type(exc)(f"{groups[exc.item_index][0].where}: {strip_item_prefix(str(exc))}") from None
@@ -384,7 +415,7 @@ class Orchestrator:
                 log.info("re-encoding %d evicted image(s) and retrying Generate", len(exc.missing_keys))
                 missing_retries += 1
                 self.metrics.missing_retries.inc()
-                await self._encode([pending[key] for key in exc.missing_keys], deadline)
+                await self._encode([pending[key] for key in exc.missing_keys], deadline, conversation.adapter)
 
     def _count_embedding_bytes(self, conversation: LLMConversation, inline: dict[str, Embeddings] | None) -> None:
         if inline is not None:
@@ -432,6 +463,12 @@ def check_same_model(vision: ModelInfo, llm: ModelInfo) -> None:
     if vision.fingerprint != llm.fingerprint:
         raise ModelMismatchError(f"the vision service serves model {vision.fingerprint} ({vision.model_name}) "
                                  f"but the LLM service serves {llm.fingerprint} ({llm.model_name})")
+    if vision.adapters != llm.adapters:
+        def names(info: ModelInfo) -> str:
+            return ", ".join(f"{a.name} ({a.digest})" for a in info.adapters) or "none"
+
+        raise ModelMismatchError(f"the vision service serves LoRA adapters {names(vision)} but the LLM service "
+                                 f"serves {names(llm)}: give both pools the same --lora flags")
     if vision.dtype and llm.dtype and vision.dtype != llm.dtype:
         log.warning("vision embeddings are %s but the LLM computes in %s", vision.dtype, llm.dtype)
 

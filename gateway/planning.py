@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from gateway.chat_request import CallerTurn, ContentPart, MultiImageMode
 from gateway.media import MediaResolver
 from services.common.contract import template
-from services.common.contract.cache_keys import model_identity
 from services.common.contract.encoding import MediaItem, item_key
 from services.common.contract.errors import InvalidArgumentError
 from services.common.contract.model_info import ModelInfo
@@ -70,10 +69,11 @@ class Plan:
 
 
 class Keyer:
-    """Cache keys and tile counts exactly as the vision service derives them, for one model."""
+    """Cache keys and tile counts exactly as the vision service derives them, for one model and adapter ("" the
+    base)."""
 
-    def __init__(self, model: ModelInfo, namespace: str):
-        self.identity = model_identity(model.fingerprint, model.dtype)
+    def __init__(self, model: ModelInfo, namespace: str, adapter: str = ""):
+        self.identity = model.key_identity(adapter)
         self.image_size = model.image_size
         self.namespace = namespace
 

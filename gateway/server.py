@@ -74,6 +74,13 @@ class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
         self.metrics.generated_tokens.labels("BatchChat").inc(sum(len(r.token_ids) for r in results))
         return gateway_pb2.BatchChatResponse(results=[r.to_pb() for r in results])
 
+    async def ListModels(self, request: gateway_pb2.ListModelsRequest, context) -> gateway_pb2.ListModelsResponse:
+        served = self.orchestrator.served_models()
+        base = served[0][0]
+        return gateway_pb2.ListModelsResponse(models=[
+            gateway_pb2.ServedModel(id=name, parent=base if adapter else "", adapter=adapter.to_pb() if adapter
+                                    else None) for name, adapter in served])
+
 
 async def _adopt_request_id(field: str, context: grpc.aio.ServicerContext) -> str:
     """The call's request id (`request_ids.adopt`), returned to the caller at once in the initial metadata."""

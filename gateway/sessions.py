@@ -1,6 +1,6 @@
 """Multi-round sessions, kept in Redis so that any gateway replica can continue any session.
 
-A session holds its system message and its rounds: each round's user parts (text and image references, i.e. cache
+A session holds its system message, the model it answers with (the base, or a LoRA adapter by name), and its rounds: each round's user parts (text and image references, i.e. cache
 keys and tile counts, never pixels) and the assistant's answer as the original stores it (cut at `<|im_end|>` and
 stripped). Replaying them gives the LLM service the same prompt prefix as the last round, so its prefix KV cache and
 the embedding cache make the next round cheap. A session expires `ttl_s` after its last round.
@@ -44,9 +44,11 @@ class Session:
     id: str
     system_message: str | None = None
     turns: tuple[TurnRecord, ...] = field(default=())
+    # The LoRA adapter every round answers with; "" is the base.
+    adapter: str = ""
 
     def to_json(self) -> str:
-        return json.dumps({"v": SCHEMA_VERSION, "system_message": self.system_message,
+        return json.dumps({"v": SCHEMA_VERSION, "system_message": self.system_message, "adapter": self.adapter,
                            "turns": [turn_to_json(t) for t in self.turns]}, separators=(",", ":"))
 
     @classmethod
@@ -58,7 +60,10 @@ class Session:
                 system_message = data.get("system_message")
                 if system_message is not None and not isinstance(system_message, str):
                     raise TypeError("system_message is not a string")
-                return cls(session_id, system_message, tuple(turn_from_json(t) for t in data["turns"]))
+                adapter = data.get("adapter", "")  # absent: stored before adapters existed, the base
+                if not isinstance(adapter, str):
+                    raise TypeError("adapter is not a string")
+                return cls(session_id, system_message, tuple(turn_from_json(t) for t in data["turns"]), adapter)
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:  # JSON errors: ValueError
             # Another writer or a damaged store: the caller can only start over, as after an expiry.
             log.warning("session %s has an unreadable stored value (%s: %s)", session_id, type(exc).__name__, exc)

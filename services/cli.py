@@ -16,6 +16,8 @@ from services.common.logs import LOG_FORMATS, configure_logging
 
 SUBCOMMANDS = {
     "make-tiny": ("services.tools.make_tiny", "write a random checkpoint in the original OpenGVLab format"),
+    "merge-lora": ("services.tools.merge_lora",
+                   "merge a LoRA adapter into its base: a full checkpoint in the original format"),
     "demo": ("services.tools.demo", "single-process chat with a checkpoint (the reference path)"),
     "vision": ("services.vision.server", "run the vision encoder gRPC service"),
     "llm": ("services.llm.server", "run the language model gRPC service"),

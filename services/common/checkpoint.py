@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from services.common.contract.dtypes import dtype_name
 from services.common.contract.errors import CheckpointError
-from services.common.contract.model_info import ModelInfo
+from services.common.contract.model_info import AdapterInfo, ModelInfo
 from services.common.spec import ModelSpec
 
 CONFIG_FILE = "config.json"
@@ -167,13 +167,14 @@ class Checkpoint:
         """What GetModelInfo and /v1/models call the model: the id's last part, or the directory's name."""
         return self.model_name or self.path.name
 
-    def model_info(self, dtype: torch.dtype) -> ModelInfo:
-        """What GetModelInfo reports for this checkpoint computing in `dtype`."""
+    def model_info(self, dtype: torch.dtype, adapters: tuple[AdapterInfo, ...] = ()) -> ModelInfo:
+        """What GetModelInfo reports for this checkpoint computing in `dtype` with `adapters` beside it."""
         vision_archs = self.config.get("vision_config", {}).get("architectures") or ["InternVisionModel"]
         return ModelInfo(fingerprint=self.fingerprint, model_name=self.name,
                          llm_hidden_size=self.spec.llm_hidden_size, dtype=dtype_name(dtype),
                          tokens_per_tile=self.spec.tokens_per_tile, image_size=self.spec.image_size,
-                         llm_architecture=self.spec.llm_architecture, vision_architecture=vision_archs[0])
+                         llm_architecture=self.spec.llm_architecture, vision_architecture=vision_archs[0],
+                         adapters=adapters)
 
     def shards_for(self, prefixes: tuple[str, ...]) -> list[str]:
         """Shard files holding any weight under one of `prefixes`, in a stable order."""
@@ -193,14 +194,14 @@ def open_checkpoint(model: str | os.PathLike, *, cache_dir: str | None = None) -
     readable) and fingerprints it."""
     location = locate_model(str(model), cache_dir)
     path = location.path
-    config = _read_json(path / CONFIG_FILE)
+    config = read_json(path / CONFIG_FILE)
     spec = ModelSpec.from_config(config, source=str(path / CONFIG_FILE))
     weight_map = _read_weight_map(path)
     return Checkpoint(path=path, config=config, spec=spec, weight_map=weight_map,
                       fingerprint=_fingerprint(path, config, weight_map), model_name=location.name)
 
 
-def _read_json(file: Path) -> dict:
+def read_json(file: Path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{file}: file not found")
     try:
@@ -215,24 +216,24 @@ def _read_json(file: Path) -> dict:
 def _read_weight_map(path: Path) -> dict[str, str]:
     index_file = path / INDEX_FILE
     if index_file.is_file():
-        weight_map = _read_json(index_file).get("weight_map")
+        weight_map = read_json(index_file).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_file}: missing or empty 'weight_map'")
     elif (path / SINGLE_WEIGHTS_FILE).is_file():
-        weight_map = {key: SINGLE_WEIGHTS_FILE for key in _safetensors_header(path / SINGLE_WEIGHTS_FILE)}
+        weight_map = {key: SINGLE_WEIGHTS_FILE for key in safetensors_header(path / SINGLE_WEIGHTS_FILE)}
     else:
         raise CheckpointError(f"{path}: no {SINGLE_WEIGHTS_FILE} and no {INDEX_FILE}")
     for shard in sorted(set(weight_map.values())):
         shard_file = path / shard
         if not shard_file.is_file():
             raise CheckpointError(f"{shard_file}: shard listed in {INDEX_FILE} is missing")
-        missing = [k for k, s in weight_map.items() if s == shard and k not in _safetensors_header(shard_file)]
+        missing = [k for k, s in weight_map.items() if s == shard and k not in safetensors_header(shard_file)]
         if missing:
             raise CheckpointError(f"{shard_file}: lacks {len(missing)} weights its index lists, e.g. {missing[0]}")
     return dict(weight_map)
 
 
-def _safetensors_header(file: Path) -> dict:
+def safetensors_header(file: Path) -> dict:
     """The JSON header of a safetensors file (names, dtypes, shapes, offsets) without reading the tensors."""
     try:
         with open(file, "rb") as f:
@@ -256,7 +257,7 @@ def _fingerprint(path: Path, config: dict, weight_map: dict[str, str]) -> str:
     digest.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
     for shard in sorted(set(weight_map.values())):
         file = path / shard
-        header = _safetensors_header(file)
+        header = safetensors_header(file)
         digest.update(shard.encode())
         digest.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
         size = file.stat().st_size

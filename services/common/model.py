@@ -6,7 +6,7 @@ built and loaded on its own: a 78B LLM is never materialised in a vision replica
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLVisionModel,
 )
 
+from services.common.adapters import LANGUAGE_PREFIXES as ADAPTER_LANGUAGE_PREFIXES
+from services.common.adapters import VISION_PREFIXES as ADAPTER_VISION_PREFIXES
+from services.common.adapters import Adapter, mapped
 from services.common.checkpoint import Checkpoint
 from services.common.contract.errors import CheckpointError
 from services.common.keymap import (
@@ -36,6 +39,7 @@ from services.common.keymap import (
     map_qwen2,
     map_vision,
 )
+from services.common.lora import AdapterSlots
 from services.common.torch_dtypes import TORCH_DTYPES
 
 Mapper = Callable[[str, torch.Tensor], Iterator[tuple[str, torch.Tensor]]]
@@ -118,17 +122,39 @@ def load_vision(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device
     return model
 
 
+def _language_classes(checkpoint: Checkpoint) -> tuple[type[PreTrainedModel], Mapper]:
+    config = checkpoint.spec.text_hf_config()
+    if checkpoint.spec.llm_architecture == "Qwen2ForCausalLM":
+        return Qwen2ForCausalLM, map_qwen2
+    return LlamaForCausalLM, internlm2_mapper(config.num_attention_heads, config.num_key_value_heads)
+
+
 def load_language_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device | str) -> PreTrainedModel:
-    spec = checkpoint.spec
-    config = spec.text_hf_config()
-    if spec.llm_architecture == "Qwen2ForCausalLM":
-        cls, mapper = Qwen2ForCausalLM, map_qwen2
-    else:
-        cls = LlamaForCausalLM
-        mapper = internlm2_mapper(config.num_attention_heads, config.num_key_value_heads)
+    config = checkpoint.spec.text_hf_config()
+    cls, mapper = _language_classes(checkpoint)
     model = _build(lambda: cls(config), dtype, torch.device(device))
     _load(model, checkpoint.tensors((LANGUAGE_PREFIX,)), mapper, f"{checkpoint.path} (language model)")
     return model
+
+
+def install_language_adapters(model: PreTrainedModel, checkpoint: Checkpoint,
+                              adapters: Sequence[Adapter]) -> AdapterSlots:
+    """Every adapter's language-model layers in `model`, one slot each (an adapter without any keeps a slot that
+    computes the base)."""
+    return _install(model, adapters, ADAPTER_LANGUAGE_PREFIXES, _language_classes(checkpoint)[1])
+
+
+def install_vision_adapters(model: InternVLVisionPath, adapters: Sequence[Adapter]) -> AdapterSlots:
+    """Every adapter's vision tower and projector layers in `model`, one slot each."""
+    return _install(model, adapters, ADAPTER_VISION_PREFIXES, map_vision)
+
+
+def _install(model: nn.Module, adapters: Sequence[Adapter], prefixes: tuple[str, ...], mapper: Mapper
+             ) -> AdapterSlots:
+    slots = AdapterSlots([adapter.name for adapter in adapters])
+    slots.install(model, [mapped(adapter.part(prefixes), mapper) for adapter in adapters],
+                  [adapter.scale for adapter in adapters])
+    return slots
 
 
 def load_tokenizer(checkpoint: Checkpoint) -> PreTrainedTokenizerBase:

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from services.common.adapter_options import AdapterOptions, add_adapter_options
 from services.common.contract.dtypes import DTYPE_NAMES
 from services.common.contract.errors import InvalidArgumentError
 from services.common.grpc_server import ServerOptions, add_server_options
@@ -43,6 +44,8 @@ class LLMConfig:
     max_new_tokens_default: int = 512
     # Longest prompt + answer in tokens; None: the language model's max_position_embeddings.
     max_context_tokens: int | None = None
+    # LoRA adapters served beside the base (--lora NAME=DIR, --max-loras, --max-lora-rank).
+    adapters: AdapterOptions = field(default_factory=AdapterOptions)
 
     def __post_init__(self) -> None:
         """Refuses a value no server could run with, naming its flag (the CLI prints it as one usage line)."""
@@ -56,6 +59,7 @@ class LLMConfig:
             (self.max_context_tokens is None or self.max_context_tokens >= 2,
              f"--max-context-tokens must be >= 2, got {self.max_context_tokens}"),
         ]
+        checks += [(False, problem) for problem in self.adapters.problems()]
         for ok, message in checks:
             if not ok:
                 raise InvalidArgumentError(message)
@@ -84,6 +88,7 @@ class LLMConfig:
             max_step_tokens=args.max_step_tokens,
             max_new_tokens_default=args.max_new_tokens_default,
             max_context_tokens=args.max_context_tokens,
+            adapters=AdapterOptions.from_args(args),
         )
 
 
@@ -112,3 +117,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="max_new_tokens when a request leaves it 0")
     parser.add_argument("--max-context-tokens", type=int, default=None,
                         help="prompt + answer limit (default: the model's max_position_embeddings)")
+    add_adapter_options(parser)

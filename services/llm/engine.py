@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import enum
 import itertools
@@ -41,8 +42,14 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from services.common.contract.errors import InternVLError, InvalidArgumentError, OverloadedError
+from services.common.contract.errors import (
+    InternVLError,
+    InvalidArgumentError,
+    NotFoundError,
+    OverloadedError,
+)
 from services.common.contract.finish import FinishReason
+from services.common.lora import AdapterSlots
 from services.llm.admission import Admission
 from services.llm.batch import COLUMN_SLACK, KVBatch, KVShape, PrefillRow, prefill_forward
 from services.llm.detokenize import IncrementalDetokenizer, StopStrings
@@ -98,6 +105,7 @@ class _Sequence:
     image_rows: torch.Tensor | None = None
     state: _State = _State.WAITING
     index: int = 0  # which of the request's answers this is
+    slot: int = 0  # its adapter's slot in the engine's AdapterSlots (0: the base)
     # The request's other answers, until its prefill completes: they share its prompt's KV and logits, then run alone.
     forks: list[_Sequence] = field(default_factory=list)
     bypassed: int = 0
@@ -163,8 +171,10 @@ class TransformersEngine(Engine):
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, stop_token_id: int,
                  img_context_id: int, max_context_tokens: int, max_batch_size: int = 32, max_queue: int = 256,
-                 max_step_tokens: int = 512, prefix_cache_budget_bytes: int = 0, kv_budget_bytes: int = 0):
+                 max_step_tokens: int = 512, prefix_cache_budget_bytes: int = 0, kv_budget_bytes: int = 0,
+                 adapters: AdapterSlots | None = None):
         self.model = model
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.stop_token_id = stop_token_id
         self.img_context_id = img_context_id
@@ -249,10 +259,15 @@ class TransformersEngine(Engine):
                 f"({answers} x ({len(request.prompt)} prompt + {request.max_new_tokens} new tokens)), more than this "
                 f"LLM server's budget of {self.admission.budget_bytes / mib:.1f} MiB; lower max_new_tokens or n, or "
                 "shorten the conversation")
+        slot = 0
+        if request.adapter:
+            if self.adapters is None or request.adapter not in self.adapters.slot:
+                raise NotFoundError(f"adapter {request.adapter!r} is not loaded by this LLM server")
+            slot = self.adapters.slot[request.adapter]
         queue, arrival = asyncio.Queue(), request.arrival or time.monotonic()
         group = [_Sequence(next(self._ids), dataclasses.replace(request, image_rows=(),
                                                                 sampling=request.sampling.for_answer(i)),
-                           queue, arrival=arrival, extent=extent, index=i) for i in range(answers)]
+                           queue, arrival=arrival, extent=extent, index=i, slot=slot) for i in range(answers)]
         seq = group[0]
         seq.image_parts, seq.forks = request.image_rows, group[1:]
         self._waiting.append(seq)
@@ -316,7 +331,7 @@ class TransformersEngine(Engine):
         """Prefill bookkeeping (no torch kernel: see `_prepare`): text state and the longest cached prefix."""
         prompt = seq.request.prompt
         seq.identity = prompt_identity(prompt.token_ids, prompt.image_keys, self.img_context_id)
-        match = self.prefix_cache.lookup(seq.identity, max_length=seq.prompt_len - 1)
+        match = self.prefix_cache.lookup(seq.identity, max_length=seq.prompt_len - 1, adapter=seq.request.adapter)
         if match is not None:
             seq.past, seq.prefilled = match.layers, match.length
             seq.slots_filled = int(np.count_nonzero(np.asarray(prompt.token_ids[:match.length]) == self.img_context_id))
@@ -364,7 +379,7 @@ class TransformersEngine(Engine):
             # The prompt is the request's, counted once (with answer 0), as OpenAI's usage counts it.
             first = event.index == 0
             self.observer.on_finish(event.reason.value, event.usage.prompt_tokens if first else 0,
-                                    event.usage.cached_prompt_tokens if first else 0)
+                                    event.usage.cached_prompt_tokens if first else 0, seq.request.adapter)
 
     def _deliver(self, result: _StepResult) -> None:
         """The step's tokens as text and events, on the event loop's thread."""
@@ -376,7 +391,7 @@ class TransformersEngine(Engine):
                 continue
             delta, reason = self._text(seq, sampled)
             self._put(seq, delta)
-            timed.append((seq.arrival, seq.last_token_at, delta))
+            timed.append((seq.arrival, seq.last_token_at, delta, seq.request.adapter))
             seq.last_token_at = now
             if seq.first_token_at is None:
                 seq.first_token_at = now
@@ -432,7 +447,8 @@ class TransformersEngine(Engine):
         if decoding:
             try:
                 tokens = torch.tensor([seq.generated[-1] for seq in decoding], device=self.device)
-                decode_logits = self._batch.forward(tokens)
+                with self._rows(decoding):
+                    decode_logits = self._batch.forward(tokens)
             except Exception as exc:  # noqa: BLE001 - the batch state is suspect: drop it, serve on
                 result.failed += self._drop_batch(exc)
                 decoding = []
@@ -505,7 +521,9 @@ class TransformersEngine(Engine):
             hidden = torch.cat(parts) if parts else None
         if not done:
             return None, [], fed
-        return self._fork(self.model.get_output_embeddings()(hidden), done) + (fed,)
+        with self._rows([seq for seq, _ in done]):
+            logits = self.model.get_output_embeddings()(hidden)
+        return self._fork(logits, done) + (fed,)
 
     @staticmethod
     def _fork(logits: torch.Tensor, done: list[tuple[_Sequence, list[LayerKV]]]
@@ -543,7 +561,8 @@ class TransformersEngine(Engine):
     def _prefill_together(self, chunks: list[tuple[_Sequence, int]]
                           ) -> tuple[torch.Tensor | None, list[tuple[_Sequence, list[LayerKV]]], int]:
         rows = [PrefillRow(seq.past, seq.prefilled, self._chunk_embeds(seq, end)) for seq, end in chunks]
-        hidden, kv = prefill_forward(self.model, rows)
+        with self._rows([seq for seq, _ in chunks]):
+            hidden, kv = prefill_forward(self.model, rows)
         done, keep = [], []
         for i, ((seq, end), layers) in enumerate(zip(chunks, kv, strict=True)):
             seq.slots_filled += int(np.count_nonzero(
@@ -595,6 +614,12 @@ class TransformersEngine(Engine):
                 reason = FinishReason.LENGTH
             result.sampled.append(_Sampled(seq, token, report, reason))
 
+    def _rows(self, seqs: list[_Sequence]):
+        """The adapter slot of each row of the forward inside (row i is `seqs[i]`)."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.rows([seq.slot for seq in seqs], self.device)
+
     def _forget(self, seq: _Sequence) -> None:
         """Takes a failed sequence out of the batch (a prefilled one is kept from joining by `_step`)."""
         if seq in self._running:
@@ -607,7 +632,7 @@ class TransformersEngine(Engine):
         if not self.prefix_cache.enabled or length * self.kv_bytes_per_token > self.prefix_cache.budget_bytes:
             return
         fed = np.asarray(seq.generated[:-1], dtype=np.int64)
-        self.prefix_cache.insert(np.concatenate([seq.identity, fed]), layers())
+        self.prefix_cache.insert(np.concatenate([seq.identity, fed]), layers(), adapter=seq.request.adapter)
 
 
 def _request_error(exc: BaseException, seq: _Sequence) -> BaseException:

@@ -69,3 +69,5 @@ class EngineRequest:
     request_id: str = ""
     # The compiled grammar of `sampling.constraint` (an xgrammar CompiledGrammar, made by services.llm.grammar).
     grammar: object | None = None
+    # The LoRA adapter the answer is computed with (a name of the engine's AdapterSlots); "" is the base model.
+    adapter: str = ""

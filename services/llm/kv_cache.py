@@ -6,6 +6,9 @@ equal identities, preceded by equal identities, hold equal KV; so the longest co
 and an entry is KV the new prompt can reuse as is. Keys are content addresses, so equal keys mean equal embeddings
 (and equal tile counts, which the service checks against the rows).
 
+An entry belongs to one model: the base or one LoRA adapter (`adapter`, its name). A prefix never crosses models, since
+the same tokens have other KV under another adapter.
+
 Entries live in LRU order within a byte budget; an entry that is a prefix of a newer one is dropped (the newer covers
 it). Lookup is a linear scan with a vectorised comparison per entry, which is cheap next to a prefill for the few
 hundred entries a budget holds.
@@ -68,6 +71,7 @@ class Entry:
     identity: np.ndarray
     layers: list[LayerKV]
     nbytes: int
+    adapter: str
 
 
 @dataclass(frozen=True)
@@ -99,14 +103,17 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, identity: np.ndarray, max_length: int) -> Match | None:
-        """The longest reusable prefix of `identity`, at most `max_length` positions; None when nothing matches."""
+    def lookup(self, identity: np.ndarray, max_length: int, adapter: str = "") -> Match | None:
+        """The longest reusable prefix of `identity` computed by `adapter` ("" the base), at most `max_length`
+        positions; None when nothing matches."""
         if not self.enabled:
             return None
         with self._lock:
             self.lookups += 1
             best_id, best = None, 0
             for entry_id, entry in self._entries.items():
+                if entry.adapter != adapter:
+                    continue
                 length = min(common_prefix(identity, entry.identity), max_length)
                 if length > best:
                     best_id, best = entry_id, length
@@ -117,20 +124,21 @@ class PrefixCache:
             entry = self._entries[best_id]
         return Match(best, [(k[:, :best], v[:, :best]) for k, v in entry.layers])
 
-    def insert(self, identity: np.ndarray, layers: list[LayerKV]) -> bool:
-        """Keeps `layers` (owned by the cache from now on) under `identity`; False if it cannot fit the budget."""
+    def insert(self, identity: np.ndarray, layers: list[LayerKV], adapter: str = "") -> bool:
+        """Keeps `layers` (owned by the cache from now on) under `identity` and `adapter` ("" the base); False if it
+        cannot fit the budget."""
         nbytes = kv_nbytes(layers)
         if not self.enabled or nbytes > self.budget_bytes or len(identity) == 0:
             return False
         with self._lock:
             for entry_id in [i for i, e in self._entries.items()
-                             if len(e.identity) <= len(identity)
+                             if e.adapter == adapter and len(e.identity) <= len(identity)
                              and common_prefix(e.identity, identity) == len(e.identity)]:
                 self._drop(entry_id)
             while self._entries and self.nbytes + nbytes > self.budget_bytes:
                 self._drop(next(iter(self._entries)))
                 self.evictions += 1
-            self._entries[self._next_id] = Entry(identity, layers, nbytes)
+            self._entries[self._next_id] = Entry(identity, layers, nbytes, adapter)
             self._next_id += 1
             self.nbytes += nbytes
         return True

@@ -3,6 +3,8 @@
 The engine calls these hooks (services.llm.engine_api.EngineObserver) on the asyncio thread only: `on_step` and
 `on_tokens` after every step, `on_finish` for every finished request, `on_schedule` with its `EngineLoad` whenever
 its counts change. The prefix cache's counters are exported as deltas of the load's.
+
+Token and request counters carry a `model` label: the base model's name (`model_name`) or the LoRA adapter's.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class LLMMetrics(EngineObserver):
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, model_name: str = "base"):
         self.registry = registry or CollectorRegistry()
+        # The `model` label of the base's requests (the service sets its checkpoint's name).
+        self.model_name = model_name
         r = self.registry
         self.time_to_first_token = Histogram(
             "internvl_llm_time_to_first_token_seconds", "Request arrival to its first generated token.",
@@ -27,13 +31,15 @@ class LLMMetrics(EngineObserver):
         self.inter_token_latency = Histogram(
             "internvl_llm_inter_token_latency_seconds", "Time between consecutive tokens of one stream.",
             buckets=ITL_BUCKETS, registry=r)
-        self.generated_tokens = Counter("internvl_llm_generated_tokens", "Tokens generated.", registry=r)
-        self.prompt_tokens = Counter("internvl_llm_prompt_tokens", "Prompt tokens of finished requests.",
-                                     registry=r)
+        self.generated_tokens = Counter("internvl_llm_generated_tokens", "Tokens generated, by model (base or "
+                                        "adapter).", ["model"], registry=r)
+        self.prompt_tokens = Counter("internvl_llm_prompt_tokens", "Prompt tokens of finished requests, by model.",
+                                     ["model"], registry=r)
         self.cached_prompt_tokens = Counter(
-            "internvl_llm_cached_prompt_tokens", "Prompt tokens whose KV came from the prefix cache.", registry=r)
-        self.finished = Counter("internvl_llm_finished_requests", "Finished generations by finish reason.",
-                                ["finish_reason"], registry=r)
+            "internvl_llm_cached_prompt_tokens", "Prompt tokens whose KV came from the prefix cache, by model.",
+            ["model"], registry=r)
+        self.finished = Counter("internvl_llm_finished_requests", "Finished generations by finish reason and "
+                                "model.", ["finish_reason", "model"], registry=r)
         # requests{method,code}, request_seconds{method}, in_flight_requests{method}: recorded by the server.
         self.requests = RequestMetrics("internvl_llm_", r)
         self.running = Gauge("internvl_llm_running_sequences", "Sequences decoding or prefilling.", registry=r)
@@ -75,18 +81,20 @@ class LLMMetrics(EngineObserver):
             self.prefill_tokens.inc(step.prefill_tokens)
 
     def on_tokens(self, timed: list, now: float) -> None:
-        """`timed`: (arrival, previous token time or None, TokenDelta) for each token delivered at `now`."""
-        for arrival, previous, delta in timed:
+        """`timed`: (arrival, previous token time or None, TokenDelta, adapter) for each delta delivered at
+        `now`."""
+        for arrival, previous, delta, adapter in timed:
             if previous is None:
                 self.time_to_first_token.observe(now - arrival)
             else:
                 self.inter_token_latency.observe(now - previous)
-            self.generated_tokens.inc(len(delta.token_ids))
+            self.generated_tokens.labels(adapter or self.model_name).inc(len(delta.token_ids))
 
-    def on_finish(self, reason: str, prompt_tokens: int, cached_prompt_tokens: int) -> None:
-        self.finished.labels(reason).inc()
-        self.prompt_tokens.inc(prompt_tokens)
-        self.cached_prompt_tokens.inc(cached_prompt_tokens)
+    def on_finish(self, reason: str, prompt_tokens: int, cached_prompt_tokens: int, adapter: str = "") -> None:
+        model = adapter or self.model_name
+        self.finished.labels(reason, model).inc()
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.cached_prompt_tokens.labels(model).inc(cached_prompt_tokens)
 
     def on_schedule(self, load: EngineLoad) -> None:
         """Gauges and the prefix cache's counters, after any change of the engine's state."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -19,18 +19,26 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from services.common import tracing
+from services.common.adapters import LANGUAGE_PREFIXES, Adapter, read_adapters
 from services.common.checkpoint import Checkpoint, open_checkpoint
 from services.common.contract import template
 from services.common.contract.errors import (
     CheckpointError,
     EmbeddingsMissingError,
     InvalidArgumentError,
+    NotFoundError,
     OverloadedError,
 )
-from services.common.contract.model_info import ModelInfo
+from services.common.contract.model_info import AdapterInfo, ModelInfo
 from services.common.contract.sampling import SamplingParams
 from services.common.embedding_store import EmbeddingCache
-from services.common.model import default_device, load_language_model, load_tokenizer, resolve_dtype
+from services.common.model import (
+    default_device,
+    install_language_adapters,
+    load_language_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from services.common.redis_client import connect as connect_redis
 from services.common.redis_client import redis_errors
 from services.llm.config import LLMConfig
@@ -51,16 +59,21 @@ class GenerateRequest:
     # The client sends every referenced image's embeddings in the stream instead of the server reading Redis.
     inline_embeddings: bool = False
     request_id: str = ""
+    # A LoRA adapter's name (a model id of model_info()); "" is the base.
+    adapter: str = ""
 
 
 class LLMService:
     """The tokenizer, the prompt builder, the embedding cache client, and an engine (services.llm.engine_api)."""
 
     def __init__(self, config: LLMConfig, checkpoint: Checkpoint, tokenizer: PreTrainedTokenizerBase,
-                 engine: Callable[[PromptBuilder, int], Engine], metrics: LLMMetrics | None = None):
-        """`engine(prompts, max_context_tokens)` builds the engine for this service's prompts."""
+                 engine: Callable[[PromptBuilder, int], Engine], metrics: LLMMetrics | None = None,
+                 adapters: tuple[AdapterInfo, ...] = ()):
+        """`engine(prompts, max_context_tokens)` builds the engine for this service's prompts; `adapters` are the
+        LoRA adapters it computes with."""
         self.config = config
         self.checkpoint = checkpoint
+        self.adapters = adapters
         self.tokenizer = tokenizer
         self.metrics = metrics
         spec = checkpoint.spec
@@ -71,6 +84,8 @@ class LLMService:
         self.prompts = PromptBuilder(tokenizer, self.tokens_per_tile, spec.system_message, self.max_context_tokens)
         self.engine = engine(self.prompts, self.max_context_tokens)
         self.engine.observer = metrics
+        if metrics is not None:
+            metrics.model_name = checkpoint.name
         self.vocab_size = spec.text_hf_config().vocab_size
         self.grammars = Grammars(tokenizer, self.vocab_size, tokenizer.convert_tokens_to_ids(template.STOP_TOKEN))
         self.embedding_cache = None
@@ -79,8 +94,10 @@ class LLMService:
 
     @classmethod
     def with_model(cls, config: LLMConfig, checkpoint: Checkpoint, model: PreTrainedModel,
-                   tokenizer: PreTrainedTokenizerBase, metrics: LLMMetrics | None = None) -> LLMService:
-        """The service over the transformers engine on `model`."""
+                   tokenizer: PreTrainedTokenizerBase, metrics: LLMMetrics | None = None,
+                   adapters: Sequence[Adapter] = ()) -> LLMService:
+        """The service over the transformers engine on `model`, with `adapters` installed in it."""
+        slots = install_language_adapters(model, checkpoint, adapters) if adapters else None
 
         def engine(prompts: PromptBuilder, max_context_tokens: int) -> Engine:
             return TransformersEngine(
@@ -88,20 +105,24 @@ class LLMService:
                 img_context_id=prompts.img_context_id, max_context_tokens=max_context_tokens,
                 max_batch_size=config.max_batch_size, max_queue=config.max_queue,
                 max_step_tokens=config.max_step_tokens, prefix_cache_budget_bytes=config.kv_cache_budget_bytes,
-                kv_budget_bytes=config.kv_budget_bytes)
+                kv_budget_bytes=config.kv_budget_bytes, adapters=slots)
 
-        return cls(config, checkpoint, tokenizer, engine, metrics)
+        return cls(config, checkpoint, tokenizer, engine, metrics, tuple(a.info() for a in adapters))
 
     @classmethod
     def load(cls, config: LLMConfig, metrics: LLMMetrics | None = None) -> LLMService:
         """Opens the checkpoint and loads the language model and tokenizer (blocking: call it off the loop)."""
         checkpoint = open_checkpoint(config.model)
+        adapters = read_adapters(config.adapters, checkpoint)
         device = torch.device(config.device) if config.device else default_device()
         model = load_language_model(checkpoint, resolve_dtype(config.dtype, device), device)
         if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or ()):
             raise CheckpointError(f"{checkpoint.path}: sliding-window attention is not supported by the LLM service")
         log.info("loaded %s (%s, %s on %s)", checkpoint.name, checkpoint.spec.llm_architecture, model.dtype, device)
-        return cls.with_model(config, checkpoint, model, load_tokenizer(checkpoint), metrics)
+        for adapter in adapters:
+            log.info("serving LoRA adapter %s (rank %d, %d layers, digest %s) from %s", adapter.name, adapter.rank,
+                     len(adapter.part(LANGUAGE_PREFIXES)), adapter.digest, adapter.path)
+        return cls.with_model(config, checkpoint, model, load_tokenizer(checkpoint), metrics, adapters)
 
     async def start(self) -> None:
         if self.config.redis_url:
@@ -121,7 +142,7 @@ class LLMService:
             await self.embedding_cache.redis.aclose()
 
     def model_info(self) -> ModelInfo:
-        return self.checkpoint.model_info(self.engine.dtype)
+        return self.checkpoint.model_info(self.engine.dtype, self.adapters)
 
     async def generate(self, request: GenerateRequest, inline: dict[str, torch.Tensor] | None = None,
                        timeout: float | None = None) -> GenerationStream:
@@ -131,6 +152,9 @@ class LLMService:
         EmbeddingsMissingError (listing every missing key) or OverloadedError before anything is generated.
         """
         arrival = time.monotonic()
+        if request.adapter and request.adapter not in {a.name for a in self.adapters}:
+            raise NotFoundError(f"model {request.adapter!r} is not served by this LLM server (adapters: "
+                                f"{', '.join(a.name for a in self.adapters) or 'none'})")
         sampling = request.sampling
         sampling.validate()
         outside = [token for token, _ in sampling.logit_bias if token >= self.vocab_size]
@@ -151,7 +175,7 @@ class LLMService:
         return self.engine.submit(EngineRequest(
             prompt=prompt, sampling=sampling, max_new_tokens=max_new, image_rows=rows,
             deadline=None if timeout is None else arrival + timeout, arrival=arrival,
-            request_id=request.request_id, grammar=grammar))
+            request_id=request.request_id, grammar=grammar, adapter=request.adapter))
 
     async def _image_rows(self, prompt: Prompt, inline: dict[str, torch.Tensor] | None,
                           inline_expected: bool) -> tuple[torch.Tensor, ...]:

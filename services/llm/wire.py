@@ -50,7 +50,7 @@ def generate_request_from_pb(start: llm_pb2.GenerateStart) -> GenerateRequest:
         user_parts=_parts(start.user_parts, "user_parts"), history=history,
         system_message=start.system_message if start.HasField("system_message") else None)
     return GenerateRequest(conversation, SamplingParams.from_pb(start.sampling), start.inline_embeddings,
-                           start.request_id)
+                           start.request_id, start.adapter)
 
 
 async def read_inline_embeddings(messages: AsyncIterator[llm_pb2.GenerateRequest],

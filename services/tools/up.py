@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from services.common.adapter_options import AdapterOptions, add_adapter_options
 from services.common.contract.dtypes import DTYPE_NAMES
 from services.common.contract.errors import InternVLError
 from services.tools.launcher import (
@@ -82,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed-media-domains", default=None,
                         help="hosts whose http(s) media URLs the gateway fetches, e.g. 'img.example.com,*.cdn.com' "
                              "(passed to the gateway; default: none)")
+    add_adapter_options(parser)  # passed to the vision and LLM services alike
     parser.add_argument("--log-dir", default=None, help="where the processes' logs go (default: a temp directory)")
     parser.add_argument("--otlp-endpoint", default=None,
                         help="every process sends OpenTelemetry traces to this OTLP/gRPC collector (e.g. "
@@ -206,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
         raise StackError("--tls-cert and --tls-key go together")
     if (args.tls_ca or args.tls_client_ca) and not args.tls_cert:
         raise StackError("--tls-ca and --tls-client-ca need --tls-cert and --tls-key")
+    for problem in AdapterOptions.from_args(args).problems():
+        raise StackError(problem)
     stop_requested = []
 
     def on_signal(signum, frame):
@@ -216,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"starting InternVL stack for {args.model} (logs in {stack.log_dir})", flush=True)
     try:
         redis_url = args.redis_url or stack.start_redis()
-        common = ["--model", args.model, "--redis-url", redis_url, *(["--dtype", args.dtype] if args.dtype else [])]
+        common = ["--model", args.model, "--redis-url", redis_url, *(["--dtype", args.dtype] if args.dtype else []),
+                  *AdapterOptions.from_args(args).argv()]
         internal = [*common, *stack.tls_server_args(mutual=True)]
         visions = [stack.service(f"vision-{i}", "vision", free_port(), *internal)
                    for i in range(args.vision_replicas)]

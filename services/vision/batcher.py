@@ -7,8 +7,11 @@ releases the GIL during the forward, so the event loop keeps serving while the a
 model only ever sees one batch at a time. A request larger than a batch is split over several batches and
 its rows are put back together in order.
 
-Transport-free and model-free: the encoder is any ``Callable[[Tensor], Tensor]`` that maps [B, ...] inputs
-to [B, ...] outputs row by row, so tests drive it with a fake.
+Each request names the adapter slot its tiles are encoded with (0: the base model; see services.common.lora):
+tiles of different adapters share a batch, and the encoder gets each tile's slot.
+
+Transport-free and model-free: the encoder is any ``Callable[[Tensor, list[int]], Tensor]`` that maps [B, ...]
+inputs and B slots to [B, ...] outputs row by row, so tests drive it with a fake.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from services.common.contract.errors import NotReadyError
 
 log = logging.getLogger(__name__)
 
-Encoder = Callable[[torch.Tensor], torch.Tensor]
+Encoder = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,11 @@ class BatchStats:
 class _Job:
     """One request's tiles, consumed batch by batch, and the future its caller awaits."""
 
-    __slots__ = ("batch_spans", "enqueued_at", "future", "parts", "pixels", "scheduled")
+    __slots__ = ("batch_spans", "enqueued_at", "future", "parts", "pixels", "scheduled", "slot")
 
-    def __init__(self, pixels: torch.Tensor, future: asyncio.Future, enqueued_at: float) -> None:
+    def __init__(self, pixels: torch.Tensor, future: asyncio.Future, enqueued_at: float, slot: int) -> None:
         self.pixels = pixels
+        self.slot = slot
         self.future = future
         self.enqueued_at = enqueued_at
         # The spans of the shared batches its tiles ran in (tracing): what its own encode span links to.
@@ -105,8 +109,9 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-encoder")
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="vision-batcher")
 
-    async def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Encodes ``pixels`` [n, ...] together with whatever else is queued; returns this request's n rows.
+    async def encode(self, pixels: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """Encodes ``pixels`` [n, ...] with adapter ``slot`` together with whatever else is queued; returns this
+        request's n rows.
 
         Cancelling the caller drops its tiles that have not reached a batch yet.
         """
@@ -115,7 +120,7 @@ class MicroBatcher:
         if pixels.dim() < 1 or pixels.shape[0] == 0:
             raise ValueError(f"expected [n >= 1, ...] tiles, got shape {tuple(pixels.shape)}")
         loop = asyncio.get_running_loop()
-        job = _Job(pixels, loop.create_future(), loop.time())
+        job = _Job(pixels, loop.create_future(), loop.time(), slot)
         self._pending.append(job)
         self._queued_tiles += job.total
         self._wakeup.set()
@@ -243,7 +248,7 @@ class MicroBatcher:
         """
         started = time.perf_counter()
         batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
-        output = self._encoder(batch)
+        output = self._encoder(batch, [job.slot for job, start, end in pieces for _ in range(end - start)])
         if output.shape[0] != tiles:
             raise RuntimeError(f"encoder returned {output.shape[0]} rows for {tiles} tiles")
         seconds = time.perf_counter() - started

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from services.common.adapter_options import AdapterOptions, add_adapter_options
 from services.common.contract.cache_keys import DEFAULT_NAMESPACE
 from services.common.contract.dtypes import DTYPE_NAMES
 from services.common.contract.errors import InvalidArgumentError
@@ -54,6 +55,9 @@ class VisionConfig:
     preprocess_threads: int = 4
     # Capacity of the in-process store used without --redis-url.
     memory_cache_bytes: int = 1 << 30
+    # LoRA adapters (--lora NAME=DIR, --max-loras, --max-lora-rank): the same as the LLM pool's; the vision side of
+    # each is applied here.
+    adapters: AdapterOptions = field(default_factory=AdapterOptions)
 
     def __post_init__(self) -> None:
         url_problem = redis_url_problem(self.redis_url)
@@ -75,6 +79,7 @@ class VisionConfig:
             (self.dtype is None or self.dtype in DTYPE_NAMES,
              f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}"),
         ]
+        checks += [(False, problem) for problem in self.adapters.problems()]
         for ok, message in checks:
             if not ok:
                 raise InvalidArgumentError(message)
@@ -113,6 +118,7 @@ class VisionConfig:
             namespace=args.namespace,
             preprocess_threads=args.preprocess_threads,
             memory_cache_bytes=args.memory_cache_mb * (1 << 20),
+            adapters=AdapterOptions.from_args(args),
         )
 
 
@@ -143,3 +149,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"threads decoding and tiling images (default {d.preprocess_threads})")
     parser.add_argument("--memory-cache-mb", type=int, default=d.memory_cache_bytes >> 20,
                         help="size of the in-process cache used without a Redis URL (default %(default)s)")
+    add_adapter_options(parser)

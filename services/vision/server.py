@@ -49,7 +49,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def Encode(self, request: vision_pb2.EncodeRequest, context) -> vision_pb2.EncodeResponse:
         results = await self._ready().encode([wire.item_from_pb(i) for i in request.items],
-                                             wire.options_from_pb(request.options))
+                                             wire.options_from_pb(request.options), request.adapter)
         tracing.set_attributes({"internvl.items": len(results), "internvl.tiles": sum(r.num_tiles for r in results),
                                 "internvl.cache_hits": sum(r.cache_hit for r in results)})
         return wire.encode_response_to_pb(results)

@@ -5,6 +5,10 @@ not already cached decodes and tiles the image (in a thread pool, off the event 
 the micro-batcher, and writes the embeddings, [num_tiles * 256, llm_hidden] in the compute dtype, to the
 cache. Concurrent requests for the same missing key encode it once (the cache's single-flight).
 
+A request may name a LoRA adapter: one that changes the vision tower or projector encodes with its own slot (tiles
+of different adapters still share the encoder's batches) under keys of its own; one that does not encodes as the base,
+under the base's keys, so a language-only adapter shares the base's embeddings.
+
 The gRPC servicer (``services.vision.server``) only translates messages to and from the types below.
 """
 
@@ -24,8 +28,9 @@ import redis.exceptions
 import torch
 from PIL import Image
 
+from services.common.adapters import VISION_PREFIXES, Adapter, read_adapters
 from services.common.checkpoint import Checkpoint, open_checkpoint
-from services.common.contract.cache_keys import key_prefix, model_identity
+from services.common.contract.cache_keys import key_prefix
 from services.common.contract.dtypes import dtype_name
 from services.common.contract.encoding import EncodedItem, MediaItem, item_key
 from services.common.contract.errors import (
@@ -34,10 +39,16 @@ from services.common.contract.errors import (
     NotFoundError,
     NotReadyError,
 )
-from services.common.contract.model_info import ModelInfo
+from services.common.contract.model_info import AdapterInfo, ModelInfo
 from services.common.contract.tiling import MAX_NUM_LIMIT
 from services.common.embedding_store import EmbeddingCache, StoredEmbeddings
-from services.common.model import default_device, load_vision, resolve_dtype
+from services.common.model import (
+    InternVLVisionPath,
+    default_device,
+    install_vision_adapters,
+    load_vision,
+    resolve_dtype,
+)
 from services.common.own_thread import in_own_thread
 from services.common.redis_client import RedisClient, redis_errors
 from services.common.redis_client import connect as connect_redis
@@ -72,9 +83,15 @@ class VisionService:
     """Encode / Lookup / Fetch / model info over one loaded vision path, a cache store and a micro-batcher."""
 
     def __init__(self, config: VisionConfig, checkpoint: Checkpoint, encoder: Encoder, dtype: torch.dtype,
-                 store: RedisClient | InProcessRedis, metrics: VisionMetrics | None = None) -> None:
+                 store: RedisClient | InProcessRedis, metrics: VisionMetrics | None = None,
+                 adapters: tuple[AdapterInfo, ...] = ()) -> None:
+        """`encoder(pixels, slots)` encodes tiles, tile i with adapter slot `slots[i]`; the adapters touching the
+        vision side have slots 1, 2, ... in the order of `adapters`."""
         self.config = config
         self.checkpoint = checkpoint
+        self.adapters = adapters
+        self.info = checkpoint.model_info(dtype, adapters)
+        self._slots = {a.name: i for i, a in enumerate((a for a in adapters if a.touches_vision), start=1)}
         spec = checkpoint.spec
         self.dtype = dtype
         self.dtype_name = dtype_name(dtype)
@@ -83,9 +100,6 @@ class VisionService:
         self.image_size = spec.image_size
         self.default_max_num = spec.max_dynamic_patch
         self.default_use_thumbnail = spec.use_thumbnail
-        # Keys fold the compute dtype into the model identity; values carry the plain fingerprint (what the
-        # LLM service checks), their dtype being in their own header.
-        self.key_identity = model_identity(checkpoint.fingerprint, self.dtype_name)
         self.store = store
         self.cache = EmbeddingCache(store, checkpoint.fingerprint, default_ttl_s=config.cache_ttl_s)
         self.metrics = metrics if metrics is not None else VisionMetrics()
@@ -104,18 +118,24 @@ class VisionService:
         """Opens the checkpoint, loads the vision path (off the loop), connects the cache and starts batching."""
         device = torch.device(config.device) if config.device else default_device()
         dtype = resolve_dtype(config.dtype, device)
-        checkpoint, model = await in_own_thread(_open_and_load, config.model, dtype, device)
+        checkpoint, model, adapters = await in_own_thread(_open_and_load, config, dtype, device)
+        slots = install_vision_adapters(model, [a for a in adapters if a.touches_vision])
         if store is None:
             store = await connect_store(config)
 
-        def encode(pixel_values: torch.Tensor) -> torch.Tensor:
-            return model.encode(pixel_values).to("cpu")
+        def encode(pixel_values: torch.Tensor, tile_slots: list[int]) -> torch.Tensor:
+            with slots.rows(tile_slots, device):
+                return model.encode(pixel_values).to("cpu")
 
-        service = cls(config, checkpoint, encode, dtype, store, metrics)
+        service = cls(config, checkpoint, encode, dtype, store, metrics, tuple(a.info() for a in adapters))
         service._model = model
         service.start()
         log.info("vision path of %s (fingerprint %s) loaded on %s in %s", checkpoint.name, checkpoint.fingerprint,
                  device, service.dtype_name)
+        for adapter in adapters:
+            log.info("serving LoRA adapter %s (digest %s): %s", adapter.name, adapter.digest,
+                     f"{len(adapter.part(VISION_PREFIXES))} vision layers" if adapter.touches_vision
+                     else "language only, encodes as the base")
         return service
 
     def start(self) -> None:
@@ -140,12 +160,16 @@ class VisionService:
             torch.cuda.empty_cache()
 
     def model_info(self) -> ModelInfo:
-        return self.checkpoint.model_info(self.dtype)
+        return self.info
 
     # ---------------------------------------------------------------------------------------------- encode
 
-    async def encode(self, items: Sequence[MediaItem], options: EncodeOptions = EncodeOptions()) -> list[EncodedItem]:
+    async def encode(self, items: Sequence[MediaItem], options: EncodeOptions = EncodeOptions(),
+                     adapter: str = "") -> list[EncodedItem]:
         """Per item, in order: its key, tile and token counts, and whether the cache already held it."""
+        if adapter and self.info.adapter(adapter) is None:
+            raise NotFoundError(f"model {adapter!r} is not served by this vision server (adapters: "
+                                f"{', '.join(a.name for a in self.adapters) or 'none'})")
         max_num, use_thumbnail = self._resolve(options)
         if not items:
             raise InvalidArgumentError("no items to encode")
@@ -155,8 +179,9 @@ class VisionService:
             self._check_item(index, item)
         loop = asyncio.get_running_loop()
         # Hashing megabytes of media is real work: keep it off the loop too.
-        keys = await loop.run_in_executor(self._pool, self._keys, items, max_num, use_thumbnail)
-        tasks = [asyncio.ensure_future(self._encode_item(i, item, key, max_num, use_thumbnail))
+        keys = await loop.run_in_executor(self._pool, self._keys, items, max_num, use_thumbnail, adapter)
+        slot = self._slots.get(adapter, 0)
+        tasks = [asyncio.ensure_future(self._encode_item(i, item, key, max_num, use_thumbnail, slot))
                  for i, (item, key) in enumerate(zip(items, keys, strict=True))]
         try:
             with self._cache_errors():
@@ -194,16 +219,19 @@ class VisionService:
         else:
             raise InvalidArgumentError(f"{where}: neither image_bytes nor frame is set", item_index=index)
 
-    def _keys(self, items: Sequence[MediaItem], max_num: int, use_thumbnail: bool) -> list[str]:
-        return [self.key_for(item, max_num, use_thumbnail) for item in items]
+    def _keys(self, items: Sequence[MediaItem], max_num: int, use_thumbnail: bool, adapter: str) -> list[str]:
+        return [self.key_for(item, max_num, use_thumbnail, adapter) for item in items]
 
-    def key_for(self, item: MediaItem, max_num: int, use_thumbnail: bool) -> str:
-        """The cache key of ``item`` under resolved options (what Encode answers for it)."""
-        return item_key(item, self.key_identity, max_num, use_thumbnail, self.image_size, self.config.namespace)
+    def key_for(self, item: MediaItem, max_num: int, use_thumbnail: bool, adapter: str = "") -> str:
+        """The cache key of ``item`` under resolved options and `adapter` (what Encode answers for it)."""
+        # Keys fold the compute dtype (and a vision adapter's digest) into the model identity; values carry the plain
+        # fingerprint (what the LLM service checks), their dtype being in their own header.
+        return item_key(item, self.info.key_identity(adapter), max_num, use_thumbnail, self.image_size,
+                        self.config.namespace)
 
     async def _encode_item(self, index: int, item: MediaItem, key: str, max_num: int,
-                           use_thumbnail: bool) -> EncodedItem:
-        compute = functools.partial(self._compute, item, max_num, use_thumbnail)
+                           use_thumbnail: bool, slot: int) -> EncodedItem:
+        compute = functools.partial(self._compute, item, max_num, use_thumbnail, slot)
         # A hit reads and checks the whole value: one the LLM service would reject must not count as present.
         try:
             tensor, hit = await self.cache.get_or_compute(key, compute)
@@ -223,10 +251,10 @@ class VisionService:
         return (tensor.dim() == 2 and tensor.shape[1] == self.hidden_size and tensor.shape[0] > 0
                 and tensor.shape[0] % self.tokens_per_tile == 0)
 
-    async def _compute(self, item: MediaItem, max_num: int, use_thumbnail: bool) -> torch.Tensor:
+    async def _compute(self, item: MediaItem, max_num: int, use_thumbnail: bool, slot: int) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         pixels = await loop.run_in_executor(self._pool, self._preprocess, item, max_num, use_thumbnail)
-        embeddings = await self.batcher.encode(pixels)  # [tiles, tokens_per_tile, hidden]
+        embeddings = await self.batcher.encode(pixels, slot)  # [tiles, tokens_per_tile, hidden]
         return embeddings.reshape(-1, embeddings.shape[-1])
 
     def _preprocess(self, item: MediaItem, max_num: int, use_thumbnail: bool) -> torch.Tensor:
@@ -267,9 +295,11 @@ class VisionService:
         return redis_errors("embedding cache")
 
 
-def _open_and_load(model: str, dtype: torch.dtype, device: torch.device) -> tuple[Checkpoint, torch.nn.Module]:
-    checkpoint = open_checkpoint(model)
-    return checkpoint, load_vision(checkpoint, dtype, device)
+def _open_and_load(config: VisionConfig, dtype: torch.dtype, device: torch.device
+                   ) -> tuple[Checkpoint, InternVLVisionPath, list[Adapter]]:
+    checkpoint = open_checkpoint(config.model)
+    adapters = read_adapters(config.adapters, checkpoint)
+    return checkpoint, load_vision(checkpoint, dtype, device), adapters
 
 
 async def connect_store(config: VisionConfig) -> RedisClient | InProcessRedis:

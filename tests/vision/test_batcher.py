@@ -22,7 +22,7 @@ class FakeEncoder:
         self.batches: list[list[float]] = []
         self.threads: set[str] = set()
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, slots: list[int]) -> torch.Tensor:
         self.threads.add(threading.current_thread().name)
         self.batches.append(batch[:, 0].tolist())
         if self.delay_s:
@@ -151,7 +151,7 @@ async def test_encoder_error_fails_that_batch_only():
 
 @pytest.mark.asyncio
 async def test_wrong_row_count_from_encoder_is_an_error():
-    batcher = await started(lambda batch: batch[:1], max_wait_s=0)
+    batcher = await started(lambda batch, slots: batch[:1], max_wait_s=0)
     try:
         with pytest.raises(RuntimeError, match="rows for 2 tiles"):
             await batcher.encode(tiles(1, 2))

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1finternvl/common/v1/common.proto\x12\x12internvl.common.v1\"O\n\x06Tensor\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.internvl.common.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\\\n\x0cTensorHeader\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.internvl.common.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"]\n\x0bTensorChunk\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32 .internvl.common.v1.TensorHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xdb\x01\n\tModelInfo\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x17\n\x0fllm_hidden_size\x18\x03 \x01(\x05\x12(\n\x05\x64type\x18\x04 \x01(\x0e\x32\x19.internvl.common.v1.DType\x12\x17\n\x0ftokens_per_tile\x18\x05 \x01(\x05\x12\x12\n\nimage_size\x18\x06 \x01(\x05\x12\x18\n\x10llm_architecture\x18\x07 \x01(\t\x12\x1b\n\x13vision_architecture\x18\x08 \x01(\t\"c\n\x11PreprocessOptions\x12\x14\n\x07max_num\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\ruse_thumbnail\x18\x02 \x01(\x08H\x01\x88\x01\x01\x42\n\n\x08_max_numB\x10\n\x0e_use_thumbnail\"x\n\x0b\x45rrorDetail\x12+\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1d.internvl.common.v1.ErrorCode\x12\x17\n\nitem_index\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0cmissing_keys\x18\x03 \x03(\tB\r\n\x0b_item_index\"\xc5\x01\n\nConstraint\x12\x35\n\x0bjson_object\x18\x01 \x01(\x0b\x32\x1e.internvl.common.v1.JsonObjectH\x00\x12\x35\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x1e.internvl.common.v1.JsonSchemaH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x30\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x1e.internvl.common.v1.ChoiceListH\x00\x42\x06\n\x04kind\"\x0c\n\nJsonObject\",\n\nJsonSchema\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\x0e\n\x06strict\x18\x02 \x01(\x08\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03*\xf8\x03\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x1c\n\x18\x45RROR_CODE_INVALID_MEDIA\x10\x02\x12\x1e\n\x1a\x45RROR_CODE_MEDIA_TOO_LARGE\x10\x03\x12!\n\x1d\x45RROR_CODE_EMBEDDINGS_MISSING\x10\x04\x12\x1d\n\x19\x45RROR_CODE_MODEL_MISMATCH\x10\x05\x12\x1f\n\x1b\x45RROR_CODE_CONTEXT_TOO_LONG\x10\x06\x12\x19\n\x15\x45RROR_CODE_OVERLOADED\x10\x07\x12\x18\n\x14\x45RROR_CODE_NOT_READY\x10\x08\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\t\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\n\x12 \n\x1c\x45RROR_CODE_SESSION_NOT_FOUND\x10\x0b\x12\x1b\n\x17\x45RROR_CODE_SESSION_BUSY\x10\x0c\x12\"\n\x1e\x45RROR_CODE_MEDIA_ACCESS_DENIED\x10\r\x12 \n\x1c\x45RROR_CODE_REQUEST_TOO_LARGE\x10\x0e\x12 \n\x1c\x45RROR_CODE_DEADLINE_EXCEEDED\x10\x0f\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1finternvl/common/v1/common.proto\x12\x12internvl.common.v1\"O\n\x06Tensor\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.internvl.common.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\\\n\x0cTensorHeader\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.internvl.common.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"]\n\x0bTensorChunk\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32 .internvl.common.v1.TensorHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8e\x02\n\tModelInfo\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x17\n\x0fllm_hidden_size\x18\x03 \x01(\x05\x12(\n\x05\x64type\x18\x04 \x01(\x0e\x32\x19.internvl.common.v1.DType\x12\x17\n\x0ftokens_per_tile\x18\x05 \x01(\x05\x12\x12\n\nimage_size\x18\x06 \x01(\x05\x12\x18\n\x10llm_architecture\x18\x07 \x01(\t\x12\x1b\n\x13vision_architecture\x18\x08 \x01(\t\x12\x31\n\x08\x61\x64\x61pters\x18\t \x03(\x0b\x32\x1f.internvl.common.v1.AdapterInfo\"Q\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x16\n\x0etouches_vision\x18\x03 \x01(\x08\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"c\n\x11PreprocessOptions\x12\x14\n\x07max_num\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\ruse_thumbnail\x18\x02 \x01(\x08H\x01\x88\x01\x01\x42\n\n\x08_max_numB\x10\n\x0e_use_thumbnail\"x\n\x0b\x45rrorDetail\x12+\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1d.internvl.common.v1.ErrorCode\x12\x17\n\nitem_index\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0cmissing_keys\x18\x03 \x03(\tB\r\n\x0b_item_index\"\xc5\x01\n\nConstraint\x12\x35\n\x0bjson_object\x18\x01 \x01(\x0b\x32\x1e.internvl.common.v1.JsonObjectH\x00\x12\x35\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x1e.internvl.common.v1.JsonSchemaH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x30\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x1e.internvl.common.v1.ChoiceListH\x00\x42\x06\n\x04kind\"\x0c\n\nJsonObject\",\n\nJsonSchema\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\x0e\n\x06strict\x18\x02 \x01(\x08\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03*\xf8\x03\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x1c\n\x18\x45RROR_CODE_INVALID_MEDIA\x10\x02\x12\x1e\n\x1a\x45RROR_CODE_MEDIA_TOO_LARGE\x10\x03\x12!\n\x1d\x45RROR_CODE_EMBEDDINGS_MISSING\x10\x04\x12\x1d\n\x19\x45RROR_CODE_MODEL_MISMATCH\x10\x05\x12\x1f\n\x1b\x45RROR_CODE_CONTEXT_TOO_LONG\x10\x06\x12\x19\n\x15\x45RROR_CODE_OVERLOADED\x10\x07\x12\x18\n\x14\x45RROR_CODE_NOT_READY\x10\x08\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\t\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\n\x12 \n\x1c\x45RROR_CODE_SESSION_NOT_FOUND\x10\x0b\x12\x1b\n\x17\x45RROR_CODE_SESSION_BUSY\x10\x0c\x12\"\n\x1e\x45RROR_CODE_MEDIA_ACCESS_DENIED\x10\r\x12 \n\x1c\x45RROR_CODE_REQUEST_TOO_LARGE\x10\x0e\x12 \n\x1c\x45RROR_CODE_DEADLINE_EXCEEDED\x10\x0f\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'internvl.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1061
-  _globals['_DTYPE']._serialized_end=1149
-  _globals['_ERRORCODE']._serialized_start=1152
-  _globals['_ERRORCODE']._serialized_end=1656
+  _globals['_DTYPE']._serialized_start=1195
+  _globals['_DTYPE']._serialized_end=1283
+  _globals['_ERRORCODE']._serialized_start=1286
+  _globals['_ERRORCODE']._serialized_end=1790
   _globals['_TENSOR']._serialized_start=55
   _globals['_TENSOR']._serialized_end=134
   _globals['_TENSORHEADER']._serialized_start=136
@@ -42,17 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORCHUNK']._serialized_start=230
   _globals['_TENSORCHUNK']._serialized_end=323
   _globals['_MODELINFO']._serialized_start=326
-  _globals['_MODELINFO']._serialized_end=545
-  _globals['_PREPROCESSOPTIONS']._serialized_start=547
-  _globals['_PREPROCESSOPTIONS']._serialized_end=646
-  _globals['_ERRORDETAIL']._serialized_start=648
-  _globals['_ERRORDETAIL']._serialized_end=768
-  _globals['_CONSTRAINT']._serialized_start=771
-  _globals['_CONSTRAINT']._serialized_end=968
-  _globals['_JSONOBJECT']._serialized_start=970
-  _globals['_JSONOBJECT']._serialized_end=982
-  _globals['_JSONSCHEMA']._serialized_start=984
-  _globals['_JSONSCHEMA']._serialized_end=1028
-  _globals['_CHOICELIST']._serialized_start=1030
-  _globals['_CHOICELIST']._serialized_end=1059
+  _globals['_MODELINFO']._serialized_end=596
+  _globals['_ADAPTERINFO']._serialized_start=598
+  _globals['_ADAPTERINFO']._serialized_end=679
+  _globals['_PREPROCESSOPTIONS']._serialized_start=681
+  _globals['_PREPROCESSOPTIONS']._serialized_end=780
+  _globals['_ERRORDETAIL']._serialized_start=782
+  _globals['_ERRORDETAIL']._serialized_end=902
+  _globals['_CONSTRAINT']._serialized_start=905
+  _globals['_CONSTRAINT']._serialized_end=1102
+  _globals['_JSONOBJECT']._serialized_start=1104
+  _globals['_JSONOBJECT']._serialized_end=1116
+  _globals['_JSONSCHEMA']._serialized_start=1118
+  _globals['_JSONSCHEMA']._serialized_end=1162
+  _globals['_CHOICELIST']._serialized_start=1164
+  _globals['_CHOICELIST']._serialized_end=1193
 # @@protoc_insertion_point(module_scope)

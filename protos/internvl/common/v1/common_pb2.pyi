@@ -84,7 +84,7 @@ class TensorChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[TensorHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("fingerprint", "model_name", "llm_hidden_size", "dtype", "tokens_per_tile", "image_size", "llm_architecture", "vision_architecture")
+    __slots__ = ("fingerprint", "model_name", "llm_hidden_size", "dtype", "tokens_per_tile", "image_size", "llm_architecture", "vision_architecture", "adapters")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     LLM_HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class ModelInfo(_message.Message):
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     LLM_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VISION_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     model_name: str
     llm_hidden_size: int
@@ -101,7 +102,20 @@ class ModelInfo(_message.Message):
     image_size: int
     llm_architecture: str
     vision_architecture: str
-    def __init__(self, fingerprint: _Optional[str] = ..., model_name: _Optional[str] = ..., llm_hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tokens_per_tile: _Optional[int] = ..., image_size: _Optional[int] = ..., llm_architecture: _Optional[str] = ..., vision_architecture: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    def __init__(self, fingerprint: _Optional[str] = ..., model_name: _Optional[str] = ..., llm_hidden_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., tokens_per_tile: _Optional[int] = ..., image_size: _Optional[int] = ..., llm_architecture: _Optional[str] = ..., vision_architecture: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("name", "digest", "touches_vision", "rank")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TOUCHES_VISION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    digest: str
+    touches_vision: bool
+    rank: int
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., touches_vision: _Optional[bool] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class PreprocessOptions(_message.Message):
     __slots__ = ("max_num", "use_thumbnail")

@@ -39,6 +39,26 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ServedModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ...) -> None: ...
+
+class ServedModel(_message.Message):
+    __slots__ = ("id", "parent", "adapter")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    parent: str
+    adapter: _common_pb2.AdapterInfo
+    def __init__(self, id: _Optional[str] = ..., parent: _Optional[str] = ..., adapter: _Optional[_Union[_common_pb2.AdapterInfo, _Mapping]] = ...) -> None: ...
+
 class ImageInput(_message.Message):
     __slots__ = ("data", "path", "url", "detail")
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -131,7 +151,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., stop_strings: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., top_logprobs: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., n: _Optional[int] = ..., constraint: _Optional[_Union[_common_pb2.Constraint, _Mapping]] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("content", "history", "session_id", "max_num", "multi_image_mode", "sampling", "system_message", "request_id")
+    __slots__ = ("content", "history", "session_id", "max_num", "multi_image_mode", "sampling", "system_message", "request_id", "model")
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +160,7 @@ class ChatRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     content: _containers.RepeatedCompositeFieldContainer[ContentPart]
     history: _containers.RepeatedCompositeFieldContainer[Turn]
     session_id: str
@@ -148,7 +169,8 @@ class ChatRequest(_message.Message):
     sampling: SamplingParams
     system_message: str
     request_id: str
-    def __init__(self, content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., session_id: _Optional[str] = ..., max_num: _Optional[int] = ..., multi_image_mode: _Optional[_Union[MultiImageMode, str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., system_message: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., session_id: _Optional[str] = ..., max_num: _Optional[int] = ..., multi_image_mode: _Optional[_Union[MultiImageMode, str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., system_message: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class TokenLogprobs(_message.Message):
     __slots__ = ("token_id", "logprob", "top")

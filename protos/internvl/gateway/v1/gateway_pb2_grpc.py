@@ -46,6 +46,11 @@ class ChatServiceStub:
                 request_serializer=internvl_dot_gateway_dot_v1_dot_gateway__pb2.BatchChatRequest.SerializeToString,
                 response_deserializer=internvl_dot_gateway_dot_v1_dot_gateway__pb2.BatchChatResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/internvl.gateway.v1.ChatService/ListModels',
+                request_serializer=internvl_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=internvl_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -67,7 +72,15 @@ class ChatServiceServicer:
     def BatchChat(self, request, context):
         """Several independent questions answered together (the LLM service batches them); one result per
         request, in request order; the call's request id is in the `x-request-id` initial metadata. Any failing request fails the call, naming its index. Each request
-        gets one answer (SamplingParams.n > 1 is refused here: use Chat).
+        gets one answer (SamplingParams.n > 1 is refused here: use Chat). Each request names its own
+        model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """The models ChatRequest.model may name: the base first, then its LoRA adapters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +98,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.BatchChat,
                     request_deserializer=internvl_dot_gateway_dot_v1_dot_gateway__pb2.BatchChatRequest.FromString,
                     response_serializer=internvl_dot_gateway_dot_v1_dot_gateway__pb2.BatchChatResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=internvl_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsRequest.FromString,
+                    response_serializer=internvl_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,6 +161,33 @@ class ChatService:
             '/internvl.gateway.v1.ChatService/BatchChat',
             internvl_dot_gateway_dot_v1_dot_gateway__pb2.BatchChatRequest.SerializeToString,
             internvl_dot_gateway_dot_v1_dot_gateway__pb2.BatchChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/internvl.gateway.v1.ChatService/ListModels',
+            internvl_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
+            internvl_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

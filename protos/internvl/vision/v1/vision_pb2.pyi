@@ -26,12 +26,14 @@ class EncodeItem(_message.Message):
     def __init__(self, image_bytes: _Optional[bytes] = ..., frame: _Optional[_Union[RawFrame, _Mapping]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("items", "options")
+    __slots__ = ("items", "options", "adapter")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[EncodeItem]
     options: _common_pb2.PreprocessOptions
-    def __init__(self, items: _Optional[_Iterable[_Union[EncodeItem, _Mapping]]] = ..., options: _Optional[_Union[_common_pb2.PreprocessOptions, _Mapping]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, items: _Optional[_Iterable[_Union[EncodeItem, _Mapping]]] = ..., options: _Optional[_Union[_common_pb2.PreprocessOptions, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class EncodedItem(_message.Message):
     __slots__ = ("key", "num_tiles", "num_tokens", "cache_hit")
