@@ -17,8 +17,9 @@ import pytest
 from internvl.common.v1 import common_pb2
 from internvl.gateway.v1 import gateway_pb2
 
-from gateway.orchestrator import MISSING_EMBEDDINGS_RETRIES
+from gateway.orchestrator import MISSING_EMBEDDINGS_RETRIES, check_same_model
 from services.common.contract.errors import ModelMismatchError, NotReadyError
+from services.common.contract.model_info import AdapterInfo, ModelInfo
 from services.common.grpc_errors import error_detail
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -258,6 +259,34 @@ async def test_model_mismatch_is_refused(fakes):
     async with fakes.stack(llm_fingerprint="0123456789abcdef", connect=False) as stack:
         with pytest.raises(ModelMismatchError, match=fakes.FINGERPRINT):
             await stack.orchestrator.connect(timeout=10)
+
+
+async def test_pools_serving_other_adapters_are_refused():
+    base = ModelInfo("feedfacefeedface", "fake", 64, "float32", 256, 448)
+    latex = AdapterInfo("latex", "0011223344556677", False, 8)
+    check_same_model(ModelInfo(**{**base.__dict__, "adapters": (latex,)}),
+                     ModelInfo(**{**base.__dict__, "adapters": (latex,)}))
+    other = AdapterInfo("latex", "8899aabbccddeeff", False, 8)  # same name, other weights
+    for llm_adapters in ((), (other,)):
+        with pytest.raises(ModelMismatchError, match=r"vision service serves LoRA adapters latex \(0011223344556677\)"
+                                                      r" but the LLM service serves .*same --lora flags"):
+            check_same_model(ModelInfo(**{**base.__dict__, "adapters": (latex,)}),
+                             ModelInfo(**{**base.__dict__, "adapters": llm_adapters}))
+
+
+async def test_the_model_field_names_the_base_or_is_not_found(fakes):
+    async with fakes.stack() as stack:
+        replies = [r async for r in stack.stub.Chat(G.ChatRequest(content=[text("hi")], model="fake"), timeout=20)]
+        assert replies[-1].HasField("finish")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stack.stub.Chat(G.ChatRequest(content=[image_part(fakes.png(64, 64)), text("hi")],
+                                                         model="nope"), timeout=20):
+                pass
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "model 'nope' is not served; GET /v1/models (or ListModels) lists them" in info.value.details()
+        assert stack.vision_calls("Encode") == [], "an unknown model must be refused before any work"
+        listed = await stack.stub.ListModels(G.ListModelsRequest(), timeout=5)
+        assert [(m.id, m.parent) for m in listed.models] == [("fake", "")]
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -155,6 +155,14 @@ def test_the_key_depends_on_the_system_message_text_and_images():
     assert LLMConversation(("Describe.", IMAGE), (), None).prefix_identity() == base.prefix_identity()
 
 
+def test_the_key_depends_on_the_adapter():
+    """A prefix computed by one adapter is no prefix for another: the same first turn routes by its adapter."""
+    keys = {LLMConversation(("Describe.", IMAGE), (), None, adapter).prefix_identity() for adapter in ("", "a", "b")}
+    assert len(keys) == 3
+    turn2 = LLMConversation(("Why?",), (TurnRecord(("Describe.", IMAGE), "A cat."),), None, "a")
+    assert turn2.prefix_identity() == LLMConversation(("Describe.", IMAGE), (), None, "a").prefix_identity()
+
+
 # ------------------------------------------------------------------------------------------------- targets
 
 

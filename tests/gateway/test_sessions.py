@@ -45,6 +45,17 @@ async def test_round_trip_and_not_found(store):
         await store.load("no spaces allowed")
 
 
+async def test_a_session_keeps_its_adapter_and_an_older_record_is_the_base(store):
+    session = Session("abc-3", None, TURNS, adapter="latex-ocr")
+    await store.save(session)
+    assert (await store.load("abc-3")).adapter == "latex-ocr"
+    # Stored before adapters existed: no "adapter" field, so the base.
+    legacy = '{"v":1,"system_message":null,"turns":[]}'
+    assert Session.from_json("old", legacy) == Session("old", None, (), "")
+    with pytest.raises(SessionNotFoundError, match="unreadable"):
+        Session.from_json("bad", '{"v":1,"system_message":null,"turns":[],"adapter":7}')
+
+
 async def test_one_round_at_a_time(store):
     async with store.lock("s1", hold_s=10):
         with pytest.raises(SessionBusyError):
