@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--combined", action="store_true",
                         help="put all images' tiles under one placeholder (the original's combined mode)")
     parser.add_argument("--session", metavar="ID", help="continue this session")
+    parser.add_argument("--model", default="", help="the base model's id or a LoRA adapter's (default: the base, "
+                                                    "or the session's model)")
     parser.add_argument("--system", help="replace the default system message")
     parser.add_argument("--max-tokens", type=int, default=0, help="most tokens to generate (default: server's)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
@@ -100,7 +102,8 @@ def build_request(args: argparse.Namespace) -> gateway_pb2.ChatRequest:
             repetition_penalty=args.repetition_penalty, stop_strings=args.stop, seed=args.seed,
             top_logprobs=args.top_logprobs),
         multi_image_mode=(gateway_pb2.MULTI_IMAGE_MODE_COMBINED if args.combined
-                          else gateway_pb2.MULTI_IMAGE_MODE_UNSPECIFIED))
+                          else gateway_pb2.MULTI_IMAGE_MODE_UNSPECIFIED),
+        model=args.model)
     if args.max_num is not None:
         request.max_num = args.max_num
     if args.session:

@@ -19,7 +19,7 @@ async def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-async def test_json_lines_and_session(fakes, tmp_path):
+async def test_json_lines_and_session(fakes, tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(fakes.png(900, 448))
     (tmp_path / "v.mp4").write_bytes(fakes.video(frames=12, fps=6))
     async with fakes.stack() as stack:
@@ -45,3 +45,8 @@ async def test_json_lines_and_session(fakes, tmp_path):
 
         code = await asyncio.to_thread(main, ["--target", target, "--session", "gone", "x"])
         assert code == 1
+
+        code = await asyncio.to_thread(main, ["--target", target, "--model", "no-such-adapter", "x"])
+        assert code == 1 and "model 'no-such-adapter' is not served" in capsys.readouterr().err
+        code, out, _ = await run_cli("--target", target, "--model", "fake", "x")
+        assert code == 0 and out == "a b c\n"
