@@ -463,7 +463,7 @@ def check_same_model(vision: ModelInfo, llm: ModelInfo) -> None:
     if vision.fingerprint != llm.fingerprint:
         raise ModelMismatchError(f"the vision service serves model {vision.fingerprint} ({vision.model_name}) "
                                  f"but the LLM service serves {llm.fingerprint} ({llm.model_name})")
-    if vision.adapters != llm.adapters:
+    if set(vision.adapters) != set(llm.adapters):  # each pool lists them in its own --lora order
         def names(info: ModelInfo) -> str:
             return ", ".join(f"{a.name} ({a.digest})" for a in info.adapters) or "none"
 
