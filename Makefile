@@ -10,7 +10,7 @@ TINY_CHECKPOINT := checkpoints/tiny-qwen2-300m
 MODEL ?= $(TINY_CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap system-deps run demo test test-fast bench bench-quick protos protos-check lint clean
+.PHONY: bootstrap system-deps run demo test test-fast bench bench-quick bench-lora protos protos-check lint clean
 
 bootstrap: system-deps $(STAMP)
 
@@ -57,6 +57,10 @@ bench: bootstrap
 
 bench-quick: bootstrap
 	$(BIN)/internvl-serve bench --quick --out bench/results
+
+# LoRA adapters batched with the base (decode step, time to first token); bench/results/<date>-lora.{json,md}.
+bench-lora: bootstrap
+	$(BIN)/internvl-serve bench-lora --out bench/results
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

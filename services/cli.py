@@ -24,6 +24,8 @@ SUBCOMMANDS = {
     "gateway": ("gateway.server", "run the public gateway (gRPC and OpenAI-compatible HTTP)"),
     "up": ("services.tools.up", "run redis, vision, llm and gateway locally as separate processes until Ctrl-C"),
     "bench": ("services.bench.main", "benchmark the stack against transformers' InternVL path on the same weights"),
+    "bench-lora": ("services.bench.lora",
+                   "benchmark LoRA adapters batched with the base: decode step and time to first token"),
 }
 
 

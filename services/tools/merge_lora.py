@@ -26,7 +26,7 @@ from services.common.adapters import Adapter, read_adapter
 from services.common.checkpoint import INDEX_FILE, Checkpoint, open_checkpoint, read_json
 from services.common.contract.errors import CheckpointError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Top-level entries of a base directory that are bookkeeping of a download or a clone, not part of the model: a
 # copy would claim files it does not describe (huggingface_hub's `--local-dir` metadata, git objects).
@@ -72,7 +72,7 @@ def merge_lora(model: str, adapter_dir: str | os.PathLike, out: str | os.PathLik
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("merged %d modules of %s into %s", len(adapter.modules), adapter.path, out)
+    log.info("merged %d modules of %s into %s", len(adapter.modules), adapter.path, out)
     return out
 
 
@@ -101,7 +101,7 @@ def _write(base: Checkpoint, adapter: Adapter, out: Path) -> None:
                 tensors[key] = tensor
                 total_size += tensor.numel() * tensor.element_size()
         save_file(tensors, out / shard, metadata={"format": "pt"})
-        logger.info("wrote %s (%d tensors)", shard, len(tensors))
+        log.info("wrote %s (%d tensors)", shard, len(tensors))
         del tensors  # one shard in memory at a time
     missed = sorted(set(adapter.modules) - merged)
     if missed:  # read_adapter checked every module against the base's headers; this guards against a broken shard
