@@ -46,7 +46,22 @@ _UNSUPPORTED = {
     "alpha_pattern": "per-module alphas (alpha_pattern) are not supported",
     "lora_bias": "LoRA biases (lora_bias) are not supported",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D layers) does not apply to InternVL's linear layers",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported: it acts only from its "
+                               "invocation tokens on, and this stack applies an adapter to every position",
+    "layer_replication": "layer_replication (a layer stack rebuilt from repeated base layers) is not supported",
+    "trainable_token_indices": "trainable_token_indices (trained embedding rows) is not supported; serve a merged "
+                               "checkpoint",
+    "target_parameters": "LoRA on parameters (target_parameters) is not supported, only on linear layers",
+    "use_qalora": "QA-LoRA (use_qalora) is not supported",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
+    "arrow_config": "Arrow routing (arrow_config) is not supported",
+    "kasa_config": "KaSA (kasa_config) is not supported",
 }
+# Initialisations that move part of the base weights into the adapter: such an adapter adds to a residual base, not to
+# the published one, unless PEFT converted it when saving (`path_initial_model_for_weight_conversion`), which records
+# `init_lora_weights: true`.
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,13 @@ def _check_config(file: Path, config: dict, max_rank: int) -> tuple[int, float, 
     for key, problem in _UNSUPPORTED.items():
         if config.get(key):
             raise CheckpointError(f"{file}: {problem}")
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(f"{file}: bias {config['bias']!r} (trained biases) is not supported; only 'none' is")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+        raise CheckpointError(f"{file}: init_lora_weights {init!r} makes an adapter of a residual base model; save it "
+                              "converted to a plain LoRA (PEFT's path_initial_model_for_weight_conversion) and serve "
+                              "that")
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise CheckpointError(f"{file}: r must be a positive integer, got {rank!r}")
@@ -188,10 +210,11 @@ def _targeted(module: str, targets: str | list[str]) -> bool:
 
 def _check_targets_exist(file: Path, targets: str | list[str], linear: list[str], base: Checkpoint) -> None:
     """PEFT refuses a target that matches no layer; so does the stack (it would be a silent no-op)."""
-    entries = [targets] if isinstance(targets, str) else targets
+    entries = [targets] if isinstance(targets, str) else [[entry] for entry in targets]
     for entry in entries:
         if not any(_targeted(module, entry) for module in linear):
-            raise CheckpointError(f"{file}: target_modules entry {entry!r} matches no linear layer of the model "
+            shown = entry if isinstance(entry, str) else entry[0]
+            raise CheckpointError(f"{file}: target_modules entry {shown!r} matches no linear layer of the model "
                                   f"({base.path})")
 
 
