@@ -15,6 +15,10 @@ A request for n answers is one waiting entry admitted as n rows: its prompt is p
 joins the batch as a row of its own (the prompt's KV copied into each row, the prompt's last logits sampled by each
 answer's own sampler and seed).
 
+Requests for LoRA adapters (`EngineRequest.adapter`, installed in the model as `services.common.lora.AdapterSlots`)
+share every forward with each other and with the base: each forward is told the adapter slot of each of its rows.
+The prefix cache keeps each entry under its adapter.
+
 Detokenisation and stop strings run on the event loop's thread when the step's tokens are delivered, not on the model
 thread. A sequence a stop string ended leaves the batch at the next step.
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import re
 import shutil
 import signal
 import socket
@@ -33,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from internvl.gateway.v1 import gateway_pb2
 from internvl.llm.v1 import llm_pb2
 from internvl.vision.v1 import vision_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.contract.errors import InternVLError
 
@@ -102,11 +102,10 @@ def read_metrics(port: int, timeout_s: float = 10.0) -> str:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """One sample of Prometheus text exposition, selected by exactly these labels (0 when absent)."""
-    selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.escape(name) + (r"\{" + re.escape(selector) + r"\}" if labels else "") + r" ([0-9.e+-]+|NaN)"
-    found = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    """The samples `name` of Prometheus text exposition that carry these labels, summed over their other labels (0
+    when there is none): `metric(text, "internvl_llm_generated_tokens_total")` counts every model's tokens."""
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ class Stack:
     vision_metrics_port: int
     llm_metrics_port: int
     media_root: Path
+    model: str  # the base model's id (the checkpoint directory's name), what the OpenAI `model` field names
 
     def metrics_text(self, port: int | None = None) -> str:
         return read_metrics(port or self.metrics_port)
@@ -84,7 +85,8 @@ def stack(checkpoint, tmp_path_factory):
     try:
         vision_metrics = int(re.search(r"vision-0 http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
         llm_metrics = int(re.search(r"llm http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
-        yield Stack(f"127.0.0.1:{port}", http_port, metrics_port, vision_metrics, llm_metrics, media_root)
+        yield Stack(f"127.0.0.1:{port}", http_port, metrics_port, vision_metrics, llm_metrics, media_root,
+                    checkpoint.name)
     finally:
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=90)
@@ -282,12 +284,12 @@ def test_openai_client(stack, reference, images):
     want = template.clean_response(reference.tokenizer.decode(
         expected(reference, "What is this?", [load_image(data)]), skip_special_tokens=True))
 
-    reply = client.chat.completions.create(model="internvl", messages=messages, max_tokens=MAX_NEW, temperature=0)
+    reply = client.chat.completions.create(model=stack.model, messages=messages, max_tokens=MAX_NEW, temperature=0)
     assert reply.choices[0].message.content.strip() == want
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 256
 
-    stream = client.chat.completions.create(model="internvl", messages=messages, max_tokens=MAX_NEW, temperature=0,
+    stream = client.chat.completions.create(model=stack.model, messages=messages, max_tokens=MAX_NEW, temperature=0,
                                             stream=True, stream_options={"include_usage": True}, logprobs=True,
                                             top_logprobs=2)
     content, logprobs, usage, reasons = [], [], None, []
@@ -305,7 +307,7 @@ def test_openai_client(stack, reference, images):
     assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in logprobs)
 
     with pytest.raises(openai.BadRequestError, match="remote URLs are not fetched"):
-        client.chat.completions.create(model="internvl", max_tokens=2, messages=[{"role": "user", "content": [
+        client.chat.completions.create(model=stack.model, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
 
 
@@ -326,16 +328,16 @@ def test_openai_structured_outputs(stack, reference, images):
                                                       {"type": "text", "text": "Describe the weather here."}]}]}
     schema = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER, "strict": True}}
     for messages in prompts.values():
-        reply = client.chat.completions.create(model="internvl", messages=messages, max_tokens=80, temperature=0,
+        reply = client.chat.completions.create(model=stack.model, messages=messages, max_tokens=80, temperature=0,
                                                response_format=schema)
         assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
         jsonschema.validate(json.loads(reply.choices[0].message.content), WEATHER)
-        stream = client.chat.completions.create(model="internvl", messages=messages, max_tokens=80, temperature=0.9,
+        stream = client.chat.completions.create(model=stack.model, messages=messages, max_tokens=80, temperature=0.9,
                                                 seed=5, response_format=schema, stream=True)
         text_ = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         jsonschema.validate(json.loads(text_), WEATHER)
     # The next round of the (image) session, constrained as well.
-    reply = client.chat.completions.create(model="internvl", messages=[{"role": "user", "content": "And tomorrow?"}],
+    reply = client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "And tomorrow?"}],
                                            max_tokens=80, temperature=0, response_format=schema,
                                            extra_body={"session_id": reply.model_extra["session_id"]})
     assert reply.usage.prompt_tokens_details.cached_tokens > 256  # the first round's prefix, image included
@@ -345,20 +347,20 @@ def test_openai_structured_outputs(stack, reference, images):
     # the object; the grammar alone decides where they may go ("}" inside a string is text, not the end).
     ids = reference.tokenizer.convert_tokens_to_ids
     closing = {str(ids('"')): 100, str(ids("}")): 50}
-    reply = client.chat.completions.create(model="internvl", messages=prompts["text"], max_tokens=60, temperature=0,
+    reply = client.chat.completions.create(model=stack.model, messages=prompts["text"], max_tokens=60, temperature=0,
                                            response_format={"type": "json_object"}, logit_bias=closing)
     assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
     choices = ["sunny", "rainy", "it is \"foggy\""]
-    reply = client.chat.completions.create(model="internvl", messages=prompts["image"], max_tokens=20,
+    reply = client.chat.completions.create(model=stack.model, messages=prompts["image"], max_tokens=20,
                                            temperature=1.0, extra_body={"structured_outputs": {"choice": choices}})
     assert reply.choices[0].message.content in choices
 
     with pytest.raises(openai.BadRequestError, match="json_schema: .*nonsense"):
-        client.chat.completions.create(model="internvl", messages=prompts["text"], max_tokens=4, response_format={
+        client.chat.completions.create(model=stack.model, messages=prompts["text"], max_tokens=4, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
     with pytest.raises(openai.BadRequestError, match="tools is not supported: tool calling is not supported"):
-        client.chat.completions.create(model="internvl", messages=prompts["text"], max_tokens=4, tools=[
+        client.chat.completions.create(model=stack.model, messages=prompts["text"], max_tokens=4, tools=[
             {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
 
 
@@ -367,7 +369,7 @@ def test_openai_n_answers_are_prefilled_once_and_detail_low_is_one_tile(stack, i
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.http_port}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "Write a line about n answers to one prompt, " + "again " * 20}]
     before = read_metrics(stack.llm_metrics_port)
-    reply = client.chat.completions.create(model="internvl", messages=messages, n=3, seed=41, temperature=1.0,
+    reply = client.chat.completions.create(model=stack.model, messages=messages, n=3, seed=41, temperature=1.0,
                                            max_tokens=8, logprobs=True)
     fed = metric(read_metrics(stack.llm_metrics_port), "internvl_llm_prefill_tokens_total") - metric(
         before, "internvl_llm_prefill_tokens_total")
@@ -376,7 +378,7 @@ def test_openai_n_answers_are_prefilled_once_and_detail_low_is_one_tile(stack, i
     cached = reply.usage.prompt_tokens_details.cached_tokens
     assert cached < reply.usage.prompt_tokens - 20
     assert fed == reply.usage.prompt_tokens - cached, "the prompt was not prefilled exactly once for the three answers"
-    singles = [client.chat.completions.create(model="internvl", messages=messages, seed=seed, temperature=1.0,
+    singles = [client.chat.completions.create(model=stack.model, messages=messages, seed=seed, temperature=1.0,
                                               max_tokens=8).choices[0].message.content for seed in (41, 42, 43)]
     assert [c.message.content for c in reply.choices] == singles
     assert reply.usage.completion_tokens == sum(len(c.logprobs.content) for c in reply.choices)
@@ -384,7 +386,7 @@ def test_openai_n_answers_are_prefilled_once_and_detail_low_is_one_tile(stack, i
     url = "data:image/png;base64," + base64.b64encode(images["landscape_1000x700"]).decode()
     tiles = {}
     for detail in ("low", "high"):
-        reply = client.chat.completions.create(model="internvl", max_tokens=2, temperature=0, messages=[{
+        reply = client.chat.completions.create(model=stack.model, max_tokens=2, temperature=0, messages=[{
             "role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": detail}},
                                         {"type": "text", "text": "What?"}]}], extra_body={"max_num": 6})
         tiles[detail] = reply.usage.model_extra["internvl"]["image_tiles"]

@@ -44,6 +44,7 @@ class Pool:
     gateways: dict[str, Child]
     http_port: int
     channels: dict[str, grpc.Channel]
+    model: str  # the base model's id, what the OpenAI `model` field names
 
     def stub(self, gateway: str) -> gateway_pb2_grpc.ChatServiceStub:
         return gateway_pb2_grpc.ChatServiceStub(self.channels[gateway])
@@ -93,7 +94,7 @@ def pool(tiny_checkpoint):
             stack.callback(gateway.stop)
         wait_serving(list(gateways.values()))
         channels = {name: stack.enter_context(grpc.insecure_channel(g.address)) for name, g in gateways.items()}
-        yield Pool(visions, llms, gateways, http_port, channels)
+        yield Pool(visions, llms, gateways, http_port, channels, checkpoint.name)
 
 
 def picture(seed: int) -> bytes:
@@ -148,7 +149,7 @@ def http_conversation(pool: Pool, seed: int) -> list[Turn]:
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}] \
             if number == 0 else question
         messages.append({"role": "user", "content": content})
-        body = json.dumps({"model": "internvl", "messages": messages, "max_tokens": MAX_NEW,
+        body = json.dumps({"model": pool.model, "messages": messages, "max_tokens": MAX_NEW,
                            "temperature": 0}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{pool.http_port}/v1/chat/completions", body,
                                          {"Content-Type": "application/json"})
@@ -180,7 +181,9 @@ def test_affinity_keeps_each_sessions_prefix_across_two_gateways(affinity_sessio
     sessions, served = affinity_sessions
     assert prefix_hits(sessions) >= 0.95
     assert sum(served) == SESSIONS * len(TURNS)
-    assert all(count > 0 for count in served), f"a replica served nothing: {served}"
+    # Spread over the pool: 12 conversations' keys leave one of 3 replicas without any 2.3% of the time (3 (2/3)^12),
+    # all on one replica 6e-6 of the time.
+    assert sum(count > 0 for count in served) >= 2, f"one replica served everything: {served}"
 
 
 def test_round_robin_loses_the_prefix_and_answers_the_same(pool, affinity_sessions):
@@ -202,7 +205,9 @@ def test_stateless_openai_conversations_keep_their_prefix(pool):
     conversations = [http_conversation(pool, seed) for seed in range(SESSIONS)]
     served = pool.served_since(before, SESSIONS * len(TURNS))
     assert prefix_hits(conversations) >= 0.95
-    assert all(count > 0 for count in served), f"a replica served nothing: {served}"
+    # Spread over the pool: 12 conversations' keys leave one of 3 replicas without any 2.3% of the time (3 (2/3)^12),
+    # all on one replica 6e-6 of the time.
+    assert sum(count > 0 for count in served) >= 2, f"one replica served everything: {served}"
 
 
 def test_two_gateways_encoding_one_new_image_at_once_encode_it_once(pool):

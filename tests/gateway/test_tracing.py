@@ -180,11 +180,11 @@ def test_one_image_chat_is_one_trace_across_the_three_services(stack, receiver, 
     assert attributes(batch)["internvl.tiles"] >= 1
 
 
-def test_http_continues_the_callers_trace_and_the_request_id_is_in_every_log(stack, receiver, png):
+def test_http_continues_the_callers_trace_and_the_request_id_is_in_every_log(stack, receiver, png, tiny_checkpoint):
     spans_of, _ = receiver
     _, http_port, logs = stack
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    body = {"model": "internvl", "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": [
+    body = {"model": tiny_checkpoint().name, "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
         {"type": "text", "text": "And this, in the HTTP API?"}]}]}
     request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/chat/completions",
