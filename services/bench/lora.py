@@ -36,7 +36,6 @@ import logging
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -522,13 +521,3 @@ async def _bench(s: LoraBenchSettings, model_dir: Path, tmp: Path, device: str, 
         "ratios": ratios,
         "targets": targets,
     }
-
-
-def main() -> int:  # pragma: no cover - `python -m services.bench.lora`
-    parser = argparse.ArgumentParser(prog="internvl-serve bench-lora")
-    add_arguments(parser)
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
