@@ -190,11 +190,10 @@ class SlotProbe:
         self._handle = layer.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args) -> None:
-        index = module.rows.index
-        if index is None:
-            self.fast += 1
+        if module.rows.adapted:
+            self.lora_rows.append(module.rows.slots.tolist())
         else:
-            self.lora_rows.append(index.tolist())
+            self.fast += 1
 
     def remove(self) -> None:
         self._handle.remove()

@@ -26,35 +26,34 @@ from torch import nn
 
 
 class _Rows:
-    """The slot of each row of the forward in progress, and per layer rank the columns and mask that select them.
-
-    `index` is [rows] on the device, or None: every row is on the base.
-    """
+    """The slot of each row of the forward in progress (on the host), and per layer rank the columns and mask that
+    select them (made on the device once per forward, by the first layer that needs them)."""
 
     def __init__(self) -> None:
-        self.index: torch.Tensor | None = None
-        self._slots = np.zeros(0, dtype=np.int64)
+        self.slots = np.zeros(0, dtype=np.int64)
+        # Some row of the forward uses an adapter (otherwise the layers skip the LoRA terms).
+        self.adapted = False
         self._device: torch.device | str = "cpu"
         self._blocks: dict[tuple[int, torch.dtype], tuple[int, int, torch.Tensor]] = {}
 
     def set(self, slots: Sequence[int], device: torch.device | str) -> None:
-        self._slots = np.asarray(slots, dtype=np.int64)
+        self.slots = np.asarray(slots, dtype=np.int64)
+        self.adapted = bool(self.slots.any())
         self._device = device
         self._blocks = {}
-        self.index = torch.from_numpy(self._slots).to(device) if self._slots.any() else None
 
     def clear(self) -> None:
-        self.index, self._blocks = None, {}
+        self.set((), "cpu")
 
     def block(self, rank: int, dtype: torch.dtype) -> tuple[int, int, torch.Tensor]:
         """(first column, end column, mask [rows, end - first]) of the present adapters in a layer of `rank` columns
         per adapter: row i's mask is 1 on its own adapter's columns, 0 elsewhere (all 0 for a base row)."""
         key = (rank, dtype)
         if key not in self._blocks:
-            present = self._slots[self._slots > 0]
+            present = self.slots[self.slots > 0]
             low, high = int(present.min()), int(present.max())
-            mask = np.zeros((len(self._slots), (high - low + 1) * rank), dtype=np.float32)
-            for row, slot in enumerate(self._slots):
+            mask = np.zeros((len(self.slots), (high - low + 1) * rank), dtype=np.float32)
+            for row, slot in enumerate(self.slots):
                 if slot:
                     mask[row, (slot - low) * rank:(slot - low + 1) * rank] = 1.0
             self._blocks[key] = ((low - 1) * rank, high * rank,
@@ -66,7 +65,7 @@ class BatchedLoRALinear(nn.Module):
     """A linear layer plus a per-row LoRA term.
 
     a: [adapters * rank, in]; b: [out, adapters * rank] (scale folded in). The input is [rows, ..., in], row i using
-    slot `rows.index[i]`.
+    slot `rows.slots[i]`.
     """
 
     def __init__(self, base: nn.Linear, rows: _Rows, a: torch.Tensor, b: torch.Tensor, rank: int):
@@ -87,7 +86,7 @@ class BatchedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.rows.index is None:
+        if not self.rows.adapted:
             return y
         start, end, mask = self.rows.block(self.rank, y.dtype)
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [rows, positions, in]
