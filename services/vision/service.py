@@ -19,7 +19,7 @@ import contextlib
 import functools
 import logging
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -84,14 +84,14 @@ class VisionService:
 
     def __init__(self, config: VisionConfig, checkpoint: Checkpoint, encoder: Encoder, dtype: torch.dtype,
                  store: RedisClient | InProcessRedis, metrics: VisionMetrics | None = None,
-                 adapters: tuple[AdapterInfo, ...] = ()) -> None:
-        """`encoder(pixels, slots)` encodes tiles, tile i with adapter slot `slots[i]`; the adapters touching the
-        vision side have slots 1, 2, ... in the order of `adapters`."""
+                 adapters: tuple[AdapterInfo, ...] = (), slots: Mapping[str, int] | None = None) -> None:
+        """`encoder(pixels, tile_slots)` encodes tiles, tile i with adapter slot `tile_slots[i]`; `slots` names the
+        slot of each adapter installed in the vision path (those touching it); the others encode as the base."""
         self.config = config
         self.checkpoint = checkpoint
         self.adapters = adapters
         self.info = checkpoint.model_info(dtype, adapters)
-        self._slots = {a.name: i for i, a in enumerate((a for a in adapters if a.touches_vision), start=1)}
+        self._slots = dict(slots or {})
         spec = checkpoint.spec
         self.dtype = dtype
         self.dtype_name = dtype_name(dtype)
@@ -127,7 +127,8 @@ class VisionService:
             with slots.rows(tile_slots, device):
                 return model.encode(pixel_values).to("cpu")
 
-        service = cls(config, checkpoint, encode, dtype, store, metrics, tuple(a.info() for a in adapters))
+        service = cls(config, checkpoint, encode, dtype, store, metrics, tuple(a.info() for a in adapters),
+                      slots.slot)
         service._model = model
         service.start()
         log.info("vision path of %s (fingerprint %s) loaded on %s in %s", checkpoint.name, checkpoint.fingerprint,
