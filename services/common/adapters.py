@@ -202,19 +202,23 @@ def _base_shapes(base: Checkpoint) -> dict[str, list[int]]:
 
 
 def _targeted(module: str, targets: str | list[str]) -> bool:
-    """PEFT's rule: a regex string must match the whole module name; a list entry matches the name or its end."""
+    """PEFT's rule: a regex string must match the whole module name; a list targets the modules its entries name."""
     if isinstance(targets, str):
         return re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith(f".{t}") for t in targets)
+    return any(_named(module, entry) for entry in targets)
+
+
+def _named(module: str, entry: str) -> bool:
+    """A list entry of target_modules names the module itself or its last parts."""
+    return module == entry or module.endswith(f".{entry}")
 
 
 def _check_targets_exist(file: Path, targets: str | list[str], linear: list[str], base: Checkpoint) -> None:
     """PEFT refuses a target that matches no layer; so does the stack (it would be a silent no-op)."""
-    entries = [targets] if isinstance(targets, str) else [[entry] for entry in targets]
+    entries, matches = ([targets], _targeted) if isinstance(targets, str) else (targets, _named)
     for entry in entries:
-        if not any(_targeted(module, entry) for module in linear):
-            shown = entry if isinstance(entry, str) else entry[0]
-            raise CheckpointError(f"{file}: target_modules entry {shown!r} matches no linear layer of the model "
+        if not any(matches(module, entry) for module in linear):
+            raise CheckpointError(f"{file}: target_modules entry {entry!r} matches no linear layer of the model "
                                   f"({base.path})")
 
 
