@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 
 from services.bench.machine import machine_info
 from services.common.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
-from services.common.checkpoint import Checkpoint, open_checkpoint, safetensors_header
+from services.common.checkpoint import Checkpoint, open_checkpoint
 from services.common.contract import template
 from services.common.lora import AdapterSlots, BatchedLoRALinear
 from services.common.model import install_language_adapters, load_language_model, load_tokenizer
@@ -116,13 +116,9 @@ def write_random_adapter(directory: Path, checkpoint: Checkpoint, *, rank: int, 
     """An adapter of every language-model projection ms-swift targets by default, as PEFT saves it (random A and B
     drawn from N(0, std^2)): `adapter_config.json` and `adapter_model.safetensors` in `directory`."""
     names = TARGETS[checkpoint.spec.llm_architecture]
-    shapes = {}
-    for shard in sorted(set(checkpoint.weight_map.values())):
-        for key, entry in safetensors_header(checkpoint.path / shard).items():
-            module = key.removesuffix(".weight")
-            if (key.startswith("language_model.") and key.endswith(".weight")
-                    and module.rsplit(".", 1)[-1] in names and len(entry["shape"]) == 2):
-                shapes[module] = entry["shape"]
+    shapes = {key.removesuffix(".weight"): shape for key, shape in checkpoint.weight_shapes.items()
+              if key.startswith("language_model.") and key.endswith(".weight")
+              and key.removesuffix(".weight").rsplit(".", 1)[-1] in names and len(shape) == 2}
     if not shapes:
         raise ValueError(f"{checkpoint.path}: no language-model layer named {', '.join(names)}")
     generator = torch.Generator().manual_seed(seed)

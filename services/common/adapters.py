@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from services.common.adapter_options import AdapterOptions
-from services.common.checkpoint import Checkpoint, read_json, safetensors_header
+from services.common.checkpoint import Checkpoint, read_json
 from services.common.contract.errors import CheckpointError
 from services.common.contract.model_info import AdapterInfo
 
@@ -112,7 +112,7 @@ def read_adapter(name: str, directory: Path, base: Checkpoint, *, max_rank: int)
                                   "adapter as safetensors (PEFT's save_pretrained does by default)")
         raise CheckpointError(f"{weights_file}: file not found")
     modules = _read_weights(weights_file)
-    shapes = _base_shapes(base)
+    shapes = base.weight_shapes
     targets = config.get("target_modules")
     for module, (a, b) in modules.items():
         base_shape = shapes.get(f"{module}.weight")
@@ -190,15 +190,6 @@ def _read_weights(file: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             missing = ({"A", "B"} - set(sides)).pop()
             raise CheckpointError(f"{file}: {module!r} has no lora_{missing}")
     return {module: (sides["A"], sides["B"]) for module, sides in sorted(halves.items())}
-
-
-def _base_shapes(base: Checkpoint) -> dict[str, list[int]]:
-    """Every base weight's shape, from the shards' headers (no tensor is read)."""
-    shapes: dict[str, list[int]] = {}
-    for shard in sorted(set(base.weight_map.values())):
-        for key, entry in safetensors_header(base.path / shard).items():
-            shapes[key] = entry["shape"]
-    return shapes
 
 
 def _targeted(module: str, targets: str | list[str]) -> bool:

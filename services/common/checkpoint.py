@@ -7,6 +7,7 @@ lazily (one shard open at a time), and computes the model fingerprint that all s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -175,6 +176,12 @@ class Checkpoint:
                          tokens_per_tile=self.spec.tokens_per_tile, image_size=self.spec.image_size,
                          llm_architecture=self.spec.llm_architecture, vision_architecture=vision_archs[0],
                          adapters=adapters)
+
+    @functools.cached_property
+    def weight_shapes(self) -> dict[str, list[int]]:
+        """Every weight's shape by original name, from the shards' headers (no tensor is read; read once)."""
+        return {key: entry["shape"] for shard in sorted(set(self.weight_map.values()))
+                for key, entry in safetensors_header(self.path / shard).items()}
 
     def shards_for(self, prefixes: tuple[str, ...]) -> list[str]:
         """Shard files holding any weight under one of `prefixes`, in a stable order."""
