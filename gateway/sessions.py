@@ -1,8 +1,8 @@
 """Multi-round sessions, kept in Redis so that any gateway replica can continue any session.
 
-A session holds its system message, the model it answers with (the base, or a LoRA adapter by name), and its rounds: each round's user parts (text and image references, i.e. cache
-keys and tile counts, never pixels) and the assistant's answer as the original stores it (cut at `<|im_end|>` and
-stripped). Replaying them gives the LLM service the same prompt prefix as the last round, so its prefix KV cache and
+A session holds its system message, the model it answers with (the base, or a LoRA adapter by name), and its rounds:
+each round's user parts (text and image references, i.e. cache keys and tile counts, never pixels) and the assistant's
+answer as the original stores it (cut at `<|im_end|>` and stripped). Replaying them gives the LLM service the same prompt prefix as the last round, so its prefix KV cache and
 the embedding cache make the next round cheap. A session expires `ttl_s` after its last round.
 
 One round at a time: a round holds a short-lived lock (SET NX PX, released by compare-and-delete) so that two

@@ -208,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
         raise StackError("--tls-cert and --tls-key go together")
     if (args.tls_ca or args.tls_client_ca) and not args.tls_cert:
         raise StackError("--tls-ca and --tls-client-ca need --tls-cert and --tls-key")
-    for problem in AdapterOptions.from_args(args).problems():
+    adapters = AdapterOptions.from_args(args)
+    for problem in adapters.problems():
         raise StackError(problem)
     stop_requested = []
 
@@ -221,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         redis_url = args.redis_url or stack.start_redis()
         common = ["--model", args.model, "--redis-url", redis_url, *(["--dtype", args.dtype] if args.dtype else []),
-                  *AdapterOptions.from_args(args).argv()]
+                  *adapters.argv()]
         internal = [*common, *stack.tls_server_args(mutual=True)]
         visions = [stack.service(f"vision-{i}", "vision", free_port(), *internal)
                    for i in range(args.vision_replicas)]
