@@ -28,13 +28,14 @@ from services.common.adapter_options import AdapterOptions
 from services.common.checkpoint import Checkpoint, read_json
 from services.common.contract.errors import CheckpointError
 from services.common.contract.model_info import AdapterInfo
+from services.common.keymap import LANGUAGE_PREFIX, VISION_PREFIXES
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 
-LANGUAGE_PREFIXES = ("language_model.",)
-VISION_PREFIXES = ("vision_model.", "mlp1.")
+# Each service's side of an adapter: the weights the loader gives it.
+LANGUAGE_PREFIXES = (LANGUAGE_PREFIX,)
 
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 # adapter_config.json fields that change the computation and that this stack does not implement: refused when set.

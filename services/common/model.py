@@ -27,9 +27,7 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLVisionModel,
 )
 
-from services.common.adapters import LANGUAGE_PREFIXES as ADAPTER_LANGUAGE_PREFIXES
-from services.common.adapters import VISION_PREFIXES as ADAPTER_VISION_PREFIXES
-from services.common.adapters import Adapter, mapped
+from services.common.adapters import LANGUAGE_PREFIXES, Adapter, mapped
 from services.common.checkpoint import Checkpoint
 from services.common.contract.errors import CheckpointError
 from services.common.keymap import (
@@ -141,12 +139,12 @@ def install_language_adapters(model: PreTrainedModel, checkpoint: Checkpoint,
                               adapters: Sequence[Adapter]) -> AdapterSlots:
     """Every adapter's language-model layers in `model`, one slot each (an adapter without any keeps a slot that
     computes the base)."""
-    return _install(model, adapters, ADAPTER_LANGUAGE_PREFIXES, _language_classes(checkpoint)[1])
+    return _install(model, adapters, LANGUAGE_PREFIXES, _language_classes(checkpoint)[1])
 
 
 def install_vision_adapters(model: InternVLVisionPath, adapters: Sequence[Adapter]) -> AdapterSlots:
     """Every adapter's vision tower and projector layers in `model`, one slot each."""
-    return _install(model, adapters, ADAPTER_VISION_PREFIXES, map_vision)
+    return _install(model, adapters, VISION_PREFIXES, map_vision)
 
 
 def _install(model: nn.Module, adapters: Sequence[Adapter], prefixes: tuple[str, ...], mapper: Mapper
