@@ -69,7 +69,7 @@ protos-check: $(STAMP)
 	$(BIN)/python protos/generate.py --check
 
 lint: $(STAMP)
-	$(BIN)/ruff check services gateway tests deploy protos/generate.py
+	$(BIN)/ruff check services gateway tools bench tests deploy protos/generate.py
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

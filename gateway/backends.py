@@ -12,10 +12,10 @@ from typing import Protocol
 
 from gateway.chat_response import Delta
 from gateway.conversation import LLMConversation
-from services.common.contract.encoding import EncodedItem, MediaItem
-from services.common.contract.finish import FinishReason
-from services.common.contract.model_info import ModelInfo
-from services.common.contract.sampling import SamplingParams
+from services.contract.encoding import EncodedItem, MediaItem
+from services.contract.finish import FinishReason
+from services.contract.model_info import ModelInfo
+from services.contract.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.common.contract.errors import InternVLError
-from services.common.tls import ClientTls
+from services.contract.errors import InternVLError
+from services.runtime.tls import ClientTls
 
 ENV_API_TOKEN = "INTERNVL_API_TOKEN"
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 from internvl.gateway.v1 import gateway_pb2
 
-from services.common.contract.errors import InvalidArgumentError
-from services.common.contract.sampling import SamplingParams
-from services.common.contract.tiling import DEFAULT_MAX_NUM
+from services.contract.errors import InvalidArgumentError
+from services.contract.sampling import SamplingParams
+from services.contract.tiling import DEFAULT_MAX_NUM
 
 DEFAULT_NUM_SEGMENTS = 8
 DEFAULT_FRAME_MAX_NUM = 1
@@ -116,7 +116,7 @@ class ChatRequest:
     multi_image_mode: MultiImageMode = MultiImageMode.SEPARATE
     sampling: SamplingParams = field(default_factory=SamplingParams)
     system_message: str | None = None
-    # Set by the API that received the request (the caller's, or a new one): see services.common.request_ids.
+    # Set by the API that received the request (the caller's, or a new one): see services.runtime.request_ids.
     request_id: str = ""
     # The OpenAI API's `user` / `safety_identifier`: recorded on the request's span as `user.id`.
     user: str = ""

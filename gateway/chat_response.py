@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from internvl.gateway.v1 import gateway_pb2
 
-from services.common.contract.finish import FinishReason
+from services.contract.finish import FinishReason
 
 
 @dataclass(frozen=True)

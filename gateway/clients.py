@@ -5,7 +5,7 @@ the replica of every call: `Generate` by the conversation's prefix identity, so 
 conversation that resends its history) land where the prefix KV cache holds their earlier turns; `Encode` by the
 first item's cache key, so concurrent encodes of one new image meet in one replica's single-flight. A call that fails
 UNAVAILABLE (before any token, for Generate) moves to the key's next choice. Failed calls become domain errors
-(services.common.contract.errors / gateway.errors) with the callee's caller-safe message; a deadline is passed on
+(services.contract.errors / gateway.errors) with the callee's caller-safe message; a deadline is passed on
 every call so the caller's deadline reaches both services.
 """
 
@@ -31,9 +31,8 @@ from gateway.endpoints import EndpointPool
 from gateway.errors import DeadlineExceededError
 from gateway.metrics import GatewayMetrics
 from gateway.routing import Policy, Router
-from services.common.calls import Metadata, outgoing
-from services.common.contract.encoding import EncodedItem, MediaItem
-from services.common.contract.errors import (
+from services.contract.encoding import EncodedItem, MediaItem
+from services.contract.errors import (
     EmbeddingsMissingError,
     ErrorCode,
     InvalidArgumentError,
@@ -43,13 +42,14 @@ from services.common.contract.errors import (
     NotReadyError,
     OverloadedError,
 )
-from services.common.contract.finish import FinishReason
-from services.common.contract.model_info import ModelInfo
-from services.common.contract.sampling import SamplingParams
-from services.common.grpc_errors import error_detail
-from services.common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from services.common.tensor_wire import tensor_chunks
-from services.common.tls import ClientTls, secure_or_insecure_channel
+from services.contract.finish import FinishReason
+from services.contract.model_info import ModelInfo
+from services.contract.sampling import SamplingParams
+from services.runtime.calls import Metadata, outgoing
+from services.runtime.grpc_errors import error_detail
+from services.runtime.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from services.runtime.tensor_wire import tensor_chunks
+from services.runtime.tls import ClientTls, secure_or_insecure_channel
 
 log = logging.getLogger(__name__)
 

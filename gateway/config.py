@@ -3,7 +3,7 @@
 Environment variables are read here and nowhere else, and only when `from_args` runs (never at import time):
 `INTERNVL_REDIS_URL` supplies `--redis-url` when the flag is absent, `INTERNVL_API_TOKEN` the bearer token when
 `--api-token-file` is absent, and the `INTERNVL_TLS_*` / `INTERNVL_UPSTREAM_TLS_*` variables of
-`services.common.tls` the certificate paths.
+`services.runtime.tls` the certificate paths.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 from gateway.endpoints import parse_target
 from gateway.remote_media import host_pattern_problem
 from gateway.routing import Policy
-from services.common.contract.cache_keys import DEFAULT_NAMESPACE
-from services.common.contract.errors import InvalidArgumentError
-from services.common.contract.tiling import DEFAULT_MAX_PIXELS
-from services.common.grpc_server import ServerOptions, add_server_options
-from services.common.redis_client import redis_url_problem
-from services.common.tls import (
+from services.contract.cache_keys import DEFAULT_NAMESPACE
+from services.contract.errors import InvalidArgumentError
+from services.contract.tiling import DEFAULT_MAX_PIXELS
+from services.runtime.grpc_server import ServerOptions, add_server_options
+from services.runtime.redis_client import redis_url_problem
+from services.runtime.tls import (
     ClientTls,
     add_upstream_arguments,
     upstream_tls_from_args,

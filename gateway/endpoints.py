@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.contract.errors import InvalidArgumentError, NotReadyError
-from services.common.host_port import split_host_port
+from services.contract.errors import InvalidArgumentError, NotReadyError
+from services.runtime.host_port import split_host_port
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """Gateway-specific domain errors, each with its own code (and so, through the shared table in
-`services.common.contract.errors`, its own gRPC and HTTP status): an unknown session is NOT_FOUND, a busy one ABORTED,
+`services.contract.errors`, its own gRPC and HTTP status): an unknown session is NOT_FOUND, a busy one ABORTED,
 a path outside the media root PERMISSION_DENIED, a body over the limit RESOURCE_EXHAUSTED (HTTP 413), a passed
 deadline DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
 
-from services.common.contract.errors import (
+from services.contract.errors import (
     EmbeddingsMissingError,
     ErrorCode,
     InternVLError,

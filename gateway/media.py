@@ -27,13 +27,13 @@ from PIL import Image
 from gateway.errors import MediaAccessError
 from gateway.remote_media import DISABLED_MESSAGE, is_remote_url
 from gateway.video import frame_indices
-from services.common.contract.errors import (
+from services.contract.errors import (
     InternVLError,
     InvalidArgumentError,
     InvalidMediaError,
     MediaTooLargeError,
 )
-from services.common.contract.image_formats import UNSUPPORTED_FORMAT, open_untrusted
+from services.contract.image_formats import UNSUPPORTED_FORMAT, open_untrusted
 
 # Containers a video may come in (FFmpeg demuxer names; a demuxer is named e.g. "mov,mp4,m4a,3gp,3g2,mj2").
 # Playlists and concat scripts, which make FFmpeg open further files or URLs, are never among them.

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.chat_response import Delta
 from gateway.endpoints import EndpointPool
-from services.common.request_metrics import LATENCY_BUCKETS, RequestMetrics
+from services.runtime.request_metrics import LATENCY_BUCKETS, RequestMetrics
 
 PREFIX = "internvl_gateway_"
 

@@ -43,18 +43,18 @@ from gateway.chat_response import Delta, Finish
 from gateway.errors import RequestTooLargeError
 from gateway.metrics import GatewayMetrics
 from gateway.orchestrator import Orchestrator
-from services.common import request_ids
-from services.common.contract.constraint import Constraint, ConstraintKind
-from services.common.contract.errors import (
+from services.contract.constraint import Constraint, ConstraintKind
+from services.contract.errors import (
     InternVLError,
     InvalidArgumentError,
     RpcStatus,
     http_status,
     rpc_status,
 )
-from services.common.contract.sampling import SamplingParams
-from services.common.contract.tiling import DEFAULT_MAX_NUM
-from services.common.request_metrics import RequestCall
+from services.contract.sampling import SamplingParams
+from services.contract.tiling import DEFAULT_MAX_NUM
+from services.runtime import request_ids
+from services.runtime.request_metrics import RequestCall
 
 log = logging.getLogger(__name__)
 RPC = "openai.chat_completions"
@@ -511,7 +511,7 @@ def max_body_bytes(config) -> int:
 def create_app(orchestrator: Orchestrator, metrics: GatewayMetrics, is_ready: Callable[[], bool]) -> web.Application:
     handlers = OpenAIHandlers(orchestrator, metrics, is_ready)
     token = orchestrator.config.api_token
-    # With tracing on, OpenTelemetry's instrumentation puts its middleware first (services.common.tracing).
+    # With tracing on, OpenTelemetry's instrumentation puts its middleware first (services.runtime.tracing).
     app = web.Application(client_max_size=max_body_bytes(orchestrator.config),
                           middlewares=[http_middleware(token)] if token else [])
     app.on_response_prepare.append(_echo_request_id)

@@ -57,10 +57,9 @@ from gateway.planning import (
 )
 from gateway.remote_media import RemoteMedia
 from gateway.sessions import Session, SessionStore, new_session_id
-from services.common import tracing
-from services.common.contract import template
-from services.common.contract.encoding import EncodedItem
-from services.common.contract.errors import (
+from services.contract import template
+from services.contract.encoding import EncodedItem
+from services.contract.errors import (
     ContextTooLongError,
     EmbeddingsMissingError,
     InternVLError,
@@ -70,9 +69,10 @@ from services.common.contract.errors import (
     NotFoundError,
     NotReadyError,
 )
-from services.common.contract.model_info import AdapterInfo, ModelInfo
-from services.common.contract.tiling import MAX_NUM_LIMIT
-from services.common.logs import request_scope
+from services.contract.model_info import AdapterInfo, ModelInfo
+from services.contract.tiling import MAX_NUM_LIMIT
+from services.runtime import tracing
+from services.runtime.logs import request_scope
 
 log = logging.getLogger(__name__)
 _ITEM_PREFIX = re.compile(r"^items\[\d+\]:\s*")

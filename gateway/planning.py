@@ -3,7 +3,7 @@
 Runs before any call to the services, so bad input (a missing file, a path outside the media root, undecodable
 media, a placeholder count that does not match the images) is refused early, naming the part. Every image or video
 frame becomes a `PendingImage` carrying the content-addressed key the vision service will store it under (the same
-`services.common.contract.cache_keys` functions the vision service uses) and its tile count (`count_tiles`, the same tiling rule),
+`services.contract.cache_keys` functions the vision service uses) and its tile count (`count_tiles`, the same tiling rule),
 so a cache hit needs neither decoding nor a call to the encoder.
 """
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 from gateway.chat_request import CallerTurn, ContentPart, MultiImageMode
 from gateway.media import MediaResolver
-from services.common.contract import template
-from services.common.contract.encoding import MediaItem, item_key
-from services.common.contract.errors import InvalidArgumentError
-from services.common.contract.model_info import ModelInfo
-from services.common.contract.tiling import count_tiles
+from services.contract import template
+from services.contract.encoding import MediaItem, item_key
+from services.contract.errors import InvalidArgumentError
+from services.contract.model_info import ModelInfo
+from services.contract.tiling import count_tiles
 
 # The original `load_image` and `load_video` always tile with a thumbnail; so does the gateway, explicitly, so
 # that keys do not depend on a checkpoint's config default.

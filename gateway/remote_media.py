@@ -38,8 +38,8 @@ from yarl import URL
 
 from gateway.chat_request import ChatRequest, ContentPart
 from gateway.errors import DeadlineExceededError, MediaAccessError
-from services.common import tracing
-from services.common.contract.errors import InvalidArgumentError, InvalidMediaError
+from services.contract.errors import InvalidArgumentError, InvalidMediaError
+from services.runtime import tracing
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig

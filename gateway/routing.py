@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.common.contract.errors import NotReadyError
+from services.contract.errors import NotReadyError
 
 
 class Reason(enum.Enum):

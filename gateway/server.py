@@ -3,7 +3,7 @@
 The servicer only translates (gateway.chat_request, gateway.chat_response) and delegates to the transport-free
 orchestrator. Domain errors, the gateway's own included (gateway.errors: each has its own code and status), go to
 the shared interceptors, which abort the call with the status of the error's code and record the request
-(services.common.grpc_server); a stream that fails after some deltas ends with that status and no finish message.
+(services.runtime.grpc_server); a stream that fails after some deltas ends with that status and no finish message.
 
 Start-up: bind and answer health checks (NOT_SERVING), wait until both services answer GetModelInfo with the same
 model fingerprint, then report SERVING. SIGTERM: NOT_SERVING, drain running streams, stop HTTP, close the clients.
@@ -31,10 +31,10 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai_http import create_app
 from gateway.orchestrator import Orchestrator
 from gateway.sessions import MemorySessionStore, RedisSessionStore
-from services.common import request_ids, tracing
-from services.common.contract.errors import InternVLError
-from services.common.grpc_server import GrpcServer
-from services.common.redis_client import connect as connect_redis
+from services.contract.errors import InternVLError
+from services.runtime import request_ids, tracing
+from services.runtime.grpc_server import GrpcServer
+from services.runtime.redis_client import connect as connect_redis
 
 log = logging.getLogger(__name__)
 

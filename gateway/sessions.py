@@ -28,8 +28,8 @@ import redis.exceptions
 
 from gateway.conversation import TurnRecord, turn_from_json, turn_to_json
 from gateway.errors import SessionBusyError, SessionNotFoundError
-from services.common.contract.errors import InvalidArgumentError
-from services.common.redis_client import RedisClient, redis_errors
+from services.contract.errors import InvalidArgumentError
+from services.runtime.redis_client import RedisClient, redis_errors
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import pytest
 # tests/ is on sys.path here (pytest's rootdir conftest, no tests/__init__.py).
 from procs import redis_server
 
-from services.tools.launcher import LaunchError
+from tools.launcher import LaunchError
 
 # Fixtures that start a process: a test that needs one, even through another fixture, is marked e2e.
 PROCESS_FIXTURES = {"redis_url"}
@@ -43,7 +43,7 @@ def tiny_checkpoint(tmp_path_factory):
 
     Random checkpoints in the original OpenGVLab format, written once per session and parameter set.
     """
-    from services.common.tiny import make_tiny
+    from services.model.tiny import make_tiny
 
     made: dict[tuple, object] = {}
 

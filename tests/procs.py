@@ -1,4 +1,4 @@
-"""The tests' defaults for real processes (services.tools.launcher does the work).
+"""The tests' defaults for real processes (tools.launcher does the work).
 
 Children run from the repository with it on PYTHONPATH and log into temp files kept for the failure messages. They
 are not tied to their parent: the tests start them from worker threads, whose end would otherwise stop them.
@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from services.tools.launcher import (
+from tools.launcher import (
     REPO,
     Child,
     LocalRedisCluster,

@@ -15,7 +15,7 @@ from pathlib import Path
 import sentencepiece
 from safetensors.torch import load_file, save_file
 
-from services.common.tiny import make_tiny
+from services.model.tiny import make_tiny
 
 # InternVL's added tokens in the published InternLM2 checkpoints' order: the chat markers, then the image and
 # grounding markers. Here they follow the sentencepiece pieces directly.

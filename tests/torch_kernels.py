@@ -1,5 +1,5 @@
 """Recording which torch kernels a thread runs (each service keeps its kernels on one thread: see
-services.common.own_thread)."""
+services.runtime.own_thread)."""
 
 from __future__ import annotations
 

@@ -7,11 +7,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.common.adapter_options import AdapterOptions, add_adapter_options
-from services.common.contract.dtypes import DTYPE_NAMES
-from services.common.contract.errors import InvalidArgumentError
-from services.common.grpc_server import ServerOptions, add_server_options
-from services.common.redis_client import redis_url_problem
+from services.contract.dtypes import DTYPE_NAMES
+from services.contract.errors import InvalidArgumentError
+from services.model.adapter_options import AdapterOptions, add_adapter_options
+from services.runtime.grpc_server import ServerOptions, add_server_options
+from services.runtime.redis_client import redis_url_problem
 
 SERVICE_NAME = "internvl.llm.v1.LLMService"
 

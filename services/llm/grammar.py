@@ -23,8 +23,8 @@ import threading
 import xgrammar
 from transformers import PreTrainedTokenizerBase
 
-from services.common.contract.constraint import Constraint, ConstraintKind
-from services.common.contract.errors import InvalidArgumentError
+from services.contract.constraint import Constraint, ConstraintKind
+from services.contract.errors import InvalidArgumentError
 
 # xgrammar's C++ messages start with a time and the source position that raised them ("[22:48:56]
 # /project/cpp/json_schema_converter.cc:5082: Unsupported type ..."): of no use to the caller.

@@ -1,6 +1,6 @@
 """Prometheus metrics of the LLM service, in a registry of its own (`internvl_llm_*`).
 
-The engine calls these hooks (services.llm.engine_api.EngineObserver) on the asyncio thread only: `on_step` and
+The engine calls these hooks (services.llm.engine.api.EngineObserver) on the asyncio thread only: `on_step` and
 `on_tokens` after every step, `on_finish` for every finished request, `on_schedule` with its `EngineLoad` whenever
 its counts change. The prefix cache's counters are exported as deltas of the load's.
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.request_metrics import RequestMetrics
-from services.llm.engine_api import EngineLoad, EngineObserver, StepReport
+from services.llm.engine.api import EngineLoad, EngineObserver, StepReport
+from services.runtime.request_metrics import RequestMetrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)

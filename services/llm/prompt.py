@@ -10,7 +10,7 @@ Placement of images in a user turn (both the new turn and every turn of history,
   (the original video example). Images and videos mixed in one turn are numbered `Image-k` and `Frame-j`
   in part order.
 
-Then the `internvl2_5` template renders system message, history and question (services.common.contract.template), and each
+Then the `internvl2_5` template renders system message, history and question (services.contract.template), and each
 image becomes `<img>` + 256*tiles `<IMG_CONTEXT>` + `</img>`. The run of `<IMG_CONTEXT>` ids is inserted after
 tokenisation: the prompt is tokenised with each image written `<img></img>` (both are special tokens that split the
 text, so the ids are exactly those of the expanded string) and a 13-tile image costs no 3,328-token string.
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from services.common.contract import template
-from services.common.contract.errors import ContextTooLongError, InvalidArgumentError
+from services.contract import template
+from services.contract.errors import ContextTooLongError, InvalidArgumentError
 
 
 @dataclass(frozen=True)

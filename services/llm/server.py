@@ -13,16 +13,16 @@ import logging
 
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 
-from services.common import request_ids, tracing
-from services.common.contract.errors import InvalidArgumentError, NotReadyError
-from services.common.grpc_server import GrpcServer
-from services.common.own_thread import in_own_thread
+from services.contract.errors import InvalidArgumentError, NotReadyError
 from services.llm import config as llm_config
 from services.llm import wire
 from services.llm.config import SERVICE_NAME, LLMConfig
-from services.llm.events import Finish
+from services.llm.engine.events import Finish
 from services.llm.metrics import LLMMetrics
 from services.llm.service import LLMService
+from services.runtime import request_ids, tracing
+from services.runtime.grpc_server import GrpcServer
+from services.runtime.own_thread import in_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ async def serve(config: LLMConfig) -> None:
     server.add(llm_pb2_grpc.add_LLMServiceServicer_to_server, servicer)
     await server.start(registry=metrics.registry)
     try:
-        service = await in_own_thread(LLMService.load, config, metrics)  # see services.common.own_thread
+        service = await in_own_thread(LLMService.load, config, metrics)  # see services.runtime.own_thread
     except BaseException:
         await server.stop()
         raise

@@ -3,7 +3,7 @@
 `LLMService.generate` validates the request, builds the prompt (tokenisation off the event loop), resolves every
 referenced image's embeddings (from the shared Redis cache, or from what the client sent inline), checks them against
 the prompt, and hands the request to the continuous-batching engine. Errors are domain errors
-(services.common.contract.errors); the gRPC layer maps them to statuses.
+(services.contract.errors); the gRPC layer maps them to statuses.
 """
 
 from __future__ import annotations
@@ -18,36 +18,36 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from services.common import tracing
-from services.common.adapters import LANGUAGE_PREFIXES, Adapter, read_adapters
-from services.common.checkpoint import Checkpoint, open_checkpoint
-from services.common.contract import template
-from services.common.contract.errors import (
+from services.contract import template
+from services.contract.errors import (
     CheckpointError,
     EmbeddingsMissingError,
     InvalidArgumentError,
     NotFoundError,
     OverloadedError,
 )
-from services.common.contract.model_info import AdapterInfo, ModelInfo
-from services.common.contract.sampling import SamplingParams
-from services.common.embedding_store import EmbeddingCache
-from services.common.model import (
+from services.contract.model_info import AdapterInfo, ModelInfo
+from services.contract.sampling import SamplingParams
+from services.llm.config import LLMConfig
+from services.llm.engine.api import Engine, GenerationStream
+from services.llm.engine.events import EngineRequest
+from services.llm.engine.transformers_engine import TransformersEngine
+from services.llm.grammar import Grammars
+from services.llm.metrics import LLMMetrics
+from services.llm.prompt import Conversation, Prompt, PromptBuilder, TextPart
+from services.model.adapters import LANGUAGE_PREFIXES, Adapter, read_adapters
+from services.model.checkpoint import Checkpoint, open_checkpoint
+from services.model.modules import (
     default_device,
     install_language_adapters,
     load_language_model,
     load_tokenizer,
     resolve_dtype,
 )
-from services.common.redis_client import connect as connect_redis
-from services.common.redis_client import redis_errors
-from services.llm.config import LLMConfig
-from services.llm.engine import TransformersEngine
-from services.llm.engine_api import Engine, GenerationStream
-from services.llm.events import EngineRequest
-from services.llm.grammar import Grammars
-from services.llm.metrics import LLMMetrics
-from services.llm.prompt import Conversation, Prompt, PromptBuilder, TextPart
+from services.runtime import tracing
+from services.runtime.embedding_store import EmbeddingCache
+from services.runtime.redis_client import connect as connect_redis
+from services.runtime.redis_client import redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class GenerateRequest:
 
 
 class LLMService:
-    """The tokenizer, the prompt builder, the embedding cache client, and an engine (services.llm.engine_api)."""
+    """The tokenizer, the prompt builder, the embedding cache client, and an engine (services.llm.engine.api)."""
 
     def __init__(self, config: LLMConfig, checkpoint: Checkpoint, tokenizer: PreTrainedTokenizerBase,
                  engine: Callable[[PromptBuilder, int], Engine], metrics: LLMMetrics | None = None,

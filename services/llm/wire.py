@@ -12,14 +12,14 @@ import torch
 from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2
 
-from services.common.contract.dtypes import DTYPE_FROM_PB, ITEMSIZE
-from services.common.contract.errors import InvalidArgumentError
-from services.common.contract.model_info import ModelInfo
-from services.common.contract.sampling import SamplingParams
-from services.common.embedding_store import tensor_from_bytes
-from services.llm.events import Event, Finish, TokenDelta
+from services.contract.dtypes import DTYPE_FROM_PB, ITEMSIZE
+from services.contract.errors import InvalidArgumentError
+from services.contract.model_info import ModelInfo
+from services.contract.sampling import SamplingParams
+from services.llm.engine.events import Event, Finish, TokenDelta
 from services.llm.prompt import Conversation, ImagePart, Part, TextPart, Turn, VideoPart
 from services.llm.service import GenerateRequest
+from services.runtime.embedding_store import tensor_from_bytes
 
 # -- requests ---------------------------------------------------------------------------------------------------
 

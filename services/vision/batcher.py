@@ -7,7 +7,7 @@ releases the GIL during the forward, so the event loop keeps serving while the a
 model only ever sees one batch at a time. A request larger than a batch is split over several batches and
 its rows are put back together in order.
 
-Each request names the adapter slot its tiles are encoded with (0: the base model; see services.common.lora):
+Each request names the adapter slot its tiles are encoded with (0: the base model; see services.model.lora):
 tiles of different adapters share a batch, and the encoder gets each tile's slot.
 
 Transport-free and model-free: the encoder is any ``Callable[[Tensor, list[int]], Tensor]`` that maps [B, ...]
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common import tracing
-from services.common.contract.errors import NotReadyError
+from services.contract.errors import NotReadyError
+from services.runtime import tracing
 
 log = logging.getLogger(__name__)
 

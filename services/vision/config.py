@@ -11,13 +11,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.common.adapter_options import AdapterOptions, add_adapter_options
-from services.common.contract.cache_keys import DEFAULT_NAMESPACE
-from services.common.contract.dtypes import DTYPE_NAMES
-from services.common.contract.errors import InvalidArgumentError
-from services.common.contract.tiling import DEFAULT_MAX_PIXELS
-from services.common.grpc_server import ServerOptions, add_server_options
-from services.common.redis_client import redis_url_problem
+from services.contract.cache_keys import DEFAULT_NAMESPACE
+from services.contract.dtypes import DTYPE_NAMES
+from services.contract.errors import InvalidArgumentError
+from services.contract.tiling import DEFAULT_MAX_PIXELS
+from services.model.adapter_options import AdapterOptions, add_adapter_options
+from services.runtime.grpc_server import ServerOptions, add_server_options
+from services.runtime.redis_client import redis_url_problem
 
 ENV_REDIS_URL = "INTERNVL_REDIS_URL"
 
@@ -35,7 +35,7 @@ class VisionConfig:
     server: ServerOptions = field(default_factory=lambda: ServerOptions(port=0))
     # None: the in-process store (single-process demos only; the LLM service cannot read it).
     redis_url: str | None = None
-    # None: bfloat16 on a GPU, float32 on CPU (services.common.model.resolve_dtype).
+    # None: bfloat16 on a GPU, float32 on CPU (services.model.modules.resolve_dtype).
     dtype: str | None = None
     # None: cuda when available, else cpu.
     device: str | None = None

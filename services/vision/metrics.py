@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from services.common.request_metrics import RequestMetrics
+from services.runtime.request_metrics import RequestMetrics
 from services.vision.batcher import BatchStats
 
 PREFIX = "internvl_vision_"

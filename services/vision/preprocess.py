@@ -4,7 +4,7 @@ A bit-for-bit port of ``dynamic_preprocess`` / ``build_transform`` / ``load_imag
 2.5 model card, using Pillow and torch only (torchvision's ``Resize`` on a PIL image is PIL's own
 ``resize``, and ``ToTensor`` + ``Normalize`` are two float32 operations we do directly).
 
-The grid an image is cut into is ``services.common.contract.tiling.tile_grid``, the rule the gateway also
+The grid an image is cut into is ``services.contract.tiling.tile_grid``, the rule the gateway also
 uses to count tiles and key images without decoding them; this module does the pixel work.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from services.common.contract.errors import InvalidMediaError, MediaTooLargeError
-from services.common.contract.image_formats import UNSUPPORTED_FORMAT, open_untrusted
-from services.common.contract.tiling import DEFAULT_MAX_PIXELS, IMAGE_SIZE, tile_grid
+from services.contract.errors import InvalidMediaError, MediaTooLargeError
+from services.contract.image_formats import UNSUPPORTED_FORMAT, open_untrusted
+from services.contract.tiling import DEFAULT_MAX_PIXELS, IMAGE_SIZE, tile_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

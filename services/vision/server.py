@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 
-from services.common import tracing
-from services.common.contract.errors import NotReadyError
-from services.common.grpc_server import GrpcServer
+from services.contract.errors import NotReadyError
+from services.runtime import tracing
+from services.runtime.grpc_server import GrpcServer
 from services.vision import config as vision_config
 from services.vision import wire
 from services.vision.config import VisionConfig
@@ -36,7 +36,7 @@ SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     """Thin translation between the wire and ``VisionService``. Answers UNAVAILABLE until a service is attached.
 
-    Request metrics and error statuses are the shared interceptors' (services.common.grpc_server).
+    Request metrics and error statuses are the shared interceptors' (services.runtime.grpc_server).
     """
 
     def __init__(self, service: VisionService | None = None) -> None:

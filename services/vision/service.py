@@ -28,30 +28,30 @@ import redis.exceptions
 import torch
 from PIL import Image
 
-from services.common.adapters import VISION_PREFIXES, Adapter, read_adapters
-from services.common.checkpoint import Checkpoint, open_checkpoint
-from services.common.contract.cache_keys import key_prefix
-from services.common.contract.dtypes import dtype_name
-from services.common.contract.encoding import EncodedItem, MediaItem, item_key
-from services.common.contract.errors import (
+from services.contract.cache_keys import key_prefix
+from services.contract.dtypes import dtype_name
+from services.contract.encoding import EncodedItem, MediaItem, item_key
+from services.contract.errors import (
     InvalidArgumentError,
     InvalidMediaError,
     NotFoundError,
     NotReadyError,
 )
-from services.common.contract.model_info import AdapterInfo, ModelInfo
-from services.common.contract.tiling import MAX_NUM_LIMIT
-from services.common.embedding_store import EmbeddingCache, StoredEmbeddings
-from services.common.model import (
+from services.contract.model_info import AdapterInfo, ModelInfo
+from services.contract.tiling import MAX_NUM_LIMIT
+from services.model.adapters import VISION_PREFIXES, Adapter, read_adapters
+from services.model.checkpoint import Checkpoint, open_checkpoint
+from services.model.modules import (
     InternVLVisionPath,
     default_device,
     install_vision_adapters,
     load_vision,
     resolve_dtype,
 )
-from services.common.own_thread import in_own_thread
-from services.common.redis_client import RedisClient, redis_errors
-from services.common.redis_client import connect as connect_redis
+from services.runtime.embedding_store import EmbeddingCache, StoredEmbeddings
+from services.runtime.own_thread import in_own_thread
+from services.runtime.redis_client import RedisClient, redis_errors
+from services.runtime.redis_client import connect as connect_redis
 from services.vision.batcher import Encoder, MicroBatcher
 from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
@@ -144,7 +144,7 @@ class VisionService:
 
     async def warm_up(self) -> None:
         """Runs one blank tile through the batcher and the encoder (kernels, allocator, lazy init)."""
-        # numpy, not torch.zeros: no torch kernel on the event loop's thread (see services.common.own_thread).
+        # numpy, not torch.zeros: no torch kernel on the event loop's thread (see services.runtime.own_thread).
         blank = torch.from_numpy(np.zeros((1, 3, self.image_size, self.image_size), dtype=np.float32))
         out = await self.batcher.encode(blank)
         expected = (1, self.tokens_per_tile, self.hidden_size)

@@ -10,11 +10,11 @@ from collections.abc import Iterator, Sequence
 from internvl.common.v1 import common_pb2
 from internvl.vision.v1 import vision_pb2
 
-from services.common.contract.dtypes import DTYPE_TO_PB
-from services.common.contract.encoding import EncodedItem, MediaItem
-from services.common.contract.model_info import ModelInfo
-from services.common.embedding_store import StoredEmbeddings
-from services.common.tensor_wire import tensor_chunks
+from services.contract.dtypes import DTYPE_TO_PB
+from services.contract.encoding import EncodedItem, MediaItem
+from services.contract.model_info import ModelInfo
+from services.runtime.embedding_store import StoredEmbeddings
+from services.runtime.tensor_wire import tensor_chunks
 from services.vision.service import EncodeOptions
 
 # -- requests ---------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from services.bench import workload as W
-from services.bench.arrivals import (
+from bench import workload as W
+from bench.arrivals import (
     Served,
     Slo,
     delta_token_times,
@@ -136,10 +136,10 @@ def test_scenario_9_targets_and_table():
     from recorded measures; the percentiles table has a row per system and rate."""
     import argparse
 
-    from services.bench import report, scenarios
-    from services.bench.arrivals import METRICS, measure_key
-    from services.bench.phases import Recorder
-    from services.bench.settings import BenchSettings
+    from bench import report, scenarios
+    from bench.arrivals import METRICS, measure_key
+    from bench.phases import Recorder
+    from bench.settings import BenchSettings
 
     s = BenchSettings.from_args(argparse.Namespace(quick=True, repeats=None, dtype="float32", model=None,
                                                    checkpoint_dir=None, out="o", name=None, scenarios=frozenset({9})))

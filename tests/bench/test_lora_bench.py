@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(300)]
 def test_quick_run_measures_both_sides(tmp_path):
     out = tmp_path / "results"
     run = subprocess.run(
-        [sys.executable, "-m", "services.cli", "bench-lora", "--quick", "--out", str(out), "--name", "smoke"],
+        [sys.executable, "-m", "tools.cli", "bench-lora", "--quick", "--out", str(out), "--name", "smoke"],
         check=False, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
         timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]

@@ -14,7 +14,7 @@ import sys
 import pytest
 from procs import REPO
 
-from services.tools.launcher import processes
+from tools.launcher import processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(600)]
 def test_quick_run_writes_every_scenario(tiny_checkpoint, tmp_path):
     out = tmp_path / "results"
     run = subprocess.run(
-        [sys.executable, "-m", "services.cli", "bench", "--quick", "--out", str(out), "--name", "smoke",
+        [sys.executable, "-m", "tools.cli", "bench", "--quick", "--out", str(out), "--name", "smoke",
          "--model", str(tiny_checkpoint())],
         check=False, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
         timeout=540)
@@ -101,7 +101,7 @@ def _check_arrivals(doc: dict) -> None:
 
 def _bench_processes(model: str) -> list[int]:
     """Processes of this benchmark's stack: `up` and the services it started, all given `--model <model>`."""
-    return [p.pid for p in processes() if "services.cli" in p.argv and model in p.argv and "bench" not in p.argv]
+    return [p.pid for p in processes() if "tools.cli" in p.argv and model in p.argv and "bench" not in p.argv]
 
 
 def test_sigterm_keeps_finished_phases_and_resume_completes_the_run(tiny_checkpoint, tmp_path):
@@ -114,7 +114,7 @@ def test_sigterm_keeps_finished_phases_and_resume_completes_the_run(tiny_checkpo
     out = tmp_path / "results"
     # Scenarios 1-7 only: the scaled pool's phase and the arrivals are covered by the test above and would add a
     # minute here.
-    argv = [sys.executable, "-m", "services.cli", "bench", "--quick", "--out", str(out), "--name", "cut",
+    argv = [sys.executable, "-m", "tools.cli", "bench", "--quick", "--out", str(out), "--name", "cut",
             "--model", model, "--scenarios", "1,2,3,4,5,6,7", "--repeats", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     partial = out / "cut.json.tmp"

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from services.bench import machine
-from services.bench.phases import Recorder, _union_length
-from services.bench.results import Comparison, Measure, Target
-from services.common.spec import ModelSpec
-from services.common.tiny import PRESETS, chat_config
+from bench import machine
+from bench.phases import Recorder, _union_length
+from bench.results import Comparison, Measure, Target
+from services.model.spec import ModelSpec
+from services.model.tiny import PRESETS, chat_config
 
 
 def test_measure_summary():
@@ -89,7 +89,7 @@ def test_recorder_survives_a_save_and_restore(tmp_path):
 def test_profile_summary_counts_computing_samples_by_innermost_frame():
     import collections
 
-    from services.bench.profile import summarise
+    from bench.profile import summarise
 
     stacks = collections.Counter({
         "main (a/up.py:1);forward (x/modeling_qwen2.py:10);linear (y/functional.py:5)": 6,
@@ -105,7 +105,7 @@ def test_profile_summary_counts_computing_samples_by_innermost_frame():
 
 
 def test_prefix_hit_needs_the_whole_previous_prompt_cached():
-    from services.bench.pool import prefix_hits
+    from bench.pool import prefix_hits
 
     turns = [{"prompt_tokens": 1334, "cached_prompt_tokens": 41},
              {"prompt_tokens": 1351, "cached_prompt_tokens": 1335},  # hit: covers turn 1's 1334
@@ -115,7 +115,7 @@ def test_prefix_hit_needs_the_whole_previous_prompt_cached():
 
 
 def test_balance_bound_is_the_load_bound_plus_one_session():
-    from services.bench.pool import balance_bound
+    from bench.pool import balance_bound
 
     assert balance_bound(6, 3, 0.25) == pytest.approx(3.5)
     assert balance_bound(3, 3, 0.0) == pytest.approx(2.0)
@@ -124,8 +124,8 @@ def test_balance_bound_is_the_load_bound_plus_one_session():
 def test_every_scenario_has_a_phase_and_a_selection_skips_the_rest():
     import argparse
 
-    from services.bench.main import PHASE_SCENARIOS, _scenario_list
-    from services.bench.settings import SCENARIOS, BenchSettings
+    from bench.main import PHASE_SCENARIOS, _scenario_list
+    from bench.settings import SCENARIOS, BenchSettings
 
     assert set().union(*PHASE_SCENARIOS.values()) == set(SCENARIOS)
     assert _scenario_list("8") == {8} and _scenario_list("1, 2,") == {1, 2}

@@ -245,7 +245,7 @@ def redis_servers(objects: list[dict], url: str) -> tuple[list[dict], list[str]]
     the services' own parser): every node a pod name under the headless Service governing a redis-server
     StatefulSet, on its container port, and every pod of that StatefulSet listed (the cluster is formed from the URL).
     """
-    from services.common.redis_cluster import is_cluster_url, parse_cluster_url
+    from services.runtime.redis_cluster import is_cluster_url, parse_cluster_url
 
     if not is_cluster_url(url):
         m = REDIS_URL.match(url)

@@ -4,7 +4,7 @@ Rendering is `kubectl kustomize`, the renderer `kubectl apply -k` uses, so the t
 would receive.
 
 What counts as "the code":
-- flags: `services.cli.main`, the real `internvl-serve` entry point, parses each container's command line with the
+- flags: `tools.cli.main`, the real `internvl-serve` entry point, parses each container's command line with the
   subcommand module's own `add_arguments` (its `run` replaced by a recorder); then the service's config class is
   built from the result, so its own validation runs too;
 - health service names: the `SERVICE_NAME` each server module registers with `GrpcServer`;
@@ -223,11 +223,11 @@ def invocations(objects: list[dict]) -> Iterator[Invocation]:
 
 @functools.cache
 def entry_point() -> str:
-    """The console script pyproject.toml declares for `services.cli:main`."""
+    """The console script pyproject.toml declares for `tools.cli:main`."""
     import tomllib
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    return next(name for name, target in scripts.items() if target == "services.cli:main")
+    return next(name for name, target in scripts.items() if target == "tools.cli:main")
 
 
 @functools.lru_cache(maxsize=256)
@@ -239,7 +239,7 @@ def parse_cli(argv: tuple[str, ...]) -> tuple[str | None, object | None, str]:
     """
     import argparse
 
-    from services import cli
+    from tools import cli
 
     command = next((a for a in argv if a in cli.SUBCOMMANDS), None)
     if command is None:
@@ -321,7 +321,7 @@ def servers_of(invs: list[Invocation]) -> dict[str, Invocation]:
 
 
 def server_module(command: str):
-    from services import cli
+    from tools import cli
 
     return importlib.import_module(cli.SUBCOMMANDS[command][0])
 

@@ -89,7 +89,7 @@ def series_labels() -> dict[str, frozenset[str]]:
 @functools.cache
 def fixed_label_values() -> dict[str, frozenset[str]]:
     """The values the code gives some labels: the gateway's routing labels, and `code` (a gRPC status name)."""
-    from services.common.contract.errors import RpcStatus
+    from services.contract.errors import RpcStatus
 
     return {**mc.gateway_label_values(), "code": frozenset(s.name for s in RpcStatus)}
 

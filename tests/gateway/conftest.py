@@ -31,11 +31,11 @@ from gateway.metrics import GatewayMetrics
 from gateway.orchestrator import Orchestrator
 from gateway.server import SERVICE_NAME, ChatServicer
 from gateway.sessions import MemorySessionStore
-from services.common.contract.cache_keys import cache_key, frame_media, model_identity
-from services.common.contract.errors import EmbeddingsMissingError, InvalidMediaError, NotFoundError
-from services.common.contract.tiling import count_tiles
-from services.common.grpc_server import GrpcServer, ServerOptions
-from services.common.request_metrics import RequestMetrics
+from services.contract.cache_keys import cache_key, frame_media, model_identity
+from services.contract.errors import EmbeddingsMissingError, InvalidMediaError, NotFoundError
+from services.contract.tiling import count_tiles
+from services.runtime.grpc_server import GrpcServer, ServerOptions
+from services.runtime.request_metrics import RequestMetrics
 
 FINGERPRINT = "feedfacefeedface"
 TOKENS_PER_TILE = 256

@@ -33,10 +33,10 @@ from PIL import Image
 from procs import REPO, free_port
 
 from gateway.video import frame_indices
-from services.common.chat import GenerationParams, InternVLChat
-from services.common.contract import template
-from services.tools.launcher import UP_READY_LINE, cli_env, processes, read_banner, read_metrics, spawn
+from services.contract import template
+from services.model.chat import GenerationParams, InternVLChat
 from services.vision.preprocess import load_image
+from tools.launcher import UP_READY_LINE, cli_env, processes, read_banner, read_metrics, spawn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -72,7 +72,7 @@ def stack(checkpoint, tmp_path_factory):
     separate processes and prints a banner once all report SERVING; Ctrl-C (SIGINT) must then stop them all."""
     logs, media_root = tmp_path_factory.mktemp("up-logs"), tmp_path_factory.mktemp("media")
     port, http_port, metrics_port = free_port(), free_port(), free_port()
-    up = spawn("up", [sys.executable, "-m", "services.cli", "up", "--model", str(checkpoint), "--dtype", "float32",
+    up = spawn("up", [sys.executable, "-m", "tools.cli", "up", "--model", str(checkpoint), "--dtype", "float32",
                       "--gateway-port", str(port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
                       "--media-root", str(media_root), "--log-dir", str(logs)],
                None, cwd=REPO, env=cli_env()).process

@@ -33,9 +33,9 @@ from lora_reference import (
 from procs import REPO, free_port
 from sentencepiece_checkpoint import build
 
-from services.common.chat import InternVLChat
-from services.tools.launcher import UP_READY_LINE, cli_env, read_banner, read_metrics, spawn
+from services.model.chat import InternVLChat
 from services.vision.preprocess import load_image
+from tools.launcher import UP_READY_LINE, cli_env, read_banner, read_metrics, spawn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -65,7 +65,7 @@ def stack(built, references, tmp_path_factory):
     logs = tmp_path_factory.mktemp("lora-up-logs")
     port, http_port, metrics_port = free_port(), free_port(), free_port()
     loras = [f for name, path in references[1].items() for f in ("--lora", f"{name}={path}")]
-    up = spawn("up", [sys.executable, "-m", "services.cli", "up", "--model", str(built.path), "--dtype", "float32",
+    up = spawn("up", [sys.executable, "-m", "tools.cli", "up", "--model", str(built.path), "--dtype", "float32",
                       "--gateway-port", str(port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
                       "--log-dir", str(logs), *loras, "--max-loras", "2", "--max-lora-rank", "8"],
                None, cwd=REPO, env=cli_env({"HF_MODULES_CACHE": str(logs / "hf-modules")})).process

@@ -12,7 +12,7 @@ import pytest
 from gateway.errors import MediaAccessError
 from gateway.media import MediaResolver, decode_data_url, decode_video, probe_image
 from gateway.video import frame_indices
-from services.common.contract.errors import InvalidArgumentError, InvalidMediaError
+from services.contract.errors import InvalidArgumentError, InvalidMediaError
 
 
 def reference_frames(data: bytes) -> tuple[list, float]:

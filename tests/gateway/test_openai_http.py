@@ -11,8 +11,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.chat_request import ImageDetail, MultiImageMode
 from gateway.openai_http import FIELDS, create_app, parse_request
-from services.common.contract.constraint import Constraint, ConstraintKind
-from services.common.contract.errors import InvalidArgumentError
+from services.contract.constraint import Constraint, ConstraintKind
+from services.contract.errors import InvalidArgumentError
 
 pytestmark = pytest.mark.timeout(60)
 

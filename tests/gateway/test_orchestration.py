@@ -18,9 +18,9 @@ from internvl.common.v1 import common_pb2
 from internvl.gateway.v1 import gateway_pb2
 
 from gateway.orchestrator import MISSING_EMBEDDINGS_RETRIES, check_same_model
-from services.common.contract.errors import ModelMismatchError, NotReadyError
-from services.common.contract.model_info import AdapterInfo, ModelInfo
-from services.common.grpc_errors import error_detail
+from services.contract.errors import ModelMismatchError, NotReadyError
+from services.contract.model_info import AdapterInfo, ModelInfo
+from services.runtime.grpc_errors import error_detail
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -392,7 +392,7 @@ async def test_connect_waits_for_peers_that_are_still_loading():
     from gateway.config import GatewayConfig
     from gateway.orchestrator import Orchestrator
     from gateway.sessions import MemorySessionStore
-    from services.common.contract.model_info import ModelInfo
+    from services.contract.model_info import ModelInfo
 
     identity = ModelInfo(fingerprint="f" * 16, model_name="tiny", llm_hidden_size=64, dtype="float32",
                          tokens_per_tile=256, image_size=448)

@@ -34,7 +34,7 @@ from gateway.remote_media import (
     address_problem,
     host_pattern_problem,
 )
-from services.common.contract.errors import InvalidArgumentError, InvalidMediaError
+from services.contract.errors import InvalidArgumentError, InvalidMediaError
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gateway.conversation import ImageRef, LLMConversation, TurnRecord, VideoRef
 from gateway.endpoints import EndpointPool, parse_target
 from gateway.routing import Policy, Reason, Router, choose, load_bound, preference
-from services.common.contract.errors import InvalidArgumentError, NotReadyError
+from services.contract.errors import InvalidArgumentError, NotReadyError
 
 KEYS = [f"conversation-{i}".encode() for i in range(10_000)]
 THREE = ["10.0.0.1:50053", "10.0.0.2:50053", "10.0.0.3:50053"]

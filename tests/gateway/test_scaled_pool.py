@@ -26,8 +26,8 @@ from internvl.gateway.v1 import gateway_pb2_grpc
 from PIL import Image
 from procs import free_port, redis_server, spawn_service, wait_serving
 
-from services.common.contract.tiling import count_tiles
-from services.tools.launcher import Child, metric
+from services.contract.tiling import count_tiles
+from tools.launcher import Child, metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from gateway.conversation import ImageRef, TurnRecord, VideoRef
 from gateway.errors import SessionBusyError, SessionNotFoundError
 from gateway.sessions import MemorySessionStore, RedisSessionStore, Session
-from services.common.contract.errors import InvalidArgumentError
+from services.contract.errors import InvalidArgumentError
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 

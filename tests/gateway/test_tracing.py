@@ -26,7 +26,7 @@ from internvl.gateway.v1 import gateway_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from procs import REPO, free_port, wait_for
 
-from services.tools.launcher import UP_READY_LINE, cli_env, read_banner, spawn
+from tools.launcher import UP_READY_LINE, cli_env, read_banner, spawn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -89,7 +89,7 @@ def stack(tiny_checkpoint, receiver, tmp_path_factory):
     logs = tmp_path_factory.mktemp("traced-logs")
     port, http_port = free_port(), free_port()
     env = cli_env({"OTEL_BSP_SCHEDULE_DELAY": "100"})
-    up = spawn("up", [sys.executable, "-m", "services.cli", "--log-format", "json", "up", "--model",
+    up = spawn("up", [sys.executable, "-m", "tools.cli", "--log-format", "json", "up", "--model",
                       str(tiny_checkpoint()), "--dtype", "float32", "--gateway-port", str(port), "--http-port",
                       str(http_port), "--metrics-port", str(free_port()), "--log-dir", str(logs),
                       "--otlp-endpoint", f"http://127.0.0.1:{otlp_port}"],

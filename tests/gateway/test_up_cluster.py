@@ -18,7 +18,7 @@ from internvl.gateway.v1 import gateway_pb2_grpc
 from procs import REPO, free_port
 from reliability import media
 
-from services.tools.launcher import UP_READY_LINE, cli_env, processes, read_banner, read_metrics, spawn
+from tools.launcher import UP_READY_LINE, cli_env, processes, read_banner, read_metrics, spawn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -36,7 +36,7 @@ def environ(pid: int) -> dict[str, str]:
 def test_up_with_a_redis_cluster_and_two_llm_replicas(tiny_checkpoint, tmp_path):
     checkpoint, logs = tiny_checkpoint(), tmp_path / "logs"
     port = free_port()
-    up = spawn("up", [sys.executable, "-m", "services.cli", "up", "--model", str(checkpoint), "--dtype", "float32",
+    up = spawn("up", [sys.executable, "-m", "tools.cli", "up", "--model", str(checkpoint), "--dtype", "float32",
                       "--gateway-port", str(port), "--http-port", "0", "--metrics-port", str(free_port()),
                       "--redis-cluster", "3", "--llm-replicas", "2", "--llm-routing", "round_robin",
                       "--log-dir", str(logs)],

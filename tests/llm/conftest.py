@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from services.common.chat import InternVLChat
 from services.llm.config import LLMConfig
-from services.llm.events import Finish, TokenDelta
+from services.llm.engine.events import Finish, TokenDelta
 from services.llm.metrics import LLMMetrics
 from services.llm.service import LLMService
+from services.model.chat import InternVLChat
 from services.vision.preprocess import load_image
 
 

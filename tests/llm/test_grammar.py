@@ -16,11 +16,11 @@ import pytest
 import torch
 import xgrammar
 
-from services.common.contract.constraint import Constraint, ConstraintKind
-from services.common.contract.errors import InvalidArgumentError
-from services.llm import sampling
+from services.contract.constraint import Constraint, ConstraintKind
+from services.contract.errors import InvalidArgumentError
+from services.llm.engine import sampling
+from services.llm.engine.sampling import Sampler, SamplingParams, sample_batch
 from services.llm.grammar import Grammars
-from services.llm.sampling import Sampler, SamplingParams, sample_batch
 
 CPU = torch.device("cpu")
 STEPS = 200

@@ -33,17 +33,17 @@ import transformers.dynamic_module_utils
 import xgrammar
 from sentencepiece_checkpoint import ADDED, TOKENIZER_CLASS, TRIPWIRE_SOURCE, TRIPWIRES, Built, build
 
-from services.common.chat import GenerationParams, InternVLChat
-from services.common.checkpoint import open_checkpoint
-from services.common.contract import template
-from services.common.contract.constraint import Constraint, ConstraintKind
-from services.common.model import load_tokenizer
+from services.contract import template
+from services.contract.constraint import Constraint, ConstraintKind
 from services.llm.config import LLMConfig
+from services.llm.engine.sampling import Sampler, SamplingParams, sample_batch
 from services.llm.grammar import Grammars
 from services.llm.metrics import LLMMetrics
 from services.llm.prompt import Conversation, ImagePart, TextPart
-from services.llm.sampling import Sampler, SamplingParams, sample_batch
 from services.llm.service import GenerateRequest, LLMService
+from services.model.chat import GenerationParams, InternVLChat
+from services.model.checkpoint import open_checkpoint
+from services.model.modules import load_tokenizer
 
 pytestmark = [pytest.mark.timeout(300)]
 

@@ -27,19 +27,19 @@ from lora_reference import (
     write_swift_adapter,
 )
 
-from services.common.adapter_options import AdapterOptions
-from services.common.adapters import read_adapter
-from services.common.checkpoint import open_checkpoint
-from services.common.contract.errors import NotFoundError
-from services.common.contract.model_info import AdapterInfo, ModelInfo
+from services.contract.errors import NotFoundError
+from services.contract.model_info import AdapterInfo, ModelInfo
 from services.llm.config import LLMConfig
-from services.llm.events import EngineRequest
+from services.llm.engine.events import EngineRequest
+from services.llm.engine.sampling import SamplingParams
 from services.llm.metrics import LLMMetrics
 from services.llm.prompt import Conversation, ImagePart, TextPart
-from services.llm.sampling import SamplingParams
 from services.llm.server import LLMServicer
 from services.llm.service import GenerateRequest, LLMService
-from tests.llm.test_engine import Recorder
+from services.model.adapter_options import AdapterOptions
+from services.model.adapters import read_adapter
+from services.model.checkpoint import open_checkpoint
+from tests.llm.engine.test_engine import Recorder
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(300)]
 

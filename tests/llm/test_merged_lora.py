@@ -6,7 +6,7 @@ path) and as the base model of the checkpoint `internvl-serve merge-lora` wrote.
 position's top-5 log-probabilities agree within 1e-4 (float32), for the same prompts. The base is stored in float32
 here: the tiny checkpoints store bfloat16, and a merged weight rounded back to bfloat16 (as the original format and
 `swift export` store it) moves logprobs by ~1e-3, which would hide a wrong merge at this tolerance. (The merged weights
-themselves are checked against W + scale B A computed from the files in tests/test_merge_lora.py.)
+themselves are checked against W + scale B A computed from the files in tests/tools/test_merge_lora.py.)
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import torch
 from lora_reference import INTERNLM2_TARGETS, QWEN2_TARGETS, OriginalInternVL, write_swift_adapter
 from safetensors.torch import load_file, save_file
 
-from services.common.adapters import read_adapter
-from services.common.checkpoint import open_checkpoint
-from services.common.model import load_language_model, load_tokenizer
 from services.llm.config import LLMConfig
+from services.llm.engine.sampling import SamplingParams
 from services.llm.prompt import Conversation, TextPart
-from services.llm.sampling import SamplingParams
 from services.llm.service import GenerateRequest, LLMService
-from services.tools.merge_lora import merge_lora
+from services.model.adapters import read_adapter
+from services.model.checkpoint import open_checkpoint
+from services.model.modules import load_language_model, load_tokenizer
+from tools.merge_lora import merge_lora
 
 pytestmark = [pytest.mark.timeout(300)]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.contract.errors import ContextTooLongError, InvalidArgumentError
-from services.common.contract.template import (
+from services.contract.errors import ContextTooLongError, InvalidArgumentError
+from services.contract.template import (
     DEFAULT_SYSTEM_MESSAGE,
     expand_images,
     multi_image_prefix,

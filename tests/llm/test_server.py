@@ -20,11 +20,11 @@ from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 from procs import spawn_service, stop_together, wait_serving
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.chat import GenerationParams, splice_image_embeddings
-from services.common.contract.template import clean_response, video_prefix
-from services.common.embedding_store import EmbeddingCache
-from services.common.grpc_errors import error_detail
-from services.common.grpc_server import channel_options
+from services.contract.template import clean_response, video_prefix
+from services.model.chat import GenerationParams, splice_image_embeddings
+from services.runtime.embedding_store import EmbeddingCache
+from services.runtime.grpc_errors import error_detail
+from services.runtime.grpc_server import channel_options
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

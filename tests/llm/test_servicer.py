@@ -13,13 +13,13 @@ from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 
 from gateway.backends import Embeddings
 from gateway.clients import embedding_messages as gateway_embedding_messages
-from services.common.contract.dtypes import DTYPE_TO_PB
-from services.common.embedding_store import tensor_to_bytes
-from services.common.grpc_errors import error_detail
-from services.common.grpc_server import GrpcServer, ServerOptions, channel_options
-from services.common.request_metrics import RequestMetrics
+from services.contract.dtypes import DTYPE_TO_PB
 from services.llm.config import SERVICE_NAME
 from services.llm.server import LLMServicer
+from services.runtime.embedding_store import tensor_to_bytes
+from services.runtime.grpc_errors import error_detail
+from services.runtime.grpc_server import GrpcServer, ServerOptions, channel_options
+from services.runtime.request_metrics import RequestMetrics
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -63,7 +63,7 @@ def wide(reference, pixels, embeddings_of):
 
 async def test_inline_embeddings_equal_the_reference(make_service, reference, pixels, wide):
     chat = reference("qwen2")
-    from services.common.chat import GenerationParams
+    from services.model.chat import GenerationParams
 
     _, prompt = chat.build_prompt("Describe.", None, [3])
     expected = chat.generate_ids(prompt, pixels["wide"], GenerationParams(max_new_tokens=6))

@@ -20,7 +20,7 @@ from internvl.gateway.v1 import gateway_pb2 as G
 from internvl.gateway.v1 import gateway_pb2_grpc
 from procs import REPO, free_port, redis_cluster, redis_server, spawn_service, wait_serving
 
-from services.tools.launcher import Child, LocalRedisCluster, RedisServer, metric
+from tools.launcher import Child, LocalRedisCluster, RedisServer, metric
 
 # What no error returned to a caller may contain: tracebacks, source paths, internal addresses.
 LEAK_MARKERS = ("Traceback", 'File "', "/work/", str(REPO), "127.0.0.1", "0x7f", "site-packages")

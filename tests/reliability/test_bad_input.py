@@ -28,7 +28,7 @@ from PIL import Image
 from reliability import media
 from reliability.conftest import MAX_CONTEXT_TOKENS, MAX_MEDIA_BYTES, MAX_MESSAGE_BYTES
 from reliability.harness import assert_no_leak, chat, image_part, text_part
-from services.common.grpc_errors import error_detail
+from services.runtime.grpc_errors import error_detail
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -25,8 +25,8 @@ from gateway.openai_http import parse_request
 from gateway.planning import check_max_num
 from gateway.sessions import check_session_id
 from reliability import media
-from services.common.contract.errors import InternVLError
-from services.common.contract.tiling import MAX_NUM_LIMIT
+from services.contract.errors import InternVLError
+from services.contract.tiling import MAX_NUM_LIMIT
 from services.vision.preprocess import open_image
 
 pytestmark = [pytest.mark.timeout(300),

@@ -36,7 +36,7 @@ from internvl.gateway.v1 import gateway_pb2 as G
 from reliability import media
 from reliability.conftest import KV_CACHE_BUDGET_MB
 from reliability.harness import image_part, metric, text_part
-from services.common.contract import template
+from services.contract import template
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from internvl.gateway.v1 import gateway_pb2 as G
 
 from reliability import media
 from reliability.harness import chat, image_part, running_stack, text_part
-from services.tools.launcher import LocalRedisCluster
+from tools.launcher import LocalRedisCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

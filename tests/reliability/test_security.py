@@ -32,10 +32,10 @@ from gateway import config as gateway_config
 from reliability import media
 from reliability.certs import Authority
 from reliability.harness import chat, image_part, start_services, text_part
-from services.common.contract.errors import InvalidArgumentError
-from services.common.tls import ClientTls, ServerTls
-from services.tools import up
-from services.tools.launcher import GATEWAY_HEALTH, LLM_HEALTH, VISION_HEALTH
+from services.contract.errors import InvalidArgumentError
+from services.runtime.tls import ClientTls, ServerTls
+from tools import up
+from tools.launcher import GATEWAY_HEALTH, LLM_HEALTH, VISION_HEALTH
 
 # The tests on tls_stack are marked e2e one by one: the configuration and source checks start nothing.
 pytestmark = pytest.mark.timeout(300)

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from services.common.contract.errors import NotReadyError
+from services.contract.errors import NotReadyError
 from services.vision.batcher import MicroBatcher
 
 

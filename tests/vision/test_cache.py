@@ -10,8 +10,8 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 import torch
 
-from services.common.contract.cache_keys import SCHEMA_VERSION, cache_key, frame_media
-from services.common.embedding_store import MAGIC, EmbeddingCache, decode_value, encode_value
+from services.contract.cache_keys import SCHEMA_VERSION, cache_key, frame_media
+from services.runtime.embedding_store import MAGIC, EmbeddingCache, decode_value, encode_value
 
 FP = "fingerprint-a"
 IMAGE = bytes(range(256)) * 40

@@ -22,12 +22,12 @@ from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 from PIL import Image
 from procs import run_service
 
-from services.common.checkpoint import open_checkpoint
-from services.common.contract.cache_keys import cache_key, model_identity
-from services.common.embedding_store import encode_value
-from services.common.grpc_errors import error_detail
-from services.common.grpc_server import channel_options
-from services.common.model import load_vision
+from services.contract.cache_keys import cache_key, model_identity
+from services.model.checkpoint import open_checkpoint
+from services.model.modules import load_vision
+from services.runtime.embedding_store import encode_value
+from services.runtime.grpc_errors import error_detail
+from services.runtime.grpc_server import channel_options
 from services.vision.preprocess import load_image
 
 pytestmark = pytest.mark.e2e

@@ -26,9 +26,9 @@ from lora_reference import (
     write_swift_adapter,
 )
 
-from services.common.adapter_options import AdapterOptions
-from services.common.contract.encoding import MediaItem
-from services.common.contract.errors import NotFoundError
+from services.contract.encoding import MediaItem
+from services.contract.errors import NotFoundError
+from services.model.adapter_options import AdapterOptions
 from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
 from services.vision.preprocess import load_image

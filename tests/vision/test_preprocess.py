@@ -13,8 +13,8 @@ import torch
 from golden import GOLDEN
 from PIL import Image
 
-from services.common.contract.errors import InvalidMediaError, MediaTooLargeError
-from services.common.contract.tiling import count_tiles, tile_grid
+from services.contract.errors import InvalidMediaError, MediaTooLargeError
+from services.contract.tiling import count_tiles, tile_grid
 from services.vision.preprocess import dynamic_tiles, load_image, open_image, tiles_to_tensor
 from tests.torch_kernels import Kernels
 

@@ -14,10 +14,10 @@ from internvl.common.v1 import common_pb2
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 from PIL import Image
 
-from services.common.contract.cache_keys import cache_key, model_identity
-from services.common.embedding_store import encode_value
-from services.common.grpc_errors import error_detail
-from services.common.grpc_server import GrpcServer, ServerOptions
+from services.contract.cache_keys import cache_key, model_identity
+from services.runtime.embedding_store import encode_value
+from services.runtime.grpc_errors import error_detail
+from services.runtime.grpc_server import GrpcServer, ServerOptions
 from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
 from services.vision.metrics import VisionMetrics

@@ -13,11 +13,11 @@ import redis.asyncio as aioredis
 import torch
 from PIL import Image
 
-from services.common.checkpoint import open_checkpoint
-from services.common.contract.encoding import MediaItem
-from services.common.contract.errors import InvalidArgumentError, InvalidMediaError, NotFoundError
-from services.common.embedding_store import encode_value
-from services.common.model import load_vision
+from services.contract.encoding import MediaItem
+from services.contract.errors import InvalidArgumentError, InvalidMediaError, NotFoundError
+from services.model.checkpoint import open_checkpoint
+from services.model.modules import load_vision
+from services.runtime.embedding_store import encode_value
 from services.vision import config as vision_config
 from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
@@ -399,7 +399,7 @@ def test_chunk_size_is_capped_below_the_message_limit():
 
 
 def test_store_without_a_redis_url_is_in_process_and_redis_errors_are_one_line():
-    from services.common.contract.errors import NotReadyError
+    from services.contract.errors import NotReadyError
     from services.vision.service import connect_store
 
     assert isinstance(asyncio.run(connect_store(VisionConfig(model="m"))), InProcessRedis)

@@ -1,0 +1,129 @@
+"""Sampling parameters as every process takes them: their meaning, their limits and their one wire mapping.
+
+The gateway validates them before any media work is done; the LLM service validates them again (it has other
+callers) and samples with them (`services.llm.engine.sampling`). Both protos' `SamplingParams` messages have the same
+fields, so `from_pb` / `to_pb` serve the public and the internal API alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TypeVar
+
+from services.contract.constraint import Constraint
+from services.contract.errors import InvalidArgumentError
+
+_INT32 = 1 << 31
+Message = TypeVar("Message")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Zero values mean "off" or "the server's default" (as on the wire): empty params decode greedily."""
+
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    repetition_penalty: float = 0.0
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias) pairs in ascending token order: a tuple keeps the parameters hashable and comparable.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    n: int = 0
+    constraint: Constraint | None = None
+
+    MAX_TOP_LOGPROBS = 20
+    MAX_CHOICES = 16
+    MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+    MAX_STOP_STRINGS = 16
+    MAX_STOP_STRING_CHARS = 256
+    SEED_LIMIT = 1 << 64
+
+    def validate(self) -> None:
+        """Refuses what no server can honour, naming the field: the wire's integer ranges, then each option's."""
+        for name in ("max_new_tokens", "top_k", "top_logprobs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not -_INT32 <= value < _INT32:
+                raise InvalidArgumentError(f"{name} must be an integer below 2**31, got {value!r}")
+        if self.max_new_tokens < 0:
+            raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not 0 <= self.temperature < math.inf:  # also rejects NaN
+            raise InvalidArgumentError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        if not 0 <= self.top_p <= 1:
+            raise InvalidArgumentError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgumentError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.repetition_penalty < math.inf:
+            raise InvalidArgumentError(f"repetition_penalty must be a finite number >= 0 (0 or 1: off), got "
+                                       f"{self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= self.MAX_TOP_LOGPROBS:
+            raise InvalidArgumentError(f"top_logprobs must be in [0, {self.MAX_TOP_LOGPROBS}], got "
+                                       f"{self.top_logprobs}")
+        if self.seed is not None and not 0 <= self.seed < self.SEED_LIMIT:
+            raise InvalidArgumentError(f"seed must be in [0, 2**64), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidArgumentError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if len(self.logit_bias) > self.MAX_LOGIT_BIAS:
+            raise InvalidArgumentError(f"logit_bias may have at most {self.MAX_LOGIT_BIAS} entries, got "
+                                       f"{len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            if not 0 <= token < _INT32:
+                raise InvalidArgumentError(f"logit_bias: token id {token} is not a token id")
+            if not -100 <= bias <= 100:
+                raise InvalidArgumentError(f"logit_bias[{token}] must be in [-100, 100], got {bias}")
+        if not 0 <= self.n <= self.MAX_CHOICES:
+            raise InvalidArgumentError(f"n must be between 1 and {self.MAX_CHOICES}, got {self.n}")
+        if self.constraint is not None:
+            self.constraint.validate()
+        if len(self.stop_strings) > self.MAX_STOP_STRINGS:
+            raise InvalidArgumentError(f"at most {self.MAX_STOP_STRINGS} stop strings, got {len(self.stop_strings)}")
+        if any(not s for s in self.stop_strings):
+            raise InvalidArgumentError("stop_strings must not contain an empty string")
+        if any(len(s) > self.MAX_STOP_STRING_CHARS for s in self.stop_strings):
+            raise InvalidArgumentError(f"each stop string may have at most {self.MAX_STOP_STRING_CHARS} characters")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalty(self) -> float | None:
+        """The repetition penalty in effect, or None when off (0 or 1)."""
+        return None if self.repetition_penalty in (0.0, 1.0) else self.repetition_penalty
+
+    @property
+    def answers(self) -> int:
+        """How many answers are asked for (n; 0 on the wire means one)."""
+        return max(self.n, 1)
+
+    def for_answer(self, index: int) -> SamplingParams:
+        """The parameters answer `index` of n samples with, alone: n = 1, and a set seed advanced by `index`
+        (mod 2**64), so answer i equals a single request with seed + i."""
+        seed = None if self.seed is None else (self.seed + index) % self.SEED_LIMIT
+        return dataclasses.replace(self, n=0, seed=seed)
+
+    @classmethod
+    def from_pb(cls, message) -> SamplingParams:
+        """From a `SamplingParams` message of either proto (unset `seed`: a random one)."""
+        return cls(max_new_tokens=message.max_new_tokens, temperature=message.temperature, top_p=message.top_p,
+                   top_k=message.top_k, repetition_penalty=message.repetition_penalty,
+                   stop_strings=tuple(message.stop_strings), seed=message.seed if message.HasField("seed") else None,
+                   top_logprobs=message.top_logprobs, presence_penalty=message.presence_penalty,
+                   frequency_penalty=message.frequency_penalty, logit_bias=tuple(sorted(message.logit_bias.items())),
+                   n=message.n, constraint=Constraint.from_pb(message.constraint))
+
+    def to_pb(self, message_type: type[Message]) -> Message:
+        """As a `message_type` (`gateway_pb2.SamplingParams` or `llm_pb2.SamplingParams`)."""
+        return message_type(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                            top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                            stop_strings=list(self.stop_strings), seed=self.seed, top_logprobs=self.top_logprobs,
+                            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                            logit_bias=dict(self.logit_bias), n=self.n,
+                            constraint=self.constraint.to_pb() if self.constraint is not None else None)

@@ -1,0 +1,73 @@
+"""What goes into the engine (a request with its prompt, embeddings and sampling) and what comes out of it (token
+deltas, then one finish with its usage). Transport-free; services.llm.wire maps them to and from the protos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.contract.finish import FinishReason
+from services.contract.sampling import SamplingParams
+from services.llm.engine.sampling import TopLogprobs
+from services.llm.prompt import Prompt
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One generated token, the text it completes, and its log-probabilities when they were asked for."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    top_logprobs: tuple[TopLogprobs, ...] = ()
+    index: int = 0  # the answer (0 to sampling.n - 1)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When (`time.monotonic()`) a request reached the service, was admitted to the batch, got its first token, and
+    when this answer ended (None: it never got that far)."""
+
+    arrival: float
+    admitted: float | None
+    first_token: float | None
+    finished: float
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The end of one answer (`index`); its usage counts the prompt and that answer's tokens."""
+
+    reason: FinishReason
+    usage: Usage
+    index: int = 0
+    timing: Timing | None = None
+
+
+Event = TokenDelta | Finish
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    prompt: Prompt
+    sampling: SamplingParams
+    # Already resolved against the server default and the room left in the context.
+    max_new_tokens: int
+    # The embeddings of each of the prompt's images, in `prompt.images` order: [tiles * tokens_per_tile, hidden] each.
+    image_rows: tuple[torch.Tensor, ...] = ()
+    # time.monotonic() after which the request is dropped; None: no deadline.
+    deadline: float | None = None
+    # time.monotonic() when the request reached the service (time to first token counts from here).
+    arrival: float | None = None
+    request_id: str = ""
+    # The compiled grammar of `sampling.constraint` (an xgrammar CompiledGrammar, made by services.llm.grammar).
+    grammar: object | None = None
+    # The LoRA adapter the answer is computed with (a name of the engine's AdapterSlots); "" is the base model.
+    adapter: str = ""

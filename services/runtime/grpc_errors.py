@@ -1,0 +1,133 @@
+"""The one place domain errors become gRPC statuses.
+
+`ErrorMappingInterceptor` wraps every handler of every server: an `InternVLError` aborts the call with the status of
+its code (the table in `services.contract.errors`), its caller-safe message, and an `ErrorDetail`; anything
+else is logged with its traceback and answered `INTERNAL` with a generic message, so nothing internal leaks.
+
+The detail travels the standard way (grpcio-status): a `google.rpc.Status` with the call's code and message, its
+`details` one `Any` packing the `ErrorDetail`, serialized under the trailing metadata key `grpc-status-details-bin`.
+Any gRPC client can read it without knowing this project's conventions; `error_detail` is the Python helper.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+from internvl.common.v1 import common_pb2
+
+from services.contract.errors import STATUS_BY_CODE as RPC_STATUS_BY_CODE
+from services.contract.errors import (
+    EmbeddingsMissingError,
+    ErrorCode,
+    InternVLError,
+    RpcStatus,
+    error_code,
+)
+
+log = logging.getLogger(__name__)
+
+
+def grpc_code(status: RpcStatus) -> grpc.StatusCode:
+    """The grpc.StatusCode of a status named in the contract."""
+    return grpc.StatusCode[status.name]
+
+
+STATUS_BY_CODE: dict[ErrorCode, grpc.StatusCode] = {code: grpc_code(status)
+                                                    for code, status in RPC_STATUS_BY_CODE.items()}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, common_pb2.ErrorDetail]:
+    """(status, caller-safe message, detail) for any exception a handler raised."""
+    code = error_code(exc)
+    detail = common_pb2.ErrorDetail(code=int(code))
+    if not isinstance(exc, InternVLError):
+        return STATUS_BY_CODE[code], "internal error", detail
+    if exc.item_index is not None:
+        detail.item_index = exc.item_index
+    if isinstance(exc, EmbeddingsMissingError):
+        detail.missing_keys.extend(exc.missing_keys)
+    return STATUS_BY_CODE[code], str(exc), detail
+
+
+def rich_status(status: grpc.StatusCode, message: str, detail: common_pb2.ErrorDetail) -> grpc.Status:
+    """The status to abort with: code, message, and the detail packed into `grpc-status-details-bin`."""
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return rpc_status.to_status(status_pb2.Status(code=status.value[0], message=message, details=[packed]))
+
+
+def error_detail(error) -> common_pb2.ErrorDetail | None:
+    """Client side: the ErrorDetail a failed call carries, if any (an RpcError, sync or aio, or an ended aio call).
+
+    Read straight from the trailer rather than through `rpc_status.from_call`, which raises when the status proto and
+    the call's status disagree (a proxy may rewrite a message): the detail is still the server's.
+    """
+    for key, value in error.trailing_metadata() or ():
+        if key == rpc_status.GRPC_DETAILS_METADATA_KEY:
+            for packed in status_pb2.Status.FromString(value).details:
+                detail = common_pb2.ErrorDetail()
+                if packed.Unpack(detail):
+                    return detail
+    return None
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    status, message, detail = status_for(exc)
+    if status == grpc.StatusCode.INTERNAL:
+        log.exception("unexpected error in %s", method, exc_info=exc)
+    else:
+        log.info("%s failed: %s %s", method, status.name, message)
+    rich = rich_status(status, message, detail)
+    await context.abort(rich.code, rich.details, trailing_metadata=rich.trailing_metadata)
+
+
+def _wrap_unary_response(behavior, method: str):
+    async def wrapper(request, context):
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the point of this layer
+            await _abort(context, exc, method)
+
+    return wrapper
+
+
+def _wrap_stream_response(behavior, method: str):
+    async def wrapper(request, context):
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort(context, exc, method)
+
+    return wrapper
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary_response(handler.unary_unary, method),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary_response(handler.stream_unary, method),
+                handler.request_deserializer, handler.response_serializer)
+        behavior = handler.unary_stream or handler.stream_stream
+        if not inspect.isasyncgenfunction(behavior):
+            return handler  # health and reflection: library handlers that report their own errors
+        factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return factory(_wrap_stream_response(behavior, method), handler.request_deserializer,
+                       handler.response_serializer)

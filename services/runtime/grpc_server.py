@@ -1,0 +1,181 @@
+"""Lifecycle shared by every gRPC server of the project: request metrics and error interceptors, message limits,
+grpc.health.v1, reflection, a Prometheus `/metrics` port, and a graceful SIGTERM (NOT_SERVING, drain streams, stop).
+
+Health: "" (liveness) is SERVING while the process runs; each service name (readiness) is NOT_SERVING until
+`mark_ready()`, i.e. until the model is loaded and has run once, and again from the moment a drain starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.contract.errors import InvalidArgumentError
+from services.runtime import tracing
+from services.runtime.grpc_errors import ErrorMappingInterceptor
+from services.runtime.request_metrics import RequestMetrics, RequestMetricsInterceptor
+from services.runtime.tls import ServerTls, add_server_arguments, server_tls_from_args
+
+log = logging.getLogger(__name__)
+
+# Big enough for a 78B tile's embeddings in one chunk message (4 MiB) plus framing, small enough to bound memory.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Transport settings common to the services (built once by each service's CLI)."""
+
+    port: int
+    host: str = "0.0.0.0"
+    metrics_port: int | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Seconds a draining server lets running calls finish after SIGTERM (keep below the pod's grace period).
+    drain_seconds: float = 30.0
+    # None: plaintext. Otherwise TLS, and mutual TLS when it names a client CA (services.runtime.tls).
+    tls: ServerTls | None = None
+    # Where to send traces (OTLP/gRPC, e.g. http://collector:4317); None: the OTEL_* environment decides (off unless
+    # it names an exporter). See services.runtime.tracing.
+    otlp_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, f"--port must be in [0, 65535], got {self.port}"),
+            (self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+             f"--metrics-port must be in [0, 65535], got {self.metrics_port}"),
+            (self.max_message_bytes >= 1, f"--max-message-bytes must be >= 1, got {self.max_message_bytes}"),
+            (self.drain_seconds >= 0, f"--drain-seconds must be >= 0, got {self.drain_seconds}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidArgumentError(message)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerOptions:
+        """From the flags `add_server_options` registered (TLS paths may come from the environment)."""
+        return cls(port=args.port, host=args.host, metrics_port=args.metrics_port,
+                   max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds,
+                   tls=server_tls_from_args(args, os.environ if environ is None else environ),
+                   otlp_endpoint=args.otlp_endpoint)
+
+
+def add_server_options(parser: argparse.ArgumentParser, default_port: int | None) -> None:
+    """The transport flags every server shares. `default_port` None makes `--port` required."""
+    parser.add_argument("--port", type=int, default=default_port, required=default_port is None,
+                        help="gRPC port (0: any free port)" + ("" if default_port is None
+                                                              else f" (default {default_port})"))
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: none)")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="gRPC message size limit (default %(default)s)")
+    parser.add_argument("--drain-seconds", type=float, default=ServerOptions.drain_seconds,
+                        help="grace period for running calls after SIGTERM (default %(default)s)")
+    parser.add_argument("--otlp-endpoint", default=None,
+                        help="send OpenTelemetry traces to this OTLP/gRPC collector (e.g. http://collector:4317); "
+                             "default: off unless the OTEL_* environment names an exporter")
+    add_server_arguments(parser)
+
+
+# Clients balance round-robin over the pods their DNS lookup returned, and gRPC re-resolves only when a connection
+# closes. Ageing connections out (GOAWAY after 2 minutes) makes every client re-resolve, so new replicas get traffic;
+# the grace outlasts the longest stream (the gateway's 300 s default deadline) so no stream is cut.
+_CONNECTION_AGE = [("grpc.max_connection_age_ms", 120_000), ("grpc.max_connection_age_grace_ms", 330_000)]
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+class GrpcServer:
+    """An aio server with the project's interceptors, health and reflection. `add` servicers, then `start`."""
+
+    def __init__(self, options: ServerOptions, service_names: Sequence[str],
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (), *, requests: RequestMetrics):
+        """`requests`: the service's request metrics (every call to `service_names` is recorded there).
+
+        `interceptors` run between the two shared ones (e.g. the gateway's bearer-token check): the metrics wrap
+        everything, so their refusals are counted, and the error mapping sees only the handlers' own errors.
+        """
+        self.options = options
+        self.service_names = list(service_names)
+        self.requests = requests
+        # Tracing's span outermost, so that the request id and everything after it lands on the call's span.
+        chain = [*tracing.server_interceptors(), RequestMetricsInterceptor(requests, self.service_names),
+                 *interceptors, ErrorMappingInterceptor()]
+        self.server = grpc.aio.server(interceptors=chain,
+                                      options=[*channel_options(options.max_message_bytes), *_CONNECTION_AGE])
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server)
+        self.port: int | None = None
+
+    def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object) -> None:
+        register(servicer, self.server)
+
+    async def start(self, registry: prometheus_client.CollectorRegistry | None = None) -> int:
+        """Binds (port 0 picks a free one), starts serving NOT_SERVING, returns the bound port.
+
+        `registry` is what `/metrics` exports (default: the request metrics' own); services keep their metrics in a
+        registry of their own so that several can live in one test process.
+        """
+        registry = self.requests.registry if registry is None else registry
+        # Liveness ("") is SERVING as soon as the process serves RPCs; readiness (the service names) only once the
+        # model is loaded and warm, so a probe never kills a pod that is still loading weights.
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name in self.service_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.options.host}:{self.options.port}"
+        if self.options.tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self.options.tls.credentials())
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
+        await self.server.start()
+        if self.options.metrics_port is not None:
+            prometheus_client.start_http_server(self.options.metrics_port, addr=self.options.host, registry=registry)
+        tls = "plaintext" if self.options.tls is None else (
+            "mutual TLS" if self.options.tls.client_ca is not None else "TLS")
+        log.info("listening on %s:%d, %s (metrics on %s)", self.options.host, self.port, tls,
+                 self.options.metrics_port)
+        return self.port
+
+    async def mark_ready(self) -> None:
+        for name in self.service_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: %s", ", ".join(self.service_names))
+
+    async def mark_not_ready(self) -> None:
+        """Readiness NOT_SERVING (liveness stays SERVING): the process is fine but cannot serve right now."""
+        for name in self.service_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def serve_until_signalled(self) -> None:
+        """Runs until SIGTERM/SIGINT, then drains: NOT_SERVING at once, calls get `drain_seconds` to finish."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server_done = asyncio.ensure_future(self.server.wait_for_termination())
+        signalled = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({server_done, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        await self.stop()
+        server_done.cancel()
+        signalled.cancel()
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.options.drain_seconds)
