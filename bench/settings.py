@@ -15,7 +15,7 @@ from pathlib import Path
 from bench.machine import choose_device, choose_dtype
 from services.contract.errors import InvalidArgumentError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)

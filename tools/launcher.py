@@ -38,7 +38,7 @@ from services.contract.errors import InternVLError
 
 LOOPBACK = "127.0.0.1"
 # The repository root: where `services` and `gateway` are importable from.
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 # The grpc.health.v1 service name each service command reports: its gRPC service's full name.
 VISION_HEALTH = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 LLM_HEALTH = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name

@@ -23,6 +23,7 @@ from services.contract.errors import InternVLError
 from services.model.adapter_options import AdapterOptions, add_adapter_options
 from tools.launcher import (
     MIN_CLUSTER_MASTERS,
+    REPO,
     UP_READY_LINE,
     Child,
     RedisMissingError,
@@ -266,7 +267,8 @@ def run(args: argparse.Namespace) -> int:
 def _print_banner(args, stack: Stack, gateway: Child, visions: list[Child], llms: list[Child],
                   redis_url: str) -> None:
     host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
-    example = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "small_120x90.png"
+    # The picture `make demo` writes, when it is there.
+    example = REPO / "checkpoints" / "demo-640x480.png"
     image = str(example) if example.exists() else "PATH/TO/IMAGE.jpg"
     lines = [
         "",
