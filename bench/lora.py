@@ -46,11 +46,12 @@ from safetensors.torch import save_file
 
 from bench.machine import machine_info
 from services.contract import template
+from services.contract.conversation import Conversation, ImageRef
 from services.llm.engine.api import EngineLoad, StepReport
 from services.llm.engine.events import EngineRequest, Finish, TokenDelta
 from services.llm.engine.sampling import SamplingParams
 from services.llm.engine.transformers_engine import TransformersEngine
-from services.llm.prompt import Conversation, ImagePart, Prompt, PromptBuilder, TextPart
+from services.llm.prompt import Prompt, PromptBuilder
 from services.model.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from services.model.checkpoint import Checkpoint, open_checkpoint
 from services.model.lora import AdapterSlots, BatchedLoRALinear
@@ -148,7 +149,7 @@ def _text(prompts: PromptBuilder, parts: tuple, tokens: int, seed: int) -> tuple
     rng = random.Random(seed)
     words = [f"Request {seed}:"]
     while True:
-        conversation = Conversation(user_parts=(*parts, TextPart(" ".join(words))))
+        conversation = Conversation(user_parts=(*parts, " ".join(words)))
         prompt = prompts.build(conversation)
         if len(prompt) >= tokens:
             return conversation, prompt
@@ -404,7 +405,7 @@ async def _bench(s: LoraBenchSettings, model_dir: Path, tmp: Path, device: str, 
         "adapters": [EngineRequest(p, greedy, s.decode_max_new_tokens, adapter=names[i % len(names)])
                      for i, p in enumerate(decode_prompts)],
     }
-    image = ImagePart("bench-lora-image", s.ttft_image_tiles)
+    image = ImageRef("bench-lora-image", s.ttft_image_tiles)
     _, ttft_prompt = _text(prompts, (image,), s.ttft_prompt_tokens, s.seed + 7)
     embed = model.get_input_embeddings().weight
     generator = torch.Generator().manual_seed(s.seed)

@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from internvl.llm.v1 import llm_pb2
+
 from gateway.chat_response import Delta
-from gateway.conversation import LLMConversation
+from services.contract.conversation import Conversation
 from services.contract.encoding import EncodedItem, MediaItem
-from services.contract.finish import FinishReason
+from services.contract.finish import FinishReason, Usage
 from services.contract.model_info import ModelInfo
 from services.contract.sampling import SamplingParams
 
@@ -29,11 +31,15 @@ class Embeddings:
 
 @dataclass(frozen=True)
 class GenerateFinish:
+    """The end of one answer as the LLM service reports it: the token counts of `usage`, no tile counts."""
+
     reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
+    usage: Usage
     index: int = 0  # the answer it ends (0 to sampling.n - 1)
+
+    @classmethod
+    def from_pb(cls, message: llm_pb2.GenerateFinish) -> GenerateFinish:
+        return cls(FinishReason.from_pb(message.reason), Usage.from_pb(message.usage), message.index)
 
 
 class VisionBackend(Protocol):
@@ -52,6 +58,6 @@ class VisionBackend(Protocol):
 class LLMBackend(Protocol):
     async def model_info(self, timeout: float | None = None, wait_for_ready: bool = False) -> ModelInfo: ...
 
-    def generate(self, conversation: LLMConversation, sampling: SamplingParams, request_id: str,
+    def generate(self, conversation: Conversation, sampling: SamplingParams, request_id: str,
                  inline: dict[str, Embeddings] | None, timeout: float | None
                  ) -> AsyncIterator[Delta | GenerateFinish]: ...

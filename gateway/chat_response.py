@@ -1,13 +1,14 @@
-"""What a chat answers: text deltas, the finish with its usage, the gathered result; and their one translation to
-the public proto."""
+"""What a chat answers: text deltas, the finish with its usage, the gathered result; and their translations from the
+LLM service's messages and to the public proto."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from internvl.gateway.v1 import gateway_pb2
+from internvl.llm.v1 import llm_pb2
 
-from services.contract.finish import FinishReason
+from services.contract.finish import FinishReason, Usage
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,13 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()
     index: int = 0  # the answer (0 to sampling.n - 1)
 
+    @classmethod
+    def from_pb(cls, message: llm_pb2.TokenDelta) -> Delta:
+        logprobs = tuple(
+            TokenLogprob(token_id, top.logprob, tuple(zip(top.token_ids, top.logprobs, strict=False)))
+            for token_id, top in zip(message.token_ids, message.top_logprobs, strict=False))
+        return cls(message.text, tuple(message.token_ids), logprobs, message.index)
+
     def to_pb(self) -> gateway_pb2.ChatResponse:
         return gateway_pb2.ChatResponse(delta=gateway_pb2.ChatDelta(
             text=self.text, token_ids=self.token_ids, logprobs=[lp.to_pb() for lp in self.logprobs],
@@ -36,39 +44,18 @@ class Delta:
 
 
 @dataclass(frozen=True)
-class ChatUsage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    image_tiles: tuple[int, ...] = ()
-    encoded_tiles: int = 0
-    reused_tiles: int = 0
-
-    def to_pb(self) -> gateway_pb2.Usage:
-        return gateway_pb2.Usage(
-            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-            cached_prompt_tokens=self.cached_prompt_tokens, image_tiles=self.image_tiles,
-            encoded_tiles=self.encoded_tiles, reused_tiles=self.reused_tiles)
-
-    def as_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "cached_prompt_tokens": self.cached_prompt_tokens, "image_tiles": list(self.image_tiles),
-                "encoded_tiles": self.encoded_tiles, "reused_tiles": self.reused_tiles}
-
-
-@dataclass(frozen=True)
 class Finish:
     """The end of answer `index`; its usage has the request's prompt counts and this answer's completion tokens."""
 
     reason: FinishReason
-    usage: ChatUsage
+    usage: Usage
     session_id: str
     index: int = 0
     request_id: str = ""
 
     def to_pb(self) -> gateway_pb2.ChatResponse:
         return gateway_pb2.ChatResponse(finish=gateway_pb2.ChatFinish(
-            reason=self.reason.to_pb(gateway_pb2.FinishReason), usage=self.usage.to_pb(), session_id=self.session_id,
+            reason=self.reason.to_pb(), usage=self.usage.to_pb(), session_id=self.session_id,
             index=self.index, request_id=self.request_id))
 
 
@@ -89,5 +76,5 @@ class ChatResult:
     def to_pb(self) -> gateway_pb2.ChatResult:
         return gateway_pb2.ChatResult(
             text=self.text, token_ids=self.token_ids, logprobs=[lp.to_pb() for lp in self.logprobs],
-            finish_reason=self.finish.reason.to_pb(gateway_pb2.FinishReason), usage=self.finish.usage.to_pb(),
+            finish_reason=self.finish.reason.to_pb(), usage=self.finish.usage.to_pb(),
             session_id=self.finish.session_id, request_id=self.finish.request_id)

@@ -5,8 +5,8 @@ the replica of every call: `Generate` by the conversation's prefix identity, so 
 conversation that resends its history) land where the prefix KV cache holds their earlier turns; `Encode` by the
 first item's cache key, so concurrent encodes of one new image meet in one replica's single-flight. A call that fails
 UNAVAILABLE (before any token, for Generate) moves to the key's next choice. Failed calls become domain errors
-(services.contract.errors / gateway.errors) with the callee's caller-safe message; a deadline is passed on
-every call so the caller's deadline reaches both services.
+through the one error table (`services.runtime.grpc_errors.error_from_rpc`), with the callee's caller-safe message; a
+deadline is passed on every call so the caller's deadline reaches both services.
 """
 
 from __future__ import annotations
@@ -19,34 +19,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
-from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from gateway.backends import Embeddings, GenerateFinish
-from gateway.chat_response import Delta, TokenLogprob
+from gateway.chat_response import Delta
 from gateway.config import GatewayConfig
-from gateway.conversation import ImageRef, LLMConversation, RefPart, VideoRef
 from gateway.endpoints import EndpointPool
-from gateway.errors import DeadlineExceededError
 from gateway.metrics import GatewayMetrics
 from gateway.routing import Policy, Router
-from services.contract.encoding import EncodedItem, MediaItem
+from services.contract.conversation import Conversation, GenerateRequest
+from services.contract.encoding import EncodedItem, MediaItem, PreprocessOptions
 from services.contract.errors import (
+    DeadlineExceededError,
     EmbeddingsMissingError,
-    ErrorCode,
-    InvalidArgumentError,
-    InvalidMediaError,
-    ModelMismatchError,
     NotFoundError,
     NotReadyError,
-    OverloadedError,
 )
-from services.contract.finish import FinishReason
 from services.contract.model_info import ModelInfo
 from services.contract.sampling import SamplingParams
+from services.contract.service_names import LLM_SERVICE, VISION_SERVICE
 from services.runtime.calls import Metadata, outgoing
-from services.runtime.grpc_errors import error_detail
+from services.runtime.grpc_errors import error_from_rpc
 from services.runtime.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from services.runtime.tensor_wire import tensor_chunks
 from services.runtime.tls import ClientTls, secure_or_insecure_channel
@@ -65,11 +59,6 @@ GENERATE_RETRY_PAUSE_S = 0.2
 # How long a new pool waits for each replica's first health check before routing (a replica that has not answered
 # by then is simply not ready yet).
 HEALTH_FIRST_CHECK_S = 2.0
-# The readiness names the replicas' health services report.
-VISION_HEALTH = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
-LLM_HEALTH = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
-VISION_SERVICE = VISION_HEALTH  # internvl.vision.v1.VisionService, the prefix of its methods' span names
-LLM_GENERATE = f"{LLM_HEALTH}/Generate"
 T = TypeVar("T")
 
 
@@ -86,35 +75,6 @@ def replica_channel(target: str, host: str | None, max_message_bytes: int = DEFA
     if tls is not None and host is not None and tls.server_name is None:
         options.append(("grpc.ssl_target_name_override", host))
     return secure_or_insecure_channel(target, options, tls)
-
-
-# ----------------------------------------------------------------------------------------------------- errors
-
-
-def translate(error: grpc.aio.AioRpcError, service: str) -> Exception:
-    """The domain error for a failed call to `service`."""
-    code, message = error.code(), error.details() or ""
-    detail = error_detail(error)
-    index = detail.item_index if detail is not None and detail.HasField("item_index") else None
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        media = detail is not None and detail.code in (ErrorCode.INVALID_MEDIA, ErrorCode.MEDIA_TOO_LARGE)
-        return (InvalidMediaError if media else InvalidArgumentError)(message, item_index=index)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        if detail is not None and detail.code == ErrorCode.EMBEDDINGS_MISSING:
-            return EmbeddingsMissingError(list(detail.missing_keys))
-        return ModelMismatchError(f"the {service} service refused the call: {message}")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return OverloadedError(f"the {service} service is overloaded, retry later: {message}")
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return NotReadyError(f"the {service} service is unavailable, retry later")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceededError(f"the deadline passed while waiting for the {service} service")
-    if code == grpc.StatusCode.CANCELLED:
-        return NotReadyError(f"the {service} service cancelled the call (it may be draining), retry")
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFoundError(message)
-    log.error("%s service failed: %s %s", service, code.name, message)
-    return RuntimeError(f"{service} service: {code.name}")
 
 
 # ----------------------------------------------------------------------------------------------------- vision
@@ -154,7 +114,7 @@ class VisionClient:
                 with self.pool.call(address) as endpoint, outgoing(f"{VISION_SERVICE}/{method}", address) as metadata:
                     return await call(vision_pb2_grpc.VisionServiceStub(endpoint.channel), left, metadata)
             except grpc.aio.AioRpcError as exc:
-                error = translate(exc, "vision")
+                error = error_from_rpc(exc, "the vision service")
                 if not isinstance(error, NotReadyError) or attempt == RETRY_ATTEMPTS:
                     raise error from None
                 log.info("vision %s on %s failed with %s (%s); trying again (attempt %d of %d)", method, address,
@@ -185,16 +145,13 @@ class VisionClient:
                      timeout: float | None, route_key: str | None = None, adapter: str = "") -> list[EncodedItem]:
         """Encodes `items` with `adapter` ("" the base) in one call, on the replica `route_key` (the first item's
         cache key) prefers."""
-        request = vision_pb2.EncodeRequest(
-            items=[vision_pb2.EncodeItem(image_bytes=i.data) if i.kind == "image" else
-                   vision_pb2.EncodeItem(frame=vision_pb2.RawFrame(rgb=i.data, height=i.height, width=i.width))
-                   for i in items],
-            options=common_pb2.PreprocessOptions(max_num=max_num, use_thumbnail=use_thumbnail), adapter=adapter)
+        request = vision_pb2.EncodeRequest(items=[item.to_pb() for item in items],
+                                           options=PreprocessOptions(max_num, use_thumbnail).to_pb(), adapter=adapter)
         reply = await self._retrying("Encode", lambda stub, left, metadata: stub.Encode(
             request, timeout=left, metadata=metadata), timeout, route_key)
         if len(reply.items) != len(items):
             raise RuntimeError(f"vision Encode answered {len(reply.items)} items for {len(items)}")
-        return [EncodedItem(r.key, r.num_tiles, r.num_tokens, r.cache_hit) for r in reply.items]
+        return [EncodedItem.from_pb(r) for r in reply.items]
 
     async def fetch(self, key: str, timeout: float | None) -> Embeddings:
         """One cached tensor; EmbeddingsMissingError when the key is not (or no longer) cached."""
@@ -221,44 +178,11 @@ class VisionClient:
 # -------------------------------------------------------------------------------------------------------- llm
 
 
-def _ref_pb(ref: ImageRef) -> llm_pb2.ImageRef:
-    return llm_pb2.ImageRef(key=ref.key, num_tiles=ref.num_tiles)
-
-
-def _part_pb(part: RefPart) -> llm_pb2.ContentPart:
-    if isinstance(part, str):
-        return llm_pb2.ContentPart(text=part)
-    if isinstance(part, ImageRef):
-        return llm_pb2.ContentPart(image=_ref_pb(part))
-    assert isinstance(part, VideoRef)
-    return llm_pb2.ContentPart(video=llm_pb2.VideoRef(frames=[_ref_pb(f) for f in part.frames]))
-
-
-def generate_start(conversation: LLMConversation, sampling: SamplingParams, request_id: str,
-                   inline: bool) -> llm_pb2.GenerateStart:
-    start = llm_pb2.GenerateStart(
-        history=[llm_pb2.Turn(user_parts=[_part_pb(p) for p in t.user_parts], assistant_text=t.assistant_text)
-                 for t in conversation.history],
-        user_parts=[_part_pb(p) for p in conversation.user_parts],
-        sampling=sampling.to_pb(llm_pb2.SamplingParams),
-        inline_embeddings=inline, request_id=request_id, adapter=conversation.adapter)
-    if conversation.system_message is not None:
-        start.system_message = conversation.system_message
-    return start
-
-
 def embedding_messages(key: str, value: Embeddings,
                        chunk_bytes: int = INLINE_CHUNK_BYTES) -> list[llm_pb2.GenerateRequest]:
     """One image's embeddings as the EmbeddingChunk messages that follow a Generate's start."""
     return [llm_pb2.GenerateRequest(embedding=llm_pb2.EmbeddingChunk(key=key, chunk=chunk))
             for chunk in tensor_chunks(value.dtype, value.shape, value.data, chunk_bytes)]
-
-
-def _delta(message: llm_pb2.TokenDelta) -> Delta:
-    logprobs = tuple(
-        TokenLogprob(token_id, top.logprob, tuple(zip(top.token_ids, top.logprobs, strict=False)))
-        for token_id, top in zip(message.token_ids, message.top_logprobs, strict=False))
-    return Delta(message.text, tuple(message.token_ids), logprobs, message.index)
 
 
 class LLMClient:
@@ -278,7 +202,7 @@ class LLMClient:
                                   timeout, wait_for_ready)
         return ModelInfo.from_pb(reply.model_info)
 
-    async def generate(self, conversation: LLMConversation, sampling: SamplingParams, request_id: str,
+    async def generate(self, conversation: Conversation, sampling: SamplingParams, request_id: str,
                        inline: dict[str, Embeddings] | None, timeout: float | None
                        ) -> AsyncIterator[Delta | GenerateFinish]:
         """Streams `Delta`s, then one `GenerateFinish` per answer. Leaving the iteration early cancels the call.
@@ -301,7 +225,7 @@ class LLMClient:
                 address = self.router.pick(key, tried)
             started = False
             try:
-                with self.pool.call(address) as endpoint, outgoing(LLM_GENERATE, address) as metadata:
+                with self.pool.call(address) as endpoint, outgoing(f"{LLM_SERVICE}/Generate", address) as metadata:
                     left = None if end is None else max(0.0, end - time.monotonic())
                     stream = self._generate(llm_pb2_grpc.LLMServiceStub(endpoint.channel), conversation, sampling,
                                             request_id, inline, left, metadata)
@@ -319,14 +243,14 @@ class LLMClient:
                 if self.on_retry is not None:
                     self.on_retry("Generate")
 
-    async def _generate(self, stub: llm_pb2_grpc.LLMServiceStub, conversation: LLMConversation,
+    async def _generate(self, stub: llm_pb2_grpc.LLMServiceStub, conversation: Conversation,
                         sampling: SamplingParams, request_id: str, inline: dict[str, Embeddings] | None,
                         timeout: float | None, metadata: Metadata) -> AsyncIterator[Delta | GenerateFinish]:
         call = stub.Generate(timeout=timeout, metadata=metadata)
         try:
             try:
-                await call.write(llm_pb2.GenerateRequest(start=generate_start(
-                    conversation, sampling, request_id, inline is not None)))
+                start = GenerateRequest(conversation, sampling, inline is not None, request_id).to_pb()
+                await call.write(llm_pb2.GenerateRequest(start=start))
                 for key, value in (inline or {}).items():
                     for message in embedding_messages(key, value):
                         await call.write(message)
@@ -339,12 +263,9 @@ class LLMClient:
             async for reply in call:
                 kind = reply.WhichOneof("message")
                 if kind == "delta":
-                    yield _delta(reply.delta)
+                    yield Delta.from_pb(reply.delta)
                 elif kind == "finish":
-                    usage = reply.finish.usage
-                    finishes.append(GenerateFinish(
-                        FinishReason.from_pb(reply.finish.reason, llm_pb2.FinishReason), usage.prompt_tokens,
-                        usage.completion_tokens, usage.cached_prompt_tokens, reply.finish.index))
+                    finishes.append(GenerateFinish.from_pb(reply.finish))
             # The finishes are passed on once the stream has closed OK, so the replica records a completed call rather
             # than one this side cancelled while its handler was still returning; so every answer's deltas come
             # before any finish.
@@ -358,7 +279,7 @@ class LLMClient:
             for finish in sorted(finishes, key=lambda f: f.index):
                 yield finish
         except grpc.aio.AioRpcError as exc:
-            raise translate(exc, "LLM") from None
+            raise error_from_rpc(exc, "the LLM service") from None
         finally:
             call.cancel()
 
@@ -374,7 +295,7 @@ async def _model_info(pool: EndpointPool, what: str, stub_type, request, timeout
         return await stub_type(pool.endpoints[known[0]].channel).GetModelInfo(request, timeout=timeout,
                                                                               wait_for_ready=wait_for_ready)
     except grpc.aio.AioRpcError as exc:
-        raise translate(exc, what) from None
+        raise error_from_rpc(exc, f"the {what} service") from None
 
 
 async def open_clients(config: GatewayConfig, metrics: GatewayMetrics,
@@ -396,11 +317,11 @@ async def open_clients(config: GatewayConfig, metrics: GatewayMetrics,
 
         return of
 
-    vision_pool = EndpointPool("vision", config.vision_target, VISION_HEALTH, channel, config.resolve_interval_s,
+    vision_pool = EndpointPool("vision", config.vision_target, VISION_SERVICE, channel, config.resolve_interval_s,
                                health_interval_s, on_change=metrics.observe_pool,
                                fingerprint=fingerprint(vision_pb2_grpc.VisionServiceStub,
                                                        vision_pb2.GetModelInfoRequest()))
-    llm_pool = EndpointPool("llm", config.llm_target, LLM_HEALTH, channel, config.resolve_interval_s,
+    llm_pool = EndpointPool("llm", config.llm_target, LLM_SERVICE, channel, config.resolve_interval_s,
                             health_interval_s, on_change=metrics.observe_pool,
                             fingerprint=fingerprint(llm_pb2_grpc.LLMServiceStub, llm_pb2.GetModelInfoRequest()))
     await asyncio.gather(vision_pool.start(), llm_pool.start())

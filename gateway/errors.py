@@ -1,47 +1,13 @@
-"""Gateway-specific domain errors, each with its own code (and so, through the shared table in
-`services.contract.errors`, its own gRPC and HTTP status): an unknown session is NOT_FOUND, a busy one ABORTED,
-a path outside the media root PERMISSION_DENIED, a body over the limit RESOURCE_EXHAUSTED (HTTP 413), a passed
-deadline DEADLINE_EXCEEDED.
+"""The gateway's own refinement of a shared error: embeddings of an earlier round that it cannot re-encode.
+
+The gateway's other errors (an unknown or busy session, a path outside the media root, a body over the limit, a
+passed deadline) have codes of their own in the shared table, `services.contract.errors`, so a peer's status decodes
+back into them.
 """
 
 from __future__ import annotations
 
-from services.contract.errors import (
-    EmbeddingsMissingError,
-    ErrorCode,
-    InternVLError,
-    NotFoundError,
-)
-
-
-class SessionNotFoundError(NotFoundError):
-    """The session id is unknown, or the session expired (sessions live --session-ttl-s after their last turn)."""
-
-    code = ErrorCode.SESSION_NOT_FOUND
-
-
-class SessionBusyError(InternVLError):
-    """Another turn of the same session is still running; a session answers one turn at a time."""
-
-    code = ErrorCode.SESSION_BUSY
-
-
-class MediaAccessError(InternVLError):
-    """A file path outside the media root, or file paths while the gateway has no media root."""
-
-    code = ErrorCode.MEDIA_ACCESS_DENIED
-
-
-class RequestTooLargeError(InternVLError):
-    """A request body over the size limit (gRPC refuses such messages itself, with the same status)."""
-
-    code = ErrorCode.REQUEST_TOO_LARGE
-
-
-class DeadlineExceededError(InternVLError):
-    """The caller's deadline passed while the gateway waited on a service."""
-
-    code = ErrorCode.DEADLINE_EXCEEDED
+from services.contract.errors import EmbeddingsMissingError, InternVLError
 
 
 class SessionMediaEvictedError(EmbeddingsMissingError):
@@ -54,4 +20,3 @@ class SessionMediaEvictedError(EmbeddingsMissingError):
             "re-encoded (sessions keep no pixels); start a new session or send those images again",
         )
         self.missing_keys = list(missing_keys)
-

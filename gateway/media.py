@@ -24,13 +24,13 @@ from pathlib import Path
 import av
 from PIL import Image
 
-from gateway.errors import MediaAccessError
 from gateway.remote_media import DISABLED_MESSAGE, is_remote_url
 from gateway.video import frame_indices
 from services.contract.errors import (
     InternVLError,
     InvalidArgumentError,
     InvalidMediaError,
+    MediaAccessError,
     MediaTooLargeError,
 )
 from services.contract.image_formats import UNSUPPORTED_FORMAT, open_untrusted

@@ -40,13 +40,13 @@ from gateway.chat_request import (
     VideoInput,
 )
 from gateway.chat_response import Delta, Finish
-from gateway.errors import RequestTooLargeError
 from gateway.metrics import GatewayMetrics
 from gateway.orchestrator import Orchestrator
 from services.contract.constraint import Constraint, ConstraintKind
 from services.contract.errors import (
     InternVLError,
     InvalidArgumentError,
+    RequestTooLargeError,
     RpcStatus,
     http_status,
     rpc_status,

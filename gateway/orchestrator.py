@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import hashlib
 import logging
 import re
 import time
@@ -37,10 +36,9 @@ from gateway.backends import (
     VisionBackend,
 )
 from gateway.chat_request import ChatRequest
-from gateway.chat_response import ChatResult, ChatUsage, Delta, Finish
+from gateway.chat_response import ChatResult, Delta, Finish
 from gateway.config import GatewayConfig
-from gateway.conversation import ImageRef, LLMConversation, RefPart, TurnRecord, VideoRef, part_refs
-from gateway.errors import DeadlineExceededError, SessionMediaEvictedError
+from gateway.errors import SessionMediaEvictedError
 from gateway.media import MediaResolver
 from gateway.metrics import GatewayMetrics
 from gateway.planning import (
@@ -58,9 +56,12 @@ from gateway.planning import (
 from gateway.remote_media import RemoteMedia
 from gateway.sessions import Session, SessionStore, new_session_id
 from services.contract import template
+from services.contract.cache_keys import combined_key
+from services.contract.conversation import Conversation, ImageRef, Part, Turn, VideoRef, part_images
 from services.contract.encoding import EncodedItem
 from services.contract.errors import (
     ContextTooLongError,
+    DeadlineExceededError,
     EmbeddingsMissingError,
     InternVLError,
     InvalidArgumentError,
@@ -69,6 +70,7 @@ from services.contract.errors import (
     NotFoundError,
     NotReadyError,
 )
+from services.contract.finish import Usage
 from services.contract.model_info import AdapterInfo, ModelInfo
 from services.contract.tiling import MAX_NUM_LIMIT
 from services.runtime import tracing
@@ -206,11 +208,11 @@ class Orchestrator:
                                         "internvl.tiles": sum(image.num_tiles for image in plan.images)}, span)
             self._check_tiles(plan, session)
             refs = await self._ensure_cached(plan, session, deadline, adapter)
-            history = (*session.turns, *(TurnRecord(refs[n], t.assistant_text or "")
+            history = (*session.turns, *(Turn(refs[n], t.assistant_text or "")
                                          for n, t in enumerate(plan.turns[:-1])))
-            conversation = LLMConversation(refs[-1], history, session.system_message, adapter)
+            conversation = Conversation(refs[-1], history, session.system_message, adapter)
             first_answer: list[str] = []  # what the session records: answer 0 (of n)
-            tiles: ChatUsage | None = None
+            tiles: Usage | None = None
             finished: list[GenerateFinish] = []
             async with contextlib.aclosing(self._generate(conversation, plan, request, deadline)) as events:
                 async for event in events:
@@ -220,21 +222,21 @@ class Orchestrator:
                         yield event
                         continue
                     if tiles is None:  # the first finish: every answer's deltas came before it (LLMClient)
-                        turn = TurnRecord(refs[-1], template.clean_response("".join(first_answer)))
+                        turn = Turn(refs[-1], template.clean_response("".join(first_answer)))
                         await self.sessions.save(Session(session_id, session.system_message, (*history, turn),
                                                          adapter))
                         self.metrics.sessions.labels("continued" if continuing else "started").inc()
                         tiles = self._tile_usage(conversation, plan)
-                    usage = dataclasses.replace(tiles, prompt_tokens=event.prompt_tokens,
-                                                completion_tokens=event.completion_tokens,
-                                                cached_prompt_tokens=event.cached_prompt_tokens)
+                    usage = dataclasses.replace(tiles, prompt_tokens=event.usage.prompt_tokens,
+                                                completion_tokens=event.usage.completion_tokens,
+                                                cached_prompt_tokens=event.usage.cached_prompt_tokens)
                     finished.append(event)
                     if len(finished) == request.sampling.answers:
                         tracing.set_attributes({
-                            "gen_ai.usage.input_tokens": event.prompt_tokens,
-                            "gen_ai.usage.output_tokens": sum(f.completion_tokens for f in finished),
+                            "gen_ai.usage.input_tokens": event.usage.prompt_tokens,
+                            "gen_ai.usage.output_tokens": sum(f.usage.completion_tokens for f in finished),
                             "gen_ai.response.finish_reasons": [f.reason.value for f in finished],
-                            "internvl.cached_prompt_tokens": event.cached_prompt_tokens,
+                            "internvl.cached_prompt_tokens": event.usage.cached_prompt_tokens,
                             "internvl.encoded_tiles": tiles.encoded_tiles, "internvl.reused_tiles": tiles.reused_tiles,
                             "internvl.session_id": session_id})
                     yield Finish(event.reason, usage, session_id, event.index, request.request_id)
@@ -288,7 +290,7 @@ class Orchestrator:
 
     def _check_tiles(self, plan: Plan, session: Session) -> None:
         """Refuses, before encoding anything, a prompt with more tiles than any context this gateway serves holds."""
-        earlier = sum(leaf.num_tiles for turn in session.turns for ref in part_refs(turn.user_parts)
+        earlier = sum(leaf.num_tiles for turn in session.turns for ref in part_images(turn.user_parts)
                       for leaf in ref.leaves())
         tiles = earlier + sum(image.num_tiles for image in plan.images)
         limit = self.config.max_request_tiles
@@ -301,9 +303,9 @@ class Orchestrator:
     # ------------------------------------------------------------------------------------------ embeddings
 
     async def _ensure_cached(self, plan: Plan, session: Session, deadline: Deadline,
-                             adapter: str) -> list[tuple[RefPart, ...]]:
+                             adapter: str) -> list[tuple[Part, ...]]:
         """Looks up every key, encodes the misses, and returns each planned turn's parts as references."""
-        stored = [leaf.key for turn in session.turns for ref in part_refs(turn.user_parts) for leaf in ref.leaves()]
+        stored = [leaf.key for turn in session.turns for ref in part_images(turn.user_parts) for leaf in ref.leaves()]
         keys = list(dict.fromkeys([*stored, *(image.key for image in plan.images)]))
         exists = dict(zip(keys, await self.vision.lookup(keys, deadline.remaining()), strict=True))
         evicted = [key for key in dict.fromkeys(stored) if not exists[key]]
@@ -359,7 +361,7 @@ class Orchestrator:
             image.key, image.num_tiles = result.key, result.num_tiles
         first.encoded = not result.cache_hit
 
-    def _ref(self, part) -> RefPart:
+    def _ref(self, part) -> Part:
         if isinstance(part, str):
             return part
         if isinstance(part, PendingImage):
@@ -368,11 +370,12 @@ class Orchestrator:
             return VideoRef(tuple(ImageRef(f.key, f.num_tiles) for f in part.frames))
         assert isinstance(part, PendingCombined)
         leaves = tuple(ImageRef(i.key, i.num_tiles) for i in part.images)
-        return ImageRef(_combined_key(self.config.namespace, leaves), sum(r.num_tiles for r in leaves), leaves)
+        return ImageRef(combined_key([leaf.key for leaf in leaves], self.config.namespace),
+                        sum(r.num_tiles for r in leaves), leaves)
 
-    async def _inline(self, conversation: LLMConversation, deadline: Deadline) -> dict[str, Embeddings]:
+    async def _inline(self, conversation: Conversation, deadline: Deadline) -> dict[str, Embeddings]:
         """Every referenced image's embeddings, fetched from the vision service (combined mode)."""
-        refs = {ref.key: ref for ref in conversation.refs()}
+        refs = {ref.key: ref for ref in conversation.images()}
         leaves = list(dict.fromkeys(leaf.key for ref in refs.values() for leaf in ref.leaves()))
         fetched = dict(zip(leaves, await asyncio.gather(*(self.vision.fetch(k, deadline.remaining())
                                                           for k in leaves)), strict=True))
@@ -385,7 +388,7 @@ class Orchestrator:
 
     # -------------------------------------------------------------------------------------------- generate
 
-    async def _generate(self, conversation: LLMConversation, plan: Plan, request: ChatRequest,
+    async def _generate(self, conversation: Conversation, plan: Plan, request: ChatRequest,
                         deadline: Deadline) -> AsyncIterator[Delta | GenerateFinish]:
         pending = {image.key: image for image in plan.images}
         missing_retries = 0
@@ -417,16 +420,16 @@ class Orchestrator:
                 self.metrics.missing_retries.inc()
                 await self._encode([pending[key] for key in exc.missing_keys], deadline, conversation.adapter)
 
-    def _count_embedding_bytes(self, conversation: LLMConversation, inline: dict[str, Embeddings] | None) -> None:
+    def _count_embedding_bytes(self, conversation: Conversation, inline: dict[str, Embeddings] | None) -> None:
         if inline is not None:
             self.metrics.embedding_bytes.labels("inline").inc(sum(len(e.data) for e in inline.values()))
             return
-        tiles = {ref.key: ref.num_tiles for ref in conversation.refs()}
+        tiles = {ref.key: ref.num_tiles for ref in conversation.images()}
         self.metrics.embedding_bytes.labels("reference").inc(sum(tiles.values()) * self.model.bytes_per_tile)
 
-    def _tile_usage(self, conversation: LLMConversation, plan: Plan) -> ChatUsage:
+    def _tile_usage(self, conversation: Conversation, plan: Plan) -> Usage:
         """The request's image tiles (and their metrics, counted once per request); token counts left zero."""
-        leaves = [leaf for ref in conversation.refs() for leaf in ref.leaves()]
+        leaves = [leaf for ref in conversation.images() for leaf in ref.leaves()]
         fresh = {image.key for image in plan.images if image.encoded}
         encoded = 0
         for leaf in leaves:
@@ -436,15 +439,8 @@ class Orchestrator:
         total = sum(leaf.num_tiles for leaf in leaves)
         self.metrics.tiles_encoded.inc(encoded)
         self.metrics.tiles_reused.inc(total - encoded)
-        return ChatUsage(image_tiles=tuple(leaf.num_tiles for leaf in leaves), encoded_tiles=encoded,
-                         reused_tiles=total - encoded)
-
-
-def _combined_key(namespace: str, leaves: tuple[ImageRef, ...]) -> str:
-    """A request-local name for several images' concatenated embeddings; deterministic, so the LLM service's
-    prefix cache still recognises the same images in the next round."""
-    digest = hashlib.sha256("\n".join(leaf.key for leaf in leaves).encode()).hexdigest()
-    return f"{namespace}:combined:v1:{digest}"
+        return Usage(image_tiles=tuple(leaf.num_tiles for leaf in leaves), encoded_tiles=encoded,
+                     reused_tiles=total - encoded)
 
 
 def _videos(request: ChatRequest):

@@ -37,8 +37,12 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from gateway.chat_request import ChatRequest, ContentPart
-from gateway.errors import DeadlineExceededError, MediaAccessError
-from services.contract.errors import InvalidArgumentError, InvalidMediaError
+from services.contract.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    InvalidMediaError,
+    MediaAccessError,
+)
 from services.runtime import tracing
 
 if TYPE_CHECKING:

@@ -32,13 +32,13 @@ from gateway.openai_http import create_app
 from gateway.orchestrator import Orchestrator
 from gateway.sessions import MemorySessionStore, RedisSessionStore
 from services.contract.errors import InternVLError
+from services.contract.service_names import GATEWAY_SERVICE
 from services.runtime import request_ids, tracing
 from services.runtime.grpc_server import GrpcServer
 from services.runtime.redis_client import connect as connect_redis
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name  # internvl.gateway.v1.ChatService
 
 
 class ChatServicer(gateway_pb2_grpc.ChatServiceServicer):
@@ -112,7 +112,7 @@ async def serve(config: GatewayConfig) -> None:
     sessions = _session_store(config)
     orchestrator = Orchestrator(config, vision, llm, sessions, metrics)
     interceptors = [BearerTokenInterceptor(config.api_token)] if config.api_token else []
-    server = GrpcServer(config.server, [SERVICE_NAME], interceptors, requests=metrics.requests)
+    server = GrpcServer(config.server, [GATEWAY_SERVICE], interceptors, requests=metrics.requests)
     server.add(gateway_pb2_grpc.add_ChatServiceServicer_to_server, ChatServicer(orchestrator, metrics))
     ready = stopped = False
     runner = None

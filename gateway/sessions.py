@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 
 import redis.exceptions
 
-from gateway.conversation import TurnRecord, turn_from_json, turn_to_json
-from gateway.errors import SessionBusyError, SessionNotFoundError
-from services.contract.errors import InvalidArgumentError
+from services.contract.conversation import ImageRef, Part, Turn, VideoRef
+from services.contract.errors import InvalidArgumentError, SessionBusyError, SessionNotFoundError
 from services.runtime.redis_client import RedisClient, redis_errors
 
 log = logging.getLogger(__name__)
@@ -43,13 +42,13 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 class Session:
     id: str
     system_message: str | None = None
-    turns: tuple[TurnRecord, ...] = field(default=())
+    turns: tuple[Turn, ...] = field(default=())
     # The LoRA adapter every round answers with; "" is the base.
     adapter: str = ""
 
     def to_json(self) -> str:
         return json.dumps({"v": SCHEMA_VERSION, "system_message": self.system_message, "adapter": self.adapter,
-                           "turns": [turn_to_json(t) for t in self.turns]}, separators=(",", ":"))
+                           "turns": [_turn_to_json(t) for t in self.turns]}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, session_id: str, raw: str | bytes) -> Session:
@@ -63,7 +62,7 @@ class Session:
                 adapter = data.get("adapter", "")  # absent: stored before adapters existed, the base
                 if not isinstance(adapter, str):
                     raise TypeError("adapter is not a string")
-                return cls(session_id, system_message, tuple(turn_from_json(t) for t in data["turns"]), adapter)
+                return cls(session_id, system_message, tuple(_turn_from_json(t) for t in data["turns"]), adapter)
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:  # JSON errors: ValueError
             # Another writer or a damaged store: the caller can only start over, as after an expiry.
             log.warning("session %s has an unreadable stored value (%s: %s)", session_id, type(exc).__name__, exc)
@@ -164,3 +163,41 @@ class MemorySessionStore:
 
 
 SessionStore = RedisSessionStore | MemorySessionStore
+
+
+# ------------------------------------------------------------------------------------------- stored form
+
+
+def _ref_to_json(ref: ImageRef) -> dict:
+    out: dict = {"key": ref.key, "tiles": ref.num_tiles}
+    if ref.combined:
+        out["combined"] = [_ref_to_json(r) for r in ref.combined]
+    return out
+
+
+def _ref_from_json(raw: dict) -> ImageRef:
+    return ImageRef(str(raw["key"]), int(raw["tiles"]), tuple(_ref_from_json(r) for r in raw.get("combined", ())))
+
+
+def _part_to_json(part: Part) -> dict:
+    if isinstance(part, str):
+        return {"text": part}
+    if isinstance(part, ImageRef):
+        return {"image": _ref_to_json(part)}
+    return {"video": [_ref_to_json(f) for f in part.frames]}
+
+
+def _part_from_json(raw: dict) -> Part:
+    if "text" in raw:
+        return str(raw["text"])
+    if "image" in raw:
+        return _ref_from_json(raw["image"])
+    return VideoRef(tuple(_ref_from_json(f) for f in raw["video"]))
+
+
+def _turn_to_json(turn: Turn) -> dict:
+    return {"user": [_part_to_json(p) for p in turn.user_parts], "assistant": turn.assistant_text}
+
+
+def _turn_from_json(raw: dict) -> Turn:
+    return Turn(tuple(_part_from_json(p) for p in raw["user"]), str(raw["assistant"]))

@@ -29,21 +29,15 @@ import grpc
 import redis
 import redis.cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from internvl.gateway.v1 import gateway_pb2
-from internvl.llm.v1 import llm_pb2
-from internvl.vision.v1 import vision_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.contract.errors import InternVLError
+from services.contract.service_names import SERVICE_BY_COMMAND
 
 LOOPBACK = "127.0.0.1"
 # The repository root: where `services` and `gateway` are importable from.
 REPO = Path(__file__).resolve().parents[1]
 # The grpc.health.v1 service name each service command reports: its gRPC service's full name.
-VISION_HEALTH = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
-LLM_HEALTH = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
-GATEWAY_HEALTH = gateway_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
-HEALTH_NAMES = {"vision": VISION_HEALTH, "llm": LLM_HEALTH, "gateway": GATEWAY_HEALTH}
 LOG_TAIL_CHARS = 4000
 REDIS_INSTALL_HINT = "install it with `apt-get install -y redis-server` (make bootstrap does this)"
 # How often a redis-server may exit at start, most likely because another process took its port in between.
@@ -289,7 +283,7 @@ def wait_serving(children: Sequence[Child], timeout_s: float = 120.0, *,
                     raise LaunchError(child.exit_report("while starting"))
                 stub = health_pb2_grpc.HealthStub(channels[id(child)])
                 with contextlib.suppress(grpc.RpcError):
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=HEALTH_NAMES[child.command]),
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_BY_COMMAND[child.command]),
                                        timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         waiting.remove(child)

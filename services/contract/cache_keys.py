@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 
 from services.contract.dtypes import DTYPE_NAMES
 
@@ -117,3 +118,11 @@ def cache_key(
     h.update(_field_head(b"y", "media", media_b.nbytes))
     h.update(media_b)
     return f"{namespace}:emb:v{SCHEMA_VERSION}:{h.hexdigest()}"
+
+
+def combined_key(keys: Sequence[str], namespace: str = DEFAULT_NAMESPACE) -> str:
+    """The name of several images' embeddings concatenated in this order (the combined multi-image mode):
+    ``{namespace}:combined:v1:{sha256 hex}``. Never stored (those embeddings travel inline), but deterministic, so
+    the LLM service's prefix cache still recognises the same images in the next round."""
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    return f"{namespace}:combined:v1:{digest}"

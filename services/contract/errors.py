@@ -165,8 +165,64 @@ class NotReadyError(InternVLError):
     code = ErrorCode.NOT_READY
 
 
+class InternalError(InternVLError):
+    """Something failed that the caller cannot mend (a peer's INTERNAL, say); the message stays generic."""
+
+    code = ErrorCode.INTERNAL
+
+
+class SessionNotFoundError(NotFoundError):
+    """The session id is unknown, or the session expired (sessions live --session-ttl-s after their last turn)."""
+
+    code = ErrorCode.SESSION_NOT_FOUND
+
+
+class SessionBusyError(InternVLError):
+    """Another turn of the same session is still running; a session answers one turn at a time."""
+
+    code = ErrorCode.SESSION_BUSY
+
+
+class MediaAccessError(InternVLError):
+    """A file path outside the media root, or file paths while the gateway has no media root."""
+
+    code = ErrorCode.MEDIA_ACCESS_DENIED
+
+
+class RequestTooLargeError(InternVLError):
+    """A request body over the size limit (gRPC refuses such messages itself, with the same status)."""
+
+    code = ErrorCode.REQUEST_TOO_LARGE
+
+
+class DeadlineExceededError(InternVLError):
+    """The caller's deadline passed while a server waited on another."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
 class CheckpointError(InternVLError):
     """A checkpoint directory that cannot be loaded: the message names the file and the problem."""
+
+
+# The error each code is raised as, so a code read back from a peer's ErrorDetail becomes the same error again.
+ERROR_BY_CODE: dict[ErrorCode, type[InternVLError]] = {
+    ErrorCode.INVALID_ARGUMENT: InvalidArgumentError,
+    ErrorCode.INVALID_MEDIA: InvalidMediaError,
+    ErrorCode.MEDIA_TOO_LARGE: MediaTooLargeError,
+    ErrorCode.EMBEDDINGS_MISSING: EmbeddingsMissingError,
+    ErrorCode.MODEL_MISMATCH: ModelMismatchError,
+    ErrorCode.CONTEXT_TOO_LONG: ContextTooLongError,
+    ErrorCode.OVERLOADED: OverloadedError,
+    ErrorCode.NOT_READY: NotReadyError,
+    ErrorCode.INTERNAL: InternalError,
+    ErrorCode.NOT_FOUND: NotFoundError,
+    ErrorCode.SESSION_NOT_FOUND: SessionNotFoundError,
+    ErrorCode.SESSION_BUSY: SessionBusyError,
+    ErrorCode.MEDIA_ACCESS_DENIED: MediaAccessError,
+    ErrorCode.REQUEST_TOO_LARGE: RequestTooLargeError,
+    ErrorCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
 
 
 def error_code(exc: BaseException) -> ErrorCode:

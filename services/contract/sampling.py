@@ -1,8 +1,8 @@
 """Sampling parameters as every process takes them: their meaning, their limits and their one wire mapping.
 
 The gateway validates them before any media work is done; the LLM service validates them again (it has other
-callers) and samples with them (`services.llm.engine.sampling`). Both protos' `SamplingParams` messages have the same
-fields, so `from_pb` / `to_pb` serve the public and the internal API alike.
+callers) and samples with them (`services.llm.engine.sampling`). The public and the internal API carry the same
+message, `internvl.common.v1.SamplingParams`.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TypeVar
+
+from internvl.common.v1 import common_pb2
 
 from services.contract.constraint import Constraint
 from services.contract.errors import InvalidArgumentError
 
 _INT32 = 1 << 31
-Message = TypeVar("Message")
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ class SamplingParams:
         return dataclasses.replace(self, n=0, seed=seed)
 
     @classmethod
-    def from_pb(cls, message) -> SamplingParams:
-        """From a `SamplingParams` message of either proto (unset `seed`: a random one)."""
+    def from_pb(cls, message: common_pb2.SamplingParams) -> SamplingParams:
+        """Unset `seed`: a random one."""
         return cls(max_new_tokens=message.max_new_tokens, temperature=message.temperature, top_p=message.top_p,
                    top_k=message.top_k, repetition_penalty=message.repetition_penalty,
                    stop_strings=tuple(message.stop_strings), seed=message.seed if message.HasField("seed") else None,
@@ -119,11 +119,10 @@ class SamplingParams:
                    frequency_penalty=message.frequency_penalty, logit_bias=tuple(sorted(message.logit_bias.items())),
                    n=message.n, constraint=Constraint.from_pb(message.constraint))
 
-    def to_pb(self, message_type: type[Message]) -> Message:
-        """As a `message_type` (`gateway_pb2.SamplingParams` or `llm_pb2.SamplingParams`)."""
-        return message_type(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                            top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-                            stop_strings=list(self.stop_strings), seed=self.seed, top_logprobs=self.top_logprobs,
-                            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                            logit_bias=dict(self.logit_bias), n=self.n,
-                            constraint=self.constraint.to_pb() if self.constraint is not None else None)
+    def to_pb(self) -> common_pb2.SamplingParams:
+        return common_pb2.SamplingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty, stop_strings=list(self.stop_strings), seed=self.seed,
+            top_logprobs=self.top_logprobs, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, logit_bias=dict(self.logit_bias), n=self.n,
+            constraint=self.constraint.to_pb() if self.constraint is not None else None)

@@ -13,8 +13,6 @@ from services.model.adapter_options import AdapterOptions, add_adapter_options
 from services.runtime.grpc_server import ServerOptions, add_server_options
 from services.runtime.redis_client import redis_url_problem
 
-SERVICE_NAME = "internvl.llm.v1.LLMService"
-
 
 @dataclass(frozen=True)
 class LLMConfig:

@@ -3,7 +3,7 @@
 Placement of images in a user turn (both the new turn and every turn of history, rendered the same way):
 
 * Text parts are concatenated in order. If that text contains `<image>` placeholders, the turn's images (ImageRef
-  parts, then each frame of a VideoRef, all in part order) fill them in order; the counts must be equal.
+  parts and each frame of a VideoRef, all in part order) fill them in order; the counts must be equal.
 * If the text has no placeholder, the images go in front of the text, as the original's conventions write them:
   one lone image -> `<image>\\n{text}` (what `chat()` prepends); several images -> `Image-1: <image>\\nImage-2:
   <image>\\n{text}` (the original multi-image example); a video -> `Frame1: <image>\\nFrame2: <image>\\n{text}`
@@ -30,50 +30,8 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from services.contract import template
+from services.contract.conversation import Conversation, ImageRef, Part, VideoRef, part_images
 from services.contract.errors import ContextTooLongError, InvalidArgumentError
-
-
-@dataclass(frozen=True)
-class TextPart:
-    text: str
-
-
-@dataclass(frozen=True)
-class ImagePart:
-    """Embeddings from the vision service, by cache key: `num_tiles` * 256 rows."""
-
-    key: str
-    num_tiles: int
-
-
-@dataclass(frozen=True)
-class VideoPart:
-    """Sampled frames in time order, each an image."""
-
-    frames: tuple[ImagePart, ...]
-
-
-Part = TextPart | ImagePart | VideoPart
-
-
-@dataclass(frozen=True)
-class Turn:
-    user_parts: tuple[Part, ...]
-    assistant_text: str
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """The conversation to continue. `system_message` None keeps the model's default; "" means no system text."""
-
-    user_parts: tuple[Part, ...]
-    history: tuple[Turn, ...] = ()
-    system_message: str | None = None
-
-    def images(self) -> list[ImagePart]:
-        """Every image of the conversation in prompt order (history first), one entry per occurrence."""
-        return [image for parts in (*(t.user_parts for t in self.history), self.user_parts)
-                for image in _turn_images(parts)]
 
 
 @dataclass(frozen=True)
@@ -83,7 +41,7 @@ class Prompt:
     # The rendered prompt with every image still written `<img></img>` (see `expanded_text`).
     text: str
     token_ids: tuple[int, ...] = field(repr=False)
-    images: tuple[ImagePart, ...]
+    images: tuple[ImageRef, ...]
     tokens_per_tile: int
     # Offset in `text` of each image's `<img></img>`, in image order.
     image_offsets: tuple[int, ...] = ()
@@ -105,16 +63,6 @@ class Prompt:
         return "".join(out) + self.text[previous:]
 
 
-def _turn_images(parts: Sequence[Part]) -> list[ImagePart]:
-    images: list[ImagePart] = []
-    for part in parts:
-        if isinstance(part, ImagePart):
-            images.append(part)
-        elif isinstance(part, VideoPart):
-            images.extend(part.frames)
-    return images
-
-
 _MARKER = template.IMG_START + template.IMG_END
 
 
@@ -122,15 +70,15 @@ def render_question(parts: Sequence[Part], where: str = "user_parts") -> str:
     """One user turn as the question text, images still as `<image>` placeholders (rules in the module doc)."""
     text = ""
     for index, part in enumerate(parts):
-        if isinstance(part, TextPart):
-            template.check_text(part.text, f"{where}[{index}].text")
-            text += part.text
-        elif isinstance(part, ImagePart):
+        if isinstance(part, str):
+            template.check_text(part, f"{where}[{index}].text")
+            text += part
+        elif isinstance(part, ImageRef):
             if not part.key:
                 raise InvalidArgumentError(f"{where}[{index}].image has an empty key")
             if part.num_tiles < 1:
                 raise InvalidArgumentError(f"{where}[{index}].image.num_tiles must be >= 1, got {part.num_tiles}")
-        elif isinstance(part, VideoPart):
+        elif isinstance(part, VideoRef):
             if not part.frames:
                 raise InvalidArgumentError(f"{where}[{index}].video has no frames")
             for frame_index, frame in enumerate(part.frames):
@@ -139,7 +87,7 @@ def render_question(parts: Sequence[Part], where: str = "user_parts") -> str:
                                                "num_tiles >= 1")
         else:  # pragma: no cover - the wire layer builds only the three kinds
             raise InvalidArgumentError(f"{where}[{index}] is empty")
-    images = _turn_images(parts)
+    images = part_images(parts)
     placeholders = template.count_placeholders(text)
     if placeholders:
         if placeholders != len(images):
@@ -148,16 +96,16 @@ def render_question(parts: Sequence[Part], where: str = "user_parts") -> str:
         return text
     if not images:
         return text
-    media = [p for p in parts if not isinstance(p, TextPart)]
-    if len(media) == 1 and isinstance(media[0], ImagePart):
+    media = [p for p in parts if not isinstance(p, str)]
+    if len(media) == 1 and isinstance(media[0], ImageRef):
         return template.IMAGE_PLACEHOLDER + "\n" + text
-    if all(isinstance(p, ImagePart) for p in media):
+    if all(isinstance(p, ImageRef) for p in media):
         return template.multi_image_prefix(len(media)) + text
     if len(media) == 1:
         return template.video_prefix(len(media[0].frames)) + text
     prefix, image_no, frame_no = "", 0, 0
     for part in media:
-        if isinstance(part, ImagePart):
+        if isinstance(part, ImageRef):
             image_no += 1
             prefix += f"Image-{image_no}: {template.IMAGE_PLACEHOLDER}\n"
         else:
@@ -179,7 +127,7 @@ class PromptBuilder:
         ids = tokenizer.convert_tokens_to_ids([template.IMG_START, template.IMG_END, template.IMG_CONTEXT])
         self.img_start_id, self.img_end_id, self.img_context_id = ids
 
-    def render(self, conversation: Conversation) -> tuple[str, list[ImagePart], list[int]]:
+    def render(self, conversation: Conversation) -> tuple[str, list[ImageRef], list[int]]:
         """The prompt text with each image written `<img></img>`, the images, and their markers' offsets."""
         if not conversation.user_parts:
             raise InvalidArgumentError("user_parts is empty: the new user turn needs text or an image")

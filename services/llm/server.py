@@ -1,8 +1,8 @@
 """`internvl-serve llm`: the LLMService gRPC servicer and the process around it.
 
-The servicer is thin: it reads the stream's first message (and inline embeddings), translates it with
-services.llm.wire, calls the core (services.llm.service) and translates its events back. Domain errors propagate to
-the shared interceptor, which aborts the call with the mapped status.
+The servicer is thin: it reads the stream's first message (and inline embeddings) into the contract's
+`GenerateRequest`, calls the core (services.llm.service) and sends its events back, each in its own wire form.
+Domain errors propagate to the shared interceptor, which aborts the call with the mapped status.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import logging
 
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 
+from services.contract.conversation import GenerateRequest
 from services.contract.errors import InvalidArgumentError, NotReadyError
+from services.contract.service_names import LLM_SERVICE
 from services.llm import config as llm_config
-from services.llm import wire
-from services.llm.config import SERVICE_NAME, LLMConfig
+from services.llm.config import LLMConfig
 from services.llm.engine.events import Finish
+from services.llm.inline_embeddings import read_inline_embeddings
 from services.llm.metrics import LLMMetrics
 from services.llm.service import LLMService
 from services.runtime import request_ids, tracing
@@ -43,26 +45,28 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
             async for _ in request_iterator:  # fail after the client's half-close, not into its sends
                 pass
             raise InvalidArgumentError("the first message of Generate must carry `start`")
-        request = wire.generate_request_from_pb(first.start)
+        request = GenerateRequest.from_pb(first.start)
         request_ids.adopt(request.request_id, context.invocation_metadata())
         inline = None
         if request.inline_embeddings:
             limit = service.max_context_tokens * service.hidden_size * 4
-            inline = await wire.read_inline_embeddings(request_iterator, limit)
+            inline = await read_inline_embeddings(request_iterator, limit)
         stream = await service.generate(request, inline, timeout=context.time_remaining())
         finishes: list[Finish] = []
         try:
             async for event in stream:
                 if isinstance(event, Finish):
                     finishes.append(event)
-                yield wire.event_to_pb(event)
+                    yield llm_pb2.GenerateResponse(finish=event.to_pb())
+                else:
+                    yield llm_pb2.GenerateResponse(delta=event.to_pb())
         finally:
             # The client cancelled, the deadline passed, or the stream ended: free the slot (no-op once finished).
             stream.cancel()
         record_generation(finishes)
 
     async def GetModelInfo(self, request: llm_pb2.GetModelInfoRequest, context):
-        return wire.model_info_to_pb(self._ready().model_info())
+        return llm_pb2.GetModelInfoResponse(model_info=self._ready().model_info().to_pb())
 
 
 def record_generation(finishes: list[Finish]) -> None:
@@ -100,7 +104,7 @@ def record_generation(finishes: list[Finish]) -> None:
 async def serve(config: LLMConfig) -> None:
     """Serves NOT_SERVING while the model loads and warms up, then SERVING until SIGTERM, then drains."""
     metrics = LLMMetrics()
-    server = GrpcServer(config.server, [SERVICE_NAME], requests=metrics.requests)
+    server = GrpcServer(config.server, [LLM_SERVICE], requests=metrics.requests)
     servicer = LLMServicer()
     server.add(llm_pb2_grpc.add_LLMServiceServicer_to_server, servicer)
     await server.start(registry=metrics.registry)

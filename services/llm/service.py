@@ -13,12 +13,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from services.contract import template
+from services.contract.conversation import Conversation, GenerateRequest
 from services.contract.errors import (
     CheckpointError,
     EmbeddingsMissingError,
@@ -34,7 +34,7 @@ from services.llm.engine.events import EngineRequest
 from services.llm.engine.transformers_engine import TransformersEngine
 from services.llm.grammar import Grammars
 from services.llm.metrics import LLMMetrics
-from services.llm.prompt import Conversation, Prompt, PromptBuilder, TextPart
+from services.llm.prompt import Prompt, PromptBuilder
 from services.model.adapters import LANGUAGE_PREFIXES, Adapter, read_adapters
 from services.model.checkpoint import Checkpoint, open_checkpoint
 from services.model.modules import (
@@ -50,17 +50,6 @@ from services.runtime.redis_client import connect as connect_redis
 from services.runtime.redis_client import redis_errors
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    conversation: Conversation
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    # The client sends every referenced image's embeddings in the stream instead of the server reading Redis.
-    inline_embeddings: bool = False
-    request_id: str = ""
-    # A LoRA adapter's name (a model id of model_info()); "" is the base.
-    adapter: str = ""
 
 
 class LLMService:
@@ -131,7 +120,7 @@ class LLMService:
 
     async def warm_up(self) -> None:
         """One token through the whole path, so the first request does not pay for lazy initialisation."""
-        request = GenerateRequest(Conversation(user_parts=(TextPart("Hello"),)), SamplingParams(max_new_tokens=1))
+        request = GenerateRequest(Conversation(user_parts=("Hello",)), SamplingParams(max_new_tokens=1))
         async for _ in await self.generate(request):
             pass
 
@@ -152,8 +141,9 @@ class LLMService:
         EmbeddingsMissingError (listing every missing key) or OverloadedError before anything is generated.
         """
         arrival = time.monotonic()
-        if request.adapter and request.adapter not in {a.name for a in self.adapters}:
-            raise NotFoundError(f"model {request.adapter!r} is not served by this LLM server (adapters: "
+        adapter = request.conversation.adapter
+        if adapter and adapter not in {a.name for a in self.adapters}:
+            raise NotFoundError(f"model {adapter!r} is not served by this LLM server (adapters: "
                                 f"{', '.join(a.name for a in self.adapters) or 'none'})")
         sampling = request.sampling
         sampling.validate()
@@ -175,7 +165,7 @@ class LLMService:
         return self.engine.submit(EngineRequest(
             prompt=prompt, sampling=sampling, max_new_tokens=max_new, image_rows=rows,
             deadline=None if timeout is None else arrival + timeout, arrival=arrival,
-            request_id=request.request_id, grammar=grammar, adapter=request.adapter))
+            request_id=request.request_id, grammar=grammar, adapter=adapter))
 
     async def _image_rows(self, prompt: Prompt, inline: dict[str, torch.Tensor] | None,
                           inline_expected: bool) -> tuple[torch.Tensor, ...]:

@@ -20,14 +20,15 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 from internvl.common.v1 import common_pb2
 
-from services.contract.errors import STATUS_BY_CODE as RPC_STATUS_BY_CODE
 from services.contract.errors import (
+    ERROR_BY_CODE,
     EmbeddingsMissingError,
     ErrorCode,
     InternVLError,
     RpcStatus,
     error_code,
 )
+from services.contract.errors import STATUS_BY_CODE as RPC_STATUS_BY_CODE
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,49 @@ def error_detail(error) -> common_pb2.ErrorDetail | None:
                 if packed.Unpack(detail):
                     return detail
     return None
+
+
+# What a caller is told of a peer's failure with these codes: the peer's own message says what it found, not that
+# the caller can retry or where it failed ({message} is the peer's message, {peer} "the vision service", say).
+_PEER_MESSAGES: dict[ErrorCode, str] = {
+    ErrorCode.MODEL_MISMATCH: "{peer} refused the call: {message}",
+    ErrorCode.OVERLOADED: "{peer} is overloaded, retry later: {message}",
+    ErrorCode.NOT_READY: "{peer} is unavailable, retry later",
+    ErrorCode.DEADLINE_EXCEEDED: "the deadline passed while waiting for {peer}",
+    ErrorCode.INTERNAL: "internal error",
+}
+# The code of a status that arrives without an ErrorDetail: one gRPC itself made (a dead connection, a deadline,
+# a message over the size limit) or a peer that is not ours.
+_CODE_OF_BARE_STATUS: dict[grpc.StatusCode, ErrorCode] = {
+    grpc.StatusCode.INVALID_ARGUMENT: ErrorCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION: ErrorCode.MODEL_MISMATCH,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ErrorCode.OVERLOADED,
+    grpc.StatusCode.UNAVAILABLE: ErrorCode.NOT_READY,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ErrorCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.NOT_FOUND: ErrorCode.NOT_FOUND,
+}
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError, peer: str) -> InternVLError:
+    """Client side: the domain error a failed call to `peer` ("the LLM service") stands for, decoded through the one
+    table: the ErrorDetail's code gives the same error class again (so every code a peer raises reaches this side's
+    caller with its own status), a bare status its usual code. INTERNAL is logged here, since its message is not
+    passed on."""
+    status, message = error.code(), error.details() or ""
+    detail = error_detail(error)
+    if status == grpc.StatusCode.CANCELLED and detail is None:
+        return ERROR_BY_CODE[ErrorCode.NOT_READY](f"{peer} cancelled the call (it may be draining), retry")
+    try:
+        code = ErrorCode(detail.code) if detail is not None else _CODE_OF_BARE_STATUS[status]
+    except (ValueError, KeyError):
+        code = ErrorCode.INTERNAL
+    if code == ErrorCode.INTERNAL:
+        log.error("%s failed: %s %s", peer, status.name, message)
+    if code == ErrorCode.EMBEDDINGS_MISSING:
+        return EmbeddingsMissingError(list(detail.missing_keys) if detail is not None else [])
+    index = detail.item_index if detail is not None and detail.HasField("item_index") else None
+    text = _PEER_MESSAGES.get(code, "{message}").format(peer=peer, message=message)
+    return ERROR_BY_CODE[code](text, item_index=index)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:

@@ -1,8 +1,8 @@
 """`internvl-serve vision`: the gRPC face of the vision service.
 
-The servicer translates ``internvl.vision.v1`` messages into the core's types with ``services.vision.wire``
-and calls the core (``services.vision.service``); errors are domain exceptions that the shared interceptor maps to statuses. Start-up order: the
-server binds first and answers health checks (NOT_SERVING) while the model loads; readiness flips to SERVING
+The servicer wraps the core (``services.vision.service``): the contract's types read and write their own messages
+(``from_pb`` / ``to_pb``), and errors are domain exceptions that the shared interceptor maps to statuses. Start-up
+order: the server binds first and answers health checks (NOT_SERVING) while the model loads; readiness flips to SERVING
 only once the model is loaded and a warm-up tile has gone through the encoder. SIGTERM drains, then the
 model and the cache connection are released.
 """
@@ -17,18 +17,20 @@ from collections.abc import AsyncIterator
 
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 
+from services.contract.dtypes import DTYPE_TO_PB
+from services.contract.encoding import MediaItem, PreprocessOptions
 from services.contract.errors import NotReadyError
+from services.contract.service_names import VISION_SERVICE
 from services.runtime import tracing
 from services.runtime.grpc_server import GrpcServer
+from services.runtime.tensor_wire import tensor_chunks
 from services.vision import config as vision_config
-from services.vision import wire
 from services.vision.config import VisionConfig
 from services.vision.metrics import VisionMetrics
 from services.vision.service import VisionService
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name  # internvl.vision.v1.VisionService
 
 # ---------------------------------------------------------------------------------------------- servicer
 
@@ -48,11 +50,11 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         return self.service
 
     async def Encode(self, request: vision_pb2.EncodeRequest, context) -> vision_pb2.EncodeResponse:
-        results = await self._ready().encode([wire.item_from_pb(i) for i in request.items],
-                                             wire.options_from_pb(request.options), request.adapter)
+        results = await self._ready().encode([MediaItem.from_pb(i) for i in request.items],
+                                             PreprocessOptions.from_pb(request.options), request.adapter)
         tracing.set_attributes({"internvl.items": len(results), "internvl.tiles": sum(r.num_tiles for r in results),
                                 "internvl.cache_hits": sum(r.cache_hit for r in results)})
-        return wire.encode_response_to_pb(results)
+        return vision_pb2.EncodeResponse(items=[r.to_pb() for r in results])
 
     async def Lookup(self, request: vision_pb2.LookupRequest, context) -> vision_pb2.LookupResponse:
         exists = await self._ready().lookup(list(request.keys))
@@ -65,11 +67,11 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         chunk_bytes = service.config.chunk_bytes(request.max_chunk_bytes)
         embeddings = await service.fetch(request.key)
         tracing.set_attributes({"internvl.bytes": embeddings.nbytes})
-        for response in wire.fetch_responses(embeddings, chunk_bytes):
-            yield response
+        for chunk in tensor_chunks(DTYPE_TO_PB[embeddings.dtype], embeddings.shape, embeddings.data, chunk_bytes):
+            yield vision_pb2.FetchEmbeddingsResponse(chunk=chunk)
 
     async def GetModelInfo(self, request, context) -> vision_pb2.GetModelInfoResponse:
-        return wire.model_info_to_pb(self._ready().model_info())
+        return vision_pb2.GetModelInfoResponse(model_info=self._ready().model_info().to_pb())
 
 
 # ------------------------------------------------------------------------------------------------- process
@@ -88,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(config: VisionConfig) -> None:
     metrics = VisionMetrics()
-    server = GrpcServer(config.server, [SERVICE_NAME], requests=metrics.requests)
+    server = GrpcServer(config.server, [VISION_SERVICE], requests=metrics.requests)
     servicer = VisionServicer()
     server.add(vision_pb2_grpc.add_VisionServiceServicer_to_server, servicer)
-    # Bound while the weights load: liveness ("") answers SERVING, readiness (SERVICE_NAME) NOT_SERVING.
+    # Bound while the weights load: liveness ("") answers SERVING, readiness (VISION_SERVICE) NOT_SERVING.
     await server.start(registry=metrics.registry)
     service: VisionService | None = None
     try:

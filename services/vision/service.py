@@ -21,7 +21,6 @@ import logging
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import redis.exceptions
@@ -30,7 +29,7 @@ from PIL import Image
 
 from services.contract.cache_keys import key_prefix
 from services.contract.dtypes import dtype_name
-from services.contract.encoding import EncodedItem, MediaItem, item_key
+from services.contract.encoding import EncodedItem, MediaItem, PreprocessOptions, item_key
 from services.contract.errors import (
     InvalidArgumentError,
     InvalidMediaError,
@@ -63,17 +62,11 @@ log = logging.getLogger(__name__)
 # Most keys one Lookup may ask about, and the longest key accepted.
 MAX_LOOKUP_KEYS = 4096
 MAX_KEY_CHARS = 256
+# The model's defaults for every option.
+_DEFAULT_OPTIONS = PreprocessOptions()
 
 
 # ------------------------------------------------------------------------------------------- domain types
-
-
-@dataclass(frozen=True)
-class EncodeOptions:
-    """Preprocessing options of a request; None means the model's default."""
-
-    max_num: int | None = None
-    use_thumbnail: bool | None = None
 
 
 # ------------------------------------------------------------------------------------------------- service
@@ -165,7 +158,7 @@ class VisionService:
 
     # ---------------------------------------------------------------------------------------------- encode
 
-    async def encode(self, items: Sequence[MediaItem], options: EncodeOptions = EncodeOptions(),
+    async def encode(self, items: Sequence[MediaItem], options: PreprocessOptions = _DEFAULT_OPTIONS,
                      adapter: str = "") -> list[EncodedItem]:
         """Per item, in order: its key, tile and token counts, and whether the cache already held it."""
         if adapter and self.info.adapter(adapter) is None:
@@ -194,7 +187,7 @@ class VisionService:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    def _resolve(self, options: EncodeOptions) -> tuple[int, bool]:
+    def _resolve(self, options: PreprocessOptions) -> tuple[int, bool]:
         max_num = self.default_max_num if options.max_num is None else options.max_num
         if isinstance(max_num, bool) or not isinstance(max_num, int) or not 1 <= max_num <= MAX_NUM_LIMIT:
             raise InvalidArgumentError(f"max_num must be between 1 and {MAX_NUM_LIMIT}, got {max_num}")

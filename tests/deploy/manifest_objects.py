@@ -7,7 +7,7 @@ What counts as "the code":
 - flags: `tools.cli.main`, the real `internvl-serve` entry point, parses each container's command line with the
   subcommand module's own `add_arguments` (its `run` replaced by a recorder); then the service's config class is
   built from the result, so its own validation runs too;
-- health service names: the `SERVICE_NAME` each server module registers with `GrpcServer`;
+- health service names: the names the servers register with `GrpcServer` (`services.contract.service_names`);
 - metric names: the exposition of a fresh instance of each service's metrics class; their label names from the same
   registry; the values of the gateway's routing labels from `gateway.routing` and `gateway.metrics` themselves;
 - environment variables: the names the service's packages read (`os.environ[...]`, `environ.get(...)`,
@@ -327,7 +327,9 @@ def server_module(command: str):
 
 
 def health_service_name(command: str) -> str:
-    return server_module(command).SERVICE_NAME
+    from services.contract.service_names import SERVICE_BY_COMMAND
+
+    return SERVICE_BY_COMMAND[command]
 
 
 @functools.cache

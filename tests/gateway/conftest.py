@@ -29,10 +29,11 @@ from gateway.clients import open_clients
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
 from gateway.orchestrator import Orchestrator
-from gateway.server import SERVICE_NAME, ChatServicer
+from gateway.server import ChatServicer
 from gateway.sessions import MemorySessionStore
 from services.contract.cache_keys import cache_key, frame_media, model_identity
 from services.contract.errors import EmbeddingsMissingError, InvalidMediaError, NotFoundError
+from services.contract.service_names import GATEWAY_SERVICE, LLM_SERVICE, VISION_SERVICE
 from services.contract.tiling import count_tiles
 from services.runtime.grpc_server import GrpcServer, ServerOptions
 from services.runtime.request_metrics import RequestMetrics
@@ -86,10 +87,15 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
         self.fingerprint = fingerprint
         self.calls: list[tuple[str, int]] = []
         self.time_remaining: list[float | None] = []
+        # Raised by the next Encode, when set.
+        self.fail_encode: Exception | None = None
 
     async def Encode(self, request, context):
         self.calls.append(("Encode", len(request.items)))
         self.time_remaining.append(context.time_remaining())
+        if self.fail_encode is not None:
+            error, self.fail_encode = self.fail_encode, None
+            raise error
         max_num, thumb = request.options.max_num, request.options.use_thumbnail
         out = []
         for i, item in enumerate(request.items):
@@ -191,8 +197,8 @@ class FakeLLM(llm_pb2_grpc.LLMServiceServicer):
                     top_logprobs=top if start.sampling.top_logprobs else [], index=index))
         for index in reversed(range(answers)):
             yield llm_pb2.GenerateResponse(finish=llm_pb2.GenerateFinish(
-                reason=llm_pb2.FINISH_REASON_STOP, index=index,
-                usage=llm_pb2.Usage(prompt_tokens=100, completion_tokens=3,
+                reason=common_pb2.FINISH_REASON_STOP, index=index,
+                usage=common_pb2.Usage(prompt_tokens=100, completion_tokens=3,
                                     cached_prompt_tokens=10 * len(start.history))))
 
     async def GetModelInfo(self, request, context):
@@ -234,9 +240,9 @@ async def fake_stack(media_root=None, vision_replicas: int = 2, llm_fingerprint:
     cache = FakeCache()
     visions = [FakeVision(cache) for _ in range(vision_replicas)]
     llm = FakeLLM(cache, llm_fingerprint)
-    servers = [await _serve(vision_pb2_grpc.add_VisionServiceServicer_to_server, v, "internvl.vision.v1.VisionService")
+    servers = [await _serve(vision_pb2_grpc.add_VisionServiceServicer_to_server, v, VISION_SERVICE)
                for v in visions]
-    servers.append(await _serve(llm_pb2_grpc.add_LLMServiceServicer_to_server, llm, "internvl.llm.v1.LLMService"))
+    servers.append(await _serve(llm_pb2_grpc.add_LLMServiceServicer_to_server, llm, LLM_SERVICE))
     cfg = GatewayConfig(vision_target="ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in servers[:-1]),
                         llm_target=f"ipv4:127.0.0.1:{servers[-1].port}", media_root=media_root,
                         server=ServerOptions(port=0, host="127.0.0.1", drain_seconds=0.5), **config)
@@ -244,7 +250,7 @@ async def fake_stack(media_root=None, vision_replicas: int = 2, llm_fingerprint:
     vision_client, llm_client = await open_clients(cfg, metrics, health_interval_s=0.2)
     orchestrator = Orchestrator(cfg, vision_client, llm_client, MemorySessionStore(cfg.session_ttl_s), metrics)
     gateway = await _serve(gateway_pb2_grpc.add_ChatServiceServicer_to_server, ChatServicer(orchestrator, metrics),
-                           SERVICE_NAME, metrics.requests)
+                           GATEWAY_SERVICE, metrics.requests)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
     try:
         if connect:

@@ -9,10 +9,9 @@ import os
 import av
 import pytest
 
-from gateway.errors import MediaAccessError
 from gateway.media import MediaResolver, decode_data_url, decode_video, probe_image
 from gateway.video import frame_indices
-from services.contract.errors import InvalidArgumentError, InvalidMediaError
+from services.contract.errors import InvalidArgumentError, InvalidMediaError, MediaAccessError
 
 
 def reference_frames(data: bytes) -> tuple[list, float]:

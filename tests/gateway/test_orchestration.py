@@ -18,7 +18,13 @@ from internvl.common.v1 import common_pb2
 from internvl.gateway.v1 import gateway_pb2
 
 from gateway.orchestrator import MISSING_EMBEDDINGS_RETRIES, check_same_model
-from services.contract.errors import ModelMismatchError, NotReadyError
+from services.contract.errors import (
+    ERROR_BY_CODE,
+    STATUS_BY_CODE,
+    ErrorCode,
+    ModelMismatchError,
+    NotReadyError,
+)
 from services.contract.model_info import AdapterInfo, ModelInfo
 from services.runtime.grpc_errors import error_detail
 
@@ -487,3 +493,28 @@ async def test_a_remote_image_is_fetched_by_the_allowlist_and_shares_the_cache_w
             assert stack.vision_calls("Lookup") == []
     finally:
         await runner.cleanup()
+
+
+def _raised(code: ErrorCode) -> Exception:
+    """An error of `code` as a service raises it."""
+    if code == ErrorCode.EMBEDDINGS_MISSING:
+        return ERROR_BY_CODE[code](["ns:emb:v1:not-from-this-request"])
+    return ERROR_BY_CODE[code](f"raised with {code.name}", item_index=0)
+
+
+@pytest.mark.parametrize("code", list(ErrorCode), ids=lambda c: c.name)
+async def test_every_code_a_service_raises_reaches_the_caller_with_its_own_code(fakes, code):
+    """A service's error decodes through the one table back into its own error, so the gateway's caller sees the
+    same code (and its status) whichever service raised it: the LLM service below, the vision service when it
+    encodes."""
+    async with fakes.stack(vision_replicas=1) as stack:
+        def fail(start):
+            raise _raised(code)
+
+        stack.llm.before_read = fail
+        status, _, detail_code = await refusal(stack, G.ChatRequest(content=[text("Hello")]))
+        assert (status.name, detail_code) == (STATUS_BY_CODE[code].name, code)
+        stack.visions[0].fail_encode = _raised(code)
+        status, _, detail_code = await refusal(stack, G.ChatRequest(content=[image_part(fakes.png(32, 32)),
+                                                                            text("What is it?")]))
+        assert (status.name, detail_code) == (STATUS_BY_CODE[code].name, code)

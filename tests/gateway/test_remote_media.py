@@ -23,7 +23,6 @@ from PIL import Image
 
 from gateway import config as gateway_config
 from gateway.chat_request import CallerTurn, ChatRequest, ContentPart, ImageInput, VideoInput
-from gateway.errors import DeadlineExceededError, MediaAccessError
 from gateway.media import decode_data_url
 from gateway.remote_media import (
     MAX_REDIRECTS,
@@ -34,7 +33,12 @@ from gateway.remote_media import (
     address_problem,
     host_pattern_problem,
 )
-from services.contract.errors import InvalidArgumentError, InvalidMediaError
+from services.contract.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    InvalidMediaError,
+    MediaAccessError,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

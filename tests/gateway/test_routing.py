@@ -13,9 +13,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway.conversation import ImageRef, LLMConversation, TurnRecord, VideoRef
 from gateway.endpoints import EndpointPool, parse_target
 from gateway.routing import Policy, Reason, Router, choose, load_bound, preference
+from services.contract.conversation import Conversation, ImageRef, Turn, VideoRef
 from services.contract.errors import InvalidArgumentError, NotReadyError
 
 KEYS = [f"conversation-{i}".encode() for i in range(10_000)]
@@ -136,31 +136,31 @@ IMAGE = ImageRef("ns:emb:v1:aaaa", 5)
 
 
 def test_every_turn_of_a_conversation_has_the_key_of_its_first_turn():
-    turn1 = LLMConversation(("<image>\nDescribe.", IMAGE), (), None)
-    turn2 = LLMConversation(("And the colours?",), (TurnRecord(turn1.user_parts, "A cat."),), None)
-    turn3 = LLMConversation(("Why?",), (*turn2.history, TurnRecord(turn2.user_parts, "Grey.")), None)
+    turn1 = Conversation(("<image>\nDescribe.", IMAGE), (), None)
+    turn2 = Conversation(("And the colours?",), (Turn(turn1.user_parts, "A cat."),), None)
+    turn3 = Conversation(("Why?",), (*turn2.history, Turn(turn2.user_parts, "Grey.")), None)
     assert turn1.prefix_identity() == turn2.prefix_identity() == turn3.prefix_identity()
 
 
 def test_the_key_depends_on_the_system_message_text_and_images():
-    base = LLMConversation(("Describe.", IMAGE), (), None)
-    others = [LLMConversation(("Describe.", IMAGE), (), ""),
-              LLMConversation(("Describe.", IMAGE), (), "You are terse."),
-              LLMConversation(("Describe!", IMAGE), (), None),
-              LLMConversation(("Describe.", ImageRef("ns:emb:v1:bbbb", 5)), (), None),
-              LLMConversation(("Describe.", VideoRef((IMAGE,))), (), None)]
+    base = Conversation(("Describe.", IMAGE), (), None)
+    others = [Conversation(("Describe.", IMAGE), (), ""),
+              Conversation(("Describe.", IMAGE), (), "You are terse."),
+              Conversation(("Describe!", IMAGE), (), None),
+              Conversation(("Describe.", ImageRef("ns:emb:v1:bbbb", 5)), (), None),
+              Conversation(("Describe.", VideoRef((IMAGE,))), (), None)]
     keys = {base.prefix_identity(), *(c.prefix_identity() for c in others)}
     assert len(keys) == 1 + len(others)
     # Identical first turns of two users share the key (and their prompts share that prefix).
-    assert LLMConversation(("Describe.", IMAGE), (), None).prefix_identity() == base.prefix_identity()
+    assert Conversation(("Describe.", IMAGE), (), None).prefix_identity() == base.prefix_identity()
 
 
 def test_the_key_depends_on_the_adapter():
     """A prefix computed by one adapter is no prefix for another: the same first turn routes by its adapter."""
-    keys = {LLMConversation(("Describe.", IMAGE), (), None, adapter).prefix_identity() for adapter in ("", "a", "b")}
+    keys = {Conversation(("Describe.", IMAGE), (), None, adapter).prefix_identity() for adapter in ("", "a", "b")}
     assert len(keys) == 3
-    turn2 = LLMConversation(("Why?",), (TurnRecord(("Describe.", IMAGE), "A cat."),), None, "a")
-    assert turn2.prefix_identity() == LLMConversation(("Describe.", IMAGE), (), None, "a").prefix_identity()
+    turn2 = Conversation(("Why?",), (Turn(("Describe.", IMAGE), "A cat."),), None, "a")
+    assert turn2.prefix_identity() == Conversation(("Describe.", IMAGE), (), None, "a").prefix_identity()
 
 
 # ------------------------------------------------------------------------------------------------- targets

@@ -9,17 +9,16 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from gateway.conversation import ImageRef, TurnRecord, VideoRef
-from gateway.errors import SessionBusyError, SessionNotFoundError
 from gateway.sessions import MemorySessionStore, RedisSessionStore, Session
-from services.contract.errors import InvalidArgumentError
+from services.contract.conversation import ImageRef, Turn, VideoRef
+from services.contract.errors import InvalidArgumentError, SessionBusyError, SessionNotFoundError
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 
 TURNS = (
-    TurnRecord(("Describe it.", ImageRef("ns:emb:v1:aa", 5)), "A cat."),
-    TurnRecord((VideoRef((ImageRef("ns:emb:v1:f1", 1), ImageRef("ns:emb:v1:f2", 1))), "And now?"), "It runs."),
-    TurnRecord((ImageRef("ns:combined:v1:cc", 3, (ImageRef("k1", 2), ImageRef("k2", 1))), "Both?"), ""),
+    Turn(("Describe it.", ImageRef("ns:emb:v1:aa", 5)), "A cat."),
+    Turn((VideoRef((ImageRef("ns:emb:v1:f1", 1), ImageRef("ns:emb:v1:f2", 1))), "And now?"), "It runs."),
+    Turn((ImageRef("ns:combined:v1:cc", 3, (ImageRef("k1", 2), ImageRef("k2", 1))), "Both?"), ""),
 )
 
 

@@ -27,15 +27,15 @@ from lora_reference import (
     write_swift_adapter,
 )
 
+from services.contract.conversation import Conversation, GenerateRequest, ImageRef
 from services.contract.errors import NotFoundError
 from services.contract.model_info import AdapterInfo, ModelInfo
 from services.llm.config import LLMConfig
 from services.llm.engine.events import EngineRequest
 from services.llm.engine.sampling import SamplingParams
 from services.llm.metrics import LLMMetrics
-from services.llm.prompt import Conversation, ImagePart, TextPart
 from services.llm.server import LLMServicer
-from services.llm.service import GenerateRequest, LLMService
+from services.llm.service import LLMService
 from services.model.adapter_options import AdapterOptions
 from services.model.adapters import read_adapter
 from services.model.checkpoint import open_checkpoint
@@ -109,10 +109,10 @@ async def serving(world: World, *adapters: str, **overrides):
         await service.close()
 
 
-def ask(text: str, *images: ImagePart, adapter: str = "", max_new_tokens: int = MAX_NEW) -> GenerateRequest:
-    return GenerateRequest(Conversation(user_parts=(*images, TextPart(text))),
+def ask(text: str, *images: ImageRef, adapter: str = "", max_new_tokens: int = MAX_NEW) -> GenerateRequest:
+    return GenerateRequest(Conversation(user_parts=(*images, text), adapter=adapter),
                            SamplingParams(max_new_tokens=max_new_tokens, top_logprobs=TOP),
-                           inline_embeddings=bool(images), adapter=adapter)
+                           inline_embeddings=bool(images))
 
 
 def expected_answer(world: World, name: str, service: LLMService, request: GenerateRequest,
@@ -192,7 +192,7 @@ async def test_image_answer_equals_peft(world, collect, tile, llm, name):
     with torch.no_grad():
         rows = w.reference(name if name == "q-vision" else "").encode_images(tile)
     images = {"img": rows.reshape(-1, rows.shape[-1])}
-    request = ask("What is in the image?", ImagePart("img", tile.shape[0]), adapter=name)
+    request = ask("What is in the image?", ImageRef("img", tile.shape[0]), adapter=name)
     async with serving(w, *ADAPTERS[llm]) as service:
         expected = expected_answer(w, name, service, request, images)
         assert_parity(await collect(await service.generate(request, images)), expected)
@@ -216,7 +216,7 @@ async def test_eight_streams_over_three_adapters_and_the_base_share_steps(world,
     names = ["", *ADAPTERS["qwen2"]]
     async with serving(w, *ADAPTERS["qwen2"]) as service:
         def request(i: int) -> EngineRequest:
-            conversation = Conversation(user_parts=(TextPart(f"Stream {i}: {PROMPTS[i % 2]}"),))
+            conversation = Conversation(user_parts=(f"Stream {i}: {PROMPTS[i % 2]}",))
             return EngineRequest(prompt=service.prompts.build(conversation),
                                  sampling=SamplingParams(max_new_tokens=5 + i, top_logprobs=TOP),
                                  max_new_tokens=5 + i, adapter=names[i // 2])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.contract.conversation import Conversation, ImageRef, Turn, VideoRef
 from services.contract.errors import ContextTooLongError, InvalidArgumentError
 from services.contract.template import (
     DEFAULT_SYSTEM_MESSAGE,
@@ -12,10 +13,10 @@ from services.contract.template import (
     render,
     video_prefix,
 )
-from services.llm.prompt import Conversation, ImagePart, PromptBuilder, TextPart, Turn, VideoPart
+from services.llm.prompt import PromptBuilder
 
-A, B = ImagePart("key-a", 1), ImagePart("key-b", 2)
-FRAMES = VideoPart((ImagePart("f1", 1), ImagePart("f2", 1), ImagePart("f3", 1)))
+A, B = ImageRef("key-a", 1), ImageRef("key-b", 2)
+FRAMES = VideoRef((ImageRef("f1", 1), ImageRef("f2", 1), ImageRef("f3", 1)))
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +31,20 @@ def builder(chat):
 
 # (user parts, history as Turns, the original's question, the original's history pairs, tiles in placeholder order)
 CASES = {
-    "text": ((TextPart("Hello there."),), (), "Hello there.", None, []),
-    "one-image-first-turn": ((A, TextPart("Describe.")), (), "<image>\nDescribe.", None, [1]),
-    "image-after-text": ((TextPart("Describe."), A), (), "<image>\nDescribe.", None, [1]),
-    "explicit-placeholder": ((TextPart("Look: <image> what is it?"), A), (), "Look: <image> what is it?", None, [1]),
-    "two-images": ((A, B, TextPart("Compare.")), (), multi_image_prefix(2) + "Compare.", None, [1, 2]),
-    "placeholders-across-parts": ((TextPart("First <image>,"), A, TextPart(" then <image>."), B), (),
+    "text": (("Hello there.",), (), "Hello there.", None, []),
+    "one-image-first-turn": ((A, "Describe."), (), "<image>\nDescribe.", None, [1]),
+    "image-after-text": (("Describe.", A), (), "<image>\nDescribe.", None, [1]),
+    "explicit-placeholder": (("Look: <image> what is it?", A), (), "Look: <image> what is it?", None, [1]),
+    "two-images": ((A, B, "Compare."), (), multi_image_prefix(2) + "Compare.", None, [1, 2]),
+    "placeholders-across-parts": (("First <image>,", A, " then <image>.", B), (),
                                   "First <image>, then <image>.", None, [1, 2]),
-    "video": ((FRAMES, TextPart("What happens?")), (), video_prefix(3) + "What happens?", None, [1, 1, 1]),
+    "video": ((FRAMES, "What happens?"), (), video_prefix(3) + "What happens?", None, [1, 1, 1]),
     "history-with-images": (
-        (TextPart("And now?"),),
-        (Turn((A, TextPart("Describe.")), "A cat."), Turn((TextPart("Sure?"),), "Yes.")),
+        ("And now?",),
+        (Turn((A, "Describe."), "A cat."), Turn(("Sure?",), "Yes.")),
         "And now?", [("<image>\nDescribe.", "A cat."), ("Sure?", "Yes.")], [1]),
-    "empty-answer-in-history": ((TextPart("Again."),), (Turn((TextPart("Hi"),), ""),), "Again.", [("Hi", "")], []),
-    "image-in-second-turn": ((B, TextPart("This one?")), (Turn((A, TextPart("Describe.")), "A cat."),),
+    "empty-answer-in-history": (("Again.",), (Turn(("Hi",), ""),), "Again.", [("Hi", "")], []),
+    "image-in-second-turn": ((B, "This one?"), (Turn((A, "Describe."), "A cat."),),
                              "<image>\nThis one?", [("<image>\nDescribe.", "A cat.")], [1, 2]),
 }
 
@@ -60,8 +61,8 @@ def test_prompt_equals_the_original(builder, chat, case):
 
 
 @pytest.mark.parametrize(("parts", "question", "tiles"), [
-    ((A, TextPart("Describe.")), "Describe.", [1]),
-    ((TextPart("Image-1: <image>\nImage-2: <image>\nCompare."), A, B), "Image-1: <image>\nImage-2: <image>\nCompare.",
+    ((A, "Describe."), "Describe.", [1]),
+    (("Image-1: <image>\nImage-2: <image>\nCompare.", A, B), "Image-1: <image>\nImage-2: <image>\nCompare.",
      [1, 2]),
 ])
 def test_first_turn_matches_chat_build_prompt(builder, chat, parts, question, tiles):
@@ -70,7 +71,7 @@ def test_first_turn_matches_chat_build_prompt(builder, chat, parts, question, ti
 
 
 def test_mixed_images_and_video_are_numbered_in_part_order(builder):
-    prompt = builder.build(Conversation(user_parts=(A, FRAMES, TextPart("Explain."))))
+    prompt = builder.build(Conversation(user_parts=(A, FRAMES, "Explain.")))
     assert "Image-1: <img>" in prompt.expanded_text
     assert prompt.text.endswith("<|im_start|>user\nImage-1: <img></img>\nFrame1: <img></img>\nFrame2: <img></img>\n"
                                 "Frame3: <img></img>\nExplain.<|im_end|>\n<|im_start|>assistant\n")
@@ -80,15 +81,15 @@ def test_mixed_images_and_video_are_numbered_in_part_order(builder):
 @pytest.mark.parametrize(("system", "rendered"), [
     (None, DEFAULT_SYSTEM_MESSAGE), ("You are terse.", "You are terse."), ("", "")])
 def test_system_message(builder, system, rendered):
-    prompt = builder.build(Conversation(user_parts=(TextPart("Hi"),), system_message=system))
+    prompt = builder.build(Conversation(user_parts=("Hi",), system_message=system))
     assert prompt.text.startswith(f"<|im_start|>system\n{rendered}<|im_end|>\n<|im_start|>user\nHi")
 
 
 def test_literal_img_tags_are_text_as_in_the_original(builder, chat):
     """`<img>` typed by a user is the special token the original gives it, not an image slot."""
     question = "What does <img></img> do in HTML? Here: <image> and <img src=x>"
-    prompt = builder.build(Conversation(user_parts=(TextPart(question), A),
-                                        history=(Turn((TextPart("<img>?"),), "An </img> tag."),)))
+    prompt = builder.build(Conversation(user_parts=(question, A),
+                                        history=(Turn(("<img>?",), "An </img> tag."),)))
     expected = expand_images(render(question, [("<img>?", "An </img> tag.")], chat.checkpoint.spec.system_message),
                              [1])
     assert prompt.expanded_text == expected
@@ -97,24 +98,24 @@ def test_literal_img_tags_are_text_as_in_the_original(builder, chat):
 
 
 def test_placeholder_text_in_an_answer_stays_text(builder):
-    prompt = builder.build(Conversation(user_parts=(TextPart("Ok"),),
-                                        history=(Turn((A, TextPart("Q")), "I saw <image> there."),)))
+    prompt = builder.build(Conversation(user_parts=("Ok",),
+                                        history=(Turn((A, "Q"), "I saw <image> there."),)))
     assert prompt.image_keys == ["key-a"]
     assert "I saw <image> there." in prompt.text
 
 
 @pytest.mark.parametrize(("conversation", "message"), [
     (Conversation(user_parts=()), "user_parts is empty"),
-    (Conversation(user_parts=(TextPart("<image> <image>"), A)), "2 <image> placeholders but 1 images"),
-    (Conversation(user_parts=(TextPart("<image>"),)), "1 <image> placeholders but 0 images"),
-    (Conversation(user_parts=(TextPart("x <IMG_CONTEXT>"),)), "only the server writes"),
-    (Conversation(user_parts=(TextPart("\ue000"),)), "only the server writes"),
-    (Conversation(user_parts=(TextPart("hi"),), history=(Turn((TextPart("q"),), "<IMG_CONTEXT>"),)),
+    (Conversation(user_parts=("<image> <image>", A)), "2 <image> placeholders but 1 images"),
+    (Conversation(user_parts=("<image>",)), "1 <image> placeholders but 0 images"),
+    (Conversation(user_parts=("x <IMG_CONTEXT>",)), "only the server writes"),
+    (Conversation(user_parts=("\ue000",)), "only the server writes"),
+    (Conversation(user_parts=("hi",), history=(Turn(("q",), "<IMG_CONTEXT>"),)),
      "history[0].assistant_text"),
-    (Conversation(user_parts=(TextPart("hi"),), system_message="<IMG_CONTEXT>"), "system_message"),
-    (Conversation(user_parts=(ImagePart("k", 0),)), "num_tiles must be >= 1"),
-    (Conversation(user_parts=(ImagePart("", 1),)), "empty key"),
-    (Conversation(user_parts=(VideoPart(()),)), "no frames"),
+    (Conversation(user_parts=("hi",), system_message="<IMG_CONTEXT>"), "system_message"),
+    (Conversation(user_parts=(ImageRef("k", 0),)), "num_tiles must be >= 1"),
+    (Conversation(user_parts=(ImageRef("", 1),)), "empty key"),
+    (Conversation(user_parts=(VideoRef(()),)), "no frames"),
 ], ids=["empty", "too-many-placeholders", "placeholder-without-image", "img-context", "sentinel",
         "answer-markup", "system-markup", "zero-tiles", "empty-key", "empty-video"])
 def test_bad_conversations(builder, conversation, message):
@@ -125,7 +126,7 @@ def test_bad_conversations(builder, conversation, message):
 def test_context_limit(chat):
     small = PromptBuilder(chat.tokenizer, 256, None, max_context_tokens=600)
     with pytest.raises(ContextTooLongError):  # 3 tiles = 768 slots: rejected before tokenising
-        small.build(Conversation(user_parts=(ImagePart("k", 3),)))
+        small.build(Conversation(user_parts=(ImageRef("k", 3),)))
     with pytest.raises(ContextTooLongError):
-        small.build(Conversation(user_parts=(TextPart("word " * 700),)))
-    assert len(small.build(Conversation(user_parts=(ImagePart("k", 2),)))) < 600
+        small.build(Conversation(user_parts=("word " * 700,)))
+    assert len(small.build(Conversation(user_parts=(ImageRef("k", 2),)))) < 600

@@ -116,7 +116,7 @@ def generate(stub, start: llm_pb2.GenerateStart, timeout: float = 60) -> Reply:
 
 
 def start(parts, history=(), max_new=MAX_NEW, **sampling) -> llm_pb2.GenerateStart:
-    return llm_pb2.GenerateStart(user_parts=parts, history=history, sampling=llm_pb2.SamplingParams(
+    return llm_pb2.GenerateStart(user_parts=parts, history=history, sampling=common_pb2.SamplingParams(
         max_new_tokens=max_new, top_logprobs=TOP, **sampling))
 
 

@@ -14,7 +14,7 @@ from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 from gateway.backends import Embeddings
 from gateway.clients import embedding_messages as gateway_embedding_messages
 from services.contract.dtypes import DTYPE_TO_PB
-from services.llm.config import SERVICE_NAME
+from services.contract.service_names import LLM_SERVICE
 from services.llm.server import LLMServicer
 from services.runtime.embedding_store import tensor_to_bytes
 from services.runtime.grpc_errors import error_detail
@@ -32,7 +32,7 @@ def embedding_messages(key: str, tensor: torch.Tensor, chunk_bytes: int = 1 << 2
 
 @contextlib.asynccontextmanager
 async def serving(service):
-    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1"), [SERVICE_NAME], requests=RequestMetrics("llm_"))
+    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1"), [LLM_SERVICE], requests=RequestMetrics("llm_"))
     server.add(llm_pb2_grpc.add_LLMServiceServicer_to_server, LLMServicer(service))
     port = await server.start()
     await server.mark_ready()
@@ -46,7 +46,7 @@ async def serving(service):
 def start_message(*parts, inline=False, **sampling) -> llm_pb2.GenerateRequest:
     sampling.setdefault("max_new_tokens", 6)
     return llm_pb2.GenerateRequest(start=llm_pb2.GenerateStart(
-        user_parts=list(parts), inline_embeddings=inline, sampling=llm_pb2.SamplingParams(**sampling)))
+        user_parts=list(parts), inline_embeddings=inline, sampling=common_pb2.SamplingParams(**sampling)))
 
 
 async def tokens_of(call) -> list[int]:
@@ -160,7 +160,7 @@ async def test_full_queue_is_resource_exhausted(make_service):
 
 
 async def test_not_ready_until_loaded():
-    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1"), [SERVICE_NAME], requests=RequestMetrics("llm_"))
+    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1"), [LLM_SERVICE], requests=RequestMetrics("llm_"))
     server.add(llm_pb2_grpc.add_LLMServiceServicer_to_server, LLMServicer(None))
     port = await server.start()
     try:

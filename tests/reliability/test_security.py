@@ -33,9 +33,9 @@ from reliability import media
 from reliability.certs import Authority
 from reliability.harness import chat, image_part, start_services, text_part
 from services.contract.errors import InvalidArgumentError
+from services.contract.service_names import GATEWAY_SERVICE, LLM_SERVICE, VISION_SERVICE
 from services.runtime.tls import ClientTls, ServerTls
 from tools import up
-from tools.launcher import GATEWAY_HEALTH, LLM_HEALTH, VISION_HEALTH
 
 # The tests on tls_stack are marked e2e one by one: the configuration and source checks start nothing.
 pytestmark = pytest.mark.timeout(300)
@@ -108,7 +108,7 @@ def test_calls_without_the_token_are_unauthenticated(tls_stack, metadata):
 @pytest.mark.e2e
 def test_health_needs_no_token_and_plaintext_is_refused(tls_stack, pki):
     with grpc.secure_channel(tls_stack.gateway.address, creds(pki)) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=GATEWAY_HEALTH),
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=GATEWAY_SERVICE),
                                                           timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(tls_stack.gateway.address) as channel:
@@ -128,7 +128,7 @@ def test_internal_services_require_a_client_certificate(tls_stack, pki, who, ser
         client = {"tls-without-client-cert": None, "rogue-client-cert": pki.rogue, "gateway-cert": pki.gateway}[who]
         channel = grpc.secure_channel(target, creds(pki, client))
     with channel:
-        name = VISION_HEALTH if service == "vision" else LLM_HEALTH
+        name = VISION_SERVICE if service == "vision" else LLM_SERVICE
         call = lambda: health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=name), timeout=5)
         if who == "gateway-cert":

@@ -11,25 +11,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from internvl.common.v1 import common_pb2
 
-from gateway.errors import (
-    DeadlineExceededError,
-    MediaAccessError,
-    RequestTooLargeError,
-    SessionBusyError,
-    SessionMediaEvictedError,
-    SessionNotFoundError,
-)
+from gateway.errors import SessionMediaEvictedError
 from services.contract.errors import (
     HTTP_BY_CODE,
     ContextTooLongError,
+    DeadlineExceededError,
     EmbeddingsMissingError,
     ErrorCode,
     InternVLError,
     InvalidArgumentError,
     InvalidMediaError,
+    MediaAccessError,
     NotReadyError,
     OverloadedError,
+    RequestTooLargeError,
     RpcStatus,
+    SessionBusyError,
+    SessionNotFoundError,
     http_status,
 )
 from services.runtime.grpc_errors import STATUS_BY_CODE, error_detail

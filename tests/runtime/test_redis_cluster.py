@@ -17,9 +17,8 @@ import torch
 from procs import redis_cluster
 from redis.crc import key_slot
 
-from gateway.errors import SessionBusyError
 from gateway.sessions import RedisSessionStore, Session
-from services.contract.errors import NotReadyError
+from services.contract.errors import NotReadyError, SessionBusyError
 from services.runtime.embedding_store import EmbeddingCache
 from services.runtime.redis_client import connect, redis_errors
 from services.runtime.redis_cluster import ResilientRedisCluster

@@ -7,8 +7,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.errors import SessionBusyError
-from services.contract.errors import InvalidMediaError
+from services.contract.errors import InvalidMediaError, SessionBusyError
 from services.runtime.grpc_server import GrpcServer, ServerOptions
 from services.runtime.request_metrics import RequestMetrics
 

@@ -26,19 +26,19 @@ from lora_reference import (
     write_swift_adapter,
 )
 
-from services.contract.encoding import MediaItem
+from services.contract.encoding import MediaItem, PreprocessOptions
 from services.contract.errors import NotFoundError
 from services.model.adapter_options import AdapterOptions
 from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
 from services.vision.preprocess import load_image
-from services.vision.service import EncodeOptions, VisionService
+from services.vision.service import VisionService
 from tests.vision.test_service import encoded, gradient
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(300)]
 
 TOL = 1e-4
-OPTIONS = EncodeOptions(max_num=2)  # a 900x500 image: a 2x1 grid and the thumbnail, 3 tiles
+OPTIONS = PreprocessOptions(max_num=2)  # a 900x500 image: a 2x1 grid and the thumbnail, 3 tiles
 LANGUAGE_TARGETS = {"qwen2": QWEN2_TARGETS, "internlm2": INTERNLM2_TARGETS}
 
 

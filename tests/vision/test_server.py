@@ -15,13 +15,14 @@ from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 from PIL import Image
 
 from services.contract.cache_keys import cache_key, model_identity
+from services.contract.service_names import VISION_SERVICE
 from services.runtime.embedding_store import encode_value
 from services.runtime.grpc_errors import error_detail
 from services.runtime.grpc_server import GrpcServer, ServerOptions
 from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
 from services.vision.metrics import VisionMetrics
-from services.vision.server import SERVICE_NAME, VisionServicer
+from services.vision.server import VisionServicer
 from services.vision.service import VisionService
 
 
@@ -37,7 +38,7 @@ async def stack(tiny_checkpoint):
     metrics = VisionMetrics()
     config = VisionConfig(model=str(tiny_checkpoint()), dtype="float32", device="cpu", max_wait_ms=1,
                           namespace=f"t{uuid.uuid4().hex[:8]}", server=ServerOptions(port=0, host="127.0.0.1"))
-    server = GrpcServer(config.server, [SERVICE_NAME], requests=metrics.requests)
+    server = GrpcServer(config.server, [VISION_SERVICE], requests=metrics.requests)
     servicer = VisionServicer()
     server.add(vision_pb2_grpc.add_VisionServiceServicer_to_server, servicer)
     port = await server.start(registry=metrics.registry)
@@ -64,13 +65,13 @@ async def _ready(stack):
 @pytest.mark.asyncio
 async def test_unavailable_and_not_ready_until_the_model_is_attached(stack):
     _, _, stub, health, _, _ = stack
-    status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+    status = await health.Check(health_pb2.HealthCheckRequest(service=VISION_SERVICE))
     assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await stub.GetModelInfo(vision_pb2.GetModelInfoRequest())
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     await _ready(stack)
-    status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+    status = await health.Check(health_pb2.HealthCheckRequest(service=VISION_SERVICE))
     assert status.status == health_pb2.HealthCheckResponse.SERVING
 
 

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 import torch
 from PIL import Image
 
-from services.contract.encoding import MediaItem
+from services.contract.encoding import MediaItem, PreprocessOptions
 from services.contract.errors import InvalidArgumentError, InvalidMediaError, NotFoundError
 from services.model.checkpoint import open_checkpoint
 from services.model.modules import load_vision
@@ -22,7 +22,7 @@ from services.vision import config as vision_config
 from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
 from services.vision.preprocess import load_image
-from services.vision.service import EncodeOptions, VisionService
+from services.vision.service import VisionService
 from tests.torch_kernels import Kernels
 
 TOL = 1e-5
@@ -84,7 +84,7 @@ async def service(checkpoint_dir):
 async def test_encode_stores_what_the_vision_path_computes(service, reference):
     image = gradient(900, 500)
     data = encoded(image)
-    [item] = await service.encode([MediaItem.image(data)], EncodeOptions(max_num=4))
+    [item] = await service.encode([MediaItem.image(data)], PreprocessOptions(max_num=4))
     assert (item.num_tiles, item.num_tokens, item.cache_hit) == (3, 3 * 256, False)  # 2x1 grid + thumbnail
     stored = (await service.fetch(item.key)).to_tensor()
     assert stored.shape == (3 * 256, 64) and stored.dtype == torch.float32
@@ -92,7 +92,7 @@ async def test_encode_stores_what_the_vision_path_computes(service, reference):
 
     # Cache on == cache off: the hit serves the very same numbers, and no encoder ran.
     tiles_before = service.batcher.tiles_encoded
-    [again] = await service.encode([MediaItem.image(data)], EncodeOptions(max_num=4))
+    [again] = await service.encode([MediaItem.image(data)], PreprocessOptions(max_num=4))
     assert again.cache_hit and again.key == item.key and again.num_tiles == 3
     assert service.batcher.tiles_encoded == tiles_before
     assert torch.equal((await service.fetch(item.key)).to_tensor(), stored)
@@ -103,7 +103,7 @@ async def test_frames_encode_like_the_same_pixels_as_a_file(service, reference):
     image = gradient(300, 200)
     frame = MediaItem.frame(image.tobytes(), height=200, width=300)
     [from_frame, from_file] = await service.encode([frame, MediaItem.image(encoded(image))],
-                                                   EncodeOptions(max_num=2, use_thumbnail=False))
+                                                   PreprocessOptions(max_num=2, use_thumbnail=False))
     assert from_frame.key != from_file.key  # different media kinds, different content addresses
     a = (await service.fetch(from_frame.key)).to_tensor()
     b = (await service.fetch(from_file.key)).to_tensor()
@@ -115,7 +115,7 @@ async def test_frames_encode_like_the_same_pixels_as_a_file(service, reference):
 async def test_defaults_come_from_the_model(service):
     data = encoded(gradient(1000, 700))
     [default] = await service.encode([MediaItem.image(data)])
-    [explicit] = await service.encode([MediaItem.image(data)], EncodeOptions(max_num=12, use_thumbnail=True))
+    [explicit] = await service.encode([MediaItem.image(data)], PreprocessOptions(max_num=12, use_thumbnail=True))
     assert default.key == explicit.key and explicit.cache_hit and default.num_tiles == 7
 
 
@@ -166,14 +166,14 @@ async def test_frame_keys_include_the_shape(service):
 @pytest.mark.asyncio
 async def test_concurrent_requests_for_one_missing_image_encode_it_once(service):
     data = encoded(gradient(800, 600))
-    results = await asyncio.gather(*(service.encode([MediaItem.image(data)], EncodeOptions(max_num=2))
+    results = await asyncio.gather(*(service.encode([MediaItem.image(data)], PreprocessOptions(max_num=2))
                                      for _ in range(5)))
     keys = {r[0].key for r in results}
     assert len(keys) == 1
     assert service.cache.computes == 1
     assert service.batcher.tiles_encoded == results[0][0].num_tiles
     # The same image twice in one request is one encode too.
-    [x, y] = await service.encode([MediaItem.image(data), MediaItem.image(data)], EncodeOptions(max_num=2))
+    [x, y] = await service.encode([MediaItem.image(data), MediaItem.image(data)], PreprocessOptions(max_num=2))
     assert x.key == y.key and x.cache_hit and y.cache_hit
 
 
@@ -183,7 +183,7 @@ async def test_tiles_of_concurrent_requests_are_batched_and_split_back(checkpoin
                                    store=InProcessRedis())
     try:
         images = [encoded(gradient(448 * (i + 1), 448)) for i in range(4)]  # 1, 3, 4, 5 tiles
-        results = await asyncio.gather(*(svc.encode([MediaItem.image(d)], EncodeOptions(max_num=4))
+        results = await asyncio.gather(*(svc.encode([MediaItem.image(d)], PreprocessOptions(max_num=4))
                                          for d in images))
         assert [r[0].num_tiles for r in results] == [1, 3, 4, 5]
         assert any(stats.requests >= 2 for stats in svc.batcher.history)
@@ -251,7 +251,7 @@ async def test_corrupt_or_foreign_values_are_re_encoded(checkpoint_dir, redis_ur
     svc = await VisionService.load(make_config(checkpoint_dir), store=aioredis.Redis.from_url(redis_url))
     try:
         data = encoded(gradient(500, 500))
-        [item] = await svc.encode([MediaItem.image(data)], EncodeOptions(max_num=2))
+        [item] = await svc.encode([MediaItem.image(data)], PreprocessOptions(max_num=2))
         good = await redis_client.get(item.key)
         bad_values = [
             good[:-1] + bytes([good[-1] ^ 0xFF]),  # one flipped bit pattern in the payload
@@ -262,7 +262,7 @@ async def test_corrupt_or_foreign_values_are_re_encoded(checkpoint_dir, redis_ur
         for bad in bad_values:
             await redis_client.set(item.key, bad)
             computes = svc.cache.computes
-            [again] = await svc.encode([MediaItem.image(data)], EncodeOptions(max_num=2))
+            [again] = await svc.encode([MediaItem.image(data)], PreprocessOptions(max_num=2))
             assert not again.cache_hit and svc.cache.computes == computes + 1
             assert await redis_client.get(item.key) == good  # rewritten, and deterministic
         assert svc.cache.corrupt == len(bad_values)
@@ -270,7 +270,7 @@ async def test_corrupt_or_foreign_values_are_re_encoded(checkpoint_dir, redis_ur
         assert (stored - reference(data, max_num=2)).abs().max().item() <= TOL
         # A well-formed value of the wrong shape (only a bug writes one) is not trusted either.
         await redis_client.set(item.key, encode_value(torch.zeros(100, 64), svc.checkpoint.fingerprint))
-        [fixed] = await svc.encode([MediaItem.image(data)], EncodeOptions(max_num=2))
+        [fixed] = await svc.encode([MediaItem.image(data)], PreprocessOptions(max_num=2))
         assert fixed.num_tiles == item.num_tiles and await redis_client.get(item.key) == good
         assert await redis_client.ttl(item.key) > 0  # written with the configured TTL
     finally:
@@ -280,7 +280,7 @@ async def test_corrupt_or_foreign_values_are_re_encoded(checkpoint_dir, redis_ur
 
 @pytest.mark.asyncio
 async def test_lookup_and_fetch(service):
-    [item] = await service.encode([MediaItem.image(png(100, 80))], EncodeOptions(max_num=1))
+    [item] = await service.encode([MediaItem.image(png(100, 80))], PreprocessOptions(max_num=1))
     absent = item.key[:-4] + "0000"
     assert await service.lookup([item.key, absent, item.key]) == [True, False, True]
     assert await service.lookup([]) == []
@@ -297,18 +297,18 @@ GOOD = MediaItem.image(png(64, 64))  # a small square stays one tile
 
 
 @pytest.mark.parametrize(("items", "options", "error", "index", "message"), [
-    ([], EncodeOptions(), InvalidArgumentError, None, "no items"),
-    ([GOOD] * 9, EncodeOptions(), InvalidArgumentError, None, "at most 8"),
-    ([GOOD], EncodeOptions(max_num=0), InvalidArgumentError, None, "max_num must be between 1 and 40"),
-    ([GOOD], EncodeOptions(max_num=41), InvalidArgumentError, None, "max_num must be between 1 and 40"),
-    ([GOOD, MediaItem("", b"")], EncodeOptions(), InvalidArgumentError, 1, "neither image_bytes nor frame"),
-    ([GOOD, MediaItem.image(b"")], EncodeOptions(), InvalidMediaError, 1, "empty"),
-    ([GOOD, MediaItem.image(b"GIF89a but not really")], EncodeOptions(), InvalidMediaError, 1, "cannot decode"),
-    ([GOOD, MediaItem.image(png(64, 64)[:-40])], EncodeOptions(), InvalidMediaError, 1, "cannot decode"),
-    ([GOOD, MediaItem.image(png(101, 100))], EncodeOptions(), InvalidMediaError, 1, "above the limit of 10000"),
-    ([GOOD, MediaItem.frame(b"\0" * 11, 2, 2)], EncodeOptions(), InvalidMediaError, 1, "has 12 bytes, got 11"),
-    ([GOOD, MediaItem.frame(b"", 0, 2)], EncodeOptions(), InvalidMediaError, 1, "must be positive"),
-    ([GOOD, MediaItem.frame(b"\0" * 30300, 101, 100)], EncodeOptions(), InvalidMediaError, 1, "above the limit"),
+    ([], PreprocessOptions(), InvalidArgumentError, None, "no items"),
+    ([GOOD] * 9, PreprocessOptions(), InvalidArgumentError, None, "at most 8"),
+    ([GOOD], PreprocessOptions(max_num=0), InvalidArgumentError, None, "max_num must be between 1 and 40"),
+    ([GOOD], PreprocessOptions(max_num=41), InvalidArgumentError, None, "max_num must be between 1 and 40"),
+    ([GOOD, MediaItem("", b"")], PreprocessOptions(), InvalidArgumentError, 1, "neither image_bytes nor frame"),
+    ([GOOD, MediaItem.image(b"")], PreprocessOptions(), InvalidMediaError, 1, "empty"),
+    ([GOOD, MediaItem.image(b"GIF89a but not really")], PreprocessOptions(), InvalidMediaError, 1, "cannot decode"),
+    ([GOOD, MediaItem.image(png(64, 64)[:-40])], PreprocessOptions(), InvalidMediaError, 1, "cannot decode"),
+    ([GOOD, MediaItem.image(png(101, 100))], PreprocessOptions(), InvalidMediaError, 1, "above the limit of 10000"),
+    ([GOOD, MediaItem.frame(b"\0" * 11, 2, 2)], PreprocessOptions(), InvalidMediaError, 1, "has 12 bytes, got 11"),
+    ([GOOD, MediaItem.frame(b"", 0, 2)], PreprocessOptions(), InvalidMediaError, 1, "must be positive"),
+    ([GOOD, MediaItem.frame(b"\0" * 30300, 101, 100)], PreprocessOptions(), InvalidMediaError, 1, "above the limit"),
 ], ids=["empty", "too-many", "max_num-0", "max_num-41", "unset", "empty-bytes", "not-an-image", "truncated",
         "pixel-limit", "frame-size", "frame-shape", "frame-pixel-limit"])
 @pytest.mark.asyncio

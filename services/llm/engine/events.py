@@ -1,23 +1,17 @@
 """What goes into the engine (a request with its prompt, embeddings and sampling) and what comes out of it (token
-deltas, then one finish with its usage). Transport-free; services.llm.wire maps them to and from the protos."""
+deltas, then one finish with its usage); the events own their wire form (`internvl.llm.v1`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from internvl.llm.v1 import llm_pb2
 
-from services.contract.finish import FinishReason
+from services.contract.finish import FinishReason, Usage
 from services.contract.sampling import SamplingParams
 from services.llm.engine.sampling import TopLogprobs
 from services.llm.prompt import Prompt
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -28,6 +22,12 @@ class TokenDelta:
     text: str
     top_logprobs: tuple[TopLogprobs, ...] = ()
     index: int = 0  # the answer (0 to sampling.n - 1)
+
+    def to_pb(self) -> llm_pb2.TokenDelta:
+        return llm_pb2.TokenDelta(
+            text=self.text, token_ids=self.token_ids, index=self.index,
+            top_logprobs=[llm_pb2.TopLogprobs(logprob=t.logprob, token_ids=t.token_ids, logprobs=t.logprobs)
+                          for t in self.top_logprobs])
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,12 @@ class Finish:
     """The end of one answer (`index`); its usage counts the prompt and that answer's tokens."""
 
     reason: FinishReason
-    usage: Usage
+    usage: Usage  # the token counts; the tile counts are the gateway's
     index: int = 0
     timing: Timing | None = None
+
+    def to_pb(self) -> llm_pb2.GenerateFinish:
+        return llm_pb2.GenerateFinish(reason=self.reason.to_pb(), usage=self.usage.to_pb(), index=self.index)
 
 
 Event = TokenDelta | Finish

@@ -6,21 +6,20 @@ import asyncio
 
 import pytest
 
+from services.contract.conversation import Conversation, GenerateRequest, ImageRef, Turn
 from services.contract.errors import ContextTooLongError, OverloadedError
 from services.contract.template import clean_response
 from services.llm.engine.sampling import SamplingParams
-from services.llm.prompt import Conversation, ImagePart, TextPart, Turn
-from services.llm.service import GenerateRequest
 from tests.torch_kernels import Kernels
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
 
-def ask(text: str, *images: ImagePart, history=(), **sampling) -> GenerateRequest:
+def ask(text: str, *images: ImageRef, history=(), **sampling) -> GenerateRequest:
     sampling.setdefault("max_new_tokens", 8)
-    return GenerateRequest(Conversation(user_parts=(*images, TextPart(text)), history=history),
+    return GenerateRequest(Conversation(user_parts=(*images, text), history=history),
                            SamplingParams(**sampling), inline_embeddings=bool(images) or any(
-                               not isinstance(p, TextPart) for t in history for p in t.user_parts))
+                               not isinstance(p, str) for t in history for p in t.user_parts))
 
 
 async def until(predicate, timeout: float = 20.0) -> None:
@@ -53,9 +52,9 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def image(reference, pixels, embeddings_of):
-    """An ImagePart of the 3-tile wide golden image and its embeddings for the qwen2 tiny model."""
+    """An ImageRef of the 3-tile wide golden image and its embeddings for the qwen2 tiny model."""
     tiles = pixels["wide"]
-    return ImagePart("wide", tiles.shape[0]), {"wide": embeddings_of(reference("qwen2"), tiles)}
+    return ImageRef("wide", tiles.shape[0]), {"wide": embeddings_of(reference("qwen2"), tiles)}
 
 
 async def test_eight_streams_share_steps_and_equal_their_solo_runs(make_service, collect, image):

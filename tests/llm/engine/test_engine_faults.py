@@ -11,10 +11,10 @@ import threading
 import pytest
 import torch
 
+from services.contract.conversation import ImageRef
 from services.contract.errors import InternVLError, InvalidArgumentError, OverloadedError
 from services.llm.engine import transformers_engine as engine_module
 from services.llm.engine.api import BatchFaultError
-from services.llm.prompt import ImagePart
 from tests.llm.engine.test_engine import Recorder, ask
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(180)]
@@ -65,7 +65,7 @@ async def test_a_request_failing_in_a_shared_prefill_fails_alone(make_service, c
     hidden = reference("qwen2").language_model.config.hidden_size
     poison = {"poison": torch.full((256, hidden), POISON)}
     requests = [ask(f"Stream {i}: " + "la " * i, max_new_tokens=6) for i in range(7)]
-    bad = ask("Look.", ImagePart("poison", 1), max_new_tokens=6)
+    bad = ask("Look.", ImageRef("poison", 1), max_new_tokens=6)
 
     def fail_on_poison(kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -97,7 +97,7 @@ async def test_non_finite_embeddings_fail_their_request_alone(make_service, coll
     async with make_service(kv_cache_budget_mb=0) as service:
         solo = [await collect(await service.generate(r)) for r in requests]
         streams = [await service.generate(requests[0]),
-                   await service.generate(ask("Look.", ImagePart("broken", 1), max_new_tokens=4), {"broken": rows}),
+                   await service.generate(ask("Look.", ImageRef("broken", 1), max_new_tokens=4), {"broken": rows}),
                    await service.generate(requests[1])]
         results = await asyncio.gather(*(outcome(collect, s) for s in streams))
     failure = results.pop(1)
@@ -159,7 +159,7 @@ async def test_admission_by_memory_long_prompt_waits_short_ones_run(make_service
     waits; it is passed over by at most max_bypass (= max_batch_size) later requests, then runs; the reserved KV
     never exceeds the budget and every request completes."""
     chat = reference("qwen2")
-    long = ask("Describe.", ImagePart("wide", 3), max_new_tokens=4)
+    long = ask("Describe.", ImageRef("wide", 3), max_new_tokens=4)
     inline = {"wide": embeddings_of(chat, pixels["wide"])}
     shorts = [ask(f"Short {i}", max_new_tokens=4) for i in range(8)]
     async with make_service(kv_cache_budget_mb=0) as probe:

@@ -10,13 +10,13 @@ import torch
 from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2
 
+from services.contract.conversation import Conversation, ImageRef
 from services.contract.errors import OverloadedError
-from services.contract.finish import FinishReason
+from services.contract.finish import FinishReason, Usage
 from services.llm.config import LLMConfig
 from services.llm.engine.api import Engine, EngineLoad, GenerationStream
-from services.llm.engine.events import EngineRequest, Finish, TokenDelta, Usage
+from services.llm.engine.events import EngineRequest, Finish, TokenDelta
 from services.llm.metrics import LLMMetrics
-from services.llm.prompt import Conversation, ImagePart, TextPart
 from services.llm.service import LLMService
 from tests.llm.test_servicer import embedding_messages, serving, start_message
 
@@ -91,10 +91,10 @@ async def test_a_fake_engine_drives_the_service_and_servicer(fake_service, refer
     assert fake.closed and fake.cancelled >= 1  # the servicer frees the slot when its stream ends
     assert [r.WhichOneof("message") for r in responses] == ["delta", "finish"]
     assert list(responses[0].delta.token_ids) == [42] and responses[0].delta.text == "x"
-    assert responses[1].finish.reason == llm_pb2.FINISH_REASON_LENGTH
+    assert responses[1].finish.reason == common_pb2.FINISH_REASON_LENGTH
     # What the engine was given: the prompt the service built, the server's default length, the embeddings.
     [request] = fake.requests
-    expected = service.prompts.build(Conversation(user_parts=(ImagePart("small", 1), TextPart("Describe."))))
+    expected = service.prompts.build(Conversation(user_parts=(ImageRef("small", 1), "Describe.")))
     assert request.prompt.token_ids == expected.token_ids
     assert request.prompt.image_keys == ["small"]
     assert request.max_new_tokens == 77

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.contract.conversation import Conversation, GenerateRequest
 from services.llm.engine.sampling import SamplingParams
-from services.llm.prompt import Conversation, TextPart
-from services.llm.service import GenerateRequest
 from services.model.chat import GenerationParams
 
 pytestmark = [
@@ -26,7 +25,7 @@ MAX_NEW = 24
 
 
 def ask(text: str, **sampling) -> GenerateRequest:
-    return GenerateRequest(Conversation(user_parts=(TextPart(text),)), SamplingParams(max_new_tokens=MAX_NEW, **sampling))
+    return GenerateRequest(Conversation(user_parts=(text,)), SamplingParams(max_new_tokens=MAX_NEW, **sampling))
 
 
 async def service_ids(make_service, collect, requests: list[GenerateRequest]) -> list[list[int]]:

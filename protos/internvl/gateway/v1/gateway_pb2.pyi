@@ -5,8 +5,48 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from internvl.common.v1.common_pb2 import Tensor as Tensor
+from internvl.common.v1.common_pb2 import TensorHeader as TensorHeader
+from internvl.common.v1.common_pb2 import TensorChunk as TensorChunk
+from internvl.common.v1.common_pb2 import ModelInfo as ModelInfo
+from internvl.common.v1.common_pb2 import AdapterInfo as AdapterInfo
+from internvl.common.v1.common_pb2 import PreprocessOptions as PreprocessOptions
+from internvl.common.v1.common_pb2 import ErrorDetail as ErrorDetail
+from internvl.common.v1.common_pb2 import Constraint as Constraint
+from internvl.common.v1.common_pb2 import JsonObject as JsonObject
+from internvl.common.v1.common_pb2 import JsonSchema as JsonSchema
+from internvl.common.v1.common_pb2 import ChoiceList as ChoiceList
+from internvl.common.v1.common_pb2 import SamplingParams as SamplingParams
+from internvl.common.v1.common_pb2 import Usage as Usage
+from internvl.common.v1.common_pb2 import DType as DType
+from internvl.common.v1.common_pb2 import ErrorCode as ErrorCode
+from internvl.common.v1.common_pb2 import FinishReason as FinishReason
 
 DESCRIPTOR: _descriptor.FileDescriptor
+DTYPE_UNSPECIFIED: _common_pb2.DType
+DTYPE_BFLOAT16: _common_pb2.DType
+DTYPE_FLOAT16: _common_pb2.DType
+DTYPE_FLOAT32: _common_pb2.DType
+ERROR_CODE_UNSPECIFIED: _common_pb2.ErrorCode
+ERROR_CODE_INVALID_ARGUMENT: _common_pb2.ErrorCode
+ERROR_CODE_INVALID_MEDIA: _common_pb2.ErrorCode
+ERROR_CODE_MEDIA_TOO_LARGE: _common_pb2.ErrorCode
+ERROR_CODE_EMBEDDINGS_MISSING: _common_pb2.ErrorCode
+ERROR_CODE_MODEL_MISMATCH: _common_pb2.ErrorCode
+ERROR_CODE_CONTEXT_TOO_LONG: _common_pb2.ErrorCode
+ERROR_CODE_OVERLOADED: _common_pb2.ErrorCode
+ERROR_CODE_NOT_READY: _common_pb2.ErrorCode
+ERROR_CODE_INTERNAL: _common_pb2.ErrorCode
+ERROR_CODE_NOT_FOUND: _common_pb2.ErrorCode
+ERROR_CODE_SESSION_NOT_FOUND: _common_pb2.ErrorCode
+ERROR_CODE_SESSION_BUSY: _common_pb2.ErrorCode
+ERROR_CODE_MEDIA_ACCESS_DENIED: _common_pb2.ErrorCode
+ERROR_CODE_REQUEST_TOO_LARGE: _common_pb2.ErrorCode
+ERROR_CODE_DEADLINE_EXCEEDED: _common_pb2.ErrorCode
+FINISH_REASON_UNSPECIFIED: _common_pb2.FinishReason
+FINISH_REASON_STOP: _common_pb2.FinishReason
+FINISH_REASON_LENGTH: _common_pb2.FinishReason
+FINISH_REASON_CANCELLED: _common_pb2.FinishReason
 
 class ImageDetail(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -20,13 +60,6 @@ class MultiImageMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MULTI_IMAGE_MODE_UNSPECIFIED: _ClassVar[MultiImageMode]
     MULTI_IMAGE_MODE_SEPARATE: _ClassVar[MultiImageMode]
     MULTI_IMAGE_MODE_COMBINED: _ClassVar[MultiImageMode]
-
-class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
-    FINISH_REASON_STOP: _ClassVar[FinishReason]
-    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
-    FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
 IMAGE_DETAIL_UNSPECIFIED: ImageDetail
 IMAGE_DETAIL_AUTO: ImageDetail
 IMAGE_DETAIL_LOW: ImageDetail
@@ -34,10 +67,6 @@ IMAGE_DETAIL_HIGH: ImageDetail
 MULTI_IMAGE_MODE_UNSPECIFIED: MultiImageMode
 MULTI_IMAGE_MODE_SEPARATE: MultiImageMode
 MULTI_IMAGE_MODE_COMBINED: MultiImageMode
-FINISH_REASON_UNSPECIFIED: FinishReason
-FINISH_REASON_STOP: FinishReason
-FINISH_REASON_LENGTH: FinishReason
-FINISH_REASON_CANCELLED: FinishReason
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -113,43 +142,6 @@ class Turn(_message.Message):
     assistant_text: str
     def __init__(self, user_content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., assistant_text: _Optional[str] = ...) -> None: ...
 
-class SamplingParams(_message.Message):
-    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop_strings", "seed", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "n", "constraint")
-    class LogitBiasEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: int
-        value: float
-        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
-    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
-    TOP_P_FIELD_NUMBER: _ClassVar[int]
-    TOP_K_FIELD_NUMBER: _ClassVar[int]
-    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
-    STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
-    SEED_FIELD_NUMBER: _ClassVar[int]
-    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
-    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
-    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
-    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
-    N_FIELD_NUMBER: _ClassVar[int]
-    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    stop_strings: _containers.RepeatedScalarFieldContainer[str]
-    seed: int
-    top_logprobs: int
-    presence_penalty: float
-    frequency_penalty: float
-    logit_bias: _containers.ScalarMap[int, float]
-    n: int
-    constraint: _common_pb2.Constraint
-    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., stop_strings: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., top_logprobs: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., n: _Optional[int] = ..., constraint: _Optional[_Union[_common_pb2.Constraint, _Mapping]] = ...) -> None: ...
-
 class ChatRequest(_message.Message):
     __slots__ = ("content", "history", "session_id", "max_num", "multi_image_mode", "sampling", "system_message", "request_id", "model")
     CONTENT_FIELD_NUMBER: _ClassVar[int]
@@ -166,11 +158,11 @@ class ChatRequest(_message.Message):
     session_id: str
     max_num: int
     multi_image_mode: MultiImageMode
-    sampling: SamplingParams
+    sampling: _common_pb2.SamplingParams
     system_message: str
     request_id: str
     model: str
-    def __init__(self, content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., session_id: _Optional[str] = ..., max_num: _Optional[int] = ..., multi_image_mode: _Optional[_Union[MultiImageMode, str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., system_message: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    def __init__(self, content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., session_id: _Optional[str] = ..., max_num: _Optional[int] = ..., multi_image_mode: _Optional[_Union[MultiImageMode, str]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., system_message: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class TokenLogprobs(_message.Message):
     __slots__ = ("token_id", "logprob", "top")
@@ -202,22 +194,6 @@ class ChatDelta(_message.Message):
     index: int
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., index: _Optional[int] = ...) -> None: ...
 
-class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "image_tiles", "encoded_tiles", "reused_tiles")
-    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_TILES_FIELD_NUMBER: _ClassVar[int]
-    ENCODED_TILES_FIELD_NUMBER: _ClassVar[int]
-    REUSED_TILES_FIELD_NUMBER: _ClassVar[int]
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-    image_tiles: _containers.RepeatedScalarFieldContainer[int]
-    encoded_tiles: int
-    reused_tiles: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., image_tiles: _Optional[_Iterable[int]] = ..., encoded_tiles: _Optional[int] = ..., reused_tiles: _Optional[int] = ...) -> None: ...
-
 class ChatFinish(_message.Message):
     __slots__ = ("reason", "usage", "session_id", "index", "request_id")
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -225,12 +201,12 @@ class ChatFinish(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    reason: FinishReason
-    usage: Usage
+    reason: _common_pb2.FinishReason
+    usage: _common_pb2.Usage
     session_id: str
     index: int
     request_id: str
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., session_id: _Optional[str] = ..., index: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., session_id: _Optional[str] = ..., index: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
     __slots__ = ("delta", "finish")
@@ -258,11 +234,11 @@ class ChatResult(_message.Message):
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
-    finish_reason: FinishReason
-    usage: Usage
+    finish_reason: _common_pb2.FinishReason
+    usage: _common_pb2.Usage
     session_id: str
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., session_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class BatchChatResponse(_message.Message):
     __slots__ = ("results",)

@@ -1,7 +1,6 @@
-"""The one place where `internvl.llm.v1` messages become the service's domain objects and back.
-
-Nothing else in services/llm imports the generated stubs, except the servicer that registers them.
-"""
+"""Inline embeddings: the `EmbeddingChunk` messages that follow a `Generate` call's start when the client sends the
+images' rows itself instead of the server reading them from the shared cache. Each key's chunks assemble into one
+tensor [rows, hidden] of the dtype its header names."""
 
 from __future__ import annotations
 
@@ -14,43 +13,7 @@ from internvl.llm.v1 import llm_pb2
 
 from services.contract.dtypes import DTYPE_FROM_PB, ITEMSIZE
 from services.contract.errors import InvalidArgumentError
-from services.contract.model_info import ModelInfo
-from services.contract.sampling import SamplingParams
-from services.llm.engine.events import Event, Finish, TokenDelta
-from services.llm.prompt import Conversation, ImagePart, Part, TextPart, Turn, VideoPart
-from services.llm.service import GenerateRequest
 from services.runtime.embedding_store import tensor_from_bytes
-
-# -- requests ---------------------------------------------------------------------------------------------------
-
-
-def _image(message: llm_pb2.ImageRef) -> ImagePart:
-    return ImagePart(key=message.key, num_tiles=message.num_tiles)
-
-
-def _parts(messages, where: str) -> tuple[Part, ...]:
-    parts: list[Part] = []
-    for index, message in enumerate(messages):
-        kind = message.WhichOneof("part")
-        if kind == "text":
-            parts.append(TextPart(message.text))
-        elif kind == "image":
-            parts.append(_image(message.image))
-        elif kind == "video":
-            parts.append(VideoPart(tuple(_image(frame) for frame in message.video.frames)))
-        else:
-            raise InvalidArgumentError(f"{where}[{index}] sets none of text, image, video")
-    return tuple(parts)
-
-
-def generate_request_from_pb(start: llm_pb2.GenerateStart) -> GenerateRequest:
-    history = tuple(Turn(_parts(turn.user_parts, f"history[{n}].user_parts"), turn.assistant_text)
-                    for n, turn in enumerate(start.history))
-    conversation = Conversation(
-        user_parts=_parts(start.user_parts, "user_parts"), history=history,
-        system_message=start.system_message if start.HasField("system_message") else None)
-    return GenerateRequest(conversation, SamplingParams.from_pb(start.sampling), start.inline_embeddings,
-                           start.request_id, start.adapter)
 
 
 async def read_inline_embeddings(messages: AsyncIterator[llm_pb2.GenerateRequest],
@@ -118,23 +81,3 @@ class _Assembler:
                                            f"{header.total_bytes} bytes")
             out[key] = tensor_from_bytes(DTYPE_FROM_PB[header.dtype], list(header.shape), data)
         return out
-
-
-# -- responses --------------------------------------------------------------------------------------------------
-
-
-def event_to_pb(event: Event) -> llm_pb2.GenerateResponse:
-    if isinstance(event, TokenDelta):
-        return llm_pb2.GenerateResponse(delta=llm_pb2.TokenDelta(
-            text=event.text, token_ids=event.token_ids,
-            top_logprobs=[llm_pb2.TopLogprobs(logprob=t.logprob, token_ids=t.token_ids, logprobs=t.logprobs)
-                          for t in event.top_logprobs], index=event.index))
-    assert isinstance(event, Finish)
-    usage = llm_pb2.Usage(prompt_tokens=event.usage.prompt_tokens, completion_tokens=event.usage.completion_tokens,
-                          cached_prompt_tokens=event.usage.cached_prompt_tokens)
-    return llm_pb2.GenerateResponse(finish=llm_pb2.GenerateFinish(reason=event.reason.to_pb(llm_pb2.FinishReason),
-                                                                  usage=usage, index=event.index))
-
-
-def model_info_to_pb(info: ModelInfo) -> llm_pb2.GetModelInfoResponse:
-    return llm_pb2.GetModelInfoResponse(model_info=info.to_pb())
