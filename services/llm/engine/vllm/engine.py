@@ -76,6 +76,7 @@ class VLLMEngine(Engine):
         self._pool_bytes = 0
         self._prefix_lookups = self._prefix_hits = 0
         self._requests: set[_Request] = set()
+        self._in_flight = 0  # answers (vLLM requests) not finished yet
         self._ids = itertools.count()
         self._dead: BaseException | None = None
 
@@ -111,7 +112,8 @@ class VLLMEngine(Engine):
         return self._occupancy.waiting >= self.max_queue
 
     def load(self) -> EngineLoad:
-        return engine_load(self._occupancy, self._pool_bytes, self._prefix_lookups, self._prefix_hits)
+        return engine_load(self._occupancy, self._pool_bytes, self._prefix_lookups, self._prefix_hits,
+                           self._in_flight)
 
     def submit(self, request: EngineRequest) -> GenerationStream:
         if self.llm is None:
@@ -126,48 +128,52 @@ class VLLMEngine(Engine):
             raise problem
         entry = _Request(f"{request.request_id or 'req'}-{next(self._ids)}", request, asyncio.Queue(),
                          request.arrival or time.monotonic())
-        answers = request.sampling.answers
-        entry.tasks = [asyncio.get_running_loop().create_task(self._answer(entry, i), name=f"{entry.id}-{i}")
-                       for i in range(answers)]
+        loop = asyncio.get_running_loop()
+        for index in range(request.sampling.answers):
+            answer = _Answer(entry, index, AnswerText(self.tokenizer, request.sampling.stop_strings,
+                                                      self.stop_token_id))
+            task = loop.create_task(self._run(answer), name=f"{entry.id}-{index}")
+            task.add_done_callback(lambda _, answer=answer: self._answer_done(answer))
+            entry.tasks.append(task)
+        self._in_flight += len(entry.tasks)
         self._requests.add(entry)
-        for task in entry.tasks:
-            task.add_done_callback(lambda _: self._forget(entry))
         if request.deadline is not None:
-            entry.deadline = asyncio.get_running_loop().call_later(
-                max(0.0, request.deadline - time.monotonic()), self._cancel, entry)
-        return GenerationStream(entry.queue, lambda: self._cancel(entry), answers)
+            entry.deadline = loop.call_later(max(0.0, request.deadline - time.monotonic()), self._cancel, entry)
+        return GenerationStream(entry.queue, lambda: self._cancel(entry), len(entry.tasks))
 
     def _cancel(self, entry: _Request) -> None:
         for task in entry.tasks:
             task.cancel()
 
-    def _forget(self, entry: _Request) -> None:
+    def _answer_done(self, answer: _Answer) -> None:
+        """An answer's task ended (also one cancelled before it ran): its finish is sent, its slot given back."""
+        self._finish(answer, FinishReason.CANCELLED)  # a no-op when it finished or failed
+        self._in_flight -= 1
+        entry = answer.entry
         if all(task.done() for task in entry.tasks):
             self._requests.discard(entry)
             if entry.deadline is not None:
                 entry.deadline.cancel()
+        if self.observer is not None:
+            self.observer.on_schedule(self.load())
 
     # -- one answer -----------------------------------------------------------------------------------------------
 
-    async def _answer(self, entry: _Request, index: int) -> None:
-        """Runs answer `index` of `entry` as a vLLM request; its events (or its error) go to the entry's queue."""
-        answer = _Answer(entry, index, AnswerText(self.tokenizer, entry.request.sampling.stop_strings,
-                                                  self.stop_token_id))
+    async def _run(self, answer: _Answer) -> None:
+        """Runs one answer as a vLLM request; its events (or its request's error) go to its request's queue."""
+        entry = answer.entry
         try:
             engine_input = await self._render(entry.request)
-            params = sampling_params(entry.request, index, self.stop_token_id)
-            outputs = self.llm.generate(engine_input, params, request_id=f"{entry.id}-{index}")
+            params = sampling_params(entry.request, answer.index, self.stop_token_id)
+            outputs = self.llm.generate(engine_input, params, request_id=f"{entry.id}-{answer.index}")
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     if self._deliver(answer, output):
                         break
         except asyncio.CancelledError:
-            self._finish(answer, FinishReason.CANCELLED)
+            pass  # cancelled or past its deadline: its task's end sends FINISH_REASON_CANCELLED
         except Exception as exc:  # noqa: BLE001 - every failure ends this request's stream with a domain error
             self._fail(entry, self._domain_error(exc))
-        else:
-            if not answer.finished:  # vLLM's stream ended without a finished output: only an abort does that
-                self._finish(answer, FinishReason.CANCELLED)
 
     async def _render(self, request: EngineRequest) -> dict:
         """vLLM's engine input for `request`, checked: vLLM's expansion of the images gives back our prompt's ids."""

@@ -78,13 +78,8 @@ def _register_tokenizer() -> None:
 
 def _import_processor_without_torchvision() -> None:
     """Imports vLLM's InternVL processor module with `torchvision.transforms` bound to `transforms_substitute()`."""
-    if _PROCESSOR_MODULE in sys.modules:
+    if _PROCESSOR_MODULE in sys.modules or _torchvision_works():
         return
-    try:
-        import torchvision.transforms  # noqa: F401 - a working torchvision (a GPU image's): nothing to stand in for
-        return
-    except Exception:  # noqa: BLE001 - absent, or a build that cannot load: both mean "substitute"
-        pass
     from transformers.utils import import_utils
 
     # transformers caches this answer; asked now, it is "no" for good, whatever sys.modules holds for a moment.
@@ -103,6 +98,15 @@ def _import_processor_without_torchvision() -> None:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+
+
+def _torchvision_works() -> bool:
+    """A torchvision that imports (a GPU image's): then there is nothing to stand in for."""
+    try:
+        import torchvision.transforms  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent, or a build that cannot load beside this torch: both mean "no"
+        return False
+    return True
 
 
 def _module(name: str) -> types.ModuleType:

@@ -78,8 +78,13 @@ def kv_pool_bytes(vllm_config) -> int:
     return (cache.num_gpu_blocks or 0) * cache.block_size * per_token
 
 
-def engine_load(occupancy: Occupancy, pool_bytes: int, prefix_lookups: int, prefix_hits: int) -> EngineLoad:
-    held = int(occupancy.kv_usage * pool_bytes)
-    return EngineLoad(running=occupancy.running, waiting=occupancy.waiting, kv_bytes=held, kv_reserved_bytes=held,
-                      kv_budget_bytes=pool_bytes, prefix_lookups=prefix_lookups, prefix_hits=prefix_hits,
-                      steps=occupancy.steps)
+def engine_load(occupancy: Occupancy, pool_bytes: int, prefix_lookups: int, prefix_hits: int,
+                in_flight: int) -> EngineLoad:
+    """Our figures from vLLM's. `in_flight`: the vLLM requests (answers) not finished yet. vLLM reports its counts
+    with each step, so after the last step of a burst they would stay as that step saw them; they never exceed what
+    is in flight."""
+    running = min(occupancy.running, in_flight)
+    held = int(occupancy.kv_usage * pool_bytes) if in_flight else 0
+    return EngineLoad(running=running, waiting=min(occupancy.waiting, in_flight - running), kv_bytes=held,
+                      kv_reserved_bytes=held, kv_budget_bytes=pool_bytes, prefix_lookups=prefix_lookups,
+                      prefix_hits=prefix_hits, steps=occupancy.steps)
