@@ -148,6 +148,7 @@ async def family(request, tmp_path_factory, golden_dir):
         metrics = LLMMetrics()
         engine.observer = metrics
         await engine.start()
+        print(f"\n{request.param}: vLLM engine started in {engine.start_seconds:.1f} s")
         try:
             pixels = {"small": load_image(golden_dir / "small_120x90.png", max_num=1),
                       "wide": load_image(golden_dir / "wide_2200x300.png", max_num=2),

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import multiprocessing
+import os
+import signal
 import time
 
 import pytest
@@ -18,8 +21,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from services.contract.conversation import Conversation, ImageRef, Turn, VideoRef
-from services.contract.errors import InvalidArgumentError
+from services.contract.errors import InvalidArgumentError, NotReadyError
 from services.contract.finish import FinishReason
+from services.llm.engine.api import BatchFaultError
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
 
@@ -201,3 +205,18 @@ async def test_the_metrics_see_vllms_steps_and_our_tokens(family):
     assert metrics.prefill_tokens._value.get() > 0
     load = family.engine.load()
     assert load.kv_budget_bytes > 0 and load.steps > 0
+
+
+async def test_when_vllms_engine_dies_requests_in_flight_are_retryable_and_new_ones_refused(family):
+    """Last in the module: it kills the family's engine core (a process this test run started)."""
+    conversation = Conversation(user_parts=("Count to a thousand.",))
+    stream = family.engine.submit(family.request(conversation, max_new_tokens=2000,
+                                                 logit_bias=((family.stop_id, -100.0),)))
+    await stream.__anext__()
+    [core] = [p for p in multiprocessing.active_children() if p.name.startswith("EngineCore")]
+    os.kill(core.pid, signal.SIGKILL)
+    with pytest.raises(BatchFaultError, match="retry"):
+        async for _ in stream:
+            pass
+    with pytest.raises(NotReadyError, match="restarted"):
+        family.engine.submit(family.request(conversation))
