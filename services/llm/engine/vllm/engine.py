@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from services.contract.errors import InternVLError, InvalidArgumentError, NotReadyError, OverloadedError
 from services.contract.finish import FinishReason
 from services.llm.engine.api import BatchFaultError, Engine, EngineLoad, GenerationStream, StepReport
-from services.llm.engine.events import EngineRequest, Finish, Timing, TokenDelta, TopLogprobs, Usage
+from services.llm.engine.events import EngineRequest, Finish, Timing, TokenDelta, Usage
 from services.llm.engine.vllm.answer_text import AnswerText
 from services.llm.engine.vllm.requests import (
     IMAGE_PLACEHOLDER,
@@ -37,6 +38,7 @@ from services.llm.engine.vllm.requests import (
     engine_prompt,
     refusal,
     sampling_params,
+    top_logprobs,
 )
 from services.llm.engine.vllm.stats import Occupancy, engine_load, kv_pool_bytes, logger_factory
 
@@ -59,7 +61,7 @@ class _Request:
 
 
 class VLLMEngine(Engine):
-    """vLLM's AsyncLLM over one checkpoint. `engine_args`: vLLM's AsyncEngineArgs (services.llm.engine.vllm.args)."""
+    """vLLM's AsyncLLM over one checkpoint. `engine_args`: vLLM's AsyncEngineArgs (services.llm.engine.vllm.build)."""
 
     def __init__(self, engine_args, tokenizer: PreTrainedTokenizerBase, *, stop_token_id: int, img_start_id: int,
                  img_context_id: int, img_end_id: int, dtype: torch.dtype, max_queue: int = 256):
@@ -79,6 +81,9 @@ class VLLMEngine(Engine):
         self._in_flight = 0  # answers (vLLM requests) not finished yet
         self._ids = itertools.count()
         self._dead: BaseException | None = None
+        # The image rows' checks and dtype conversion: torch kernels, off the event loop, on one thread of their own
+        # (each thread that runs torch kernels gets an OpenMP team).
+        self._inputs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-inputs")
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -104,12 +109,13 @@ class VLLMEngine(Engine):
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
+        self._inputs.shutdown(wait=False, cancel_futures=True)
 
     # -- the interface --------------------------------------------------------------------------------------------
 
     @property
     def queue_full(self) -> bool:
-        return self._occupancy.waiting >= self.max_queue
+        return self.load().waiting >= self.max_queue
 
     def load(self) -> EngineLoad:
         return engine_load(self._occupancy, self._pool_bytes, self._prefix_lookups, self._prefix_hits,
@@ -177,8 +183,7 @@ class VLLMEngine(Engine):
 
     async def _render(self, request: EngineRequest) -> dict:
         """vLLM's engine input for `request`, checked: vLLM's expansion of the images gives back our prompt's ids."""
-        loop = asyncio.get_running_loop()
-        prompt = await loop.run_in_executor(None, self._prepare, request)
+        prompt = await asyncio.get_running_loop().run_in_executor(self._inputs, self._prepare, request)
         (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
         if list(engine_input["prompt_token_ids"]) != list(request.prompt.token_ids):
             raise InternVLError("vLLM's expansion of this prompt's images differs from the original's token ids; "
@@ -190,7 +195,10 @@ class VLLMEngine(Engine):
         for image, rows in zip(request.prompt.images, request.image_rows, strict=True):
             if not bool(torch.isfinite(rows).all()):
                 raise InvalidArgumentError(f"embeddings of {image.key} contain NaN or infinite values")
-        return engine_prompt(request, self._folder, self.dtype)
+        try:
+            return engine_prompt(request, self._folder, self.dtype)
+        except ValueError as exc:  # the prompt builder's images and ids disagree: ours to mend, not the caller's
+            raise InternVLError(f"this prompt's images could not be given to vLLM ({exc})") from exc
 
     def _deliver(self, answer: _Answer, output) -> bool:
         """One vLLM output of the answer as events; True when the answer ended (finished, or a stop string)."""
@@ -207,7 +215,7 @@ class VLLMEngine(Engine):
         for position, token in enumerate(tokens):
             last = position == len(tokens) - 1
             text, reason = answer.text.add(token, ending if last else None)
-            report = _top_logprobs(completion.logprobs[position], token, answer.top_logprobs) \
+            report = top_logprobs(completion.logprobs[position], token, answer.top_logprobs) \
                 if answer.top_logprobs else None
             delta = TokenDelta((token,), text, (report,) if report is not None else (), answer.index)
             answer.generated += 1
@@ -301,13 +309,3 @@ def _admitted(output, now: float) -> float | None:
     """When vLLM first scheduled the request (its engine core's monotonic clock, the same on one host)."""
     scheduled = getattr(output.metrics, "scheduled_ts", 0.0) if output.metrics is not None else 0.0
     return scheduled if 0 < scheduled <= now else None
-
-
-def _top_logprobs(entry: dict, token: int, k: int) -> TopLogprobs:
-    """Our report from vLLM's logprobs of one position: {token id: Logprob(logprob, rank)}, the sampled token and
-    the top k (ranks 1..k; the sampled one keeps its own rank, which may tie the k-th)."""
-    top = sorted(((item.rank, token_id, item.logprob) for token_id, item in entry.items() if item.rank <= k),
-                 key=lambda t: t[0])
-    if len(top) > k:  # the sampled token outside the top k, tied with the k-th: not one of them
-        top = [t for t in top if t[1] != token]
-    return TopLogprobs(entry[token].logprob, tuple(t[1] for t in top), tuple(t[2] for t in top))

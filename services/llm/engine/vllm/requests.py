@@ -1,5 +1,6 @@
 """An `EngineRequest` in vLLM's terms: the prompt with one `<image>` per image, the image rows as embeddings keyed by
-our content keys, and vLLM's sampling parameters for one answer; and what vLLM cannot do as the original does.
+our content keys, and vLLM's sampling parameters for one answer; what vLLM cannot do as the original does; and
+vLLM's log-probabilities in our terms.
 
 **The prompt.** Ours (services.llm.prompt) is the original's token ids, each image already expanded to `<img>` +
 `<IMG_CONTEXT>` x rows + `</img>`. vLLM's InternVL processor expands images itself and refuses a prompt whose image
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from services.contract.errors import InvalidArgumentError
-from services.llm.engine.events import EngineRequest
+from services.llm.engine.events import EngineRequest, TopLogprobs
 from services.llm.prompt import Prompt
 
 # What vLLM's InternVL processor replaces with an image's tokens.
@@ -117,3 +118,14 @@ def sampling_params(request: EngineRequest, index: int, stop_token_id: int):
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def top_logprobs(entry: dict, token: int, k: int) -> TopLogprobs:
+    """Our report from vLLM's log-probabilities of one position, {token id: Logprob(logprob, rank)}: the sampled
+    token's and the top k's (ranks 1..k), most likely first. The sampled token keeps its own rank when it is not
+    among the top k, which can equal the k-th's on a tie: then it is not one of them."""
+    top = sorted(((item.rank, token_id, item.logprob) for token_id, item in entry.items() if item.rank <= k),
+                 key=lambda t: t[0])
+    if len(top) > k:
+        top = [t for t in top if t[1] != token]
+    return TopLogprobs(entry[token].logprob, tuple(t[1] for t in top), tuple(t[2] for t in top))

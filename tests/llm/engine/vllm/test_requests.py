@@ -10,8 +10,14 @@ from services.contract.constraint import Constraint, ConstraintKind
 from services.contract.conversation import Conversation, ImageRef, Turn, VideoRef
 from services.contract.errors import InvalidArgumentError
 from services.contract.sampling import SamplingParams
-from services.llm.engine.events import EngineRequest
-from services.llm.engine.vllm.requests import PromptFolder, engine_prompt, refusal, sampling_params
+from services.llm.engine.events import EngineRequest, TopLogprobs
+from services.llm.engine.vllm.requests import (
+    PromptFolder,
+    engine_prompt,
+    refusal,
+    sampling_params,
+    top_logprobs,
+)
 from services.llm.prompt import PromptBuilder
 from services.model.checkpoint import open_checkpoint
 from services.model.modules import load_tokenizer
@@ -125,3 +131,17 @@ def test_what_this_engine_refuses_names_the_option(builder, sampling, grammar, a
 @pytest.mark.parametrize("penalty", [0.0, 1.0])
 def test_a_repetition_penalty_that_is_off_is_accepted(builder, penalty):
     assert refusal(request(CONVERSATIONS["text"], builder, repetition_penalty=penalty)) is None
+
+
+def test_vllms_logprobs_as_our_report():
+    from vllm.logprobs import Logprob
+
+    # The sampled token first (its own rank), then the top 3 (ranks 1..3), as vLLM builds the dict.
+    inside = {7: Logprob(-0.5, 2, None), 3: Logprob(-0.1, 1, None), 9: Logprob(-0.9, 3, None)}
+    assert top_logprobs(inside, 7, 3) == TopLogprobs(-0.5, (3, 7, 9), (-0.1, -0.5, -0.9))
+    outside = {5: Logprob(-4.0, 12, None), 3: Logprob(-0.1, 1, None), 7: Logprob(-0.5, 2, None),
+               9: Logprob(-0.9, 3, None)}
+    assert top_logprobs(outside, 5, 3) == TopLogprobs(-4.0, (3, 7, 9), (-0.1, -0.5, -0.9))
+    # Sampled with the 3rd's very logprob, but not among the top 3: not reported as one of them.
+    tied = {5: Logprob(-0.9, 3, None), 3: Logprob(-0.1, 1, None), 7: Logprob(-0.5, 2, None), 9: Logprob(-0.9, 3, None)}
+    assert top_logprobs(tied, 5, 3) == TopLogprobs(-0.9, (3, 7, 9), (-0.1, -0.5, -0.9))
