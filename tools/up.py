@@ -2,7 +2,8 @@
 
 Starts Redis (a private `redis-server` child, or with `--redis-cluster M` a local Redis Cluster of M masters, unless
 `--redis-url` is given), the vision service (`--vision-replicas` of them), the LLM service (`--llm-replicas` of them)
-and the gateway, each as its own process, waits until each reports SERVING on
+and the gateway, each as its own process (the services' own flags, set on `up`, passed on: `tools.up_flags`),
+waits until each reports SERVING on
 grpc.health.v1, prints the addresses and an example `internvl-chat` call, and serves until SIGINT/SIGTERM. Then it
 stops them in reverse order (the gateway drains its streams before the services behind it stop), each with SIGTERM
 and a grace period. Children run in their own process group, so Ctrl-C reaches only this supervisor, which orders the
@@ -18,9 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.contract.dtypes import DTYPE_NAMES
 from services.contract.errors import InternVLError
-from services.model.adapter_options import AdapterOptions, add_adapter_options
 from tools.launcher import (
     MIN_CLUSTER_MASTERS,
     REPO,
@@ -35,6 +34,7 @@ from tools.launcher import (
     start_redis_cluster,
     wait_serving,
 )
+from tools.up_flags import add_forwarded_flags, check_forwarded, forwarded_argv
 
 # Each service drains for up to 30 s (its --drain-seconds) after SIGTERM; then it is killed.
 STOP_GRACE_S = 45.0
@@ -54,9 +54,7 @@ class StackError(InternVLError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (original OpenGVLab format) or hub id")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                        help="compute dtype of both services (default: bfloat16 on GPU, float32 on CPU)")
+    """`up`'s own flags, then the services' flags it passes on, generated from their configs (`forwarded_flags`)."""
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the gateway binds (default 127.0.0.1; the services behind it always "
                              "bind 127.0.0.1)")
@@ -77,14 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vision processes; the gateway round-robins over them (default 1)")
     parser.add_argument("--llm-replicas", type=int, default=1,
                         help="LLM processes, each on its own port; the gateway routes over them (default 1)")
-    parser.add_argument("--llm-routing", default=None,
-                        help="passed to the gateway's --llm-routing (how it picks an LLM replica; default: the "
-                             "gateway's; see `internvl-serve gateway --help`)")
-    parser.add_argument("--media-root", default=None, help="directory requests may name files in (gateway)")
-    parser.add_argument("--allowed-media-domains", default=None,
-                        help="hosts whose http(s) media URLs the gateway fetches, e.g. 'img.example.com,*.cdn.com' "
-                             "(passed to the gateway; default: none)")
-    add_adapter_options(parser)  # passed to the vision and LLM services alike
     parser.add_argument("--log-dir", default=None, help="where the processes' logs go (default: a temp directory)")
     parser.add_argument("--otlp-endpoint", default=None,
                         help="every process sends OpenTelemetry traces to this OTLP/gRPC collector (e.g. "
@@ -101,8 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "checks trust it)")
     tls.add_argument("--tls-client-ca", default=None,
                      help="PEM CA; the vision and LLM services then require client certificates it signed (mTLS)")
-    parser.add_argument("--api-token-file", default=None,
-                        help="file holding the bearer token the gateway requires (default: none)")
+    add_forwarded_flags(parser)
 
 
 class Stack:
@@ -209,9 +198,7 @@ def run(args: argparse.Namespace) -> int:
         raise StackError("--tls-cert and --tls-key go together")
     if (args.tls_ca or args.tls_client_ca) and not args.tls_cert:
         raise StackError("--tls-ca and --tls-client-ca need --tls-cert and --tls-key")
-    adapters = AdapterOptions.from_args(args)
-    for problem in adapters.problems():
-        raise StackError(problem)
+    check_forwarded(args)
     stop_requested = []
 
     def on_signal(signum, frame):
@@ -222,27 +209,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"starting InternVL stack for {args.model} (logs in {stack.log_dir})", flush=True)
     try:
         redis_url = args.redis_url or stack.start_redis()
-        common = ["--model", args.model, "--redis-url", redis_url, *(["--dtype", args.dtype] if args.dtype else []),
-                  *adapters.argv()]
-        internal = [*common, *stack.tls_server_args(mutual=True)]
-        visions = [stack.service(f"vision-{i}", "vision", free_port(), *internal)
+        internal = ["--redis-url", redis_url, *stack.tls_server_args(mutual=True)]
+        vision_args, llm_args = [*forwarded_argv(args, "vision"), *internal], [*forwarded_argv(args, "llm"), *internal]
+        visions = [stack.service(f"vision-{i}", "vision", free_port(), *vision_args)
                    for i in range(args.vision_replicas)]
-        llms = [stack.service("llm" if args.llm_replicas == 1 else f"llm-{i}", "llm", free_port(), *internal)
+        llms = [stack.service("llm" if args.llm_replicas == 1 else f"llm-{i}", "llm", free_port(), *llm_args)
                 for i in range(args.llm_replicas)]
         stack.wait_serving([*visions, *llms], lambda: bool(stop_requested))
         vision_target = "ipv4:" + ",".join(f"127.0.0.1:{v.port}" for v in visions)
         llm_target = "ipv4:" + ",".join(f"127.0.0.1:{llm.port}" for llm in llms)
-        gateway_args = ["--vision-target", vision_target, "--llm-target", llm_target, "--redis-url", redis_url]
-        if args.llm_routing:
-            gateway_args += ["--llm-routing", args.llm_routing]
+        gateway_args = ["--vision-target", vision_target, "--llm-target", llm_target, "--redis-url", redis_url,
+                        *forwarded_argv(args, "gateway")]
         if args.http_port:
             gateway_args += ["--http-port", str(args.http_port)]
-        if args.media_root:
-            gateway_args += ["--media-root", args.media_root]
-        if args.allowed_media_domains:
-            gateway_args += ["--allowed-media-domains", args.allowed_media_domains]
-        if args.api_token_file:
-            gateway_args += ["--api-token-file", args.api_token_file]
         gateway_args += [*stack.tls_server_args(mutual=False), *stack.tls_upstream_args()]
         gateway = stack.service("gateway", "gateway", args.gateway_port, *gateway_args, host=args.host,
                                 metrics_port=args.metrics_port)

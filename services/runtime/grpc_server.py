@@ -7,12 +7,10 @@ Health: "" (liveness) is SERVING while the process runs; each service name (read
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -22,9 +20,10 @@ from grpc_reflection.v1alpha import reflection
 
 from services.contract.errors import InvalidArgumentError
 from services.runtime import tracing
+from services.runtime.flags import flag, flag_group
 from services.runtime.grpc_errors import ErrorMappingInterceptor
 from services.runtime.request_metrics import RequestMetrics, RequestMetricsInterceptor
-from services.runtime.tls import ServerTls, add_server_arguments, server_tls_from_args
+from services.runtime.tls import ServerTls, ServerTlsFlags
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +31,32 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
+def _port_help(default: int | None) -> str:
+    return "gRPC port (0: any free port)" + ("" if default is None else f" (default {default})")
+
+
 @dataclass(frozen=True)
 class ServerOptions:
-    """Transport settings common to the services (built once by each service's CLI)."""
+    """Transport settings common to the services (built once by each service's CLI; each field is a flag).
 
-    port: int
-    host: str = "0.0.0.0"
-    metrics_port: int | None = None
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    `port` has no default: a service that has one gives it as the flag group's `defaults`, otherwise `--port` is
+    required.
+    """
+
+    port: int = flag(help=_port_help)
+    host: str = flag("0.0.0.0", "address to bind (default %(default)s)")
+    metrics_port: int | None = flag(None, "Prometheus /metrics port (default: none)")
+    max_message_bytes: int = flag(DEFAULT_MAX_MESSAGE_BYTES, "gRPC message size limit (default %(default)s)")
     # Seconds a draining server lets running calls finish after SIGTERM (keep below the pod's grace period).
-    drain_seconds: float = 30.0
-    # None: plaintext. Otherwise TLS, and mutual TLS when it names a client CA (services.runtime.tls).
-    tls: ServerTls | None = None
+    drain_seconds: float = flag(30.0, "grace period for running calls after SIGTERM (default %(default)s)")
     # Where to send traces (OTLP/gRPC, e.g. http://collector:4317); None: the OTEL_* environment decides (off unless
     # it names an exporter). See services.runtime.tracing.
-    otlp_endpoint: str | None = None
+    otlp_endpoint: str | None = flag(
+        None, "send OpenTelemetry traces to this OTLP/gRPC collector (e.g. http://collector:4317); "
+              "default: off unless the OTEL_* environment names an exporter")
+    # None: plaintext. Otherwise TLS, and mutual TLS when it names a client CA (services.runtime.tls).
+    tls: ServerTls | None = flag_group(ServerTlsFlags, title="TLS (default: plaintext)", build=ServerTlsFlags.load,
+                                       default=None)
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,31 +69,6 @@ class ServerOptions:
         for ok, message in checks:
             if not ok:
                 raise InvalidArgumentError(message)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerOptions:
-        """From the flags `add_server_options` registered (TLS paths may come from the environment)."""
-        return cls(port=args.port, host=args.host, metrics_port=args.metrics_port,
-                   max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds,
-                   tls=server_tls_from_args(args, os.environ if environ is None else environ),
-                   otlp_endpoint=args.otlp_endpoint)
-
-
-def add_server_options(parser: argparse.ArgumentParser, default_port: int | None) -> None:
-    """The transport flags every server shares. `default_port` None makes `--port` required."""
-    parser.add_argument("--port", type=int, default=default_port, required=default_port is None,
-                        help="gRPC port (0: any free port)" + ("" if default_port is None
-                                                              else f" (default {default_port})"))
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
-    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: none)")
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="gRPC message size limit (default %(default)s)")
-    parser.add_argument("--drain-seconds", type=float, default=ServerOptions.drain_seconds,
-                        help="grace period for running calls after SIGTERM (default %(default)s)")
-    parser.add_argument("--otlp-endpoint", default=None,
-                        help="send OpenTelemetry traces to this OTLP/gRPC collector (e.g. http://collector:4317); "
-                             "default: off unless the OTEL_* environment names an exporter")
-    add_server_arguments(parser)
 
 
 # Clients balance round-robin over the pods their DNS lookup returned, and gRPC re-resolves only when a connection
