@@ -46,6 +46,8 @@ class LLMConfig:
     max_context_tokens: int | None = None
     # LoRA adapters served beside the base (--lora NAME=DIR, --max-loras, --max-lora-rank).
     adapters: AdapterOptions = field(default_factory=AdapterOptions)
+    # The engine that computes the tokens, by its name in services.llm.engine.factory.ENGINES (no flag yet).
+    engine: str = "transformers"
 
     def __post_init__(self) -> None:
         """Refuses a value no server could run with, naming its flag (the CLI prints it as one usage line)."""

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from services.contract.errors import InternVLError, InvalidArgumentError, OverloadedError
-from services.llm.engine import transformers_engine as engine_module
+from services.llm.engine import runner as runner_module
 from services.llm.engine.api import BatchFaultError
+from services.llm.engine.batch import COLUMN_SLACK
 from services.llm.prompt import ImagePart
 from tests.llm.engine.test_engine import Recorder, ask
 
@@ -134,14 +135,14 @@ async def test_a_failed_decode_batch_is_rebuilt_and_the_engine_serves_on(make_se
 
 
 async def test_a_row_whose_sampling_fails_fails_alone(make_service, collect, monkeypatch):
-    real = engine_module.sample_batch
+    real = runner_module.sample_batch
 
     def failing(logits, samplers):
         if any(s.params.seed == 666 for s in samplers):
             raise ValueError("injected: probability tensor contains nan")
         return real(logits, samplers)
 
-    monkeypatch.setattr(engine_module, "sample_batch", failing)
+    monkeypatch.setattr(runner_module, "sample_batch", failing)
     requests = [ask(f"Row {i}", max_new_tokens=8, temperature=0.7, seed=i) for i in range(3)]
     bad = ask("Bad row", max_new_tokens=8, temperature=0.7, seed=666)
     async with make_service(kv_cache_budget_mb=0) as service:
@@ -165,7 +166,7 @@ async def test_admission_by_memory_long_prompt_waits_short_ones_run(make_service
     async with make_service(kv_cache_budget_mb=0) as probe:
         bytes_per_token = probe.engine.kv_bytes_per_token
         long_len = (await collect(await probe.generate(long, inline))).finish.usage.prompt_tokens
-    budget = (long_len + 4 + engine_module.COLUMN_SLACK) * bytes_per_token  # the long one fits alone, exactly
+    budget = (long_len + 4 + COLUMN_SLACK) * bytes_per_token  # the long one fits alone, exactly
     async with make_service(kv_cache_budget_mb=0, kv_budget_mb=budget / MIB, max_batch_size=4) as service:
         steps = Steps(service.engine)
         first_token: dict[str, float] = {}
@@ -254,7 +255,7 @@ async def test_a_stream_ending_inside_a_multibyte_character_keeps_its_text(make_
     cut = ids[:-1]
     expected = tokenizer.decode(cut, skip_special_tokens=True)
     assert expected.endswith("\ufffd")
-    monkeypatch.setattr(engine_module, "sample_batch", scripted(ids))
+    monkeypatch.setattr(runner_module, "sample_batch", scripted(ids))
     async with make_service() as service:
         result = await collect(await service.generate(ask("Go", max_new_tokens=len(cut),
                                                           stop_strings=[stop] if stop else [])))
@@ -266,7 +267,7 @@ async def test_a_stream_ending_inside_a_multibyte_character_keeps_its_text(make_
 async def test_held_back_text_that_completes_a_stop_string_is_dropped(make_service, collect, reference, monkeypatch):
     tokenizer = reference("qwen2").tokenizer
     ids = tokenizer("hello END", add_special_tokens=False).input_ids
-    monkeypatch.setattr(engine_module, "sample_batch", scripted(ids + ids))
+    monkeypatch.setattr(runner_module, "sample_batch", scripted(ids + ids))
     async with make_service() as service:
         result = await collect(await service.generate(ask("Go", max_new_tokens=20, stop_strings=["END"])))
     assert result.reason == "stop"
