@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 
 from services.contract.finish import FinishReason
 from services.llm.engine.api import BatchFaultError, StepReport
-from services.llm.engine.events import EngineRequest
-from services.llm.engine.sampling import TopLogprobs
+from services.llm.engine.events import EngineRequest, TopLogprobs
 
 log = logging.getLogger(__name__)
 

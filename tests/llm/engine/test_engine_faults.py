@@ -134,6 +134,31 @@ async def test_a_failed_decode_batch_is_rebuilt_and_the_engine_serves_on(make_se
     assert all(r.reason == "length" for r in after)
 
 
+async def test_a_step_that_raises_fails_its_requests_and_the_engine_serves_on(make_service, collect, monkeypatch):
+    """A fault outside any one request (here the runner's step itself raises, once, after two requests started
+    decoding): both end UNAVAILABLE, the runner starts afresh, and the next requests are answered as before."""
+    requests = [ask(f"Step {i}", max_new_tokens=12) for i in range(2)]
+    async with make_service(kv_cache_budget_mb=0) as service:
+        solo = await collect(await service.generate(requests[0]))
+        runner = service.engine.runner
+        real, calls = runner.step, {"decoding both": 0}
+
+        def failing(plan):
+            if len(plan.decode) == 2:
+                calls["decoding both"] += 1
+                if calls["decoding both"] == 2:
+                    raise RuntimeError("injected: bookkeeping")
+            return real(plan)
+
+        monkeypatch.setattr(runner, "step", failing)
+        streams = [await service.generate(r) for r in requests]
+        results = await asyncio.gather(*(outcome(collect, s) for s in streams))
+        after = await collect(await service.generate(requests[0]))
+        assert service.engine.load().running == 0 and service.engine.load().kv_bytes == 0
+    assert all(isinstance(r, BatchFaultError) for r in results), results
+    assert after.token_ids == solo.token_ids
+
+
 async def test_a_row_whose_sampling_fails_fails_alone(make_service, collect, monkeypatch):
     real = runner_module.sample_batch
 
