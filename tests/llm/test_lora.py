@@ -28,7 +28,7 @@ from lora_reference import (
 )
 
 from services.contract.conversation import Conversation, GenerateRequest, ImageRef
-from services.contract.errors import NotFoundError
+from services.contract.errors import InternVLError, NotFoundError
 from services.contract.model_info import AdapterInfo, ModelInfo
 from services.llm.config import LLMConfig
 from services.llm.engine.events import EngineRequest
@@ -281,15 +281,18 @@ async def test_prefix_cache_never_crosses_models(world, collect):
     assert_parity(other, expected_other)
 
 
-async def test_unknown_adapter_is_not_found(world):
+async def test_unknown_adapter_is_not_found(world, collect):
     w = world("qwen2")
     async with serving(w, "q-plain") as service:
         with pytest.raises(NotFoundError, match="'nope'.*q-plain"):
             await service.generate(ask("Hi", adapter="nope"))
+        # The service is the one place that refuses it (services.llm.intake); an engine handed one anyway, a
+        # caller's bug, fails that request at admission without computing anything.
         prompt = service.prompts.build(ask("Hi").conversation)
-        with pytest.raises(NotFoundError, match="'nope'"):
-            service.engine.submit(EngineRequest(prompt=prompt, sampling=SamplingParams(), max_new_tokens=2,
-                                                adapter="nope"))
+        stream = service.engine.submit(EngineRequest(prompt=prompt, sampling=SamplingParams(), max_new_tokens=2,
+                                                     adapter="nope"))
+        with pytest.raises(InternVLError, match="failed computing this request"):
+            await collect(stream)
         assert service.engine.steps == 0
     async with serving(w) as plain:
         with pytest.raises(NotFoundError, match="'q-plain'"):
