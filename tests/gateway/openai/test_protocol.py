@@ -216,6 +216,9 @@ EXACT = [
     (field("safety_identifier", 1), "safety_identifier has the wrong type (int)"),
     (field("model", ["a"]), "model has the wrong type (list)"),
     (field("stream", "yes"), "stream has the wrong type (str)"),
+    # Each field is checked whether or not another one wins over it.
+    ({**field("max_tokens", "9"), "max_completion_tokens": 5}, "max_tokens has the wrong type (str)"),
+    ({**field("safety_identifier", 5), "user": "u1"}, "safety_identifier has the wrong type (int)"),
     # With several problems: a field this API does not take first, in the body's order; then the fields in order.
     ({"messages": [], "temperature": "hot", "frobnicate": 1, "tools": [1]},
      "unknown field 'frobnicate'; this API's fields are listed in the README"),
