@@ -28,7 +28,7 @@ from gateway.clients import open_clients
 from gateway.config import GatewayConfig
 from gateway.endpoints import EndpointPool
 from gateway.metrics import GatewayMetrics
-from gateway.openai_http import create_app
+from gateway.openai.app import create_app
 from gateway.orchestrator import Orchestrator
 from gateway.sessions import MemorySessionStore, RedisSessionStore
 from services.contract.errors import InternVLError
