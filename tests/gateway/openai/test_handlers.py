@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.chat_response import ChatUsage, Delta, Finish
+from gateway.chat_response import Delta, Finish
 from gateway.metrics import GatewayMetrics
 from gateway.openai.app import create_app
 from services.contract.errors import InvalidMediaError
-from services.contract.finish import FinishReason
+from services.contract.finish import FinishReason, Usage
 
 pytestmark = pytest.mark.timeout(60)
 RPC = "openai.chat_completions"
@@ -43,7 +43,7 @@ def delta(text: str, token_id: int) -> Delta:
     return Delta(text=text, token_ids=(token_id,))
 
 
-FINISH = Finish(FinishReason.STOP, ChatUsage(prompt_tokens=5, completion_tokens=2), session_id="s1")
+FINISH = Finish(FinishReason.STOP, Usage(prompt_tokens=5, completion_tokens=2), session_id="s1")
 
 
 async def _post(orchestrator, body, headers=None):
