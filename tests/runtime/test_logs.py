@@ -308,10 +308,10 @@ def test_up_hands_its_log_and_tracing_flags_to_the_children(monkeypatch, root_lo
     assert cli.main(["--log-level", "debug", "--log-format", "json", "up", "--model", "m",
                      "--log-dir", str(tmp_path), "--otlp-endpoint", "http://collector:4317"]) == 0
     started = []
-    monkeypatch.setattr(up, "spawn", lambda name, argv, *a, **kw: started.append(argv) or object())
+    monkeypatch.setattr(launcher, "spawn", lambda name, argv, *a, **kw: started.append(argv) or object())
     stack = up.Stack(parsed[0])
     for command in ("vision", "llm", "gateway"):
-        stack.service(command, command, launcher.free_port(), "--model", "m")
+        stack.service(command, command, "--model", "m")
     for argv, command in zip(started, ("vision", "llm", "gateway"), strict=True):
         assert argv[:8] == [sys.executable, "-m", "tools.cli", "--log-level", "debug", "--log-format", "json",
                             command], argv
