@@ -24,8 +24,10 @@ import inspect
 import json
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
+import helpers.engine
 import jsonschema
 import pytest
 import torch
@@ -39,8 +41,8 @@ from services.llm.config import LLMConfig
 from services.llm.engine.sampling import Sampler, SamplingParams, sample_batch
 from services.llm.grammar import Grammars
 from services.llm.metrics import LLMMetrics
-from services.llm.prompt import Conversation, ImagePart, TextPart
-from services.llm.service import GenerateRequest, LLMService
+from services.llm.prompt import ImagePart
+from services.llm.service import LLMService
 from services.model.chat import GenerationParams, InternVLChat
 from services.model.checkpoint import open_checkpoint
 from services.model.modules import load_tokenizer
@@ -134,10 +136,7 @@ def image_tile() -> torch.Tensor:
     return torch.rand(1, 3, 448, 448, generator=torch.Generator().manual_seed(5)) * 4 - 2
 
 
-def ask(*parts, **sampling) -> GenerateRequest:
-    sampling.setdefault("max_new_tokens", MAX_NEW)
-    return GenerateRequest(Conversation(user_parts=parts), SamplingParams(**sampling),
-                           inline_embeddings=any(isinstance(p, ImagePart) for p in parts))
+ask = partial(helpers.engine.ask, max_new_tokens=MAX_NEW)
 
 
 @pytest.mark.asyncio
@@ -159,14 +158,14 @@ async def test_the_service_answers_as_the_reference_path(built, chat, collect):
     service = LLMService.load(LLMConfig(model=str(built.path), dtype="float32", device="cpu"), LLMMetrics())
     await service.start()
     try:
-        text_request = ask(TextPart(text_question))
-        image_request = ask(ImagePart("tile", 1), TextPart(image_question))
+        text_request = ask(text_question)
+        image_request = ask(image_question, ImagePart("tile", 1))
         assert list(service.prompts.build(text_request.conversation).token_ids) == expected_ids(built, text_prompt)
         assert list(service.prompts.build(image_request.conversation).token_ids) == expected_ids(built, image_prompt)
         text_reply = await collect(await service.generate(text_request))
         image_reply = await collect(await service.generate(image_request, {"tile": embeddings}))
         schema = Constraint(ConstraintKind.JSON_SCHEMA, schema=json.dumps(BOUNDED_SCHEMA))
-        json_reply = await collect(await service.generate(ask(TextPart("The weather, as JSON."), max_new_tokens=80,
+        json_reply = await collect(await service.generate(ask("The weather, as JSON.", max_new_tokens=80,
                                                               constraint=schema)))
     finally:
         await service.close()

@@ -10,12 +10,12 @@ import threading
 
 import pytest
 import torch
+from helpers.engine import Recorder, ask
 
 from services.contract.errors import InternVLError, InvalidArgumentError, OverloadedError
 from services.llm.engine import transformers_engine as engine_module
 from services.llm.engine.api import BatchFaultError
 from services.llm.prompt import ImagePart
-from tests.llm.engine.test_engine import Recorder, ask
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(180)]
 MIB = 2**20

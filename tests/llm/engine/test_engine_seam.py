@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 import torch
+from helpers.llm_wire import embedding_messages, serving, start_message
 from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2
 
@@ -18,7 +19,6 @@ from services.llm.engine.events import EngineRequest, Finish, TokenDelta, Usage
 from services.llm.metrics import LLMMetrics
 from services.llm.prompt import Conversation, ImagePart, TextPart
 from services.llm.service import LLMService
-from tests.llm.test_servicer import embedding_messages, serving, start_message
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
