@@ -46,11 +46,12 @@ def check_bindable(flag: str, host: str, port: int) -> None:
 
 
 def _try_bind(host: str, port: int) -> OSError | None:
-    """The error of binding `host:port` with the options a server binds with (SO_REUSEADDR), or None."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except OSError as exc:
-        return exc
+    """The error of binding `host:port` with the options a server binds with (SO_REUSEADDR), or None (also when
+    the host does not resolve: the server's own bind says so)."""
+    try:  # gRPC takes IPv6 addresses in brackets, the socket API without
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return None
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
