@@ -22,11 +22,11 @@ from services.vision.config import VisionConfig
 
 # The services `up` starts, by subcommand, and the configs their flags come from.
 SERVICE_CONFIGS: Mapping[str, type] = {"vision": VisionConfig, "llm": LLMConfig, "gateway": GatewayConfig}
-# Set by `up` itself: each process's port, address and metrics port, the Redis it started, the gateway's targets and
-# HTTP port (`up`'s own --http-port), TLS (`up`'s own flags: one certificate for every server) and tracing (`up`'s
+# Set by `up` itself: each process's port, address and metrics port (and the file it reports them in), the Redis it
+# started, the gateway's targets and HTTP port (`up`'s own --http-port), TLS (`up`'s own flags: one certificate for every server) and tracing (`up`'s
 # --otlp-endpoint, given to every process).
 UP_OWNS = frozenset({
-    "--port", "--host", "--metrics-port", "--redis-url", "--vision-target", "--llm-target", "--http-port",
+    "--port", "--host", "--metrics-port", "--port-file", "--redis-url", "--vision-target", "--llm-target", "--http-port",
     "--otlp-endpoint", "--tls-cert", "--tls-key", "--tls-client-ca", "--upstream-tls-ca", "--upstream-tls-cert",
     "--upstream-tls-key", "--upstream-tls-server-name"})
 # Meaningless in `up`'s stack: the in-process cache of a vision service without Redis (`up` always gives one), and

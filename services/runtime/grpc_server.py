@@ -22,6 +22,7 @@ from services.contract.errors import InvalidArgumentError
 from services.runtime import tracing
 from services.runtime.flags import flag, flag_group
 from services.runtime.grpc_errors import ErrorMappingInterceptor
+from services.runtime.ports import bind_error, check_bindable, write_port_file
 from services.runtime.request_metrics import RequestMetrics, RequestMetricsInterceptor
 from services.runtime.tls import ServerTls, ServerTlsFlags
 
@@ -45,7 +46,7 @@ class ServerOptions:
 
     port: int = flag(help=_port_help)
     host: str = flag("0.0.0.0", "address to bind (default %(default)s)")
-    metrics_port: int | None = flag(None, "Prometheus /metrics port (default: none)")
+    metrics_port: int | None = flag(None, "Prometheus /metrics port (0: any free port; default: none)")
     max_message_bytes: int = flag(DEFAULT_MAX_MESSAGE_BYTES, "gRPC message size limit (default %(default)s)")
     # Seconds a draining server lets running calls finish after SIGTERM (keep below the pod's grace period).
     drain_seconds: float = flag(30.0, "grace period for running calls after SIGTERM (default %(default)s)")
@@ -57,6 +58,9 @@ class ServerOptions:
     # None: plaintext. Otherwise TLS, and mutual TLS when it names a client CA (services.runtime.tls).
     tls: ServerTls | None = flag_group(ServerTlsFlags, title="TLS (default: plaintext)", build=ServerTlsFlags.load,
                                        default=None)
+    # Where to report the ports bound (services.runtime.ports), for whoever started the process with port 0.
+    port_file: str | None = flag(None, "once bound, write the ports (those given as 0 too) to this file as JSON: "
+                                       '{"port": P, "metrics_port": M, ...}')
 
     def __post_init__(self) -> None:
         checks = [
@@ -75,6 +79,9 @@ class ServerOptions:
 # closes. Ageing connections out (GOAWAY after 2 minutes) makes every client re-resolve, so new replicas get traffic;
 # the grace outlasts the longest stream (the gateway's 300 s default deadline) so no stream is cut.
 _CONNECTION_AGE = [("grpc.max_connection_age_ms", 120_000), ("grpc.max_connection_age_grace_ms", 330_000)]
+# gRPC binds with SO_REUSEPORT by default, so a second server on a port silently shares it with the first (the kernel
+# splits the connections between them); a port another process holds must be an error instead.
+_EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -99,19 +106,22 @@ class GrpcServer:
         chain = [*tracing.server_interceptors(), RequestMetricsInterceptor(requests, self.service_names),
                  *interceptors, ErrorMappingInterceptor()]
         self.server = grpc.aio.server(interceptors=chain,
-                                      options=[*channel_options(options.max_message_bytes), *_CONNECTION_AGE])
+                                      options=[*channel_options(options.max_message_bytes), *_CONNECTION_AGE,
+                                               *_EXCLUSIVE_PORT])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
         self.port: int | None = None
+        self.metrics_port: int | None = None
 
     def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object) -> None:
         register(servicer, self.server)
 
     async def start(self, registry: prometheus_client.CollectorRegistry | None = None) -> int:
-        """Binds (port 0 picks a free one), starts serving NOT_SERVING, returns the bound port.
+        """Binds (port 0 picks a free one), starts serving NOT_SERVING, returns the bound port (also `self.port`;
+        the metrics server's in `self.metrics_port`). PortBindError when a port cannot be bound.
 
         `registry` is what `/metrics` exports (default: the request metrics' own); services keep their metrics in a
         registry of their own so that several can live in one test process.
@@ -122,21 +132,36 @@ class GrpcServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in self.service_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.options.host}:{self.options.port}"
-        if self.options.tls is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, self.options.tls.credentials())
-        if self.port == 0:
-            raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
-        await self.server.start()
+        host, port = self.options.host, self.options.port
+        check_bindable("--port", host, port)
+        try:
+            if self.options.tls is None:
+                self.port = self.server.add_insecure_port(f"{host}:{port}")
+            else:
+                self.port = self.server.add_secure_port(f"{host}:{port}", self.options.tls.credentials())
+        except RuntimeError as exc:  # gRPC's "Failed to bind to address ..."
+            raise bind_error("--port", host, port) from exc
+        if self.port == 0:  # how older gRPC releases said it
+            raise bind_error("--port", host, port)
         if self.options.metrics_port is not None:
-            prometheus_client.start_http_server(self.options.metrics_port, addr=self.options.host, registry=registry)
+            try:
+                metrics, _ = prometheus_client.start_http_server(self.options.metrics_port, addr=host,
+                                                                 registry=registry)
+            except OSError as exc:
+                raise bind_error("--metrics-port", host, self.options.metrics_port, exc) from None
+            self.metrics_port = metrics.server_port
+        await self.server.start()
         tls = "plaintext" if self.options.tls is None else (
             "mutual TLS" if self.options.tls.client_ca is not None else "TLS")
-        log.info("listening on %s:%d, %s (metrics on %s)", self.options.host, self.port, tls,
-                 self.options.metrics_port)
+        log.info("listening on %s:%d, %s (metrics on %s)", host, self.port, tls, self.metrics_port)
         return self.port
+
+    def report_ports(self, **others: int) -> None:
+        """Writes the bound ports, and `others` the process bound besides (the gateway's HTTP port), to
+        `--port-file` if given; call once everything is bound."""
+        if self.options.port_file is not None:
+            ports = {"port": self.port, **({} if self.metrics_port is None else {"metrics_port": self.metrics_port})}
+            write_port_file(self.options.port_file, {**ports, **others})
 
     async def mark_ready(self) -> None:
         for name in self.service_names:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import helpers.engine
 import pytest
 import torch
+from helpers.engine import Recorder
 from internvl.llm.v1 import llm_pb2
 from lora_reference import (
     INTERNLM2_TARGETS,
@@ -39,7 +42,6 @@ from services.llm.service import LLMService
 from services.model.adapter_options import AdapterOptions
 from services.model.adapters import read_adapter
 from services.model.checkpoint import open_checkpoint
-from tests.llm.engine.test_engine import Recorder
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(300)]
 
@@ -109,10 +111,7 @@ async def serving(world: World, *adapters: str, **overrides):
         await service.close()
 
 
-def ask(text: str, *images: ImageRef, adapter: str = "", max_new_tokens: int = MAX_NEW) -> GenerateRequest:
-    return GenerateRequest(Conversation(user_parts=(*images, text), adapter=adapter),
-                           SamplingParams(max_new_tokens=max_new_tokens, top_logprobs=TOP),
-                           inline_embeddings=bool(images))
+ask = partial(helpers.engine.ask, max_new_tokens=MAX_NEW, top_logprobs=TOP)
 
 
 def expected_answer(world: World, name: str, service: LLMService, request: GenerateRequest,

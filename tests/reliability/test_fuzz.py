@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import media
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from internvl.gateway.v1 import gateway_pb2 as G
@@ -24,7 +25,6 @@ from gateway.media import MediaResolver, decode_data_url, decode_video, probe_im
 from gateway.openai.protocol import parse
 from gateway.planning import check_max_num
 from gateway.sessions import check_session_id
-from reliability import media
 from services.contract.errors import InternVLError
 from services.contract.tiling import MAX_NUM_LIMIT
 from services.vision.preprocess import open_image

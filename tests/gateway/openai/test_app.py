@@ -7,6 +7,8 @@ import json
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from helpers.fakes import fake_stack
+from helpers.media import png, write_video
 
 from gateway.openai.app import create_app
 
@@ -24,11 +26,11 @@ async def _client(stack) -> TestClient:
 
 
 @pytest.mark.asyncio
-async def test_completion_stream_and_errors(fakes):
-    async with fakes.stack() as stack:
+async def test_completion_stream_and_errors():
+    async with fake_stack() as stack:
         client = await _client(stack)
         try:
-            url = "data:image/png;base64," + base64.b64encode(fakes.png(64, 64)).decode()
+            url = "data:image/png;base64," + base64.b64encode(png(64, 64)).decode()
             messages = [user([{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": url}}])]
             reply = await client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0,
                                                                     "logprobs": True, "top_logprobs": 1})
@@ -55,7 +57,7 @@ async def test_completion_stream_and_errors(fakes):
             assert chunks[-1]["usage"]["internvl"]["reused_tiles"] == 1
             assert len(stack.llm.starts[-1].history) == 1
 
-            video = "data:video/mp4;base64," + base64.b64encode(fakes.video(frames=12, fps=6)).decode()
+            video = "data:video/mp4;base64," + base64.b64encode(write_video(frames=12, fps=6)).decode()
             part = {"type": "video", "video": {"url": video, "num_segments": 3, "bound": [0, 1.5]}}
             reply = await client.post("/v1/chat/completions", json={"messages": [user([part, {
                 "type": "text", "text": "What happens?"}])]})
@@ -92,8 +94,8 @@ async def test_completion_stream_and_errors(fakes):
 
 
 @pytest.mark.asyncio
-async def test_n_answers_as_choices_streaming_and_not(fakes):
-    async with fakes.stack() as stack:
+async def test_n_answers_as_choices_streaming_and_not():
+    async with fake_stack() as stack:
         client = await _client(stack)
         try:
             reply = await client.post("/v1/chat/completions", json={"messages": [user("Hi")], "n": 3, "seed": 5})

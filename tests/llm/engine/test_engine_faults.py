@@ -10,13 +10,13 @@ import threading
 
 import pytest
 import torch
+from helpers.engine import Recorder, ask
 
 from services.contract.conversation import ImageRef
 from services.contract.errors import InternVLError, InvalidArgumentError, OverloadedError
 from services.llm.engine import runner as runner_module
 from services.llm.engine.api import BatchFaultError
 from services.llm.engine.batch import COLUMN_SLACK
-from tests.llm.engine.test_engine import Recorder, ask
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(180)]
 MIB = 2**20

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from helpers.llm_wire import embedding_messages, serving, start_message
 from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2
 
@@ -28,7 +29,6 @@ from services.llm.engine.api import Engine, EngineLoad, GenerationStream
 from services.llm.engine.events import EngineRequest, Finish, TokenDelta
 from services.llm.metrics import LLMMetrics
 from services.llm.service import LLMService
-from tests.llm.test_servicer import embedding_messages, serving, start_message
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
