@@ -1,8 +1,9 @@
 """The stack under test: `internvl-serve up` as a child process, its children found by /proc, and timed clients
 of the gateway's `ChatService.Chat` and the vision service's `Encode` and `FetchEmbeddings`.
 
-Ports and process ids are read from the children's own command lines (`--port`, `--metrics-port`), so the
-benchmark depends on `up`'s flags, not on the wording of its banner beyond the line that says it is ready.
+Process ids and ports are read from the children themselves (a service's from the `--port-file` its command line
+names, redis-server's from its `--port`), so the benchmark depends on `up`'s flags, not on the wording of its banner
+beyond the line that says it is ready.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from tools.launcher import (
     REPO,
     UP_READY_LINE,
     cli_env,
-    free_port,
     processes,
     read_banner,
     read_metrics,
+    reported_ports,
     spawn,
 )
 
@@ -67,11 +68,10 @@ class RunningStack:
                  redis_cluster: int = 0):
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="internvl-bench-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.gateway_port = free_port()
         self.replicas = replicas
         self.llm_replicas = llm_replicas
         argv = [sys.executable, "-m", "tools.cli", "up", "--model", model, "--dtype", dtype,
-                "--gateway-port", str(self.gateway_port), "--http-port", "0", "--metrics-port", str(free_port()),
+                "--gateway-port", "0", "--http-port", "0", "--metrics-port", "0",
                 "--vision-replicas", str(replicas), "--llm-replicas", str(llm_replicas),
                 *(["--llm-routing", llm_routing] if llm_routing else []),
                 *(["--redis-cluster", str(redis_cluster)] if redis_cluster else []),
@@ -96,6 +96,7 @@ class RunningStack:
         # Keep draining up's stdout so it never blocks on a full pipe.
         threading.Thread(target=self._drain, daemon=True).start()
         self.services = self._find_services()
+        self.gateway_port = self.services["gateway"].port
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway_port}", options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
@@ -111,7 +112,9 @@ class RunningStack:
         for child in (p for p in processes() if p.ppid == self.process.pid):
             pid, argv = child.pid, child.argv
             joined = " ".join(argv)
-            port, metrics = _flag(argv, "--port"), _flag(argv, "--metrics-port")
+            # Every service has reported its ports by now: up prints its banner once they all serve.
+            ports = reported_ports(argv) or {}
+            port, metrics = ports.get("port", _flag(argv, "--port")), ports.get("metrics_port")
             if "redis-server" in joined:
                 found["redis"] = ServiceProc("redis", pid, port, None)
             elif "tools.cli" in argv or "tools/cli.py" in joined:

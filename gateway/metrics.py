@@ -82,9 +82,10 @@ class GatewayMetrics:
             self.endpoint_in_flight.labels(pool.name, address).set(endpoint.in_flight)
         self._endpoint_labels |= labels
 
-    async def track_tokens(self, method: str, events: AsyncGenerator) -> AsyncGenerator:
-        """Passes `events` through, recording the time to the first token and the tokens generated."""
-        started = time.perf_counter()
+    async def track_tokens(self, method: str, events: AsyncGenerator, started: float | None = None) -> AsyncGenerator:
+        """Passes `events` through, recording the time to the first token (from `started`, a `time.perf_counter()`;
+        by default from when the first event is asked for) and the tokens generated."""
+        started = time.perf_counter() if started is None else started
         first = True
         # Closed with this generator, so a caller that stops early cancels the services' calls at once.
         async with contextlib.aclosing(events):

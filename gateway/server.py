@@ -28,13 +28,14 @@ from gateway.clients import open_clients
 from gateway.config import GatewayConfig
 from gateway.endpoints import EndpointPool
 from gateway.metrics import GatewayMetrics
-from gateway.openai_http import create_app
+from gateway.openai.app import create_app
 from gateway.orchestrator import Orchestrator
 from gateway.sessions import MemorySessionStore, RedisSessionStore
 from services.contract.errors import InternVLError
 from services.contract.service_names import GATEWAY_SERVICE
 from services.runtime import request_ids, tracing
 from services.runtime.grpc_server import GrpcServer
+from services.runtime.ports import bind_error
 from services.runtime.redis_client import connect as connect_redis
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,20 @@ def _session_store(config: GatewayConfig) -> RedisSessionStore | MemorySessionSt
     return RedisSessionStore(connect_redis(config.redis_url), config.namespace, config.session_ttl_s)
 
 
-async def _start_http(config: GatewayConfig, app: web.Application) -> web.AppRunner:
+async def _start_http(config: GatewayConfig, app: web.Application) -> tuple[web.AppRunner, int]:
+    """The HTTP API served, and the port it bound (any free one for `--http-port 0`)."""
     # handler_cancellation: a client that disconnects cancels its handler, and so the services' calls.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.drain_seconds,
                            handler_cancellation=True)
     await runner.setup()
-    await web.TCPSite(runner, config.server.host, config.http_port).start()
-    log.info("OpenAI-compatible HTTP API on %s:%d", config.server.host, config.http_port)
-    return runner
+    try:
+        await web.TCPSite(runner, config.server.host, config.http_port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise bind_error("--http-port", config.server.host, config.http_port, exc) from None
+    port = runner.addresses[0][1]
+    log.info("OpenAI-compatible HTTP API on %s:%d", config.server.host, port)
+    return runner, port
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -119,7 +126,10 @@ async def serve(config: GatewayConfig) -> None:
     try:
         await server.start()
         if config.http_port is not None:
-            runner = await _start_http(config, create_app(orchestrator, metrics, lambda: ready))
+            runner, http_port = await _start_http(config, create_app(orchestrator, metrics, lambda: ready))
+            server.report_ports(http_port=http_port)
+        else:
+            server.report_ports()
         if isinstance(sessions, RedisSessionStore):
             await sessions.redis.ping()
         log.info("waiting for the vision service (%s) and the LLM service (%s)", config.vision_target,

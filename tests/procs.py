@@ -19,7 +19,6 @@ from tools.launcher import (
     LocalRedisCluster,
     RedisServer,
     cli_env,
-    free_port,
     start_redis,
     start_redis_cluster,
     start_service,
@@ -28,8 +27,8 @@ from tools.launcher import (
     wait_serving,
 )
 
-__all__ = ["REPO", "Child", "free_port", "redis_cluster", "redis_server", "run_service", "spawn_service",
-           "stop_together", "wait_for", "wait_serving"]
+__all__ = ["REPO", "Child", "redis_cluster", "redis_server", "run_service", "spawn_service", "stop_together",
+           "wait_for", "wait_serving"]
 
 
 def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.02):
@@ -42,10 +41,11 @@ def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.02):
         time.sleep(interval_s)
     raise AssertionError(f"timed out waiting for {what}")
 
-def spawn_service(name: str, command: str, *args: str, env: Mapping[str, str] | None = None, **ports) -> Child:
-    """`internvl-serve COMMAND --port P --metrics-port M ARGS...` started (not waited for); `ports`: port=,
-    metrics_port= to choose them."""
-    return start_service(name, command, *args, log_path=temp_log(name), cwd=REPO, env=cli_env(env), **ports)
+
+def spawn_service(name: str, command: str, *args: str, env: Mapping[str, str] | None = None) -> Child:
+    """`internvl-serve COMMAND ARGS...` started on ports it chooses itself (not waited for: `wait_serving` also
+    waits for the ports it reports)."""
+    return start_service(name, command, *args, log_path=temp_log(name), cwd=REPO, env=cli_env(env))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@
     services/llm/        the LLM service           }
     gateway/             the public APIs: the contract and the runtime only, never torch
     tools/, bench/       the command line, the launcher, the benchmark: above everything, imported by nothing
+    tests/               test modules import helper modules, never another test module or a conftest
 
 Each rule is checked over the real tree, and over a planted violation of its own so a rule that cannot fail fails.
 """
@@ -111,7 +112,8 @@ def test_nothing_imports_the_tools_or_the_benchmark_but_themselves():
 
 
 @pytest.mark.parametrize("modules", [
-    "gateway.server, gateway.openai_http",
+    ", ".join(["gateway.server", *(f"gateway.openai.{path.stem}"
+                                   for path in sorted((REPO / "gateway/openai").glob("[!_]*.py")))]),
     "gateway.chat_cli",
     ", ".join(f"services.contract.{path.stem}" for path in sorted((REPO / "services/contract").glob("*.py"))),
 ])
@@ -122,3 +124,29 @@ def test_importing_does_not_load_torch(modules):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                             check=False)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def imports_of_test_modules(root: Path) -> list[str]:
+    """Imports of a test module or a conftest by any module under `root`/tests: what tests share lives in helper
+    modules (tests/helpers/, tests/stack.py, ...); fixtures reach test modules through pytest, not imports."""
+    tests = root / "tests"
+    # A module of the tests' own: under `tests.`, or named like something in tests/ (which is on sys.path).
+    local = {"tests", *(p.stem for p in tests.iterdir())}
+    return [f"{path.relative_to(root)} imports {module}" for path in sorted(tests.rglob("*.py"))
+            for module in imported_modules(path) if module.split(".")[0] in local
+            and (module.rsplit(".", 1)[-1].startswith("test_") or module.rsplit(".", 1)[-1] == "conftest")]
+
+
+def test_no_test_module_imports_another_or_a_conftest():
+    assert imports_of_test_modules(REPO) == []
+
+
+def test_a_planted_test_module_import_is_caught(tmp_path):
+    (tmp_path / "tests/llm").mkdir(parents=True)
+    (tmp_path / "tests/llm/test_planted.py").write_text("from tests.llm.engine.test_engine import Recorder\n")
+    (tmp_path / "tests/llm/test_also.py").write_text("from reliability.conftest import LIMIT\n")
+    (tmp_path / "tests/reliability").mkdir()
+    (tmp_path / "tests/llm/test_fine.py").write_text("from helpers.engine import Recorder\nimport aiohttp.test_utils\n")
+    assert imports_of_test_modules(tmp_path) == [
+        "tests/llm/test_also.py imports reliability.conftest",
+        "tests/llm/test_planted.py imports tests.llm.engine.test_engine"]

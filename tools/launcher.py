@@ -1,10 +1,15 @@
 """Child processes of a stack on this machine: the services (`python -m tools.cli COMMAND`) and redis-server (one,
 or several making a local Redis Cluster).
 
-One place for what `internvl-serve up`, the benchmark and the tests all do with them: pick free loopback ports, start
-a child with its output in a log file, tie it to its parent, wait until it reports SERVING on grpc.health.v1 (the
+One place for what `internvl-serve up`, the benchmark and the tests all do with them: start a child with its output
+in a log file, tie it to its parent, learn the ports it bound, wait until it reports SERVING on grpc.health.v1 (the
 error ends with its log's tail when it exits or is not ready in time), read its /metrics, restart it on the same
 ports, and stop it with SIGTERM, then SIGKILL after a grace period.
+
+Ports are never chosen here for a service: it binds port 0 (or the port it is given) and reports what it got in its
+`--port-file` (services.runtime.ports), so no other process can take a port between a choice and the bind. Only
+redis-server, which cannot bind port 0 (`--port 0` turns TCP off there), gets a port picked here, and is started again
+on another when it exits at start.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.contract.errors import InternVLError
 from services.contract.service_names import SERVICE_BY_COMMAND
+from services.runtime.ports import read_port_file
 
 LOOPBACK = "127.0.0.1"
 # The repository root: where `services` and `gateway` are importable from.
@@ -53,7 +59,8 @@ class RedisMissingError(LaunchError):
 
 
 def free_port() -> int:
-    """A loopback TCP port nobody listens on now (another process may still take it before the child binds it)."""
+    """A loopback TCP port nobody listens on now. Another process may take it before a child binds it: only for
+    redis-server, which is started again on another port when that happens, and for an address nobody answers."""
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
@@ -143,6 +150,9 @@ class Child:
     env: Mapping[str, str] | None = None
     own_session: bool = False
     tie_to_parent: bool = False
+    # A service's `--port-file`: its ports (None above) are known once it has written it (see `reported`).
+    port_file: Path | None = None
+    http_port: int | None = None
 
     @property
     def pid(self) -> int:
@@ -150,7 +160,20 @@ class Child:
 
     @property
     def address(self) -> str:
+        if self.port is None:
+            raise LaunchError(f"{self.name} has not reported its port yet (wait_serving waits for it)")
         return f"{LOOPBACK}:{self.port}"
+
+    def reported(self) -> bool:
+        """Whether its ports are known: read from its port file once it has written it. From then on its `argv`
+        names them, so that a restart binds the same ports."""
+        if self.port is None and self.port_file is not None:
+            ports = read_port_file(self.port_file)
+            if ports is not None:
+                self.port, self.metrics_port, self.http_port = (ports["port"], ports.get("metrics_port"),
+                                                                ports.get("http_port"))
+                self.argv = _naming_ports(self.argv, ports)
+        return self.port is not None
 
     def running(self) -> bool:
         return self.process.poll() is None
@@ -162,9 +185,15 @@ class Child:
         return self.log_text()[-chars:]
 
     def exit_report(self, when: str) -> str:
-        """'NAME exited with CODE WHEN; its log (PATH) ends: ...', for the error a caller raises."""
-        return (f"{self.name} exited with {self.process.returncode} {when}; its log ({self.log_path}) ends:\n"
-                f"{self.log_tail()}")
+        """'NAME exited with CODE WHEN; its log (PATH) ends: ...', for the error a caller raises. When the CLI
+        refused to go on (exit code 2), the one line it wrote instead: 'NAME exited with 2 WHEN: internvl-serve
+        COMMAND: error: ... (its log: PATH)'."""
+        code = self.process.returncode
+        refusal = [line for line in self.log_tail().splitlines()
+                   if line.startswith("internvl-serve ") and ": error: " in line] if code == 2 else []
+        if refusal:
+            return f"{self.name} exited with 2 {when}: {refusal[-1]} (its log: {self.log_path})"
+        return f"{self.name} exited with {code} {when}; its log ({self.log_path}) ends:\n{self.log_tail()}"
 
     def metrics(self) -> str:
         return read_metrics(self.metrics_port)
@@ -195,6 +224,25 @@ class Child:
         self.process = _popen(self.argv, self.log_path, self.cwd, self.env, self.own_session, self.tie_to_parent,
                               append=True)
         return self
+
+
+# The flag of each port a port file reports.
+_PORT_FLAGS = {"port": "--port", "metrics_port": "--metrics-port", "http_port": "--http-port"}
+
+
+def _naming_ports(argv: list[str], ports: Mapping[str, int]) -> list[str]:
+    """`argv` with the value of each port flag replaced by the port reported (the last occurrence: argparse's)."""
+    out = list(argv)
+    for name, flag in _PORT_FLAGS.items():
+        if name in ports and flag in out:
+            out[len(out) - out[::-1].index(flag)] = str(ports[name])
+    return out
+
+
+def reported_ports(argv: Sequence[str]) -> dict[str, int] | None:
+    """The ports reported by the service started with `argv` (found by its `--port-file`), None while it has not
+    (or for a process without one)."""
+    return read_port_file(argv[argv.index("--port-file") + 1]) if "--port-file" in argv else None
 
 
 def stop_together(children: Sequence[Child], grace_s: float = 20.0, sig: int = signal.SIGTERM) -> None:
@@ -240,40 +288,45 @@ def read_banner(process: subprocess.Popen, last_line: str = UP_READY_LINE) -> st
 def spawn(name: str, argv: list[str], log_path: Path | None, *, command: str | None = None,
           port: int | None = None, metrics_port: int | None = None, cwd: Path | None = None,
           env: Mapping[str, str] | None = None, own_session: bool = False, tie_to_parent: bool = False,
-          kind: type[Child] = Child) -> Child:
+          port_file: Path | None = None, kind: type[Child] = Child) -> Child:
     """Start `argv` with stdout and stderr in `log_path` (truncated; None: a text pipe); a `kind` for it.
 
     `own_session`: its own process group, so a terminal's Ctrl-C reaches only the parent, which orders the
     shutdown. `tie_to_parent`: SIGTERM when the spawning thread dies (see `die_with_parent`).
     """
     process = _popen(argv, log_path, cwd, env, own_session, tie_to_parent)
-    return kind(name, argv, process, log_path, command, port, metrics_port, cwd, env, own_session, tie_to_parent)
+    return kind(name, argv, process, log_path, command, port, metrics_port, cwd, env, own_session, tie_to_parent,
+                port_file)
 
 
-def service_argv(command: str, port: int, metrics_port: int, *args: str, host: str = LOOPBACK) -> list[str]:
-    return [sys.executable, "-m", "tools.cli", command, "--port", str(port), "--host", host,
-            "--metrics-port", str(metrics_port), *args]
+def service_argv(command: str, *args: str, port_file: Path, port: int = 0, metrics_port: int = 0,
+                 host: str = LOOPBACK, cli_flags: Sequence[str] = ()) -> list[str]:
+    """`python -m tools.cli [CLI_FLAGS] COMMAND --port P --host H --metrics-port M --port-file F ARGS...`."""
+    return [sys.executable, "-m", "tools.cli", *cli_flags, command, "--port", str(port), "--host", host,
+            "--metrics-port", str(metrics_port), "--port-file", str(port_file), *args]
 
 
-def start_service(name: str, command: str, *args: str, log_path: Path, port: int | None = None,
-                  metrics_port: int | None = None, host: str = LOOPBACK, **options) -> Child:
-    """`python -m tools.cli COMMAND --port P --host H --metrics-port M ARGS...` (free ports unless given);
-    `options` as `spawn`'s. Not waited for: see `wait_serving`."""
-    port, metrics_port = port or free_port(), metrics_port or free_port()
-    return spawn(name, service_argv(command, port, metrics_port, *args, host=host), log_path, command=command,
-                 port=port, metrics_port=metrics_port, **options)
+def start_service(name: str, command: str, *args: str, log_path: Path, port: int = 0, metrics_port: int = 0,
+                  host: str = LOOPBACK, cli_flags: Sequence[str] = (), **options) -> Child:
+    """`python -m tools.cli [CLI_FLAGS] COMMAND --port P --host H --metrics-port M ARGS...`, its ports reported in a
+    file beside `log_path` (0, the default: any free port); `cli_flags` are the CLI's global flags (logging),
+    `options` as `spawn`'s. Not waited for: see `wait_serving`, which also waits for the ports."""
+    port_file = log_path.with_name(f"{log_path.stem}.ports.json")
+    port_file.unlink(missing_ok=True)  # a previous run's, which would report the wrong ports
+    argv = service_argv(command, *args, port_file=port_file, port=port, metrics_port=metrics_port, host=host,
+                        cli_flags=cli_flags)
+    return spawn(name, argv, log_path, command=command, port_file=port_file, **options)
 
 
 def wait_serving(children: Sequence[Child], timeout_s: float = 120.0, *,
                  credentials: grpc.ChannelCredentials | None = None, stopping: Callable[[], bool] = lambda: False,
                  on_ready: Callable[[Child], None] = lambda child: None) -> bool:
-    """Until every child reports SERVING for its command's service on grpc.health.v1 (over TLS with `credentials`),
-    calling `on_ready` for each as it does. False if `stopping()` turned true first; LaunchError, with the log's
-    tail, if one exits or they are not all ready after `timeout_s`."""
+    """Until every child has reported its ports and reports SERVING for its command's service on grpc.health.v1
+    (over TLS with `credentials`), calling `on_ready` for each as it does. False if `stopping()` turned true first;
+    LaunchError, with the log's tail, if one exits or they are not all ready after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     waiting = list(children)
-    channels = {id(c): grpc.secure_channel(c.address, credentials) if credentials is not None
-                else grpc.insecure_channel(c.address) for c in waiting}
+    channels: dict[int, grpc.Channel] = {}
     try:
         while waiting:
             if stopping():
@@ -281,6 +334,11 @@ def wait_serving(children: Sequence[Child], timeout_s: float = 120.0, *,
             for child in list(waiting):
                 if not child.running():
                     raise LaunchError(child.exit_report("while starting"))
+                if not child.reported():
+                    continue
+                if id(child) not in channels:
+                    channels[id(child)] = grpc.secure_channel(child.address, credentials) \
+                        if credentials is not None else grpc.insecure_channel(child.address)
                 stub = health_pb2_grpc.HealthStub(channels[id(child)])
                 with contextlib.suppress(grpc.RpcError):
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_BY_COMMAND[child.command]),
@@ -320,7 +378,8 @@ class RedisServer(Child):
             return list(client.scan_iter(match=match, count=1000))
 
     def wait_ready(self, timeout_s: float = 10.0) -> bool:
-        """Until it answers PING: True; False if it exited first. LaunchError if it does not answer in time."""
+        """Until it answers on its port: True; False if it exited first (its port was taken). LaunchError if it does
+        not answer in time."""
         client = redis.Redis(host=LOOPBACK, port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         try:
@@ -328,13 +387,14 @@ class RedisServer(Child):
                 if not self.running():
                     return False
                 with contextlib.suppress(redis.exceptions.RedisError):
-                    if client.ping():
+                    # This server, not another that held the port while this one failed to bind it.
+                    if client.info("server").get("process_id") == self.pid:
                         return True
                 time.sleep(0.02)
         finally:
             client.close()
         self.kill()
-        raise LaunchError(f"redis-server on port {self.port} did not answer PING in {timeout_s:.0f}s; its log "
+        raise LaunchError(f"redis-server on port {self.port} did not answer in {timeout_s:.0f}s; its log "
                           f"({self.log_path}) ends:\n{self.log_tail()}")
 
     def restart(self, timeout_s: float = 10.0) -> Self:

@@ -2,7 +2,8 @@
 
 Starts Redis (a private `redis-server` child, or with `--redis-cluster M` a local Redis Cluster of M masters, unless
 `--redis-url` is given), the vision service (`--vision-replicas` of them), the LLM service (`--llm-replicas` of them)
-and the gateway, each as its own process, waits until each reports SERVING on
+and the gateway, each as its own process (the services' own flags, set on `up`, passed on: `tools.up_flags`),
+waits until each reports SERVING on
 grpc.health.v1, prints the addresses and an example `internvl-chat` call, and serves until SIGINT/SIGTERM. Then it
 stops them in reverse order (the gateway drains its streams before the services behind it stop), each with SIGTERM
 and a grace period. Children run in their own process group, so Ctrl-C reaches only this supervisor, which orders the
@@ -18,9 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.contract.dtypes import DTYPE_NAMES
 from services.contract.errors import InternVLError
-from services.model.adapter_options import AdapterOptions, add_adapter_options
 from tools.launcher import (
     MIN_CLUSTER_MASTERS,
     REPO,
@@ -28,13 +27,12 @@ from tools.launcher import (
     Child,
     RedisMissingError,
     cli_env,
-    free_port,
-    service_argv,
-    spawn,
     start_redis,
     start_redis_cluster,
+    start_service,
     wait_serving,
 )
+from tools.up_flags import add_forwarded_flags, check_forwarded, forwarded_argv
 
 # Each service drains for up to 30 s (its --drain-seconds) after SIGTERM; then it is killed.
 STOP_GRACE_S = 45.0
@@ -49,22 +47,31 @@ SUPERVISED = {"own_session": True, "tie_to_parent": True}
 COLOCATED_OPENMP = {"GOMP_SPINCOUNT": "2000"}
 
 
+# `--http-port any`: the gateway binds any free port (its --http-port 0; up's own 0 means no HTTP API).
+ANY_PORT = "any"
+
+
+def port_or_any(text: str) -> int | str:
+    return ANY_PORT if text == ANY_PORT else int(text)
+
+
 class StackError(InternVLError):
     """A part of the stack failed to start; the message names it and shows its log's tail."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (original OpenGVLab format) or hub id")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                        help="compute dtype of both services (default: bfloat16 on GPU, float32 on CPU)")
+    """`up`'s own flags, then the services' flags it passes on, generated from their configs (`forwarded_flags`)."""
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the gateway binds (default 127.0.0.1; the services behind it always "
                              "bind 127.0.0.1)")
-    parser.add_argument("--gateway-port", type=int, default=50051, help="gateway gRPC port (default 50051)")
-    parser.add_argument("--http-port", type=int, default=8000,
-                        help="OpenAI-compatible HTTP port (default 8000; 0: none)")
+    parser.add_argument("--gateway-port", type=int, default=50051,
+                        help="gateway gRPC port (default 50051; 0: any free port, printed at start)")
+    parser.add_argument("--http-port", type=port_or_any, default=8000,
+                        help=f"OpenAI-compatible HTTP port (default 8000; 0: none; {ANY_PORT}: any free port, "
+                             "printed at start)")
     parser.add_argument("--metrics-port", type=int, default=9100,
-                        help="gateway /metrics port (default 9100); the services get free ports, printed at start")
+                        help="gateway /metrics port (default 9100; 0: any free port); the services get free ports, "
+                             "printed at start")
     redis = parser.add_mutually_exclusive_group()
     redis.add_argument("--redis-url", default=None,
                        help="use this Redis (redis://...) or Redis Cluster (redis+cluster://host:port,...) instead "
@@ -77,14 +84,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vision processes; the gateway round-robins over them (default 1)")
     parser.add_argument("--llm-replicas", type=int, default=1,
                         help="LLM processes, each on its own port; the gateway routes over them (default 1)")
-    parser.add_argument("--llm-routing", default=None,
-                        help="passed to the gateway's --llm-routing (how it picks an LLM replica; default: the "
-                             "gateway's; see `internvl-serve gateway --help`)")
-    parser.add_argument("--media-root", default=None, help="directory requests may name files in (gateway)")
-    parser.add_argument("--allowed-media-domains", default=None,
-                        help="hosts whose http(s) media URLs the gateway fetches, e.g. 'img.example.com,*.cdn.com' "
-                             "(passed to the gateway; default: none)")
-    add_adapter_options(parser)  # passed to the vision and LLM services alike
     parser.add_argument("--log-dir", default=None, help="where the processes' logs go (default: a temp directory)")
     parser.add_argument("--otlp-endpoint", default=None,
                         help="every process sends OpenTelemetry traces to this OTLP/gRPC collector (e.g. "
@@ -101,8 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "checks trust it)")
     tls.add_argument("--tls-client-ca", default=None,
                      help="PEM CA; the vision and LLM services then require client certificates it signed (mTLS)")
-    parser.add_argument("--api-token-file", default=None,
-                        help="file holding the bearer token the gateway requires (default: none)")
+    add_forwarded_flags(parser)
 
 
 class Stack:
@@ -112,19 +110,16 @@ class Stack:
         self.log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="internvl-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
-    def service(self, name: str, command: str, port: int, *extra: str, host: str = "127.0.0.1",
-                metrics_port: int | None = None) -> Child:
+    def service(self, name: str, command: str, *extra: str, host: str = "127.0.0.1", port: int = 0,
+                metrics_port: int = 0) -> Child:
+        """A service started (not waited for) on `port` and `metrics_port` (0: any free port; the ports it bound are
+        known once `wait_serving` is done)."""
         openmp = {} if command == "gateway" or {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ) \
             else COLOCATED_OPENMP
-        port, metrics_port = port or free_port(), metrics_port or free_port()
-        argv = service_argv(command, port, metrics_port, *extra, host=host)
-        # `tools.cli`'s global flags go before the subcommand, which service_argv puts right after the module.
-        cli = argv.index("tools.cli") + 1
-        argv[cli:cli] = self.log_flags()
-        if getattr(self.args, "otlp_endpoint", None):
-            argv += ["--otlp-endpoint", self.args.otlp_endpoint]
-        child = spawn(name, argv, self.log_dir / f"{name}.log", command=command, port=port, metrics_port=metrics_port,
-                      env=cli_env(openmp), **SUPERVISED)
+        otlp = ["--otlp-endpoint", self.args.otlp_endpoint] if getattr(self.args, "otlp_endpoint", None) else []
+        child = start_service(name, command, *extra, *otlp, log_path=self.log_dir / f"{name}.log", port=port,
+                              metrics_port=metrics_port, host=host, cli_flags=self.log_flags(), env=cli_env(openmp),
+                              **SUPERVISED)
         self.children.append(child)
         return child
 
@@ -209,9 +204,7 @@ def run(args: argparse.Namespace) -> int:
         raise StackError("--tls-cert and --tls-key go together")
     if (args.tls_ca or args.tls_client_ca) and not args.tls_cert:
         raise StackError("--tls-ca and --tls-client-ca need --tls-cert and --tls-key")
-    adapters = AdapterOptions.from_args(args)
-    for problem in adapters.problems():
-        raise StackError(problem)
+    check_forwarded(args)
     stop_requested = []
 
     def on_signal(signum, frame):
@@ -222,29 +215,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"starting InternVL stack for {args.model} (logs in {stack.log_dir})", flush=True)
     try:
         redis_url = args.redis_url or stack.start_redis()
-        common = ["--model", args.model, "--redis-url", redis_url, *(["--dtype", args.dtype] if args.dtype else []),
-                  *adapters.argv()]
-        internal = [*common, *stack.tls_server_args(mutual=True)]
-        visions = [stack.service(f"vision-{i}", "vision", free_port(), *internal)
-                   for i in range(args.vision_replicas)]
-        llms = [stack.service("llm" if args.llm_replicas == 1 else f"llm-{i}", "llm", free_port(), *internal)
+        internal = ["--redis-url", redis_url, *stack.tls_server_args(mutual=True)]
+        vision_args, llm_args = [*forwarded_argv(args, "vision"), *internal], [*forwarded_argv(args, "llm"), *internal]
+        visions = [stack.service(f"vision-{i}", "vision", *vision_args) for i in range(args.vision_replicas)]
+        llms = [stack.service("llm" if args.llm_replicas == 1 else f"llm-{i}", "llm", *llm_args)
                 for i in range(args.llm_replicas)]
         stack.wait_serving([*visions, *llms], lambda: bool(stop_requested))
         vision_target = "ipv4:" + ",".join(f"127.0.0.1:{v.port}" for v in visions)
         llm_target = "ipv4:" + ",".join(f"127.0.0.1:{llm.port}" for llm in llms)
-        gateway_args = ["--vision-target", vision_target, "--llm-target", llm_target, "--redis-url", redis_url]
-        if args.llm_routing:
-            gateway_args += ["--llm-routing", args.llm_routing]
+        gateway_args = ["--vision-target", vision_target, "--llm-target", llm_target, "--redis-url", redis_url,
+                        *forwarded_argv(args, "gateway")]
         if args.http_port:
-            gateway_args += ["--http-port", str(args.http_port)]
-        if args.media_root:
-            gateway_args += ["--media-root", args.media_root]
-        if args.allowed_media_domains:
-            gateway_args += ["--allowed-media-domains", args.allowed_media_domains]
-        if args.api_token_file:
-            gateway_args += ["--api-token-file", args.api_token_file]
+            gateway_args += ["--http-port", "0" if args.http_port == ANY_PORT else str(args.http_port)]
         gateway_args += [*stack.tls_server_args(mutual=False), *stack.tls_upstream_args()]
-        gateway = stack.service("gateway", "gateway", args.gateway_port, *gateway_args, host=args.host,
+        gateway = stack.service("gateway", "gateway", *gateway_args, host=args.host, port=args.gateway_port,
                                 metrics_port=args.metrics_port)
         stack.wait_serving([gateway], lambda: bool(stop_requested))
         _print_banner(args, stack, gateway, visions, llms, redis_url)
@@ -272,15 +256,15 @@ def _print_banner(args, stack: Stack, gateway: Child, visions: list[Child], llms
     image = str(example) if example.exists() else "PATH/TO/IMAGE.jpg"
     lines = [
         "",
-        f"InternVL gateway (gRPC internvl.gateway.v1.ChatService) on {host}:{args.gateway_port}",
-        *([f"OpenAI-compatible API on http://{host}:{args.http_port}/v1"] if args.http_port else []),
+        f"InternVL gateway (gRPC internvl.gateway.v1.ChatService) on {host}:{gateway.port}",
+        *([f"OpenAI-compatible API on http://{host}:{gateway.http_port}/v1"] if gateway.http_port else []),
         f"metrics: gateway http://{host}:{gateway.metrics_port}/metrics, "
         + ", ".join(f"{c.name} http://127.0.0.1:{c.metrics_port}/metrics" for c in [*visions, *llms]),
         "services: " + ", ".join(f"{c.name} 127.0.0.1:{c.port}" for c in [*visions, *llms]),
         f"redis: {redis_url}; logs: {stack.log_dir}",
         "",
         "try:",
-        f"  internvl-chat --target {host}:{args.gateway_port}{_client_flags(args)} --image {image} "
+        f"  internvl-chat --target {host}:{gateway.port}{_client_flags(args)} --image {image} "
         + "--max-tokens 32 'Describe the image.'",
         "",
         UP_READY_LINE,

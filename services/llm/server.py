@@ -108,6 +108,7 @@ async def serve(config: LLMConfig) -> None:
     servicer = LLMServicer()
     server.add(llm_pb2_grpc.add_LLMServiceServicer_to_server, servicer)
     await server.start(registry=metrics.registry)
+    server.report_ports()
     try:
         service = await in_own_thread(LLMService.load, config, metrics)  # see services.runtime.own_thread
     except BaseException:

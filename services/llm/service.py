@@ -1,9 +1,11 @@
 """The LLM service's transport-free core: conversation in, stream of generation events out.
 
-`LLMService.generate` validates the request, builds the prompt (tokenisation off the event loop), resolves every
-referenced image's embeddings (from the shared Redis cache, or from what the client sent inline), checks them against
-the prompt, and hands the request to the continuous-batching engine. Errors are domain errors
-(services.contract.errors); the gRPC layer maps them to statuses.
+`LLMService.generate` first refuses what it will not take (services.llm.intake: a model it does not serve, a full
+queue), then validates the request, builds the prompt (tokenisation off the event loop), resolves every referenced
+image's embeddings (from the shared Redis cache, or from what the client sent inline), checks them against the prompt,
+and hands the request to the engine. The service knows the engine interface (services.llm.engine.api, events) and the
+factory that builds the engine `LLMConfig.engine` names (services.llm.engine.factory), never a concrete engine. Errors
+are domain errors (services.contract.errors); the gRPC layer maps them to statuses.
 """
 
 from __future__ import annotations
@@ -11,39 +13,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from services.contract import template
 from services.contract.conversation import Conversation, GenerateRequest
-from services.contract.errors import (
-    CheckpointError,
-    EmbeddingsMissingError,
-    InvalidArgumentError,
-    NotFoundError,
-    OverloadedError,
-)
+from services.contract.errors import EmbeddingsMissingError, InvalidArgumentError
 from services.contract.model_info import AdapterInfo, ModelInfo
 from services.contract.sampling import SamplingParams
 from services.llm.config import LLMConfig
 from services.llm.engine.api import Engine, GenerationStream
 from services.llm.engine.events import EngineRequest
-from services.llm.engine.transformers_engine import TransformersEngine
+from services.llm.engine.factory import build_engine
 from services.llm.grammar import Grammars
+from services.llm.intake import Intake
 from services.llm.metrics import LLMMetrics
 from services.llm.prompt import Prompt, PromptBuilder
 from services.model.adapters import LANGUAGE_PREFIXES, Adapter, read_adapters
 from services.model.checkpoint import Checkpoint, open_checkpoint
-from services.model.modules import (
-    default_device,
-    install_language_adapters,
-    load_language_model,
-    load_tokenizer,
-    resolve_dtype,
-)
+from services.model.modules import load_tokenizer
 from services.runtime import tracing
 from services.runtime.embedding_store import EmbeddingCache
 from services.runtime.redis_client import connect as connect_redis
@@ -53,16 +44,16 @@ log = logging.getLogger(__name__)
 
 
 class LLMService:
-    """The tokenizer, the prompt builder, the embedding cache client, and an engine (services.llm.engine.api)."""
+    """The tokenizer, the prompt builder, the embedding cache client, and the engine the factory built."""
 
     def __init__(self, config: LLMConfig, checkpoint: Checkpoint, tokenizer: PreTrainedTokenizerBase,
-                 engine: Callable[[PromptBuilder, int], Engine], metrics: LLMMetrics | None = None,
-                 adapters: tuple[AdapterInfo, ...] = ()):
-        """`engine(prompts, max_context_tokens)` builds the engine for this service's prompts; `adapters` are the
-        LoRA adapters it computes with."""
+                 metrics: LLMMetrics | None = None, adapters: Sequence[Adapter] = (), model: object | None = None):
+        """Builds the engine `config.engine` names (blocking: it may load the model). `adapters` are the LoRA adapters
+        served beside the base; `model` a language model already loaded for the engine to compute with
+        (services.llm.engine.factory.EngineInputs.model), None: the engine loads its own."""
         self.config = config
         self.checkpoint = checkpoint
-        self.adapters = adapters
+        self.adapters: tuple[AdapterInfo, ...] = tuple(adapter.info() for adapter in adapters)
         self.tokenizer = tokenizer
         self.metrics = metrics
         spec = checkpoint.spec
@@ -71,8 +62,11 @@ class LLMService:
         positions = spec.text_hf_config().max_position_embeddings
         self.max_context_tokens = min(config.max_context_tokens or positions, positions)
         self.prompts = PromptBuilder(tokenizer, self.tokens_per_tile, spec.system_message, self.max_context_tokens)
-        self.engine = engine(self.prompts, self.max_context_tokens)
+        self.engine: Engine = build_engine(config, checkpoint, tokenizer, self.prompts, self.max_context_tokens,
+                                           adapters=adapters, model=model)
         self.engine.observer = metrics
+        self.intake = Intake([adapter.name for adapter in self.adapters], config.max_queue,
+                             lambda: self.engine.load().waiting)
         if metrics is not None:
             metrics.model_name = checkpoint.name
         self.vocab_size = spec.text_hf_config().vocab_size
@@ -82,36 +76,22 @@ class LLMService:
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-prompt")
 
     @classmethod
-    def with_model(cls, config: LLMConfig, checkpoint: Checkpoint, model: PreTrainedModel,
-                   tokenizer: PreTrainedTokenizerBase, metrics: LLMMetrics | None = None,
-                   adapters: Sequence[Adapter] = ()) -> LLMService:
-        """The service over the transformers engine on `model`, with `adapters` installed in it."""
-        slots = install_language_adapters(model, checkpoint, adapters) if adapters else None
-
-        def engine(prompts: PromptBuilder, max_context_tokens: int) -> Engine:
-            return TransformersEngine(
-                model, tokenizer, stop_token_id=tokenizer.convert_tokens_to_ids(template.STOP_TOKEN),
-                img_context_id=prompts.img_context_id, max_context_tokens=max_context_tokens,
-                max_batch_size=config.max_batch_size, max_queue=config.max_queue,
-                max_step_tokens=config.max_step_tokens, prefix_cache_budget_bytes=config.kv_cache_budget_bytes,
-                kv_budget_bytes=config.kv_budget_bytes, adapters=slots)
-
-        return cls(config, checkpoint, tokenizer, engine, metrics, tuple(a.info() for a in adapters))
+    def with_model(cls, config: LLMConfig, checkpoint: Checkpoint, model: object, tokenizer: PreTrainedTokenizerBase,
+                   metrics: LLMMetrics | None = None, adapters: Sequence[Adapter] = ()) -> LLMService:
+        """The service computing with `model`, a language model already loaded (tests share one), with `adapters`
+        installed in it."""
+        return cls(config, checkpoint, tokenizer, metrics, adapters, model=model)
 
     @classmethod
     def load(cls, config: LLMConfig, metrics: LLMMetrics | None = None) -> LLMService:
-        """Opens the checkpoint and loads the language model and tokenizer (blocking: call it off the loop)."""
+        """Opens the checkpoint, reads the adapters and the tokenizer, and builds the engine, which loads the
+        language model (blocking: call it off the loop)."""
         checkpoint = open_checkpoint(config.model)
         adapters = read_adapters(config.adapters, checkpoint)
-        device = torch.device(config.device) if config.device else default_device()
-        model = load_language_model(checkpoint, resolve_dtype(config.dtype, device), device)
-        if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or ()):
-            raise CheckpointError(f"{checkpoint.path}: sliding-window attention is not supported by the LLM service")
-        log.info("loaded %s (%s, %s on %s)", checkpoint.name, checkpoint.spec.llm_architecture, model.dtype, device)
         for adapter in adapters:
             log.info("serving LoRA adapter %s (rank %d, %d layers, digest %s) from %s", adapter.name, adapter.rank,
                      len(adapter.part(LANGUAGE_PREFIXES)), adapter.digest, adapter.path)
-        return cls.with_model(config, checkpoint, model, load_tokenizer(checkpoint), metrics, adapters)
+        return cls(config, checkpoint, load_tokenizer(checkpoint), metrics, adapters)
 
     async def start(self) -> None:
         if self.config.redis_url:
@@ -137,35 +117,32 @@ class LLMService:
                        timeout: float | None = None) -> GenerationStream:
         """Starts generating; the returned stream yields TokenDelta events and one Finish per answer.
 
-        Raises InvalidArgumentError (a constraint xgrammar cannot compile among them), ContextTooLongError,
-        EmbeddingsMissingError (listing every missing key) or OverloadedError before anything is generated.
+        Raises NotFoundError (a model this server does not serve), InvalidArgumentError (a constraint xgrammar cannot
+        compile among them), ContextTooLongError, EmbeddingsMissingError (listing every missing key) or
+        OverloadedError (the queue is full, or the engine can never fit the request) before anything is generated.
         """
         arrival = time.monotonic()
-        adapter = request.conversation.adapter
-        if adapter and adapter not in {a.name for a in self.adapters}:
-            raise NotFoundError(f"model {adapter!r} is not served by this LLM server (adapters: "
-                                f"{', '.join(a.name for a in self.adapters) or 'none'})")
+        self.intake.check_adapter(request.conversation.adapter)
         sampling = request.sampling
         sampling.validate()
         outside = [token for token, _ in sampling.logit_bias if token >= self.vocab_size]
         if outside:
             raise InvalidArgumentError(f"logit_bias: token id {outside[0]} is outside the vocabulary of "
                                        f"{self.vocab_size} tokens")
-        if self.engine.queue_full:  # before any work; submit checks again
-            raise OverloadedError(f"the LLM server's queue is full ({self.config.max_queue} waiting requests)")
-        loop = asyncio.get_running_loop()
-        # Compiled in the default executor: a large schema must not hold up other requests' tokenisation.
-        grammar = (None if sampling.constraint is None
-                   else await loop.run_in_executor(None, self.grammars.compile, sampling.constraint))
-        prompt = await loop.run_in_executor(self._cpu, self.prompts.build, request.conversation)
-        rows = await self._image_rows(prompt, inline if request.inline_embeddings else None,
-                                      request.inline_embeddings)
-        room = self.max_context_tokens - len(prompt)
-        max_new = min(request.sampling.max_new_tokens or self.config.max_new_tokens_default, room)
-        return self.engine.submit(EngineRequest(
-            prompt=prompt, sampling=sampling, max_new_tokens=max_new, image_rows=rows,
-            deadline=None if timeout is None else arrival + timeout, arrival=arrival,
-            request_id=request.request_id, grammar=grammar, adapter=adapter))
+        with self.intake.queued():  # before any work; the request counts as queued until the engine takes it
+            loop = asyncio.get_running_loop()
+            # Compiled in the default executor: a large schema must not hold up other requests' tokenisation.
+            grammar = (None if sampling.constraint is None
+                       else await loop.run_in_executor(None, self.grammars.compile, sampling.constraint))
+            prompt = await loop.run_in_executor(self._cpu, self.prompts.build, request.conversation)
+            rows = await self._image_rows(prompt, inline if request.inline_embeddings else None,
+                                          request.inline_embeddings)
+            room = self.max_context_tokens - len(prompt)
+            max_new = min(request.sampling.max_new_tokens or self.config.max_new_tokens_default, room)
+            return self.engine.submit(EngineRequest(
+                prompt=prompt, sampling=sampling, max_new_tokens=max_new, image_rows=rows,
+                deadline=None if timeout is None else arrival + timeout, arrival=arrival,
+                request_id=request.request_id, grammar=grammar, adapter=request.conversation.adapter))
 
     async def _image_rows(self, prompt: Prompt, inline: dict[str, torch.Tensor] | None,
                           inline_expected: bool) -> tuple[torch.Tensor, ...]:

@@ -7,11 +7,23 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 
-def parse_lora_flag(value: str) -> tuple[str, Path]:
+class LoraFlag(NamedTuple):
+    """One `--lora NAME=DIR`; written back as `NAME=DIR` (what `up` passes on)."""
+
+    name: str
+    directory: Path
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.directory}"
+
+
+def parse_lora_flag(value: str) -> LoraFlag:
     """`NAME=DIR` of `--lora` -> (name, directory); the name is a model id, so it is plain."""
     name, sep, directory = value.partition("=")
     if not sep or not name or not directory:
@@ -19,7 +31,11 @@ def parse_lora_flag(value: str) -> tuple[str, Path]:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]*", name):
         raise argparse.ArgumentTypeError(f"name {name!r}: use letters, digits and . _ : / - (it is the model id "
                                          "clients send)")
-    return name, Path(directory)
+    return LoraFlag(name, Path(directory))
+
+
+def _lora_pairs(flags: list[LoraFlag], environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple((name, str(directory)) for name, directory in flags)
 
 
 DEFAULT_MAX_LORAS = 8
@@ -28,11 +44,20 @@ DEFAULT_MAX_LORA_RANK = 64
 
 @dataclass(frozen=True)
 class AdapterOptions:
-    """The LoRA flags the LLM and vision services share (both pools must load the same adapters)."""
+    """The LoRA flags the LLM and vision services share (both pools must load the same adapters).
 
-    loras: tuple[tuple[str, str], ...] = ()  # (name, directory) of each --lora, in order
-    max_loras: int = DEFAULT_MAX_LORAS
-    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
+    Each field is a flag (`services.runtime.flags`; the metadata is spelled out here because the model code does not
+    import the runtime).
+    """
+
+    # (name, directory) of each --lora, in order
+    loras: tuple[tuple[str, str], ...] = field(default=(), metadata={
+        "option": "--lora", "action": "append", "type": parse_lora_flag, "metavar": "NAME=DIR", "convert": _lora_pairs,
+        "help": "serve the LoRA adapter in DIR (PEFT / ms-swift layout) as model id NAME; repeatable"})
+    max_loras: int = field(default=DEFAULT_MAX_LORAS, metadata={
+        "help": "adapters this server may hold, all resident (default %(default)s)"})
+    max_lora_rank: int = field(default=DEFAULT_MAX_LORA_RANK, metadata={
+        "help": "largest LoRA rank accepted (default %(default)s)"})
 
     def problems(self) -> list[str]:
         """What makes these flags unusable, each naming its flag."""
@@ -45,22 +70,3 @@ class AdapterOptions:
              f"--lora given {len(self.loras)} times but --max-loras is {self.max_loras}; raise it to serve them all"),
             (not duplicated, f"--lora names must be unique, {', '.join(duplicated)} repeats"),
         ) if not ok]
-
-    def argv(self) -> list[str]:
-        """These options as a service's flags (what `up` passes on)."""
-        return [*(f for name, directory in self.loras for f in ("--lora", f"{name}={directory}")),
-                "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> AdapterOptions:
-        return cls(loras=tuple((name, str(path)) for name, path in args.lora), max_loras=args.max_loras,
-                   max_lora_rank=args.max_lora_rank)
-
-
-def add_adapter_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lora", action="append", type=parse_lora_flag, default=[], metavar="NAME=DIR",
-                        help="serve the LoRA adapter in DIR (PEFT / ms-swift layout) as model id NAME; repeatable")
-    parser.add_argument("--max-loras", type=int, default=DEFAULT_MAX_LORAS,
-                        help=f"adapters this server may hold, all resident (default {DEFAULT_MAX_LORAS})")
-    parser.add_argument("--max-lora-rank", type=int, default=DEFAULT_MAX_LORA_RANK,
-                        help=f"largest LoRA rank accepted (default {DEFAULT_MAX_LORA_RANK})")

@@ -7,12 +7,10 @@ Health: "" (liveness) is SERVING while the process runs; each service name (read
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -22,9 +20,11 @@ from grpc_reflection.v1alpha import reflection
 
 from services.contract.errors import InvalidArgumentError
 from services.runtime import tracing
+from services.runtime.flags import flag, flag_group
 from services.runtime.grpc_errors import ErrorMappingInterceptor
+from services.runtime.ports import bind_error, check_bindable, write_port_file
 from services.runtime.request_metrics import RequestMetrics, RequestMetricsInterceptor
-from services.runtime.tls import ServerTls, add_server_arguments, server_tls_from_args
+from services.runtime.tls import ServerTls, ServerTlsFlags
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +32,35 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
+def _port_help(default: int | None) -> str:
+    return "gRPC port (0: any free port)" + ("" if default is None else f" (default {default})")
+
+
 @dataclass(frozen=True)
 class ServerOptions:
-    """Transport settings common to the services (built once by each service's CLI)."""
+    """Transport settings common to the services (built once by each service's CLI; each field is a flag).
 
-    port: int
-    host: str = "0.0.0.0"
-    metrics_port: int | None = None
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    `port` has no default: a service that has one gives it as the flag group's `defaults`, otherwise `--port` is
+    required.
+    """
+
+    port: int = flag(help=_port_help)
+    host: str = flag("0.0.0.0", "address to bind (default %(default)s)")
+    metrics_port: int | None = flag(None, "Prometheus /metrics port (0: any free port; default: none)")
+    max_message_bytes: int = flag(DEFAULT_MAX_MESSAGE_BYTES, "gRPC message size limit (default %(default)s)")
     # Seconds a draining server lets running calls finish after SIGTERM (keep below the pod's grace period).
-    drain_seconds: float = 30.0
-    # None: plaintext. Otherwise TLS, and mutual TLS when it names a client CA (services.runtime.tls).
-    tls: ServerTls | None = None
+    drain_seconds: float = flag(30.0, "grace period for running calls after SIGTERM (default %(default)s)")
     # Where to send traces (OTLP/gRPC, e.g. http://collector:4317); None: the OTEL_* environment decides (off unless
     # it names an exporter). See services.runtime.tracing.
-    otlp_endpoint: str | None = None
+    otlp_endpoint: str | None = flag(
+        None, "send OpenTelemetry traces to this OTLP/gRPC collector (e.g. http://collector:4317); "
+              "default: off unless the OTEL_* environment names an exporter")
+    # None: plaintext. Otherwise TLS, and mutual TLS when it names a client CA (services.runtime.tls).
+    tls: ServerTls | None = flag_group(ServerTlsFlags, title="TLS (default: plaintext)", build=ServerTlsFlags.load,
+                                       default=None)
+    # Where to report the ports bound (services.runtime.ports), for whoever started the process with port 0.
+    port_file: str | None = flag(None, "once bound, write the ports (those given as 0 too) to this file as JSON: "
+                                       '{"port": P, "metrics_port": M, ...}')
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,36 +74,14 @@ class ServerOptions:
             if not ok:
                 raise InvalidArgumentError(message)
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerOptions:
-        """From the flags `add_server_options` registered (TLS paths may come from the environment)."""
-        return cls(port=args.port, host=args.host, metrics_port=args.metrics_port,
-                   max_message_bytes=args.max_message_bytes, drain_seconds=args.drain_seconds,
-                   tls=server_tls_from_args(args, os.environ if environ is None else environ),
-                   otlp_endpoint=args.otlp_endpoint)
-
-
-def add_server_options(parser: argparse.ArgumentParser, default_port: int | None) -> None:
-    """The transport flags every server shares. `default_port` None makes `--port` required."""
-    parser.add_argument("--port", type=int, default=default_port, required=default_port is None,
-                        help="gRPC port (0: any free port)" + ("" if default_port is None
-                                                              else f" (default {default_port})"))
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
-    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: none)")
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                        help="gRPC message size limit (default %(default)s)")
-    parser.add_argument("--drain-seconds", type=float, default=ServerOptions.drain_seconds,
-                        help="grace period for running calls after SIGTERM (default %(default)s)")
-    parser.add_argument("--otlp-endpoint", default=None,
-                        help="send OpenTelemetry traces to this OTLP/gRPC collector (e.g. http://collector:4317); "
-                             "default: off unless the OTEL_* environment names an exporter")
-    add_server_arguments(parser)
-
 
 # Clients balance round-robin over the pods their DNS lookup returned, and gRPC re-resolves only when a connection
 # closes. Ageing connections out (GOAWAY after 2 minutes) makes every client re-resolve, so new replicas get traffic;
 # the grace outlasts the longest stream (the gateway's 300 s default deadline) so no stream is cut.
 _CONNECTION_AGE = [("grpc.max_connection_age_ms", 120_000), ("grpc.max_connection_age_grace_ms", 330_000)]
+# gRPC binds with SO_REUSEPORT by default, so a second server on a port silently shares it with the first (the kernel
+# splits the connections between them); a port another process holds must be an error instead.
+_EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -114,19 +106,22 @@ class GrpcServer:
         chain = [*tracing.server_interceptors(), RequestMetricsInterceptor(requests, self.service_names),
                  *interceptors, ErrorMappingInterceptor()]
         self.server = grpc.aio.server(interceptors=chain,
-                                      options=[*channel_options(options.max_message_bytes), *_CONNECTION_AGE])
+                                      options=[*channel_options(options.max_message_bytes), *_CONNECTION_AGE,
+                                               *_EXCLUSIVE_PORT])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
         self.port: int | None = None
+        self.metrics_port: int | None = None
 
     def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object) -> None:
         register(servicer, self.server)
 
     async def start(self, registry: prometheus_client.CollectorRegistry | None = None) -> int:
-        """Binds (port 0 picks a free one), starts serving NOT_SERVING, returns the bound port.
+        """Binds (port 0 picks a free one), starts serving NOT_SERVING, returns the bound port (also `self.port`;
+        the metrics server's in `self.metrics_port`). PortBindError when a port cannot be bound.
 
         `registry` is what `/metrics` exports (default: the request metrics' own); services keep their metrics in a
         registry of their own so that several can live in one test process.
@@ -137,21 +132,36 @@ class GrpcServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in self.service_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.options.host}:{self.options.port}"
-        if self.options.tls is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, self.options.tls.credentials())
-        if self.port == 0:
-            raise OSError(f"cannot bind {self.options.host}:{self.options.port}")
-        await self.server.start()
+        host, port = self.options.host, self.options.port
+        check_bindable("--port", host, port)
+        try:
+            if self.options.tls is None:
+                self.port = self.server.add_insecure_port(f"{host}:{port}")
+            else:
+                self.port = self.server.add_secure_port(f"{host}:{port}", self.options.tls.credentials())
+        except RuntimeError as exc:  # gRPC's "Failed to bind to address ..."
+            raise bind_error("--port", host, port) from exc
+        if self.port == 0:  # how older gRPC releases said it
+            raise bind_error("--port", host, port)
         if self.options.metrics_port is not None:
-            prometheus_client.start_http_server(self.options.metrics_port, addr=self.options.host, registry=registry)
+            try:
+                metrics, _ = prometheus_client.start_http_server(self.options.metrics_port, addr=host,
+                                                                 registry=registry)
+            except OSError as exc:
+                raise bind_error("--metrics-port", host, self.options.metrics_port, exc) from None
+            self.metrics_port = metrics.server_port
+        await self.server.start()
         tls = "plaintext" if self.options.tls is None else (
             "mutual TLS" if self.options.tls.client_ca is not None else "TLS")
-        log.info("listening on %s:%d, %s (metrics on %s)", self.options.host, self.port, tls,
-                 self.options.metrics_port)
+        log.info("listening on %s:%d, %s (metrics on %s)", host, self.port, tls, self.metrics_port)
         return self.port
+
+    def report_ports(self, **others: int) -> None:
+        """Writes the bound ports, and `others` the process bound besides (the gateway's HTTP port), to
+        `--port-file` if given; call once everything is bound."""
+        if self.options.port_file is not None:
+            ports = {"port": self.port, **({} if self.metrics_port is None else {"metrics_port": self.metrics_port})}
+            write_port_file(self.options.port_file, {**ports, **others})
 
     async def mark_ready(self) -> None:
         for name in self.service_names:

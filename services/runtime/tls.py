@@ -6,21 +6,19 @@ say) can call an internal service. Clients: `ClientTls` names the CA that signs 
 for mutual TLS, the client's own certificate and key.
 
 Each path may also come from the environment (`INTERNVL_TLS_CERT`, ... below), read only when a service's config is
-built from its command line. Files are read when the config is built too, so a missing or unreadable file fails at
+built from its command line (the flags are the fields of `ServerTlsFlags` and `UpstreamTlsFlags`). Files are read when the config is built too, so a missing or unreadable file fails at
 start-up with a one-line message, not at the first call.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from services.contract.errors import InvalidArgumentError
+from services.runtime.flags import flag
 
 ENV_TLS_CERT = "INTERNVL_TLS_CERT"
 ENV_TLS_KEY = "INTERNVL_TLS_KEY"
@@ -106,40 +104,37 @@ def secure_or_insecure_channel(target: str, options: list, tls: ClientTls | None
 # ---------------------------------------------------------------------------------------------------- flags
 
 
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("TLS (default: plaintext)")
-    group.add_argument("--tls-cert", default=None,
-                       help=f"PEM certificate chain of this server; with --tls-key serves TLS (env {ENV_TLS_CERT})")
-    group.add_argument("--tls-key", default=None, help=f"PEM private key of --tls-cert (env {ENV_TLS_KEY})")
-    group.add_argument("--tls-client-ca", default=None,
-                       help="PEM CA bundle; clients must present a certificate it signed (mutual TLS) "
-                            f"(env {ENV_TLS_CLIENT_CA})")
+@dataclass(frozen=True)
+class ServerTlsFlags:
+    """A server's TLS flags: PEM paths, each defaulting to its environment variable."""
+
+    tls_cert: str | None = flag(
+        None, f"PEM certificate chain of this server; with --tls-key serves TLS (env {ENV_TLS_CERT})", env=ENV_TLS_CERT)
+    tls_key: str | None = flag(None, f"PEM private key of --tls-cert (env {ENV_TLS_KEY})", env=ENV_TLS_KEY)
+    tls_client_ca: str | None = flag(
+        None, "PEM CA bundle; clients must present a certificate it signed (mutual TLS) "
+              f"(env {ENV_TLS_CLIENT_CA})", env=ENV_TLS_CLIENT_CA)
+
+    def load(self) -> ServerTls | None:
+        return ServerTls.from_files(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
-def server_tls_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerTls | None:
-    environ = os.environ if environ is None else environ
-    return ServerTls.from_files(getattr(args, "tls_cert", None) or environ.get(ENV_TLS_CERT),
-                                getattr(args, "tls_key", None) or environ.get(ENV_TLS_KEY),
-                                getattr(args, "tls_client_ca", None) or environ.get(ENV_TLS_CLIENT_CA))
+@dataclass(frozen=True)
+class UpstreamTlsFlags:
+    """The gateway's TLS flags towards the vision and LLM services: PEM paths, each defaulting to its variable."""
 
+    upstream_tls_ca: str | None = flag(
+        None, "PEM CA bundle that signed the services' certificates; enables TLS to them "
+              f"(env {ENV_UPSTREAM_TLS_CA})", env=ENV_UPSTREAM_TLS_CA)
+    upstream_tls_cert: str | None = flag(
+        None, f"PEM client certificate for services requiring mutual TLS (env {ENV_UPSTREAM_TLS_CERT})",
+        env=ENV_UPSTREAM_TLS_CERT)
+    upstream_tls_key: str | None = flag(
+        None, f"PEM private key of --upstream-tls-cert (env {ENV_UPSTREAM_TLS_KEY})", env=ENV_UPSTREAM_TLS_KEY)
+    upstream_tls_server_name: str | None = flag(
+        None, "name to check the services' certificates against, when it is not the target's host")
 
-def add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("TLS to the vision and LLM services (default: plaintext)")
-    group.add_argument("--upstream-tls-ca", default=None,
-                       help=f"PEM CA bundle that signed the services' certificates; enables TLS to them "
-                            f"(env {ENV_UPSTREAM_TLS_CA})")
-    group.add_argument("--upstream-tls-cert", default=None,
-                       help=f"PEM client certificate for services requiring mutual TLS (env {ENV_UPSTREAM_TLS_CERT})")
-    group.add_argument("--upstream-tls-key", default=None,
-                       help=f"PEM private key of --upstream-tls-cert (env {ENV_UPSTREAM_TLS_KEY})")
-    group.add_argument("--upstream-tls-server-name", default=None,
-                       help="name to check the services' certificates against, when it is not the target's host")
-
-
-def upstream_tls_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ClientTls | None:
-    environ = os.environ if environ is None else environ
-    return ClientTls.from_files(getattr(args, "upstream_tls_ca", None) or environ.get(ENV_UPSTREAM_TLS_CA),
-                                getattr(args, "upstream_tls_cert", None) or environ.get(ENV_UPSTREAM_TLS_CERT),
-                                getattr(args, "upstream_tls_key", None) or environ.get(ENV_UPSTREAM_TLS_KEY),
-                                getattr(args, "upstream_tls_server_name", None),
-                                flags=("--upstream-tls-ca", "--upstream-tls-cert", "--upstream-tls-key"))
+    def load(self) -> ClientTls | None:
+        return ClientTls.from_files(self.upstream_tls_ca, self.upstream_tls_cert, self.upstream_tls_key,
+                                    self.upstream_tls_server_name,
+                                    flags=("--upstream-tls-ca", "--upstream-tls-cert", "--upstream-tls-key"))

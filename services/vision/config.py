@@ -7,16 +7,17 @@ time): ``INTERNVL_REDIS_URL`` supplies ``--redis-url`` when the flag is absent.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.contract.cache_keys import DEFAULT_NAMESPACE
 from services.contract.dtypes import DTYPE_NAMES
 from services.contract.errors import InvalidArgumentError
 from services.contract.tiling import DEFAULT_MAX_PIXELS
-from services.model.adapter_options import AdapterOptions, add_adapter_options
-from services.runtime.grpc_server import ServerOptions, add_server_options
+from services.model.adapter_options import AdapterOptions
+from services.runtime import flags
+from services.runtime.flags import flag, flag_group
+from services.runtime.grpc_server import ServerOptions
 from services.runtime.redis_client import redis_url_problem
 
 ENV_REDIS_URL = "INTERNVL_REDIS_URL"
@@ -29,35 +30,41 @@ _MESSAGE_HEADROOM_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """Everything ``internvl-serve vision`` can be told. Validated on construction."""
+    """Everything ``internvl-serve vision`` can be told, each field a flag. Validated on construction."""
 
-    model: str
-    server: ServerOptions = field(default_factory=lambda: ServerOptions(port=0))
+    model: str = flag(help="checkpoint directory (original OpenGVLab format) or hub id")
+    # No default port: ``--port`` is required.
+    server: ServerOptions = flag_group(ServerOptions, default_factory=lambda: ServerOptions(port=0))
     # None: the in-process store (single-process demos only; the LLM service cannot read it).
-    redis_url: str | None = None
+    redis_url: str | None = flag(
+        None, "embedding cache, e.g. redis://redis:6379/0, or a Redis Cluster by some of its nodes: "
+              f"redis+cluster://redis-0:6379,redis-1:6379 (default: ${ENV_REDIS_URL}; without either, an in-process "
+              "cache that only this process sees: for single-process demos only)", env=ENV_REDIS_URL)
     # None: bfloat16 on a GPU, float32 on CPU (services.model.modules.resolve_dtype).
-    dtype: str | None = None
+    dtype: str | None = flag(None, "compute and storage dtype (default: bfloat16 on GPU, float32 on CPU)",
+                             choices=DTYPE_NAMES)
     # None: cuda when available, else cpu.
-    device: str | None = None
+    device: str | None = flag(None, "torch device, e.g. cuda:0 (default: cuda if available)")
     # Most tiles one encoder forward takes; bounds activation memory. Larger requests are split.
-    max_batch_tiles: int = 32
+    max_batch_tiles: int = flag(32, "most tiles per encoder forward (default %(default)s)")
     # How long the first queued tile waits for others to join its batch.
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = flag(5.0, "longest a queued tile waits for a fuller batch (default %(default)s)")
     # Expiry of cache entries; None: none (Redis's LRU eviction only).
-    cache_ttl_s: int | None = 24 * 3600
+    cache_ttl_s: int | None = flag(24 * 3600, "expiry of cached embeddings in seconds, 0: none (default %(default)s)",
+                                   convert=lambda seconds, environ: seconds or None)
     # Decompression-bomb guard: images (and frames) with more pixels are rejected before decoding.
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_pixels: int = flag(DEFAULT_MAX_PIXELS, "reject larger images before decoding them (default %(default)s)")
     # Most items one Encode request may carry.
-    max_items: int = 64
+    max_items: int = flag(64, "most images per Encode request (default %(default)s)")
     # Prefix of every cache key; replicas sharing a cache and a model must share it.
-    namespace: str = DEFAULT_NAMESPACE
+    namespace: str = flag(DEFAULT_NAMESPACE, "cache key prefix (default '%(default)s')")
     # Threads decoding and tiling images (Pillow releases the GIL in decode and resize).
-    preprocess_threads: int = 4
+    preprocess_threads: int = flag(4, "threads decoding and tiling images (default %(default)s)")
     # Capacity of the in-process store used without --redis-url.
-    memory_cache_bytes: int = 1 << 30
+    memory_cache_mb: int = flag(1024, "size of the in-process cache used without a Redis URL (default %(default)s)")
     # LoRA adapters (--lora NAME=DIR, --max-loras, --max-lora-rank): the same as the LLM pool's; the vision side of
     # each is applied here.
-    adapters: AdapterOptions = field(default_factory=AdapterOptions)
+    adapters: AdapterOptions = flag_group(AdapterOptions, default_factory=AdapterOptions)
 
     def __post_init__(self) -> None:
         url_problem = redis_url_problem(self.redis_url)
@@ -85,6 +92,10 @@ class VisionConfig:
                 raise InvalidArgumentError(message)
 
     @property
+    def memory_cache_bytes(self) -> int:
+        return self.memory_cache_mb << 20
+
+    @property
     def max_wait_s(self) -> float:
         return self.max_wait_ms / 1000.0
 
@@ -103,50 +114,9 @@ class VisionConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> VisionConfig:
-        environ = os.environ if environ is None else environ
-        return cls(
-            model=args.model,
-            server=ServerOptions.from_args(args, environ),
-            redis_url=args.redis_url or environ.get(ENV_REDIS_URL) or None,
-            dtype=args.dtype,
-            device=args.device,
-            max_batch_tiles=args.max_batch_tiles,
-            max_wait_ms=args.max_wait_ms,
-            cache_ttl_s=args.cache_ttl_s or None,
-            max_image_pixels=args.max_image_pixels,
-            max_items=args.max_items,
-            namespace=args.namespace,
-            preprocess_threads=args.preprocess_threads,
-            memory_cache_bytes=args.memory_cache_mb * (1 << 20),
-            adapters=AdapterOptions.from_args(args),
-        )
+        return flags.from_args(cls, args, environ)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``internvl-serve vision`` flags; defaults come from ``VisionConfig``."""
-    d = VisionConfig(model="")
-    parser.add_argument("--model", required=True, help="checkpoint directory (original OpenGVLab format) or hub id")
-    add_server_options(parser, default_port=None)
-    parser.add_argument("--redis-url", default=None,
-                        help="embedding cache, e.g. redis://redis:6379/0, or a Redis Cluster by some of its nodes: "
-                             f"redis+cluster://redis-0:6379,redis-1:6379 (default: ${ENV_REDIS_URL}; without either, "
-                             "an in-process cache that only this process sees: for single-process demos only)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                        help="compute and storage dtype (default: bfloat16 on GPU, float32 on CPU)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cuda if available)")
-    parser.add_argument("--max-batch-tiles", type=int, default=d.max_batch_tiles,
-                        help=f"most tiles per encoder forward (default {d.max_batch_tiles})")
-    parser.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
-                        help=f"longest a queued tile waits for a fuller batch (default {d.max_wait_ms})")
-    parser.add_argument("--cache-ttl-s", type=int, default=d.cache_ttl_s,
-                        help=f"expiry of cached embeddings in seconds, 0: none (default {d.cache_ttl_s})")
-    parser.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
-                        help=f"reject larger images before decoding them (default {d.max_image_pixels})")
-    parser.add_argument("--max-items", type=int, default=d.max_items,
-                        help=f"most images per Encode request (default {d.max_items})")
-    parser.add_argument("--namespace", default=d.namespace, help=f"cache key prefix (default {d.namespace!r})")
-    parser.add_argument("--preprocess-threads", type=int, default=d.preprocess_threads,
-                        help=f"threads decoding and tiling images (default {d.preprocess_threads})")
-    parser.add_argument("--memory-cache-mb", type=int, default=d.memory_cache_bytes >> 20,
-                        help="size of the in-process cache used without a Redis URL (default %(default)s)")
-    add_adapter_options(parser)
+    """The ``internvl-serve vision`` flags, generated from ``VisionConfig``'s fields."""
+    flags.add_flags(parser, VisionConfig)

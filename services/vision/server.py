@@ -95,6 +95,7 @@ async def serve(config: VisionConfig) -> None:
     server.add(vision_pb2_grpc.add_VisionServiceServicer_to_server, servicer)
     # Bound while the weights load: liveness ("") answers SERVING, readiness (VISION_SERVICE) NOT_SERVING.
     await server.start(registry=metrics.registry)
+    server.report_ports()
     service: VisionService | None = None
     try:
         service = await VisionService.load(config, metrics)

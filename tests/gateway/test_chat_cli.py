@@ -7,6 +7,8 @@ import io
 import json
 
 import pytest
+from helpers.fakes import fake_stack
+from helpers.media import png, write_video
 
 from gateway.chat_cli import build_parser, chat, main
 
@@ -19,10 +21,10 @@ async def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-async def test_json_lines_and_session(fakes, tmp_path, capsys):
-    (tmp_path / "a.png").write_bytes(fakes.png(900, 448))
-    (tmp_path / "v.mp4").write_bytes(fakes.video(frames=12, fps=6))
-    async with fakes.stack() as stack:
+async def test_json_lines_and_session(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(png(900, 448))
+    (tmp_path / "v.mp4").write_bytes(write_video(frames=12, fps=6))
+    async with fake_stack() as stack:
         target = stack.address
         code, out, _ = await run_cli("--target", target, "--image", str(tmp_path / "a.png"), "--video",
                                      str(tmp_path / "v.mp4"), "--num-segments", "3", "--top-logprobs", "2",

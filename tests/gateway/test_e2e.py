@@ -12,31 +12,27 @@ Ctrl-C must stop every process.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-import av
 import grpc
 import pytest
 import torch
+from helpers.chat import Answer, chat, image_part, text_part
+from helpers.media import decode_frames, write_video
 from internvl.gateway.v1 import gateway_pb2 as G
-from internvl.gateway.v1 import gateway_pb2_grpc
 from PIL import Image
-from procs import REPO, free_port
+from procs import REPO
+from stack import up_stack
 
 from gateway.video import frame_indices
 from services.contract import template
 from services.model.chat import GenerationParams, InternVLChat
 from services.vision.preprocess import load_image
-from tools.launcher import UP_READY_LINE, cli_env, processes, read_banner, read_metrics, spawn
+from tools.launcher import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -48,57 +44,23 @@ def checkpoint(tiny_checkpoint):
     return tiny_checkpoint()
 
 
-@dataclass
-class Stack:
-    address: str
-    http_port: int
-    metrics_port: int
-    vision_metrics_port: int
-    llm_metrics_port: int
-    media_root: Path
-    model: str  # the base model's id (the checkpoint directory's name), what the OpenAI `model` field names
-
-    def metrics_text(self, port: int | None = None) -> str:
-        return read_metrics(port or self.metrics_port)
-
-
-def processes_mentioning(text: str) -> list[int]:
-    return [p.pid for p in processes() if p.pid != os.getpid() and text in " ".join(p.argv)]
+@pytest.fixture(scope="module")
+def stack(checkpoint, media_root, tmp_path_factory):
+    """The whole stack as `make run` starts it: `internvl-serve up` runs redis-server, vision, llm and gateway as
+    separate processes and prints a banner once all report SERVING; Ctrl-C (SIGINT) must then stop them all."""
+    with up_stack(checkpoint, tmp_path_factory.mktemp("up-logs"), "--media-root", str(media_root)) as running:
+        assert f"internvl-chat --target localhost:{running.port}" in running.banner
+        yield running
 
 
 @pytest.fixture(scope="module")
-def stack(checkpoint, tmp_path_factory):
-    """The whole stack as `make run` starts it: `internvl-serve up` runs redis-server, vision, llm and gateway as
-    separate processes and prints a banner once all report SERVING; Ctrl-C (SIGINT) must then stop them all."""
-    logs, media_root = tmp_path_factory.mktemp("up-logs"), tmp_path_factory.mktemp("media")
-    port, http_port, metrics_port = free_port(), free_port(), free_port()
-    up = spawn("up", [sys.executable, "-m", "tools.cli", "up", "--model", str(checkpoint), "--dtype", "float32",
-                      "--gateway-port", str(port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
-                      "--media-root", str(media_root), "--log-dir", str(logs)],
-               None, cwd=REPO, env=cli_env()).process
-    output = read_banner(up)
-    if UP_READY_LINE not in output:
-        up.kill()
-        tails = "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-2000:]}" for f in logs.glob("*.log"))
-        pytest.fail(f"`internvl-serve up` did not come up:\n{output}\n{tails}", pytrace=False)
-    assert f"on localhost:{port}" in output and "internvl-chat --target" in output
-    try:
-        vision_metrics = int(re.search(r"vision-0 http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
-        llm_metrics = int(re.search(r"llm http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
-        yield Stack(f"127.0.0.1:{port}", http_port, metrics_port, vision_metrics, llm_metrics, media_root,
-                    checkpoint.name)
-    finally:
-        up.send_signal(signal.SIGINT)
-        rest, _ = up.communicate(timeout=90)
-    assert up.returncode == 0 and "stopped" in rest, rest
-    assert processes_mentioning(str(logs)) == [], "redis-server outlived `up`"
-    assert processes_mentioning(str(checkpoint)) == [], "a service outlived `up`"
+def media_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("media")
 
 
 @pytest.fixture(scope="module")
 def stub(stack):
-    with grpc.insecure_channel(stack.address) as channel:
-        yield gateway_pb2_grpc.ChatServiceStub(channel)
+    return stack.stub
 
 
 @pytest.fixture(scope="module")
@@ -115,25 +77,9 @@ def images(golden_dir):
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
-def image(data: bytes) -> G.ContentPart:
-    return G.ContentPart(image=G.ImageInput(data=data))
-
-
-def text(value: str) -> G.ContentPart:
-    return G.ContentPart(text=value)
-
-
-def ask(stub, content, **fields):
-    """(token ids, text, finish) of one greedy Chat."""
-    request = G.ChatRequest(content=content, sampling=G.SamplingParams(max_new_tokens=MAX_NEW), **fields)
-    ids, chunks, finish = [], [], None
-    for response in stub.Chat(request, timeout=120):
-        if response.HasField("delta"):
-            ids += response.delta.token_ids
-            chunks.append(response.delta.text)
-        else:
-            finish = response.finish
-    return ids, "".join(chunks), finish
+def ask(stub, content, **fields) -> Answer:
+    """One greedy Chat of MAX_NEW tokens."""
+    return chat(stub, content, max_new_tokens=MAX_NEW, timeout=120, **fields)
 
 
 class Expected(list):
@@ -153,46 +99,15 @@ def expected(reference: InternVLChat, question: str, tiles: list[torch.Tensor], 
 
 def check(got: tuple, want: Expected) -> None:
     """Same tokens, and the same prompt length (so the same placeholders and template were used)."""
-    ids, _, finish = got
+    ids, finish = got.token_ids, got.finish
     assert ids == want
     assert finish.usage.prompt_tokens == want.prompt_tokens
     assert finish.usage.completion_tokens == len(ids)
 
 
-def metric(text_: str, name: str, **labels) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.escape(name) + (r"\{" + re.escape(selector) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
-    found = re.search(r"^" + pattern + r"$", text_, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
-
-
-def write_video(path: Path | None = None, frames: int = 16, fps: int = 8, size=(96, 64)) -> bytes:
-    """An MPEG-4 clip of solid colours with a moving gradient, written with PyAV."""
-    width, height = size
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        xs = torch.arange(width)
-        for i in range(frames):
-            pixels = torch.zeros(height, width, 3, dtype=torch.uint8)
-            pixels[..., 0] = (i * 29) % 256
-            pixels[..., 1] = ((xs * 255 // width + i * 16) % 256).to(torch.uint8)[None, :]
-            pixels[..., 2] = 200 if i % 2 else 40
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels.numpy(), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
-
-
 def reference_frames(data: bytes, num_segments: int) -> list[torch.Tensor]:
     """The original `load_video`: every frame decoded, `get_index` picks, one tile per frame (max_num=1)."""
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate)
-        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    decoded, fps = decode_frames(data)
     picks = frame_indices(len(decoded), fps, num_segments)
     return [load_image(Image.fromarray(decoded[i]).convert("RGB"), max_num=1) for i in picks]
 
@@ -202,10 +117,10 @@ def reference_frames(data: bytes, num_segments: int) -> list[torch.Tensor]:
 
 def test_one_image(stub, reference, images):
     data = images["landscape_1000x700"]
-    got = ask(stub, [image(data), text("Describe the image.")], max_num=4)
+    got = ask(stub, [image_part(data), text_part("Describe the image.")], max_num=4)
     tiles = load_image(data, max_num=4)
     check(got, expected(reference, "Describe the image.", [tiles]))
-    finish = got[2]
+    finish = got.finish
     assert list(finish.usage.image_tiles) == [tiles.shape[0]] == [5]
     assert finish.usage.encoded_tiles + finish.usage.reused_tiles == 5
 
@@ -213,46 +128,46 @@ def test_one_image(stub, reference, images):
 def test_two_images_explicit_placeholders(stub, reference, images):
     a, b = images["small_120x90"], images["portrait_333x1200"]
     question = "Image-1: <image>\nImage-2: <image>\nWhat differs between them?"
-    got = ask(stub, [text(question), image(a), image(b)], max_num=3)
+    got = ask(stub, [text_part(question), image_part(a), image_part(b)], max_num=3)
     tiles = [load_image(a, max_num=3), load_image(b, max_num=3)]
     check(got, expected(reference, question, tiles))
-    assert list(got[2].usage.image_tiles) == [t.shape[0] for t in tiles]
+    assert list(got.finish.usage.image_tiles) == [t.shape[0] for t in tiles]
 
 
 def test_two_images_automatic_placeholders(stub, reference, images):
     a, b = images["portrait_333x1200"], images["small_120x90"]
-    got = ask(stub, [image(a), image(b), text("Describe both.")], max_num=2)
+    got = ask(stub, [image_part(a), image_part(b), text_part("Describe both.")], max_num=2)
     tiles = [load_image(a, max_num=2), load_image(b, max_num=2)]
     check(got, expected(reference, template.multi_image_prefix(2) + "Describe both.", tiles))
-    assert list(got[2].usage.image_tiles) == [t.shape[0] for t in tiles]
+    assert list(got.finish.usage.image_tiles) == [t.shape[0] for t in tiles]
 
 
 def test_video(stub, reference):
-    data = write_video()
+    data = write_video(frames=16, fps=8, size=(96, 64))
     video = G.VideoInput(data=data, num_segments=4)
-    got = ask(stub, [G.ContentPart(video=video), text("What happens in the video?")])
+    got = ask(stub, [G.ContentPart(video=video), text_part("What happens in the video?")])
     frames = reference_frames(data, 4)
     check(got, expected(reference, template.video_prefix(4) + "What happens in the video?", frames))
-    assert list(got[2].usage.image_tiles) == [1, 1, 1, 1]
+    assert list(got.finish.usage.image_tiles) == [1, 1, 1, 1]
 
 
 def test_text_only(stub, reference):
-    got = ask(stub, [text("Hello, who are you?")])
+    got = ask(stub, [text_part("Hello, who are you?")])
     check(got, expected(reference, "Hello, who are you?", []))
-    assert list(got[2].usage.image_tiles) == [] and got[2].usage.encoded_tiles == 0
+    assert list(got.finish.usage.image_tiles) == [] and got.finish.usage.encoded_tiles == 0
 
 
 def test_session_second_round_reuses_everything(stub, reference, images, stack):
     data = images["portrait_333x1200"]
     tiles = load_image(data, max_num=6)
-    got1 = ask(stub, [image(data), text("What is in the picture?")], max_num=6)
+    got1 = ask(stub, [image_part(data), text_part("What is in the picture?")], max_num=6)
     check(got1, expected(reference, "What is in the picture?", [tiles]))
-    ids1, first = got1[0], got1[2]
+    ids1, first = got1.token_ids, got1.finish
 
-    vision_before = stack.metrics_text(stack.vision_metrics_port)
-    got2 = ask(stub, [text("Tell me more.")], session_id=first.session_id)
-    vision_after = stack.metrics_text(stack.vision_metrics_port)
-    second = got2[2]
+    vision_before = stack.metrics("vision-0")
+    got2 = ask(stub, [text_part("Tell me more.")], session_id=first.session_id)
+    vision_after = stack.metrics("vision-0")
+    second = got2.finish
 
     # The original's history: the first question as stored (with its `<image>\n`), the decoded, cleaned answer.
     answer1 = template.clean_response(reference.tokenizer.decode(ids1, skip_special_tokens=True))
@@ -268,7 +183,7 @@ def test_session_second_round_reuses_everything(stub, reference, images, stack):
 
 def test_unknown_session_is_not_found(stub):
     with pytest.raises(grpc.RpcError) as info:
-        ask(stub, [text("Hi")], session_id="does-not-exist")
+        ask(stub, [text_part("Hi")], session_id="does-not-exist")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -368,10 +283,10 @@ def test_openai_n_answers_are_prefilled_once_and_detail_low_is_one_tile(stack, i
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.http_port}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "Write a line about n answers to one prompt, " + "again " * 20}]
-    before = read_metrics(stack.llm_metrics_port)
+    before = stack.metrics("llm")
     reply = client.chat.completions.create(model=stack.model, messages=messages, n=3, seed=41, temperature=1.0,
                                            max_tokens=8, logprobs=True)
-    fed = metric(read_metrics(stack.llm_metrics_port), "internvl_llm_prefill_tokens_total") - metric(
+    fed = metric(stack.metrics("llm"), "internvl_llm_prefill_tokens_total") - metric(
         before, "internvl_llm_prefill_tokens_total")
     assert [c.index for c in reply.choices] == [0, 1, 2]
     # Once for the three answers: the prompt's tokens less those the prefix cache held (earlier tests' system prompt).
@@ -393,17 +308,17 @@ def test_openai_n_answers_are_prefilled_once_and_detail_low_is_one_tile(stack, i
     assert tiles["low"] == [1] and tiles["high"][0] > 1
 
 
-def test_media_path_and_metrics_move(stack, stub, images):
-    (stack.media_root / "cat.png").write_bytes(images["small_120x90"])
-    before = stack.metrics_text()
-    _, _, finish = ask(stub, [G.ContentPart(image=G.ImageInput(path="cat.png")), text("And this?")], max_num=1)
+def test_media_path_and_metrics_move(stack, stub, images, media_root):
+    (media_root / "cat.png").write_bytes(images["small_120x90"])
+    before = stack.metrics()
+    finish = ask(stub, [image_part(path="cat.png"), text_part("And this?")], max_num=1).finish
     with pytest.raises(grpc.RpcError) as info:
-        ask(stub, [G.ContentPart(image=G.ImageInput(path="/etc/hostname")), text("?")])
+        ask(stub, [image_part(path="/etc/hostname"), text_part("?")])
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # A call is counted when the server's stream has closed, a moment after the client has its last message.
     deadline = time.monotonic() + 10
     while True:
-        after = stack.metrics_text()
+        after = stack.metrics()
         if metric(after, "internvl_gateway_request_seconds_count", method="Chat") - metric(
                 before, "internvl_gateway_request_seconds_count", method="Chat") >= 2 or time.monotonic() > deadline:
             break

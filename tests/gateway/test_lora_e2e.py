@@ -14,15 +14,14 @@ keys of their own, the language-only adapter's are the base's.
 from __future__ import annotations
 
 import re
-import signal
-import sys
 
 import grpc
+import helpers.chat
 import openai
 import pytest
 import torch
+from helpers.chat import Answer, image_part, text_part
 from internvl.gateway.v1 import gateway_pb2 as G
-from internvl.gateway.v1 import gateway_pb2_grpc
 from lora_reference import (
     INTERNLM2_TARGETS,
     VISION_AND_LANGUAGE_TARGETS,
@@ -30,12 +29,11 @@ from lora_reference import (
     unwrap,
     write_swift_adapter,
 )
-from procs import REPO, free_port
 from sentencepiece_checkpoint import build
+from stack import up_stack
 
 from services.model.chat import InternVLChat
 from services.vision.preprocess import load_image
-from tools.launcher import UP_READY_LINE, cli_env, read_banner, read_metrics, spawn
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -63,31 +61,16 @@ def references(built, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stack(built, references, tmp_path_factory):
     logs = tmp_path_factory.mktemp("lora-up-logs")
-    port, http_port, metrics_port = free_port(), free_port(), free_port()
     loras = [f for name, path in references[1].items() for f in ("--lora", f"{name}={path}")]
-    up = spawn("up", [sys.executable, "-m", "tools.cli", "up", "--model", str(built.path), "--dtype", "float32",
-                      "--gateway-port", str(port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
-                      "--log-dir", str(logs), *loras, "--max-loras", "2", "--max-lora-rank", "8"],
-               None, cwd=REPO, env=cli_env({"HF_MODULES_CACHE": str(logs / "hf-modules")})).process
-    output = read_banner(up)
-    if UP_READY_LINE not in output:
-        up.kill()
-        tails = "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}" for f in logs.glob("*.log"))
-        pytest.fail(f"`internvl-serve up` did not come up:\n{output}\n{tails}", pytrace=False)
-    llm_metrics = int(re.search(r"llm http://127\.0\.0\.1:(\d+)/metrics", output).group(1))
-    try:
-        yield f"127.0.0.1:{port}", http_port, llm_metrics
-    finally:
-        up.send_signal(signal.SIGINT)
-        rest, _ = up.communicate(timeout=90)
-        assert up.returncode == 0 and "stopped" in rest, rest
+    with up_stack(built.path, logs, *loras, "--max-loras", "2", "--max-lora-rank", "8",
+                  env={"HF_MODULES_CACHE": str(logs / "hf-modules")}) as running:
+        yield running
     built.assert_no_other_code_ran()
 
 
 @pytest.fixture(scope="module")
 def stub(stack):
-    with grpc.insecure_channel(stack[0]) as channel:
-        yield gateway_pb2_grpc.ChatServiceStub(channel)
+    return stack.stub
 
 
 @pytest.fixture(scope="module")
@@ -116,19 +99,9 @@ def expected(chat: InternVLChat, reference, question: str, pixels: torch.Tensor 
         return reference.greedy(embeds, MAX_NEW, stop_id=chat.stop_id, top_k=TOP)
 
 
-def ask(stub, content, top: list | None = None, **fields):
-    """(token ids, finish) of a greedy Chat; `top` collects each position's TOP alternatives when given."""
-    sampling = G.SamplingParams(max_new_tokens=MAX_NEW, top_logprobs=TOP if top is not None else 0)
-    request = G.ChatRequest(content=content, sampling=sampling, max_num=1, **fields)
-    ids, finish = [], None
-    for response in stub.Chat(request, timeout=120):
-        if response.HasField("delta"):
-            ids += response.delta.token_ids
-            if top is not None:
-                top += [[(t.token_id, t.logprob) for t in position.top] for position in response.delta.logprobs]
-        else:
-            finish = response.finish
-    return ids, finish
+def ask(stub, content, **fields) -> Answer:
+    """A greedy Chat of MAX_NEW tokens, one tile per image (`top_logprobs=TOP` for each position's alternatives)."""
+    return helpers.chat.chat(stub, content, max_new_tokens=MAX_NEW, max_num=1, timeout=120, **fields)
 
 
 def assert_same(served: tuple[list[int], list], reference: tuple[list[int], list], what: str) -> None:
@@ -144,27 +117,24 @@ def test_each_adapter_and_the_base_answer_like_their_peft_reference(stub, chat, 
     data, pixels = picture
     answers = {}
     for name, reference in models.items():
-        top: list = []
-        ids, _ = ask(stub, [G.ContentPart(text="Write the formula.")], top, model=name)
-        assert_same((ids, top), expected(chat, reference, "Write the formula."), f"{name!r}, text")
-        image_top: list = []
-        image_ids, _ = ask(stub, [G.ContentPart(image=G.ImageInput(data=data)),
-                                  G.ContentPart(text="Read the picture.")], image_top, model=name)
-        assert_same((image_ids, image_top), expected(chat, reference, "Read the picture.", pixels),
+        text = ask(stub, [text_part("Write the formula.")], top_logprobs=TOP, model=name)
+        assert_same((text.token_ids, text.top), expected(chat, reference, "Write the formula."), f"{name!r}, text")
+        image = ask(stub, [image_part(data), text_part("Read the picture.")], top_logprobs=TOP, model=name)
+        assert_same((image.token_ids, image.top), expected(chat, reference, "Read the picture.", pixels),
                     f"{name!r}, image")
-        answers[name] = (ids, image_ids)
+        answers[name] = (text.token_ids, image.token_ids)
     # The adapters are not no-ops: each answers otherwise than the base.
     assert answers["latex"] != answers[""] and answers["vis"] != answers[""]
 
 
 def test_the_openai_client_lists_and_selects_adapters(stack, stub, chat, references, built):
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack[1]}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.http_port}/v1", api_key="unused")
     listed = client.models.list().data
     base = built.path.name
     assert [m.id for m in listed] == [base, "latex", "vis"]
     assert [m.model_extra.get("parent") for m in listed] == [None, base, base]
     question = "Write the formula."
-    grpc_ids, _ = ask(stub, [G.ContentPart(text=question)], model="latex")
+    grpc_ids = ask(stub, [text_part(question)], model="latex").token_ids
     reply = client.chat.completions.create(model="latex", messages=[{"role": "user", "content": question}],
                                            max_tokens=MAX_NEW, temperature=0)
     assert reply.model == "latex"
@@ -175,9 +145,9 @@ def test_the_openai_client_lists_and_selects_adapters(stack, stub, chat, referen
 
 
 def test_tokens_are_counted_by_model(stack, stub):
-    before = read_metrics(stack[2])
-    ids, _ = ask(stub, [G.ContentPart(text="Count me.")], model="vis")
-    after = read_metrics(stack[2])
+    before = stack.metrics("llm")
+    ids = ask(stub, [text_part("Count me.")], model="vis").token_ids
+    after = stack.metrics("llm")
 
     def count(text: str) -> float:
         match = re.search(r'^internvl_llm_generated_tokens_total\{model="vis"\} (\S+)$', text, re.MULTILINE)
@@ -187,17 +157,17 @@ def test_tokens_are_counted_by_model(stack, stub):
 
 
 def test_a_session_keeps_its_adapter_and_unknown_models_are_not_found(stub, chat, references):
-    _, first = ask(stub, [G.ContentPart(text="Start.")], model="vis")
-    later, finish = ask(stub, [G.ContentPart(text="Go on.")], session_id=first.session_id)
+    first = ask(stub, [text_part("Start.")], model="vis").finish
+    later = ask(stub, [text_part("Go on.")], session_id=first.session_id)
     # The same session's next round without a model, and with the adapter named again, answer alike.
-    again, _ = ask(stub, [G.ContentPart(text="Go on.")], session_id=first.session_id, model="vis")
-    assert finish.usage.cached_prompt_tokens > 0 and later and again
+    again = ask(stub, [text_part("Go on.")], session_id=first.session_id, model="vis")
+    assert later.finish.usage.cached_prompt_tokens > 0 and later.token_ids and again.token_ids
     with pytest.raises(grpc.RpcError) as refused:
-        ask(stub, [G.ContentPart(text="Go on.")], session_id=first.session_id, model="latex")
+        ask(stub, [text_part("Go on.")], session_id=first.session_id, model="latex")
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "this session answers with model 'vis'" in refused.value.details()
     with pytest.raises(grpc.RpcError) as unknown:
-        ask(stub, [G.ContentPart(text="Hello.")], model="nope")
+        ask(stub, [text_part("Hello.")], model="nope")
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -211,11 +181,8 @@ def test_list_models_over_grpc(stub, built, references):
 
 def test_only_a_vision_adapter_has_image_embeddings_of_its_own(stub, golden_dir):
     data = (golden_dir / "portrait_333x1200.png").read_bytes()
-    content = [G.ContentPart(image=G.ImageInput(data=data)), G.ContentPart(text="What is it?")]
-    _, base = ask(stub, content)
-    _, latex = ask(stub, content, model="latex")
-    _, vis = ask(stub, content, model="vis")
-    _, vis_again = ask(stub, content, model="vis")
+    content = [image_part(data), text_part("What is it?")]
+    base, latex, vis, vis_again = (ask(stub, content, model=model).finish for model in ("", "latex", "vis", "vis"))
     assert base.usage.encoded_tiles == 1
     assert latex.usage.encoded_tiles == 0  # the base's embeddings serve the language-only adapter
     assert vis.usage.encoded_tiles == 1  # its own key: a miss the first time

@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import base64
-import io
 import os
 
-import av
 import pytest
+from helpers.media import decode_frames, png, write_video
 
 from gateway.media import MediaResolver, decode_data_url, decode_video, probe_image
 from gateway.video import frame_indices
 from services.contract.errors import InvalidArgumentError, InvalidMediaError, MediaAccessError
 
 
-def reference_frames(data: bytes) -> tuple[list, float]:
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        return [f.to_ndarray(format="rgb24") for f in container.decode(stream)], float(stream.average_rate)
-
-
 @pytest.mark.parametrize(("frames", "fps", "segments", "bound"), [
     (12, 6, 4, None), (12, 6, 8, None), (30, 10, 5, (0.5, 2.0)), (7, 5, 8, None), (3, 3, 1, None)])
-def test_video_frames_are_the_sampled_frames(fakes, frames, fps, segments, bound):
-    data = fakes.video(frames=frames, fps=fps, size=(40, 24))
+def test_video_frames_are_the_sampled_frames(frames, fps, segments, bound):
+    data = write_video(frames=frames, fps=fps, size=(40, 24))
     got = decode_video(data, segments, bound, 10**8, "v")
-    decoded, avg_fps = reference_frames(data)
+    decoded, avg_fps = decode_frames(data)
     want = [decoded[i] for i in frame_indices(len(decoded), avg_fps, segments, bound)]
     assert len(got) == segments
     for frame, pixels in zip(got, want, strict=True):
@@ -33,8 +26,8 @@ def test_video_frames_are_the_sampled_frames(fakes, frames, fps, segments, bound
         assert frame.rgb == pixels.tobytes()
 
 
-def test_video_errors_name_the_part(fakes):
-    data = fakes.video(frames=6, fps=6, size=(40, 24))
+def test_video_errors_name_the_part():
+    data = write_video(frames=6, fps=6, size=(40, 24))
     with pytest.raises(InvalidArgumentError, match=r"^content\[2\] \(video\): bound .* outside the video"):
         decode_video(data, 4, (5.0, 9.0), 10**8, "content[2] (video)")
     with pytest.raises(InvalidMediaError, match=r"^x: video frames are 40x24, above the limit of 100 pixels"):
@@ -55,19 +48,19 @@ def test_data_urls():
             decode_data_url(bad, "p", 4 if bad == url else 1000)
 
 
-def test_probe_image(fakes):
-    assert probe_image(fakes.png(33, 21), 10**6, "p") == (33, 21)
+def test_probe_image():
+    assert probe_image(png(33, 21), 10**6, "p") == (33, 21)
     with pytest.raises(InvalidMediaError, match=r"^p: the image is 33x21 = 693 pixels, above the limit of 100"):
-        probe_image(fakes.png(33, 21), 100, "p")
+        probe_image(png(33, 21), 100, "p")
     with pytest.raises(InvalidMediaError, match=r"^p: cannot decode the image"):
         probe_image(b"GIF89a-not-really", 10**6, "p")
 
 
-def test_paths_stay_inside_the_root(tmp_path, fakes):
+def test_paths_stay_inside_the_root(tmp_path):
     root = tmp_path / "root"
     (root / "sub").mkdir(parents=True)
-    (root / "sub" / "ok.png").write_bytes(fakes.png(4, 4))
-    (tmp_path / "outside.png").write_bytes(fakes.png(4, 4))
+    (root / "sub" / "ok.png").write_bytes(png(4, 4))
+    (tmp_path / "outside.png").write_bytes(png(4, 4))
     os.symlink(root / "sub", root / "alias")
     os.symlink(tmp_path, root / "escape")
     media = MediaResolver(root, max_media_bytes=10_000, max_pixels=10**6, max_video_frames=8)

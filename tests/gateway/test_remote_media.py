@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import re
 import socket
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from PIL import Image
+from helpers.media import png
 
 from gateway import config as gateway_config
 from gateway.chat_request import CallerTurn, ChatRequest, ContentPart, ImageInput, VideoInput
@@ -46,13 +45,7 @@ LIMIT = 10_000
 READ_TIMEOUT_S = 0.25
 
 
-def png_bytes() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 6), (200, 30, 60)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-PNG = png_bytes()
+PNG = png(8, 6)
 
 
 @dataclass

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from helpers.chat import chat
 from internvl.gateway.v1 import gateway_pb2 as G
 from internvl.gateway.v1 import gateway_pb2_grpc
 from PIL import Image
-from procs import free_port, redis_server, spawn_service, wait_serving
+from procs import redis_server, wait_serving
+from stack import start_services
 
 from services.contract.tiling import count_tiles
 from tools.launcher import Child, metric
@@ -42,7 +44,6 @@ class Pool:
     visions: list[Child]
     llms: list[Child]
     gateways: dict[str, Child]
-    http_port: int
     channels: dict[str, grpc.Channel]
     model: str  # the base model's id, what the OpenAI `model` field names
 
@@ -74,27 +75,21 @@ def pool(tiny_checkpoint):
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(redis_server())
         common = ["--model", str(checkpoint), "--dtype", "float32", "--redis-url", store.url]
-        services = [spawn_service(f"vision-{i}", "vision", *common, "--namespace", "scale") for i in range(2)]
-        services += [spawn_service(f"llm-{i}", "llm", *common) for i in range(3)]
-        for service in services:
-            stack.callback(service.stop)
-        wait_serving(services)
+        services = start_services(stack, [*((f"vision-{i}", "vision", [*common, "--namespace", "scale"])
+                                            for i in range(2)), *((f"llm-{i}", "llm", common) for i in range(3))])
         visions, llms = services[:2], services[2:]
         vision_target = "ipv4:" + ",".join(v.address for v in visions)
         every_llm = "ipv4:" + ",".join(llm.address for llm in llms)
-        http_port = free_port()
         base = ["--vision-target", vision_target, "--redis-url", store.url, "--namespace", "scale",
                 "--resolve-interval-s", "1"]
-        specs = {"a": [*base, "--llm-target", every_llm, "--http-port", str(http_port)],
+        specs = {"a": [*base, "--llm-target", every_llm, "--http-port", "0"],
                  "b": [*base, "--llm-target", every_llm],
                  "rr": [*base, "--llm-target", every_llm, "--llm-routing", "round_robin"],
                  "single": [*base, "--llm-target", f"ipv4:{llms[0].address}"]}
-        gateways = {name: spawn_service(f"gateway-{name}", "gateway", *args) for name, args in specs.items()}
-        for gateway in gateways.values():
-            stack.callback(gateway.stop)
-        wait_serving(list(gateways.values()))
+        gateways = dict(zip(specs, start_services(stack, [(f"gateway-{name}", "gateway", args)
+                                                          for name, args in specs.items()]), strict=True))
         channels = {name: stack.enter_context(grpc.insecure_channel(g.address)) for name, g in gateways.items()}
-        yield Pool(visions, llms, gateways, http_port, channels, checkpoint.name)
+        yield Pool(visions, llms, gateways, channels, checkpoint.name)
 
 
 def picture(seed: int) -> bytes:
@@ -115,17 +110,11 @@ class Turn:
 
 
 def grpc_turn(stub, content, session_id: str | None = None) -> Turn:
-    request = G.ChatRequest(content=content, sampling=G.SamplingParams(max_new_tokens=MAX_NEW))
-    if session_id is not None:
-        request.session_id = session_id
-    ids, finish = [], None
-    for response in stub.Chat(request, timeout=120):
-        if response.HasField("delta"):
-            ids += response.delta.token_ids
-        else:
-            finish = response.finish
+    answer = chat(stub, content, max_new_tokens=MAX_NEW, timeout=120,
+                  **({} if session_id is None else {"session_id": session_id}))
+    finish = answer.finish
     assert finish is not None
-    return Turn(ids, finish.usage.prompt_tokens, finish.usage.cached_prompt_tokens, finish.session_id)
+    return Turn(answer.token_ids, finish.usage.prompt_tokens, finish.usage.cached_prompt_tokens, finish.session_id)
 
 
 def session_turns(pool: Pool, seed: int, gateways: tuple[str, ...]) -> list[Turn]:
@@ -151,7 +140,7 @@ def http_conversation(pool: Pool, seed: int) -> list[Turn]:
         messages.append({"role": "user", "content": content})
         body = json.dumps({"model": pool.model, "messages": messages, "max_tokens": MAX_NEW,
                            "temperature": 0}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{pool.http_port}/v1/chat/completions", body,
+        request = urllib.request.Request(f"http://127.0.0.1:{pool.gateways['a'].http_port}/v1/chat/completions", body,
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
             reply = json.loads(response.read())

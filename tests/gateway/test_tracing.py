@@ -12,8 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import signal
-import sys
 import threading
 import urllib.request
 from collections import defaultdict
@@ -21,12 +19,11 @@ from concurrent import futures
 
 import grpc
 import pytest
+from helpers.chat import image_part, text_part
 from internvl.gateway.v1 import gateway_pb2 as G
-from internvl.gateway.v1 import gateway_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from procs import REPO, free_port, wait_for
-
-from tools.launcher import UP_READY_LINE, cli_env, read_banner, spawn
+from procs import wait_for
+from stack import up_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -86,24 +83,10 @@ def receiver():
 @pytest.fixture(scope="module")
 def stack(tiny_checkpoint, receiver, tmp_path_factory):
     _, otlp_port = receiver
-    logs = tmp_path_factory.mktemp("traced-logs")
-    port, http_port = free_port(), free_port()
-    env = cli_env({"OTEL_BSP_SCHEDULE_DELAY": "100"})
-    up = spawn("up", [sys.executable, "-m", "tools.cli", "--log-format", "json", "up", "--model",
-                      str(tiny_checkpoint()), "--dtype", "float32", "--gateway-port", str(port), "--http-port",
-                      str(http_port), "--metrics-port", str(free_port()), "--log-dir", str(logs),
-                      "--otlp-endpoint", f"http://127.0.0.1:{otlp_port}"],
-               None, cwd=REPO, env=env).process
-    output = read_banner(up)
-    if UP_READY_LINE not in output:
-        up.kill()
-        tails = "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-2000:]}" for f in logs.glob("*.log"))
-        pytest.fail(f"`internvl-serve up` did not come up:\n{output}\n{tails}", pytrace=False)
-    try:
-        yield f"127.0.0.1:{port}", http_port, logs
-    finally:
-        up.send_signal(signal.SIGINT)
-        up.communicate(timeout=90)
+    with up_stack(tiny_checkpoint(), tmp_path_factory.mktemp("traced-logs"), "--otlp-endpoint",
+                  f"http://127.0.0.1:{otlp_port}", cli_flags=["--log-format", "json"],
+                  env={"OTEL_BSP_SCHEDULE_DELAY": "100"}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +96,11 @@ def png(golden_dir) -> bytes:
 
 def test_one_image_chat_is_one_trace_across_the_three_services(stack, receiver, png):
     spans_of, _ = receiver
-    address, _, _ = stack
-    with grpc.insecure_channel(address) as channel:
-        responses = gateway_pb2_grpc.ChatServiceStub(channel).Chat(
-            G.ChatRequest(content=[G.ContentPart(image=G.ImageInput(data=png)), G.ContentPart(text="What?")],
-                          sampling=G.SamplingParams(max_new_tokens=5)),
-            metadata=(("x-request-id", "trace-me-1"),), timeout=60)
-        messages = list(responses)
-        echoed = dict(responses.initial_metadata())["x-request-id"]
+    responses = stack.stub.Chat(G.ChatRequest(content=[image_part(png), text_part("What?")],
+                                              sampling=G.SamplingParams(max_new_tokens=5)),
+                                metadata=(("x-request-id", "trace-me-1"),), timeout=60)
+    messages = list(responses)
+    echoed = dict(responses.initial_metadata())["x-request-id"]
     finish = messages[-1].finish
     tokens = sum(len(m.delta.token_ids) for m in messages if m.HasField("delta"))
     assert echoed == finish.request_id == "trace-me-1"
@@ -182,12 +162,11 @@ def test_one_image_chat_is_one_trace_across_the_three_services(stack, receiver, 
 
 def test_http_continues_the_callers_trace_and_the_request_id_is_in_every_log(stack, receiver, png, tiny_checkpoint):
     spans_of, _ = receiver
-    _, http_port, logs = stack
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     body = {"model": tiny_checkpoint().name, "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
         {"type": "text", "text": "And this, in the HTTP API?"}]}]}
-    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/chat/completions",
+    request = urllib.request.Request(f"http://127.0.0.1:{stack.http_port}/v1/chat/completions",
                                      data=json.dumps(body).encode(), method="POST", headers={
                                          "Content-Type": "application/json", "x-request-id": "http-req-7",
                                          "traceparent": f"00-{trace_id}-{parent_id}-01"})
@@ -212,7 +191,7 @@ def test_http_continues_the_callers_trace_and_the_request_id_is_in_every_log(sta
     def read_logs():
         lines_by_service = defaultdict(list)
         for name, file in (("gateway", "gateway"), ("vision", "vision-0"), ("llm", "llm")):
-            for line in (logs / f"{file}.log").read_text().splitlines():
+            for line in (stack.logs / f"{file}.log").read_text().splitlines():
                 if not line.startswith("{"):
                     continue  # a child's non-logging output (none expected, but the banner tools may print)
                 entry = json.loads(line)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import engine
 
 from services.llm.config import LLMConfig
-from services.llm.engine.events import Finish, TokenDelta
 from services.llm.metrics import LLMMetrics
 from services.llm.service import LLMService
 from services.model.chat import InternVLChat
@@ -71,31 +70,7 @@ def make_service(reference):
     return make
 
 
-@dataclass
-class Result:
-    token_ids: list[int]
-    text: str
-    top_logprobs: list
-    finish: Finish | None
-
-    @property
-    def reason(self) -> str:
-        return self.finish.reason.value
-
-
-async def _collect(stream) -> Result:
-    result = Result([], "", [], None)
-    async for event in stream:
-        if isinstance(event, TokenDelta):
-            result.token_ids += event.token_ids
-            result.text += event.text
-            result.top_logprobs += event.top_logprobs
-        else:
-            result.finish = event
-    return result
-
-
 @pytest.fixture(scope="session")
 def collect():
     """await collect(stream) -> Result: every event of an engine stream, gathered."""
-    return _collect
+    return engine.collect

@@ -24,8 +24,10 @@ import inspect
 import json
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
+import helpers.engine
 import jsonschema
 import pytest
 import torch
@@ -35,7 +37,7 @@ from sentencepiece_checkpoint import ADDED, TOKENIZER_CLASS, TRIPWIRE_SOURCE, TR
 
 from services.contract import template
 from services.contract.constraint import Constraint, ConstraintKind
-from services.contract.conversation import Conversation, GenerateRequest, ImageRef
+from services.contract.conversation import ImageRef
 from services.llm.config import LLMConfig
 from services.llm.engine.sampling import Sampler, SamplingParams, sample_batch
 from services.llm.grammar import Grammars
@@ -134,10 +136,7 @@ def image_tile() -> torch.Tensor:
     return torch.rand(1, 3, 448, 448, generator=torch.Generator().manual_seed(5)) * 4 - 2
 
 
-def ask(*parts, **sampling) -> GenerateRequest:
-    sampling.setdefault("max_new_tokens", MAX_NEW)
-    return GenerateRequest(Conversation(user_parts=parts), SamplingParams(**sampling),
-                           inline_embeddings=any(isinstance(p, ImageRef) for p in parts))
+ask = partial(helpers.engine.ask, max_new_tokens=MAX_NEW)
 
 
 @pytest.mark.asyncio
@@ -160,7 +159,7 @@ async def test_the_service_answers_as_the_reference_path(built, chat, collect):
     await service.start()
     try:
         text_request = ask(text_question)
-        image_request = ask(ImageRef("tile", 1), image_question)
+        image_request = ask(image_question, ImageRef("tile", 1))
         assert list(service.prompts.build(text_request.conversation).token_ids) == expected_ids(built, text_prompt)
         assert list(service.prompts.build(image_request.conversation).token_ids) == expected_ids(built, image_prompt)
         text_reply = await collect(await service.generate(text_request))

@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import helpers.engine
 import pytest
 import torch
+from helpers.engine import Recorder
 from internvl.llm.v1 import llm_pb2
 from lora_reference import (
     INTERNLM2_TARGETS,
@@ -28,7 +31,7 @@ from lora_reference import (
 )
 
 from services.contract.conversation import Conversation, GenerateRequest, ImageRef
-from services.contract.errors import NotFoundError
+from services.contract.errors import InternVLError, NotFoundError
 from services.contract.model_info import AdapterInfo, ModelInfo
 from services.llm.config import LLMConfig
 from services.llm.engine.events import EngineRequest
@@ -39,7 +42,6 @@ from services.llm.service import LLMService
 from services.model.adapter_options import AdapterOptions
 from services.model.adapters import read_adapter
 from services.model.checkpoint import open_checkpoint
-from tests.llm.engine.test_engine import Recorder
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(300)]
 
@@ -109,10 +111,7 @@ async def serving(world: World, *adapters: str, **overrides):
         await service.close()
 
 
-def ask(text: str, *images: ImageRef, adapter: str = "", max_new_tokens: int = MAX_NEW) -> GenerateRequest:
-    return GenerateRequest(Conversation(user_parts=(*images, text), adapter=adapter),
-                           SamplingParams(max_new_tokens=max_new_tokens, top_logprobs=TOP),
-                           inline_embeddings=bool(images))
+ask = partial(helpers.engine.ask, max_new_tokens=MAX_NEW, top_logprobs=TOP)
 
 
 def expected_answer(world: World, name: str, service: LLMService, request: GenerateRequest,
@@ -281,15 +280,18 @@ async def test_prefix_cache_never_crosses_models(world, collect):
     assert_parity(other, expected_other)
 
 
-async def test_unknown_adapter_is_not_found(world):
+async def test_unknown_adapter_is_not_found(world, collect):
     w = world("qwen2")
     async with serving(w, "q-plain") as service:
         with pytest.raises(NotFoundError, match="'nope'.*q-plain"):
             await service.generate(ask("Hi", adapter="nope"))
+        # The service is the one place that refuses it (services.llm.intake); an engine handed one anyway, a
+        # caller's bug, fails that request at admission without computing anything.
         prompt = service.prompts.build(ask("Hi").conversation)
-        with pytest.raises(NotFoundError, match="'nope'"):
-            service.engine.submit(EngineRequest(prompt=prompt, sampling=SamplingParams(), max_new_tokens=2,
-                                                adapter="nope"))
+        stream = service.engine.submit(EngineRequest(prompt=prompt, sampling=SamplingParams(), max_new_tokens=2,
+                                                     adapter="nope"))
+        with pytest.raises(InternVLError, match="failed computing this request"):
+            await collect(stream)
         assert service.engine.steps == 0
     async with serving(w) as plain:
         with pytest.raises(NotFoundError, match="'q-plain'"):

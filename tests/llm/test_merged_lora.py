@@ -16,12 +16,11 @@ import shutil
 
 import pytest
 import torch
+from helpers.engine import ask
 from lora_reference import INTERNLM2_TARGETS, QWEN2_TARGETS, OriginalInternVL, write_swift_adapter
 from safetensors.torch import load_file, save_file
 
-from services.contract.conversation import Conversation, GenerateRequest
 from services.llm.config import LLMConfig
-from services.llm.engine.sampling import SamplingParams
 from services.llm.service import LLMService
 from services.model.adapters import read_adapter
 from services.model.checkpoint import open_checkpoint
@@ -52,8 +51,7 @@ async def serving(path, adapter_dir=None):
 async def answers(service: LLMService, adapter: str, collect) -> list:
     results = []
     for prompt in PROMPTS:
-        request = GenerateRequest(Conversation(user_parts=(prompt,), adapter=adapter),
-                                  SamplingParams(max_new_tokens=MAX_NEW, top_logprobs=5))
+        request = ask(prompt, adapter=adapter, max_new_tokens=MAX_NEW, top_logprobs=5)
         results.append(await collect(await service.generate(request)))
     return results
 

@@ -7,6 +7,7 @@ log-probabilities must equal the reference forward's log-softmax to 1e-4 (float3
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ import redis.asyncio as aioredis
 import torch
 from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
-from procs import spawn_service, stop_together, wait_serving
 from prometheus_client.parser import text_string_to_metric_families
+from stack import start_services
 
 from services.contract.template import clean_response, video_prefix
 from services.model.chat import GenerationParams, splice_image_embeddings
@@ -41,16 +42,11 @@ def llm(request):
 @pytest.fixture(scope="module")
 def servers(tiny_checkpoint, redis_url):
     """One server process per language model, started and stopped side by side (mostly imports and exits)."""
-    started = {}
-    try:
-        for llm in LLMS:
-            started[llm] = spawn_service(f"llm-{llm}", "llm", "--model", str(tiny_checkpoint(llm=llm)), "--redis-url",
-                                         redis_url, "--dtype", "float32", "--device", "cpu",
-                                         "--max-step-tokens", "256")
-        wait_serving(list(started.values()))
-        yield started
-    finally:
-        stop_together(list(started.values()))
+    with contextlib.ExitStack() as stack:
+        started = start_services(stack, [(f"llm-{llm}", "llm", ["--model", str(tiny_checkpoint(llm=llm)), "--redis-url",
+                                                                  redis_url, "--dtype", "float32", "--device", "cpu",
+                                                                  "--max-step-tokens", "256"]) for llm in LLMS])
+        yield dict(zip(LLMS, started, strict=True))
 
 
 @pytest.fixture(scope="module")

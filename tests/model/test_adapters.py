@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from services.contract.errors import CheckpointError, InvalidArgumentError
 from services.contract.model_info import AdapterInfo
 from services.llm.config import LLMConfig
-from services.model.adapter_options import AdapterOptions, add_adapter_options, parse_lora_flag
+from services.model.adapter_options import AdapterOptions, parse_lora_flag
 from services.model.adapters import (
     CONFIG_FILE,
     LANGUAGE_PREFIXES,
@@ -37,6 +37,7 @@ from services.model.adapters import (
     read_adapters,
 )
 from services.model.checkpoint import Checkpoint, open_checkpoint
+from services.runtime import flags
 from services.vision.config import VisionConfig
 
 Q_PROJ = "language_model.model.layers.0.self_attn.q_proj"
@@ -390,11 +391,13 @@ def test_parse_lora_flag_errors(value, problem):
 
 def test_flags_parse_into_options():
     parser = argparse.ArgumentParser()
-    add_adapter_options(parser)
+    flags.add_flags(parser, AdapterOptions)
     args = parser.parse_args(["--lora", "a=/x", "--lora", "b=/y", "--max-loras", "3", "--max-lora-rank", "16"])
-    assert AdapterOptions.from_args(args) == AdapterOptions(loras=(("a", "/x"), ("b", "/y")), max_loras=3,
-                                                            max_lora_rank=16)
-    assert AdapterOptions.from_args(parser.parse_args([])) == AdapterOptions()
+    assert flags.from_args(AdapterOptions, args) == AdapterOptions(loras=(("a", "/x"), ("b", "/y")), max_loras=3,
+                                                                   max_lora_rank=16)
+    assert flags.from_args(AdapterOptions, parser.parse_args([])) == AdapterOptions()
+    # A parsed --lora is written back as it was given (`up` passes it on so).
+    assert [str(value) for value in args.lora] == ["a=/x", "b=/y"]
 
 
 def test_option_problems():

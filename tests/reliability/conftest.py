@@ -8,13 +8,10 @@ per part, a 4096-token context and a 32 MiB prefix KV cache.
 from __future__ import annotations
 
 import pytest
+from stack import running_stack
 
-from reliability.harness import running_stack
+from reliability.limits import KV_CACHE_BUDGET_MB, MAX_CONTEXT_TOKENS, MAX_MEDIA_BYTES, MAX_MESSAGE_BYTES
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-MAX_MEDIA_BYTES = 3_000_000
-MAX_CONTEXT_TOKENS = 4096
-KV_CACHE_BUDGET_MB = 32
 NAMESPACE = "relstack"
 
 

@@ -21,13 +21,13 @@ from typing import Any
 
 import grpc
 import pytest
+from helpers import media
+from helpers.chat import assert_no_leak, chat, image_part, text_part, video_part
 from internvl.common.v1 import common_pb2
 from internvl.gateway.v1 import gateway_pb2 as G
 from PIL import Image
 
-from reliability import media
-from reliability.conftest import MAX_CONTEXT_TOKENS, MAX_MEDIA_BYTES, MAX_MESSAGE_BYTES
-from reliability.harness import assert_no_leak, chat, image_part, text_part
+from reliability.limits import MAX_CONTEXT_TOKENS, MAX_MEDIA_BYTES, MAX_MESSAGE_BYTES
 from services.runtime.grpc_errors import error_detail
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -43,10 +43,6 @@ class Case:
     build: Any
     code: grpc.StatusCode
     message: str  # a regex the message must match (re.search)
-
-
-def video_part(data: bytes, **fields) -> G.ContentPart:
-    return G.ContentPart(video=G.VideoInput(data=data, **fields))
 
 
 def sampling(**fields) -> dict:

@@ -22,10 +22,11 @@ from typing import Self
 
 import grpc
 import pytest
+from helpers import media
+from helpers.chat import assert_no_leak, chat, image_part, text_part
 from internvl.gateway.v1 import gateway_pb2 as G
 
-from reliability import media
-from reliability.harness import assert_no_leak, chat, image_part, metric, text_part
+from tools.launcher import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -1,6 +1,6 @@
 """Fuzzing the layers that read untrusted input, in process, with hypothesis: the public request parsing (the gRPC
-`ChatRequest.from_pb` and the OpenAI-compatible body parser, with the sampling and option checks that follow them)
-and the media decoding (data: URLs, media-root paths, the image header probe and decoder, the video decoder).
+`ChatRequest.from_pb` and the OpenAI-compatible request models, with the sampling and option checks that follow
+them) and the media decoding (data: URLs, media-root paths, the image header probe and decoder, the video decoder).
 
 Each may succeed or raise a domain error (`InternVLError`, which the servers turn into a specific status with a
 caller-safe message); any other exception would reach a caller as INTERNAL, so it fails the test. Bounded: ~100-200
@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import media
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from internvl.gateway.v1 import gateway_pb2 as G
@@ -21,10 +22,9 @@ from PIL import Image
 
 from gateway.chat_request import ChatRequest
 from gateway.media import MediaResolver, decode_data_url, decode_video, probe_image
-from gateway.openai_http import parse_request
+from gateway.openai.protocol import parse
 from gateway.planning import check_max_num
 from gateway.sessions import check_session_id
-from reliability import media
 from services.contract.errors import InternVLError
 from services.contract.tiling import MAX_NUM_LIMIT
 from services.vision.preprocess import open_image
@@ -94,7 +94,7 @@ bodies = st.one_of(json_values, st.fixed_dictionaries(
 @given(bodies)
 def test_openai_request_parsing_raises_only_domain_errors(body):
     try:
-        request, _, _, _ = parse_request(body)
+        request = parse(body).chat_request()
     except InternVLError:
         return
     domain_or_success(checked_request, request)

@@ -31,12 +31,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from helpers import media
+from helpers.chat import image_part, text_part
 from internvl.gateway.v1 import gateway_pb2 as G
 
-from reliability import media
-from reliability.conftest import KV_CACHE_BUDGET_MB
-from reliability.harness import image_part, metric, text_part
+from reliability.limits import KV_CACHE_BUDGET_MB
 from services.contract import template
+from tools.launcher import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 log = logging.getLogger(__name__)

@@ -16,10 +16,11 @@ import time
 
 import grpc
 import pytest
+from helpers import media
+from helpers.chat import chat, image_part, text_part
 from internvl.gateway.v1 import gateway_pb2 as G
+from stack import running_stack
 
-from reliability import media
-from reliability.harness import chat, image_part, running_stack, text_part
 from tools.launcher import LocalRedisCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

@@ -20,11 +20,11 @@ import time
 
 import grpc
 import pytest
+from helpers import media
+from helpers.chat import assert_no_leak, chat, image_part, text_part
 from internvl.gateway.v1 import gateway_pb2 as G
 from procs import wait_for, wait_serving
-
-from reliability import media
-from reliability.harness import assert_no_leak, chat, image_part, running_stack, text_part
+from stack import running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -23,15 +23,16 @@ from types import SimpleNamespace
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import media
+from helpers.chat import chat, image_part, text_part
 from internvl.gateway.v1 import gateway_pb2_grpc
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
-from procs import REPO, free_port, redis_server
+from procs import REPO, redis_server
+from stack import start_services
 
 from gateway import chat_cli
 from gateway import config as gateway_config
-from reliability import media
 from reliability.certs import Authority
-from reliability.harness import chat, image_part, start_services, text_part
 from services.contract.errors import InvalidArgumentError
 from services.contract.service_names import GATEWAY_SERVICE, LLM_SERVICE, VISION_SERVICE
 from services.runtime.tls import ClientTls, ServerTls
@@ -69,16 +70,15 @@ def tls_stack(checkpoint, pki):
         common = ["--model", str(checkpoint), "--dtype", "float32", "--redis-url", store.url, *mutual]
         internal = creds(pki, pki.gateway)
         vision, llm = start_services(stack, [("vision", "vision", common), ("llm", "llm", common)], internal)
-        http_port = free_port()
         gateway_args = ["--vision-target", f"ipv4:{vision.address}", "--llm-target", f"ipv4:{llm.address}",
-                        "--redis-url", store.url, "--media-root", str(media_root), "--http-port", str(http_port),
+                        "--redis-url", store.url, "--media-root", str(media_root), "--http-port", "0",
                         "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
                         "--upstream-tls-ca", str(pki.ca.pem), "--upstream-tls-cert", str(pki.gateway.cert),
                         "--upstream-tls-key", str(pki.gateway.key), "--api-token-file", str(pki.token_file)]
         [gateway] = start_services(stack, [("gateway", "gateway", gateway_args)], creds(pki))
         channel = grpc.secure_channel(gateway.address, creds(pki))
         stack.callback(channel.close)
-        yield SimpleNamespace(vision=vision, llm=llm, gateway=gateway, http_port=http_port,
+        yield SimpleNamespace(vision=vision, llm=llm, gateway=gateway, http_port=gateway.http_port,
                               stub=gateway_pb2_grpc.ChatServiceStub(channel))
 
 

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -328,10 +327,10 @@ def test_up_hands_its_log_and_tracing_flags_to_the_children(monkeypatch, root_lo
     assert cli.main(["--log-level", "debug", "--log-format", "json", "up", "--model", "m",
                      "--log-dir", str(tmp_path), "--otlp-endpoint", "http://collector:4317"]) == 0
     started = []
-    monkeypatch.setattr(up, "spawn", lambda name, argv, *a, **kw: started.append(argv) or object())
+    monkeypatch.setattr(launcher, "spawn", lambda name, argv, *a, **kw: started.append(argv) or object())
     stack = up.Stack(parsed[0])
     for command in ("vision", "llm", "gateway"):
-        stack.service(command, command, launcher.free_port(), "--model", "m")
+        stack.service(command, command, "--model", "m")
     for argv, command in zip(started, ("vision", "llm", "gateway"), strict=True):
         assert argv[:8] == [sys.executable, "-m", "tools.cli", "--log-level", "debug", "--log-format", "json",
                             command], argv
@@ -341,25 +340,17 @@ def test_up_hands_its_log_and_tracing_flags_to_the_children(monkeypatch, root_lo
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_up_children_log_json(tiny_checkpoint, tmp_path):
-    from tools.launcher import UP_READY_LINE, cli_env, free_port, processes, read_banner, spawn
+    from stack import up_stack
+
+    from tools.launcher import processes
 
     logs = tmp_path / "logs"
-    up = spawn("up", [sys.executable, "-m", "tools.cli", "--log-format", "json", "up",
-                      "--model", str(tiny_checkpoint()), "--dtype", "float32", "--gateway-port", str(free_port()),
-                      "--http-port", "0", "--metrics-port", str(free_port()), "--log-dir", str(logs)],
-               None, cwd=REPO, env=cli_env()).process
-    try:
-        output = read_banner(up)
-        assert UP_READY_LINE in output, output
-        argvs = {role: p.argv for p in processes() if p.ppid == up.pid
+    with up_stack(tiny_checkpoint(), logs, http=False, cli_flags=["--log-format", "json"]) as up:
+        argvs = {role: p.argv for p in processes() if p.ppid == up.process.pid
                  for role in ("vision", "llm", "gateway") if role in p.argv}
         assert set(argvs) == {"vision", "llm", "gateway"}, argvs
         for role, argv in argvs.items():
             assert argv[3:8] == ["--log-level", "INFO", "--log-format", "json", role], argv
-    finally:
-        up.send_signal(signal.SIGINT)
-        rest, _ = up.communicate(timeout=90)
-    assert up.returncode == 0, rest
     for role, name in (("vision", "vision-0"), ("llm", "llm"), ("gateway", "gateway")):
         lines = [line for line in (logs / f"{name}.log").read_text().splitlines() if line.startswith("{")]
         assert lines and {json.loads(line)["service"] for line in lines} == {role}, name

@@ -7,7 +7,6 @@ import time
 
 import pytest
 import redis.exceptions
-from procs import free_port
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 
@@ -22,6 +21,7 @@ from services.runtime.redis_cluster import (
     parse_cluster_url,
     retry_transient,
 )
+from tools.launcher import free_port
 
 # ------------------------------------------------------------------------------------------------------- URLs
 

@@ -20,6 +20,9 @@ CASES = [
     (["up", "--model", "{model}", "--llm-replicas", "0"], "--llm-replicas must be >= 1"),
     (["up", "--model", "{model}", "--redis-cluster", "2"], "--redis-cluster needs at least 3 masters"),
     (["up", "--model", "{model}", "--redis-cluster-replicas", "1"], "--redis-cluster-replicas goes with"),
+    # A service's own flag set on `up` is checked by the service's config before anything starts.
+    (["up", "--model", "{model}", "--max-request-tiles", "0"], "--max-request-tiles must be >= 1, got 0"),
+    (["up", "--model", "{model}", "--lora", "a=/x", "--lora", "a=/y"], "--lora names must be unique, a repeats"),
     (["vision", "--model", "{model}", "--port", "0", "--redis-url", "redis+cluster://h:x"], "--redis-url: bad node 'h:x'"),
     (["llm", "--model", "{model}", "--redis-url", "redis+cluster://h:1/2"], "--redis-url: a Redis Cluster has only"),
     (["llm", "--model", "{model}", "--redis-url", "http://h:1"], "--redis-url: Redis URL must specify"),

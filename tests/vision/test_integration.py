@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import io
 import re
-import struct
 import uuid
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import redis
 import torch
+from helpers.media import bomb_png, png
 from internvl.common.v1 import common_pb2
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 from PIL import Image
@@ -231,29 +230,14 @@ def test_fifty_mib_embedding_round_trips_through_fetch(stub, cache, namespace):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def _png(width: int, height: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), (120, 20, 220)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _forged_png(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height: a decompression bomb in a few hundred bytes."""
-    data = bytearray(_png(8, 8))
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
-    data[ihdr + 17: ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr: ihdr + 17])))
-    return bytes(data)
-
-
-GOOD = _png(64, 64)
+GOOD = png(64, 64)
 BAD_ITEMS = {
     "corrupt": GOOD[:40] + b"\0" * 20 + GOOD[60:],
     "truncated": GOOD[: len(GOOD) // 2],
     "not-an-image": b"this is plain text, not a picture",
     "empty": b"",
-    "over-pixel-limit": _png(1500, 1500),  # 2.25 MP > --max-image-pixels 2 MP
-    "forged-bomb": _forged_png(60_000, 60_000),
+    "over-pixel-limit": png(1500, 1500),  # 2.25 MP > --max-image-pixels 2 MP
+    "forged-bomb": bomb_png(60_000, 60_000),
     "unset": vision_pb2.EncodeItem(),
     "frame-size": vision_pb2.EncodeItem(frame=vision_pb2.RawFrame(rgb=b"\0" * 10, height=2, width=2)),
 }

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.media import encoded, gradient
 from lora_reference import (
     INTERNLM2_TARGETS,
     QWEN2_TARGETS,
@@ -33,7 +34,6 @@ from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
 from services.vision.preprocess import load_image
 from services.vision.service import VisionService
-from tests.vision.test_service import encoded, gradient
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(300)]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import io
 import json
 from pathlib import Path
 
@@ -11,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from golden import GOLDEN
+from helpers.media import encoded, noise_png
 from PIL import Image
+from torch_kernels import Kernels
 
 from services.contract.errors import InvalidMediaError, MediaTooLargeError
 from services.contract.tiling import count_tiles, tile_grid
 from services.vision.preprocess import dynamic_tiles, load_image, open_image, tiles_to_tensor
-from tests.torch_kernels import Kernels
 
 TOL = 1e-4
 
@@ -181,12 +181,6 @@ def test_pixel_samples_match_golden(file, max_num, sample):
 # --- decoding and bad input ------------------------------------------------------------------------
 
 
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_open_image_accepts_path_bytes_and_pil():
     path = GOLDEN / "small_120x90.png"
     reference = np.asarray(open_image(path))
@@ -197,19 +191,14 @@ def test_open_image_accepts_path_bytes_and_pil():
     assert grey.mode == "RGB" and grey.size == (3, 2)
 
 
-def _noise_png(size=(64, 64)) -> bytes:
-    rng = np.random.default_rng(0)
-    return _png(Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)))
-
-
 @pytest.mark.parametrize(
     ("data", "max_pixels", "message"),
     [
         (b"", None, "empty"),
         (b"this is not an image, just some text", None, r"cannot decode image: not a supported image format \(send PNG, JPEG"),
-        (_noise_png()[:400], None, "cannot decode"),  # header intact, pixel data cut short
+        (noise_png(64, 64)[:400], None, "cannot decode"),  # header intact, pixel data cut short
         # 5000x5000 1-bit PNG: a few KB on the wire, 75 MB once decoded to RGB.
-        (_png(Image.new("1", (5000, 5000))), 1_000_000, "5000x5000"),
+        (encoded(Image.new("1", (5000, 5000))), 1_000_000, "5000x5000"),
     ],
     ids=["empty-bytes", "not-an-image", "truncated-png", "decompression-bomb"],
 )

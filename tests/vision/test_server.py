@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import uuid
 
 import grpc
@@ -10,9 +9,9 @@ import pytest
 import pytest_asyncio
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers.media import png
 from internvl.common.v1 import common_pb2
 from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
-from PIL import Image
 
 from services.contract.cache_keys import cache_key, model_identity
 from services.contract.service_names import VISION_SERVICE
@@ -24,12 +23,6 @@ from services.vision.memstore import InProcessRedis
 from services.vision.metrics import VisionMetrics
 from services.vision.server import VisionServicer
 from services.vision.service import VisionService
-
-
-def png(width: int, height: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), (10, 200, 40)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest_asyncio.fixture

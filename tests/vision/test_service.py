@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import uuid
 
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 import torch
-from PIL import Image
+from helpers.media import encoded, gradient, png
+from torch_kernels import Kernels
 
 from services.contract.encoding import MediaItem, PreprocessOptions
 from services.contract.errors import InvalidArgumentError, InvalidMediaError, NotFoundError
@@ -23,29 +23,8 @@ from services.vision.config import VisionConfig
 from services.vision.memstore import InProcessRedis
 from services.vision.preprocess import load_image
 from services.vision.service import VisionService
-from tests.torch_kernels import Kernels
 
 TOL = 1e-5
-
-
-def png(width: int, height: int, color=(200, 30, 90)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def gradient(width: int, height: int) -> Image.Image:
-    """An image with detail everywhere, so any mix-up of tiles changes the embeddings."""
-    x = torch.arange(width).float()[None, :].expand(height, width)
-    y = torch.arange(height).float()[:, None].expand(height, width)
-    rgb = torch.stack([(x * 255 / width), (y * 255 / height), ((x + y) % 64) * 4], dim=-1)
-    return Image.fromarray(rgb.to(torch.uint8).numpy(), "RGB")
-
-
-def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

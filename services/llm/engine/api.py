@@ -1,21 +1,23 @@
 """The seam between the LLM service and whatever generates tokens: what an engine takes, gives and reports.
 
-`LLMService`, the metrics and the servicer depend on this module only. The transformers engine
-(`services.llm.engine.transformers_engine.TransformersEngine`) is the first implementation; an engine for GPU pools (vLLM with
-`enable_mm_embeds`, fed the image rows as embeddings and the image keys as `multi_modal_uuids` so its prefix cache
-keys match ours) goes beside it and must provide the same:
+`LLMService`, the metrics and the servicer depend on this module (and `events`) only; the service gets its engine
+from `services.llm.engine.factory`, which builds the one `LLMConfig.engine` names. The transformers engine
+(`services.llm.engine.transformers_engine.TransformersEngine`) is the first implementation; an engine for GPU pools
+(vLLM with `enable_mm_embeds`, fed the image rows as embeddings and the image keys as `multi_modal_uuids` so its prefix
+cache keys match ours) goes beside it and must provide the same:
 
 - `submit(request)` from the event loop's thread, returning a `GenerationStream` at once (raising `OverloadedError`
-  when it cannot queue the request), whose events are `TokenDelta`s and one `Finish` per answer (`sampling.n`
-  answers, prefilled once, answer i sampled as a single request with `sampling.for_answer(i)`), or an exception
-  (a domain error from `services.contract.errors`) instead;
+  when the request could never fit its memory), whose events are `TokenDelta`s and one `Finish` per answer
+  (`sampling.n` answers, prefilled once, answer i sampled as a single request with `sampling.for_answer(i)`), or an
+  exception (a domain error from `services.contract.errors`) instead. The service has refused what it does not take
+  before (services.llm.intake: an adapter it does not serve, a full queue), so an engine checks neither;
 - constrained decoding: a row with `request.grammar` samples only tokens the grammar allows;
 - the original's semantics for every sampling option (those of `generate(inputs_embeds=...)`: the repetition penalty
   sees only generated tokens), text deltas whose concatenation is the decoded answer cut before a stop string;
 - `cancel` (through `GenerationStream.cancel`) freeing the request's memory within one step;
 - faults confined to the requests they hit, with `BatchFaultError` (UNAVAILABLE, retryable before the first token)
   for requests lost to a fault of the shared batch;
-- `load()`: the figures metrics and admission read.
+- `load()`: the figures metrics read, and `waiting`, which the service's queue bound counts.
 """
 
 from __future__ import annotations
@@ -115,13 +117,9 @@ class Engine(abc.ABC):
     async def close(self) -> None:
         """Stops; every unfinished stream ends with FINISH_REASON_CANCELLED."""
 
-    @property
-    @abc.abstractmethod
-    def queue_full(self) -> bool: ...
-
     @abc.abstractmethod
     def submit(self, request: EngineRequest) -> GenerationStream:
-        """Queues `request`; raises OverloadedError when the queue is full or the request can never fit memory."""
+        """Queues `request`; raises OverloadedError when the request can never fit memory."""
 
     @abc.abstractmethod
     def load(self) -> EngineLoad: ...

@@ -10,8 +10,17 @@ from internvl.llm.v1 import llm_pb2
 
 from services.contract.finish import FinishReason, Usage
 from services.contract.sampling import SamplingParams
-from services.llm.engine.sampling import TopLogprobs
 from services.llm.prompt import Prompt
+
+
+@dataclass(frozen=True)
+class TopLogprobs:
+    """The log-probability of the token sampled and the `top_logprobs` most likely tokens with theirs, most likely
+    first (of the raw logits, before any sampling transform)."""
+
+    logprob: float
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
 
 
 @dataclass(frozen=True)

@@ -28,23 +28,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import xgrammar
 
 from services.contract.errors import InvalidArgumentError
 from services.contract.sampling import SamplingParams
+from services.llm.engine.events import TopLogprobs
 
 # Columns of `Sampler.knobs`.
 _PENALTY, _PENALTY_DIVISOR, _TEMPERATURE_DIVISOR, _TOP_P_FLOOR, _TOP_K_ON, _FREQUENCY, _PRESENCE = range(7)
-
-
-@dataclass(frozen=True)
-class TopLogprobs:
-    logprob: float
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
 
 
 class Sampler:

@@ -5,49 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers.engine import Recorder, ask, until
+from torch_kernels import Kernels
 
-from services.contract.conversation import Conversation, GenerateRequest, ImageRef, Turn
+from services.contract.conversation import ImageRef, Turn
 from services.contract.errors import ContextTooLongError, OverloadedError
 from services.contract.template import clean_response
-from services.llm.engine.sampling import SamplingParams
-from tests.torch_kernels import Kernels
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
-
-
-def ask(text: str, *images: ImageRef, history=(), **sampling) -> GenerateRequest:
-    sampling.setdefault("max_new_tokens", 8)
-    return GenerateRequest(Conversation(user_parts=(*images, text), history=history),
-                           SamplingParams(**sampling), inline_embeddings=bool(images) or any(
-                               not isinstance(p, str) for t in history for p in t.user_parts))
-
-
-async def until(predicate, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.002)
-
-
-class Recorder:
-    """Wraps the engine's metrics observer and records what every step did."""
-
-    def __init__(self, engine):
-        self.inner, self.engine = engine.observer, engine
-        self.steps: list[tuple[int, int]] = []  # (decode batch size, prefill tokens) per step
-        self.schedules: list[tuple[int, int]] = []  # (steps done, running) at each scheduling point
-        engine.observer = self
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def on_step(self, step):
-        self.steps.append((step.decode_rows, step.prefill_tokens))
-        self.inner.on_step(step)
-
-    def on_schedule(self, load):
-        self.schedules.append((load.steps, load.running))
-        self.inner.on_schedule(load)
 
 
 @pytest.fixture(scope="module")

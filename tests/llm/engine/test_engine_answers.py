@@ -7,12 +7,11 @@ import json
 
 import jsonschema
 import pytest
+from helpers.engine import Recorder, Result, ask
 
 from services.contract.constraint import Constraint, ConstraintKind
 from services.contract.errors import InvalidArgumentError
 from services.llm.engine.events import TokenDelta
-from tests.llm.conftest import Result
-from tests.llm.engine.test_engine import Recorder, ask
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 

@@ -10,12 +10,13 @@ import threading
 
 import pytest
 import torch
+from helpers.engine import Recorder, ask
 
 from services.contract.conversation import ImageRef
 from services.contract.errors import InternVLError, InvalidArgumentError, OverloadedError
-from services.llm.engine import transformers_engine as engine_module
+from services.llm.engine import runner as runner_module
 from services.llm.engine.api import BatchFaultError
-from tests.llm.engine.test_engine import Recorder, ask
+from services.llm.engine.batch import COLUMN_SLACK
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(180)]
 MIB = 2**20
@@ -133,15 +134,40 @@ async def test_a_failed_decode_batch_is_rebuilt_and_the_engine_serves_on(make_se
     assert all(r.reason == "length" for r in after)
 
 
+async def test_a_step_that_raises_fails_its_requests_and_the_engine_serves_on(make_service, collect, monkeypatch):
+    """A fault outside any one request (here the runner's step itself raises, once, after two requests started
+    decoding): both end UNAVAILABLE, the runner starts afresh, and the next requests are answered as before."""
+    requests = [ask(f"Step {i}", max_new_tokens=12) for i in range(2)]
+    async with make_service(kv_cache_budget_mb=0) as service:
+        solo = await collect(await service.generate(requests[0]))
+        runner = service.engine.runner
+        real, calls = runner.step, {"decoding both": 0}
+
+        def failing(plan):
+            if len(plan.decode) == 2:
+                calls["decoding both"] += 1
+                if calls["decoding both"] == 2:
+                    raise RuntimeError("injected: bookkeeping")
+            return real(plan)
+
+        monkeypatch.setattr(runner, "step", failing)
+        streams = [await service.generate(r) for r in requests]
+        results = await asyncio.gather(*(outcome(collect, s) for s in streams))
+        after = await collect(await service.generate(requests[0]))
+        assert service.engine.load().running == 0 and service.engine.load().kv_bytes == 0
+    assert all(isinstance(r, BatchFaultError) for r in results), results
+    assert after.token_ids == solo.token_ids
+
+
 async def test_a_row_whose_sampling_fails_fails_alone(make_service, collect, monkeypatch):
-    real = engine_module.sample_batch
+    real = runner_module.sample_batch
 
     def failing(logits, samplers):
         if any(s.params.seed == 666 for s in samplers):
             raise ValueError("injected: probability tensor contains nan")
         return real(logits, samplers)
 
-    monkeypatch.setattr(engine_module, "sample_batch", failing)
+    monkeypatch.setattr(runner_module, "sample_batch", failing)
     requests = [ask(f"Row {i}", max_new_tokens=8, temperature=0.7, seed=i) for i in range(3)]
     bad = ask("Bad row", max_new_tokens=8, temperature=0.7, seed=666)
     async with make_service(kv_cache_budget_mb=0) as service:
@@ -165,7 +191,7 @@ async def test_admission_by_memory_long_prompt_waits_short_ones_run(make_service
     async with make_service(kv_cache_budget_mb=0) as probe:
         bytes_per_token = probe.engine.kv_bytes_per_token
         long_len = (await collect(await probe.generate(long, inline))).finish.usage.prompt_tokens
-    budget = (long_len + 4 + engine_module.COLUMN_SLACK) * bytes_per_token  # the long one fits alone, exactly
+    budget = (long_len + 4 + COLUMN_SLACK) * bytes_per_token  # the long one fits alone, exactly
     async with make_service(kv_cache_budget_mb=0, kv_budget_mb=budget / MIB, max_batch_size=4) as service:
         steps = Steps(service.engine)
         first_token: dict[str, float] = {}
@@ -254,7 +280,7 @@ async def test_a_stream_ending_inside_a_multibyte_character_keeps_its_text(make_
     cut = ids[:-1]
     expected = tokenizer.decode(cut, skip_special_tokens=True)
     assert expected.endswith("\ufffd")
-    monkeypatch.setattr(engine_module, "sample_batch", scripted(ids))
+    monkeypatch.setattr(runner_module, "sample_batch", scripted(ids))
     async with make_service() as service:
         result = await collect(await service.generate(ask("Go", max_new_tokens=len(cut),
                                                           stop_strings=[stop] if stop else [])))
@@ -266,7 +292,7 @@ async def test_a_stream_ending_inside_a_multibyte_character_keeps_its_text(make_
 async def test_held_back_text_that_completes_a_stop_string_is_dropped(make_service, collect, reference, monkeypatch):
     tokenizer = reference("qwen2").tokenizer
     ids = tokenizer("hello END", add_special_tokens=False).input_ids
-    monkeypatch.setattr(engine_module, "sample_batch", scripted(ids + ids))
+    monkeypatch.setattr(runner_module, "sample_batch", scripted(ids + ids))
     async with make_service() as service:
         result = await collect(await service.generate(ask("Go", max_new_tokens=20, stop_strings=["END"])))
     assert result.reason == "stop"

@@ -7,11 +7,13 @@ run the tiny checkpoint in float32 on CPU, one request at a time.
 
 from __future__ import annotations
 
+from functools import partial
+
+import helpers.engine
 import pytest
 import torch
 
-from services.contract.conversation import Conversation, GenerateRequest
-from services.llm.engine.sampling import SamplingParams
+from services.contract.conversation import GenerateRequest
 from services.model.chat import GenerationParams
 
 pytestmark = [
@@ -24,8 +26,7 @@ QUESTION = "Tell me a story about a lighthouse."
 MAX_NEW = 24
 
 
-def ask(text: str, **sampling) -> GenerateRequest:
-    return GenerateRequest(Conversation(user_parts=(text,)), SamplingParams(max_new_tokens=MAX_NEW, **sampling))
+ask = partial(helpers.engine.ask, max_new_tokens=MAX_NEW)
 
 
 async def service_ids(make_service, collect, requests: list[GenerateRequest]) -> list[list[int]]:

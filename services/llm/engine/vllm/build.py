@@ -1,4 +1,4 @@
-"""`build_vllm_engine`: the vLLM engine for the LLM service's configuration (what the engine factory calls).
+"""`build_vllm_engine`: the vLLM engine for the LLM service's configuration (the engine factory's `vllm`, `--engine vllm`).
 
 How our configuration maps onto vLLM's engine arguments:
 
@@ -13,7 +13,7 @@ How our configuration maps onto vLLM's engine arguments:
 | `--max-context-tokens` (prompt + answer) | `max_model_len` |
 | `--kv-budget-mb` + `--kv-cache-budget-mb` (running KV and the prefix cache: one paged pool in vLLM) | `kv_cache_memory_bytes`; with `--kv-budget-mb 0`, 80% of the free memory on a CPU, vLLM's own `gpu_memory_utilization` on a GPU |
 | `--kv-cache-budget-mb 0` (prefix cache off) | `enable_prefix_caching=False` |
-| `--max-queue` | our own bound on vLLM's waiting requests |
+| `--max-queue` | the service's bound (services.llm.intake), on vLLM's waiting requests |
 
 Always: eager mode on a CPU (compiling takes minutes there), image embeddings in (`enable_mm_embeds`; the vision
 tower's profiling skipped: it never runs), raw log-softmax log-probabilities, the checkpoint's
@@ -33,7 +33,7 @@ from services.contract import template
 from services.contract.errors import InvalidArgumentError
 from services.contract.sampling import SamplingParams
 from services.llm.config import LLMConfig
-from services.llm.engine.transformers_engine import DEFAULT_KV_SHARE, free_memory_bytes
+from services.llm.engine.memory import DEFAULT_KV_SHARE, free_memory_bytes
 from services.llm.engine.vllm.engine import VLLMEngine
 from services.llm.engine.vllm.plugin import TOKENIZER_MODE
 from services.llm.prompt import PromptBuilder
@@ -64,7 +64,7 @@ def build_vllm_engine(config: LLMConfig, checkpoint: Checkpoint, tokenizer: PreT
     return VLLMEngine(engine_args(config, checkpoint, max_context_tokens, dtype, device), tokenizer,
                       stop_token_id=tokenizer.convert_tokens_to_ids(template.STOP_TOKEN),
                       img_start_id=prompts.img_start_id, img_context_id=prompts.img_context_id,
-                      img_end_id=prompts.img_end_id, dtype=dtype, max_queue=config.max_queue)
+                      img_end_id=prompts.img_end_id, dtype=dtype)
 
 
 def engine_args(config: LLMConfig, checkpoint: Checkpoint, max_context_tokens: int, dtype: torch.dtype,

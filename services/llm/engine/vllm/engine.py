@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from services.contract.errors import InternVLError, InvalidArgumentError, NotReadyError, OverloadedError
+from services.contract.errors import InternVLError, InvalidArgumentError, NotReadyError
 from services.contract.finish import FinishReason
 from services.llm.engine.api import BatchFaultError, Engine, EngineLoad, GenerationStream, StepReport
 from services.llm.engine.events import EngineRequest, Finish, Timing, TokenDelta, Usage
@@ -64,13 +64,12 @@ class VLLMEngine(Engine):
     """vLLM's AsyncLLM over one checkpoint. `engine_args`: vLLM's AsyncEngineArgs (services.llm.engine.vllm.build)."""
 
     def __init__(self, engine_args, tokenizer: PreTrainedTokenizerBase, *, stop_token_id: int, img_start_id: int,
-                 img_context_id: int, img_end_id: int, dtype: torch.dtype, max_queue: int = 256):
+                 img_context_id: int, img_end_id: int, dtype: torch.dtype):
         self.engine_args = engine_args
         self.tokenizer = tokenizer
         self.stop_token_id = stop_token_id
         self.image_ids = (img_start_id, img_context_id, img_end_id)
         self.dtype = dtype
-        self.max_queue = max_queue
         self.llm = None  # vllm's AsyncLLM, once started
         self.start_seconds: float | None = None
         self._folder: PromptFolder | None = None
@@ -113,10 +112,6 @@ class VLLMEngine(Engine):
 
     # -- the interface --------------------------------------------------------------------------------------------
 
-    @property
-    def queue_full(self) -> bool:
-        return self.load().waiting >= self.max_queue
-
     def load(self) -> EngineLoad:
         return engine_load(self._occupancy, self._pool_bytes, self._prefix_lookups, self._prefix_hits,
                            self._in_flight)
@@ -127,8 +122,6 @@ class VLLMEngine(Engine):
         if self._dead is not None or self.llm.errored:
             raise NotReadyError("the LLM server's engine (vLLM) has stopped after a fault; the server must be "
                                 "restarted")
-        if self.queue_full:
-            raise OverloadedError(f"the LLM server's queue is full ({self.max_queue} waiting requests); retry later")
         problem = refusal(request)
         if problem is not None:
             raise problem

@@ -1,4 +1,4 @@
-"""Media the reliability tests make on the fly: good images and videos, and every kind of bad one."""
+"""Media the tests make on the fly: images and videos, and every kind of bad one."""
 
 from __future__ import annotations
 
@@ -9,6 +9,19 @@ import zlib
 import av
 import numpy as np
 from PIL import Image
+
+
+def png(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """A PNG of one colour."""
+    return encoded(Image.new("RGB", (width, height), color))
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    """An image with detail everywhere, so any mix-up of tiles changes the embeddings."""
+    x = np.broadcast_to(np.arange(width, dtype=np.float32)[None, :], (height, width))
+    y = np.broadcast_to(np.arange(height, dtype=np.float32)[:, None], (height, width))
+    rgb = np.stack([x * 255 / width, y * 255 / height, ((x + y) % 64) * 4], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
 def noise_png(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
@@ -22,10 +35,10 @@ def noise_png(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
 def solid_png(width: int, height: int, seed: int = 0) -> bytes:
     """A PNG of one colour: large dimensions (so many tiles) in a few kilobytes."""
     rng = np.random.default_rng(seed)
-    return encoded(Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(0, 256, 3))), "PNG")
+    return png(width, height, tuple(int(c) for c in rng.integers(0, 256, 3)))
 
 
-def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **options)
     return buf.getvalue()
@@ -51,6 +64,7 @@ def corrupt_png(seed: int = 0) -> bytes:
 
 
 def write_video(frames: int = 12, fps: int = 6, size=(64, 48), fmt: str = "mp4", seed: int = 0) -> bytes:
+    """A clip of `frames` frames of random pixels (every seed other ones), MPEG-4 in `fmt`'s container."""
     width, height = size
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
@@ -64,6 +78,14 @@ def write_video(frames: int = 12, fps: int = 6, size=(64, 48), fmt: str = "mp4",
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def decode_frames(data: bytes) -> tuple[list[np.ndarray], float]:
+    """Every frame of a video decoded as RGB [height, width, 3] uint8, and its average frame rate: what the original
+    `load_video` samples from."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        return [f.to_ndarray(format="rgb24") for f in container.decode(stream)], float(stream.average_rate)
 
 
 def video_without_frames() -> bytes:

@@ -1,4 +1,4 @@
-"""Fixtures of the gateway tests: media made on the fly, and fake vision / LLM services behind a real gateway.
+"""Fake vision and LLM services behind a real gateway, for the gateway's tests.
 
 The fakes are real gRPC servers (the project's GrpcServer, so errors travel through the same interceptor and
 ErrorDetail trailers as in production) whose servicers keep a dict as the "shared cache" and record every call.
@@ -13,12 +13,8 @@ import contextlib
 import io
 import struct
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
-import av
 import grpc
-import numpy as np
-import pytest
 from internvl.common.v1 import common_pb2
 from internvl.gateway.v1 import gateway_pb2_grpc
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
@@ -41,34 +37,6 @@ from services.runtime.request_metrics import RequestMetrics
 FINGERPRINT = "feedfacefeedface"
 TOKENS_PER_TILE = 256
 HIDDEN = 4  # float32: 4 KiB per tile keeps inline transfers small
-
-
-# --------------------------------------------------------------------------------------------------- media
-
-
-def png(width: int, height: int, color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_video(frames: int = 12, fps: int = 6, size=(64, 48)) -> bytes:
-    """A small MPEG-4 clip: each frame a different solid colour with a horizontal gradient."""
-    width, height = size
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            pixels = np.zeros((height, width, 3), np.uint8)
-            pixels[..., 0] = (i * 37) % 256
-            pixels[..., 1] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
-            pixels[..., 2] = 255 - (i * 19) % 256
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------------- fakes
@@ -264,10 +232,3 @@ async def fake_stack(media_root=None, vision_replicas: int = 2, llm_fingerprint:
         await orchestrator.close()
         await vision_client.close()
         await llm_client.close()
-
-
-@pytest.fixture(scope="session")
-def fakes():
-    """The helpers above, for test modules (which cannot import this conftest by name)."""
-    return SimpleNamespace(stack=fake_stack, png=png, video=write_video, embedding_bytes=embedding_bytes,
-                           FINGERPRINT=FINGERPRINT, TOKENS_PER_TILE=TOKENS_PER_TILE, HIDDEN=HIDDEN)

@@ -1,0 +1,32 @@
+"""The aiohttp application of the OpenAI-compatible API: its routes, body limit, bearer token and request ids."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from gateway.auth import http_middleware
+from gateway.metrics import GatewayMetrics
+from gateway.openai.handlers import REQUEST_ID_KEY, OpenAIHandlers, max_body_bytes
+from gateway.orchestrator import Orchestrator
+from services.runtime import request_ids
+
+
+async def _echo_request_id(http: web.Request, response: web.StreamResponse) -> None:
+    """Every chat completion's response, errors and streams included, carries its request id."""
+    if REQUEST_ID_KEY in http:
+        response.headers[request_ids.HEADER] = http[REQUEST_ID_KEY]
+
+
+def create_app(orchestrator: Orchestrator, metrics: GatewayMetrics, is_ready: Callable[[], bool]) -> web.Application:
+    handlers = OpenAIHandlers(orchestrator, metrics, is_ready)
+    token = orchestrator.config.api_token
+    # With tracing on, OpenTelemetry's instrumentation puts its middleware first (services.runtime.tracing).
+    app = web.Application(client_max_size=max_body_bytes(orchestrator.config),
+                          middlewares=[http_middleware(token)] if token else [])
+    app.on_response_prepare.append(_echo_request_id)
+    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/health", handlers.health)
+    return app
