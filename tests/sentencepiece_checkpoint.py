@@ -129,8 +129,9 @@ class Built:
         assert not imported, f"checkpoint modules imported: {imported}"
 
 
-def build(root: Path) -> Built:
-    out = make_tiny(root / "tiny_internlm2_sp", llm="internlm2")
+def build(root: Path, preset: str = "tiny") -> Built:
+    """`preset`: the model's shape (services.model.tiny.PRESETS; `small` for vLLM's CPU attention)."""
+    out = make_tiny(root / f"{preset}_internlm2_sp", llm="internlm2", preset=preset)
     for name in QWEN_TOKENIZER_FILES:
         (out / name).unlink()
     shutil.copyfile(train_sentencepiece(root), out / "tokenizer.model")

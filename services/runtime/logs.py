@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,9 +33,8 @@ LOG_FORMATS = ("text", "json")
 # The id of the request being served: every record logged while it is set carries it.
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("internvl_request_id", default="")
 
-# Attributes every LogRecord has (plus those Formatter.format adds): what is left on a record came from `extra=`.
-_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
-    "message", "asctime", "taskName", "request_id", "trace_id", "span_id"}
+# Attributes Formatter.format and ContextFilter add to a record (besides those every record has: `_record_attributes`).
+_ADDED_ATTRIBUTES = frozenset({"message", "asctime", "taskName", "request_id", "trace_id", "span_id"})
 # Set on the handler `configure_logging` installs, so that a later call replaces it and no other handler.
 _OWNED = "_internvl_logs"
 
@@ -155,11 +155,20 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
+        common = _record_attributes(logging.getLogRecordFactory())
         for key, value in record.__dict__.items():
             # The fields above win over an `extra=` field of the same name.
-            if key not in _RECORD_ATTRIBUTES and key not in entry:
+            if key not in common and key not in entry:
                 entry[key] = _jsonable(value)
         return entry
+
+
+@functools.cache
+def _record_attributes(factory: Callable[..., logging.LogRecord]) -> frozenset[str]:
+    """The attributes every record has, as `factory` (logging's record factory) makes them, and those the formatter
+    and the filter add: what is left on a record came from `extra=`. A library may install a factory that adds its own
+    attribute to every record (vLLM adds `vllm_process_name` in any process that imports it); that is not an extra."""
+    return frozenset(factory("", 0, "", 0, "", (), None).__dict__) | _ADDED_ATTRIBUTES
 
 
 def _jsonable(value: Any) -> Any:

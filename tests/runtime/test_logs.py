@@ -89,6 +89,26 @@ def test_json_lines_have_the_fields(as_json):
     assert entry["message"] == "loaded ckpt in 1.2s"
 
 
+def test_what_a_record_factory_adds_to_every_record_is_not_an_extra(as_json):
+    """vLLM, imported, installs a record factory adding `vllm_process_name` to every record of the process."""
+    original = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = original(*args, **kwargs)
+        record.library_process = "Library::Main"
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        as_json.logger.info("plain")
+        as_json.logger.info("with", extra={"model": "tiny"})
+    finally:
+        logging.setLogRecordFactory(original)
+    plain, extra = as_json.records()
+    assert list(plain) == ["time", "level", "service", "logger", "message"]
+    assert list(extra) == ["time", "level", "service", "logger", "message", "model"]
+
+
 def test_request_id_only_inside_the_scope(as_json):
     as_json.logger.info("before")
     with request_scope("req-1"):

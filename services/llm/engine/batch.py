@@ -142,7 +142,7 @@ class KVBatch:
         layers = [_BufferLayer(k[:rows], v[:rows], start, self.end) for k, v in zip(self.keys, self.values,
                                                                                      strict=True)]
         out = self.model(input_ids=token_ids[:, None], attention_mask=attention_mask, position_ids=lengths[:, None],
-                         cache=_cache(self.model, layers), use_cache=True, logits_to_keep=1)
+                         past_key_values=_cache(self.model, layers), use_cache=True, logits_to_keep=1)
         self.end += 1
         self.lengths = [n + 1 for n in self.lengths]
         return out.logits[:, -1]
@@ -206,7 +206,7 @@ def prefill_forward(model: PreTrainedModel, rows: Sequence[PrefillRow]) -> tuple
         mask[i, past - r.past_length:past + n] = 1
     layers = [_BufferLayer(k, v, 0, past) for k, v in zip(keys, values, strict=True)]
     out = model.model(inputs_embeds=embeds, attention_mask=mask if padded else None,
-                      position_ids=positions, cache=_cache(model, layers), use_cache=True)
+                      position_ids=positions, past_key_values=_cache(model, layers), use_cache=True)
     last = torch.tensor([r.embeds.shape[0] - 1 for r in rows], device=shape.device)
     hidden = out.last_hidden_state[torch.arange(len(rows), device=shape.device), last]
     kv = [[(k[i, :, past - r.past_length:past + r.embeds.shape[0]], v[i, :, past - r.past_length:past

@@ -3,7 +3,8 @@
 `LLMService` depends on the engine interface (services.llm.engine.api, events) and on this function, never on a
 concrete engine. `ENGINES` maps each engine's name to its builder, which takes what the service has (`EngineInputs`)
 and returns a ready-to-start `Engine`; a builder imports its engine only when called, so a server pays only for the
-engine it runs. A second engine (vLLM's AsyncLLM in process) is a second entry; tests register fakes.
+engine it runs: `transformers` (services.llm.engine.transformers_engine) and `vllm` (vLLM's AsyncLLM in process,
+services.llm.engine.vllm); tests register fakes.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ def _transformers(inputs: EngineInputs) -> Engine:
         adapters=slots)
 
 
+def _vllm(inputs: EngineInputs) -> Engine:
+    """services.llm.engine.vllm: vLLM loads the checkpoint in the processes it starts."""
+    from services.llm.engine.vllm.build import build_vllm_engine
+
+    return build_vllm_engine(inputs.config, inputs.checkpoint, inputs.tokenizer, inputs.prompts,
+                             inputs.max_context_tokens, adapters=inputs.adapters, model=inputs.model)
+
+
 def _load_language_model(config: LLMConfig, checkpoint: Checkpoint):
     """The checkpoint's language model on `config.device` in `config.dtype`; one with sliding-window attention is
     refused (the engine's KV batch keeps every position)."""
@@ -89,4 +98,4 @@ def _load_language_model(config: LLMConfig, checkpoint: Checkpoint):
 
 
 # Engine name (LLMConfig.engine) -> builder.
-ENGINES: dict[str, EngineBuilder] = {"transformers": _transformers}
+ENGINES: dict[str, EngineBuilder] = {"transformers": _transformers, "vllm": _vllm}

@@ -79,13 +79,13 @@ class Solo:
 
     def __init__(self, model, ids):
         self.model, self.cache = model, DynamicCache(config=model.config)
-        self.logits = model(input_ids=ids[None], cache=self.cache, use_cache=True).logits[0, -1]
+        self.logits = model(input_ids=ids[None], past_key_values=self.cache, use_cache=True).logits[0, -1]
 
     def kv(self):
         return [(layer.keys[0], layer.values[0]) for layer in self.cache.layers]
 
     def step(self, token: int):
-        self.logits = self.model(input_ids=torch.tensor([[token]]), cache=self.cache, use_cache=True).logits[0, -1]
+        self.logits = self.model(input_ids=torch.tensor([[token]]), past_key_values=self.cache, use_cache=True).logits[0, -1]
         return self.logits
 
 

@@ -1,0 +1,304 @@
+"""The vLLM engine: vLLM's `AsyncLLM` in this process (its engine core and workers are processes it spawns) behind
+our engine interface (services.llm.engine.api).
+
+A request is rendered for vLLM (services.llm.engine.vllm.requests: one `<image>` per image, the rows as embeddings
+keyed by our content keys), vLLM's expansion of the prompt is checked against ours token for token, and each of its
+n answers runs as a vLLM request of its own (seed + i) in a task that turns vLLM's outputs into our events: one
+`TokenDelta` per token (its text by our detokenizer and stop strings, its log-probabilities the model's raw
+log-softmax), one `Finish` per answer with its usage (vLLM's `num_cached_tokens` as the prefix-cache hit).
+
+Cancel (or the deadline) aborts the answers' vLLM requests; a stop string found in the text ends its answer and
+aborts its request. vLLM's `EngineDeadError` (its engine core died) fails every request in flight with
+`BatchFaultError` and every later one with `NotReadyError` (restarting the engine is not done here).
+
+`load()` and the observer's hooks come from vLLM's own statistics (services.llm.engine.vllm.stats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from services.contract.errors import InternVLError, InvalidArgumentError, NotReadyError
+from services.contract.finish import FinishReason
+from services.llm.engine.api import BatchFaultError, Engine, EngineLoad, GenerationStream, StepReport
+from services.llm.engine.events import EngineRequest, Finish, Timing, TokenDelta, Usage
+from services.llm.engine.vllm.answer_text import AnswerText
+from services.llm.engine.vllm.requests import (
+    IMAGE_PLACEHOLDER,
+    PromptFolder,
+    engine_prompt,
+    refusal,
+    sampling_params,
+    top_logprobs,
+)
+from services.llm.engine.vllm.stats import Occupancy, engine_load, kv_pool_bytes, logger_factory
+
+log = logging.getLogger(__name__)
+
+_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
+
+
+@dataclass(eq=False)
+class _Request:
+    """One submitted request: its events' queue and a task per answer."""
+
+    id: str
+    request: EngineRequest
+    queue: asyncio.Queue
+    arrival: float
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    failed: bool = False  # an exception went to the queue: the stream is over
+    deadline: asyncio.TimerHandle | None = None
+
+
+class VLLMEngine(Engine):
+    """vLLM's AsyncLLM over one checkpoint. `engine_args`: vLLM's AsyncEngineArgs (services.llm.engine.vllm.build)."""
+
+    def __init__(self, engine_args, tokenizer: PreTrainedTokenizerBase, *, stop_token_id: int, img_start_id: int,
+                 img_context_id: int, img_end_id: int, dtype: torch.dtype):
+        self.engine_args = engine_args
+        self.tokenizer = tokenizer
+        self.stop_token_id = stop_token_id
+        self.image_ids = (img_start_id, img_context_id, img_end_id)
+        self.dtype = dtype
+        self.llm = None  # vllm's AsyncLLM, once started
+        self.start_seconds: float | None = None
+        self._folder: PromptFolder | None = None
+        self._occupancy = Occupancy()
+        self._pool_bytes = 0
+        self._prefix_lookups = self._prefix_hits = 0
+        self._requests: set[_Request] = set()
+        self._in_flight = 0  # answers (vLLM requests) not finished yet
+        self._ids = itertools.count()
+        self._dead: BaseException | None = None
+        # The image rows' checks and dtype conversion: torch kernels, off the event loop, on one thread of their own
+        # (each thread that runs torch kernels gets an OpenMP team).
+        self._inputs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-inputs")
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Starts vLLM's engine (its processes load the weights and size the KV pool: most of a minute on a CPU);
+        the event loop serves on meanwhile."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        started = time.monotonic()
+        factory = logger_factory(self._occupancy, self._on_step)
+        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args, stat_loggers=[factory])
+        self._pool_bytes = kv_pool_bytes(self.llm.vllm_config)
+        placeholder = self.llm.renderer.get_tokenizer().encode(IMAGE_PLACEHOLDER, add_special_tokens=False)
+        self._folder = PromptFolder(placeholder, *self.image_ids)
+        self.start_seconds = time.monotonic() - started
+        log.info("vLLM engine started in %.1f s (KV pool %.1f MiB)", self.start_seconds, self._pool_bytes / 2**20)
+
+    async def close(self) -> None:
+        requests = list(self._requests)
+        for entry in requests:
+            self._cancel(entry)
+        await asyncio.gather(*(task for entry in requests for task in entry.tasks), return_exceptions=True)
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+        self._inputs.shutdown(wait=False, cancel_futures=True)
+
+    # -- the interface --------------------------------------------------------------------------------------------
+
+    def load(self) -> EngineLoad:
+        return engine_load(self._occupancy, self._pool_bytes, self._prefix_lookups, self._prefix_hits,
+                           self._in_flight)
+
+    def submit(self, request: EngineRequest) -> GenerationStream:
+        if self.llm is None:
+            raise RuntimeError("engine not started")
+        if self._dead is not None or self.llm.errored:
+            raise NotReadyError("the LLM server's engine (vLLM) has stopped after a fault; the server must be "
+                                "restarted")
+        problem = refusal(request)
+        if problem is not None:
+            raise problem
+        entry = _Request(f"{request.request_id or 'req'}-{next(self._ids)}", request, asyncio.Queue(),
+                         request.arrival or time.monotonic())
+        loop = asyncio.get_running_loop()
+        for index in range(request.sampling.answers):
+            answer = _Answer(entry, index, AnswerText(self.tokenizer, request.sampling.stop_strings,
+                                                      self.stop_token_id))
+            task = loop.create_task(self._run(answer), name=f"{entry.id}-{index}")
+            task.add_done_callback(lambda _, answer=answer: self._answer_done(answer))
+            entry.tasks.append(task)
+        self._in_flight += len(entry.tasks)
+        self._requests.add(entry)
+        if request.deadline is not None:
+            entry.deadline = loop.call_later(max(0.0, request.deadline - time.monotonic()), self._cancel, entry)
+        return GenerationStream(entry.queue, lambda: self._cancel(entry), len(entry.tasks))
+
+    def _cancel(self, entry: _Request) -> None:
+        for task in entry.tasks:
+            task.cancel()
+
+    def _answer_done(self, answer: _Answer) -> None:
+        """An answer's task ended (also one cancelled before it ran): its finish is sent, its slot given back."""
+        self._finish(answer, FinishReason.CANCELLED)  # a no-op when it finished or failed
+        self._in_flight -= 1
+        entry = answer.entry
+        if all(task.done() for task in entry.tasks):
+            self._requests.discard(entry)
+            if entry.deadline is not None:
+                entry.deadline.cancel()
+        if self.observer is not None:
+            self.observer.on_schedule(self.load())
+
+    # -- one answer -----------------------------------------------------------------------------------------------
+
+    async def _run(self, answer: _Answer) -> None:
+        """Runs one answer as a vLLM request; its events (or its request's error) go to its request's queue."""
+        entry = answer.entry
+        try:
+            engine_input = await self._render(entry.request)
+            params = sampling_params(entry.request, answer.index, self.stop_token_id)
+            outputs = self.llm.generate(engine_input, params, request_id=f"{entry.id}-{answer.index}")
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    if self._deliver(answer, output):
+                        break
+        except asyncio.CancelledError:
+            pass  # cancelled or past its deadline: its task's end sends FINISH_REASON_CANCELLED
+        except Exception as exc:  # noqa: BLE001 - every failure ends this request's stream with a domain error
+            self._fail(entry, self._domain_error(exc))
+
+    async def _render(self, request: EngineRequest) -> dict:
+        """vLLM's engine input for `request`, checked: vLLM's expansion of the images gives back our prompt's ids."""
+        prompt = await asyncio.get_running_loop().run_in_executor(self._inputs, self._prepare, request)
+        (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
+        if list(engine_input["prompt_token_ids"]) != list(request.prompt.token_ids):
+            raise InternVLError("vLLM's expansion of this prompt's images differs from the original's token ids; "
+                                "the request was not run")
+        return engine_input
+
+    def _prepare(self, request: EngineRequest) -> dict:
+        """The prompt for vLLM, off the event loop (the rows are checked and converted here)."""
+        for image, rows in zip(request.prompt.images, request.image_rows, strict=True):
+            if not bool(torch.isfinite(rows).all()):
+                raise InvalidArgumentError(f"embeddings of {image.key} contain NaN or infinite values")
+        try:
+            return engine_prompt(request, self._folder, self.dtype)
+        except ValueError as exc:  # the prompt builder's images and ids disagree: ours to mend, not the caller's
+            raise InternVLError(f"this prompt's images could not be given to vLLM ({exc})") from exc
+
+    def _deliver(self, answer: _Answer, output) -> bool:
+        """One vLLM output of the answer as events; True when the answer ended (finished, or a stop string)."""
+        completion = output.outputs[0]
+        now = time.monotonic()
+        if answer.first_output is None:
+            answer.first_output = now
+            answer.cached_tokens = output.num_cached_tokens or 0
+            answer.admitted = _admitted(output, now)
+            self._prefix_lookups += 1
+            self._prefix_hits += answer.cached_tokens > 0
+        ending = _REASONS.get(completion.finish_reason) if output.finished else None
+        tokens, timed = list(completion.token_ids), []
+        for position, token in enumerate(tokens):
+            last = position == len(tokens) - 1
+            text, reason = answer.text.add(token, ending if last else None)
+            report = top_logprobs(completion.logprobs[position], token, answer.top_logprobs) \
+                if answer.top_logprobs else None
+            delta = TokenDelta((token,), text, (report,) if report is not None else (), answer.index)
+            answer.generated += 1
+            answer.entry.queue.put_nowait(delta)
+            timed.append((answer.entry.arrival, answer.last_token, delta, ""))
+            answer.last_token = now
+            if answer.first_token is None:
+                answer.first_token = now
+            if reason is not None:
+                if self.observer is not None:
+                    self.observer.on_tokens(timed, now)
+                self._finish(answer, reason)
+                return True
+        if self.observer is not None and timed:
+            self.observer.on_tokens(timed, now)
+        if output.finished:
+            self._finish(answer, ending or FinishReason.STOP)
+            return True
+        return False
+
+    def _finish(self, answer: _Answer, reason: FinishReason) -> None:
+        if answer.finished or answer.entry.failed:
+            return
+        answer.finished = True
+        now = time.monotonic()
+        usage = Usage(len(answer.entry.request.prompt), answer.generated, answer.cached_tokens)
+        timing = Timing(answer.entry.arrival, answer.admitted, answer.first_token, now)
+        answer.entry.queue.put_nowait(Finish(reason, usage, answer.index, timing))
+        if self.observer is not None:
+            # The prompt is the request's, counted once (with answer 0), as OpenAI's usage counts it.
+            first = answer.index == 0
+            self.observer.on_finish(reason.value, usage.prompt_tokens if first else 0,
+                                    usage.cached_prompt_tokens if first else 0, "")
+
+    def _fail(self, entry: _Request, error: BaseException) -> None:
+        """Ends the request's stream with `error` (once) and stops its other answers."""
+        if entry.failed:
+            return
+        entry.failed = True
+        entry.queue.put_nowait(error)
+        for task in entry.tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    def _domain_error(self, exc: BaseException) -> BaseException:
+        """What a caller is told when vLLM failed its request."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, InternVLError):
+            return exc
+        if isinstance(exc, EngineDeadError):
+            if self._dead is None:
+                log.error("vLLM's engine died: %s", exc)
+            self._dead = exc
+            return BatchFaultError("the LLM server's engine (vLLM) failed and this request was lost; retry it (on "
+                                   "another replica: this one needs a restart)")
+        if isinstance(exc, VLLMClientError | ValueError):
+            return InvalidArgumentError(f"the LLM server's engine (vLLM) refused the request: {exc}")
+        log.error("a vLLM request failed: %s: %s", type(exc).__name__, exc)
+        return InternVLError(f"the LLM server failed computing this request ({type(exc).__name__}); other requests "
+                             "are unaffected")
+
+    # -- statistics -----------------------------------------------------------------------------------------------
+
+    def _on_step(self, report: StepReport) -> None:
+        if self.observer is not None:
+            self.observer.on_step(report)
+            self.observer.on_schedule(self.load())
+
+
+@dataclass(eq=False)
+class _Answer:
+    entry: _Request
+    index: int
+    text: AnswerText
+    generated: int = 0
+    cached_tokens: int = 0
+    finished: bool = False
+    first_output: float | None = None
+    admitted: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+
+    @property
+    def top_logprobs(self) -> int:
+        return self.entry.request.sampling.top_logprobs
+
+
+def _admitted(output, now: float) -> float | None:
+    """When vLLM first scheduled the request (its engine core's monotonic clock, the same on one host)."""
+    scheduled = getattr(output.metrics, "scheduled_ts", 0.0) if output.metrics is not None else 0.0
+    return scheduled if 0 < scheduled <= now else None

@@ -1,0 +1,164 @@
+"""A started vLLM engine per language-model family, with its independent references.
+
+`family` (module scope, one per family: an engine start costs tens of seconds, so a module's tests share it):
+- `qwen2`: make-tiny's `small` preset (LLM head size 32, the smallest vLLM's CPU attention runs), Qwen2 BPE tokenizer;
+- `internlm2`: the same shape as InternLM2 with the published sizes' tokenizer path (a sentencepiece model and a
+  tokenizer class of the checkpoint's own, tests/sentencepiece_checkpoint.py), whose other code files are tripwires.
+
+The references share no code with the engine: transformers' native `InternVLForConditionalGeneration` (weights
+converted by tests/reference_impl.py) generating from the prompt's ids and the images' pixels, and the project's
+vision path (checked against that same native model elsewhere) making the embeddings the engine is given, as the
+vision service would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import torch
+import transformers.dynamic_module_utils
+from reference_impl import native_config, read_original, to_native_state_dict
+from sentencepiece_checkpoint import build as build_sentencepiece_checkpoint
+from transformers import InternVLForConditionalGeneration
+
+from services.contract import template
+from services.contract.conversation import Conversation
+from services.contract.sampling import SamplingParams
+from services.llm.config import LLMConfig
+from services.llm.engine.events import EngineRequest, Finish, TokenDelta
+from services.llm.engine.vllm.build import build_vllm_engine
+from services.llm.metrics import LLMMetrics
+from services.llm.prompt import Prompt, PromptBuilder
+from services.model.chat import InternVLChat
+from services.model.tiny import make_tiny
+from services.vision.preprocess import load_image
+
+# KV pool of the test engines (running and prefix cache together), in MiB: a few thousand tokens of the small shape.
+KV_MB = 32
+CONTEXT = 4096
+
+
+@dataclass
+class Answer:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    deltas: list[str] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    finish: Finish | None = None
+
+
+async def _collect(stream) -> list[Answer]:
+    answers: dict[int, Answer] = {}
+    async for event in stream:
+        answer = answers.setdefault(event.index, Answer())
+        if isinstance(event, TokenDelta):
+            answer.token_ids += event.token_ids
+            answer.text += event.text
+            answer.deltas.append(event.text)
+            answer.top_logprobs += event.top_logprobs
+        else:
+            answer.finish = event
+    return [answers[i] for i in sorted(answers)]
+
+
+@dataclass
+class Family:
+    name: str
+    path: Path
+    chat: InternVLChat  # the project's reference path: its vision tower makes the engine's embeddings
+    native: InternVLForConditionalGeneration
+    engine: object
+    prompts: PromptBuilder
+    metrics: LLMMetrics
+    pixels: dict[str, torch.Tensor]  # image name -> tiles [n, 3, 448, 448]
+
+    @property
+    def stop_id(self) -> int:
+        return self.chat.stop_id
+
+    def rows(self, name: str) -> torch.Tensor:
+        """What the vision service would store for image `name`: [tiles * 256, hidden]."""
+        with torch.inference_mode():
+            return self.chat.vision.encode(self.pixels[name]).reshape(-1, self.native.config.text_config.hidden_size)
+
+    def request(self, conversation: Conversation, images: Sequence[str] = (), **sampling) -> EngineRequest:
+        """`images`: the pixel names of the prompt's images in order (their ImageRef keys name them too)."""
+        sampling.setdefault("max_new_tokens", 10)
+        prompt = self.prompts.build(conversation)
+        rows = tuple(torch.cat([self.rows(n) for n in name.split("+")]) for name in images)
+        return EngineRequest(prompt, SamplingParams(**sampling), sampling["max_new_tokens"], rows)
+
+    @staticmethod
+    async def collect(stream) -> list[Answer]:
+        """Every event of a stream, by answer index."""
+        return await _collect(stream)
+
+    async def run(self, conversation: Conversation, images: Sequence[str] = (), **sampling) -> list[Answer]:
+        return await _collect(self.engine.submit(self.request(conversation, images, **sampling)))
+
+    @torch.inference_mode()
+    def reference(self, prompt: Prompt, images: Sequence[str], max_new_tokens: int, **generate_kwargs):
+        """transformers' own greedy generation from our prompt's ids and the images' pixels: (token ids, raw logits
+        of each step [steps, vocab])."""
+        input_ids = torch.tensor([prompt.token_ids])
+        if images:
+            generate_kwargs["pixel_values"] = torch.cat([self.pixels[n] for name in images for n in name.split("+")])
+        out = self.native.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop_id,
+                                   pad_token_id=self.chat.tokenizer.pad_token_id, output_logits=True,
+                                   return_dict_in_generate=True, **generate_kwargs)
+        return out.sequences[0, input_ids.shape[1]:].tolist(), torch.cat(out.logits).float()
+
+
+def _checkpoint(name: str, root: Path) -> Path:
+    if name == "qwen2":
+        return make_tiny(root / "small-qwen2", llm="qwen2", vision="300m", preset="small")
+    built = build_sentencepiece_checkpoint(root, preset="small")
+    return built.path
+
+
+def _native(path: Path, image_token_id: int) -> InternVLForConditionalGeneration:
+    config, weights = read_original(path)
+    model = InternVLForConditionalGeneration(native_config(config, image_token_id)).eval()
+    model.load_state_dict(to_native_state_dict(config, weights), strict=True)
+    return model
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["qwen2", "internlm2"])
+async def family(request, tmp_path_factory, golden_dir):
+    root = tmp_path_factory.mktemp(f"vllm-{request.param}")
+    with contextlib.ExitStack() as stack:
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
+        # Remote tokenizer code is copied into the modules cache and imported from there: a private cache, for this
+        # process and for the processes vLLM spawns (they read the variable when they import transformers).
+        patch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(root / "hf-modules"))
+        patch.setenv("HF_MODULES_CACHE", str(root / "hf-modules"))
+        path = _checkpoint(request.param, root)
+        chat = InternVLChat.load(str(path), dtype="float32", device="cpu")
+        config = LLMConfig(model=str(path), dtype="float32", device="cpu", kv_budget_mb=KV_MB / 2,
+                           kv_cache_budget_mb=KV_MB / 2, max_context_tokens=CONTEXT)
+        prompts = PromptBuilder(chat.tokenizer, chat.tokens_per_tile, chat.checkpoint.spec.system_message, CONTEXT)
+        engine = build_vllm_engine(config, chat.checkpoint, chat.tokenizer, prompts, CONTEXT)
+        metrics = LLMMetrics()
+        engine.observer = metrics
+        await engine.start()
+        print(f"\n{request.param}: vLLM engine started in {engine.start_seconds:.1f} s")
+        try:
+            pixels = {"small": load_image(golden_dir / "small_120x90.png", max_num=1),
+                      "wide": load_image(golden_dir / "wide_2200x300.png", max_num=2),
+                      "portrait": load_image(golden_dir / "portrait_333x1200.png", max_num=1),
+                      "landscape": load_image(golden_dir / "landscape_1000x700.png", max_num=1)}
+            yield Family(request.param, path, chat, _native(path, chat.img_context_id), engine, prompts, metrics,
+                         pixels)
+        finally:
+            await engine.close()
+        if request.param == "internlm2":
+            assert not (root / "imported.txt").exists(), "a checkpoint code file other than the tokenizer's ran"
+        assert os.environ.get("VLLM_TARGET_DEVICE") == "cpu"
+        assert template.STOP_TOKEN == "<|im_end|>"

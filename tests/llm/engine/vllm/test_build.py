@@ -1,0 +1,64 @@
+"""`--engine vllm`: the factory builds the vLLM engine (not started: no process here), our flags become vLLM's
+engine arguments, and what it cannot do is refused naming the flag."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from services.contract.errors import InvalidArgumentError
+from services.llm.config import LLMConfig
+from services.llm.engine.factory import build_engine
+from services.llm.engine.vllm.engine import VLLMEngine
+from services.llm.engine.vllm.plugin import TOKENIZER_MODE
+from services.llm.prompt import PromptBuilder
+from services.model.checkpoint import open_checkpoint
+from services.model.modules import load_tokenizer
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    return open_checkpoint(tiny_checkpoint())
+
+
+def build(checkpoint, **overrides):
+    config = LLMConfig(model=str(checkpoint.path), engine="vllm", **{"device": "cpu", **overrides})
+    tokenizer = load_tokenizer(checkpoint)
+    prompts = PromptBuilder(tokenizer, 256, None, 2048)
+    return build_engine(config, checkpoint, tokenizer, prompts, 2048)
+
+
+def test_the_factory_builds_the_vllm_engine_from_our_flags(checkpoint, monkeypatch):
+    monkeypatch.delenv("VLLM_TARGET_DEVICE", raising=False)
+    engine = build(checkpoint, max_batch_size=6, max_step_tokens=640, kv_budget_mb=48, kv_cache_budget_mb=16)
+    assert isinstance(engine, VLLMEngine) and engine.llm is None  # built, not started
+    args = engine.engine_args
+    assert (args.model, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len) == (
+        str(checkpoint.path), 6, 640, 2048)
+    assert args.kv_cache_memory_bytes == 64 * MIB  # the running KV and the prefix cache: one pool in vLLM
+    assert args.enable_prefix_caching and args.enable_chunked_prefill and args.enforce_eager
+    assert (args.tokenizer_mode, args.trust_remote_code, args.generation_config) == (TOKENIZER_MODE, False, "vllm")
+    assert args.enable_mm_embeds and args.logprobs_mode == "raw_logprobs" and args.max_logprobs == 20
+    assert args.dtype == "float32" and str(engine.dtype) == "torch.float32"
+    assert os.environ["VLLM_TARGET_DEVICE"] == "cpu"
+    assert engine.image_ids == (151665, 151667, 151666) and engine.stop_token_id == 151645
+
+
+def test_no_prefix_cache_budget_turns_vllms_prefix_caching_off(checkpoint):
+    args = build(checkpoint, kv_budget_mb=32, kv_cache_budget_mb=0).engine_args
+    assert not args.enable_prefix_caching and args.kv_cache_memory_bytes == 32 * MIB
+
+
+def test_what_the_vllm_engine_cannot_do_is_refused(checkpoint):
+    with pytest.raises(InvalidArgumentError, match="--device cuda:1"):
+        build(checkpoint, device="cuda:1")
+    config = LLMConfig(model=str(checkpoint.path), engine="vllm", device="cpu")
+    tokenizer = load_tokenizer(checkpoint)
+    prompts = PromptBuilder(tokenizer, 256, None, 2048)
+    with pytest.raises(InvalidArgumentError, match="weights"):
+        build_engine(config, checkpoint, tokenizer, prompts, 2048, model=object())
+    with pytest.raises(InvalidArgumentError, match="--lora"):
+        build_engine(config, checkpoint, tokenizer, prompts, 2048, adapters=[object()])
