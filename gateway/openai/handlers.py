@@ -1,4 +1,4 @@
-"""The aiohttp handlers of the OpenAI-compatible API: read and validate the body (`protocol`), run the chat through
+"""The aiohttp handlers of the OpenAI-compatible API: read and validate the body (`body`, `protocol`), run the chat through
 the orchestrator, answer with one JSON response or a stream of server-sent events (`render`, `sse`).
 
 A chat completion is recorded like a gRPC call: the same request families with method `openai.chat_completions`,
@@ -9,7 +9,6 @@ and tokens generated; a client that disconnects cancels the services' calls.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import AsyncGenerator, Callable
 
@@ -17,11 +16,12 @@ from aiohttp import web
 
 from gateway.chat_response import Delta, Finish
 from gateway.metrics import GatewayMetrics
+from gateway.openai.body import read_json
 from gateway.openai.protocol import parse
 from gateway.openai.render import Completion, error_body
 from gateway.openai.sse import EventStream
 from gateway.orchestrator import Orchestrator
-from services.contract.errors import InvalidArgumentError, RequestTooLargeError, RpcStatus
+from services.contract.errors import RpcStatus
 from services.runtime import request_ids
 from services.runtime.request_metrics import RequestCall
 
@@ -67,7 +67,7 @@ class OpenAIHandlers:
             http[REQUEST_ID_KEY] = call.request_id  # echoed by the app on every response
             started = time.perf_counter()  # the time to first token counts the body's upload too
             try:
-                body = parse(await self._json(http))
+                body = parse(await read_json(http, max_body_bytes(self.orchestrator.config)))
             except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
                 return _error_response(exc, call)
             request = body.chat_request(request_id=call.request_id)
@@ -83,16 +83,6 @@ class OpenAIHandlers:
                     return await self._stream(http, call, completion, first, events, request.sampling.answers,
                                               body.include_usage)
                 return await self._respond(call, completion, first, events)
-
-    async def _json(self, http: web.Request):
-        try:
-            return await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InvalidArgumentError("the body is not valid JSON") from None
-        except web.HTTPRequestEntityTooLarge:
-            raise RequestTooLargeError(f"the request body is larger than the limit of "
-                                       f"{max_body_bytes(self.orchestrator.config)} bytes; send smaller media "
-                                       "(the gateway's --max-media-bytes sets it)") from None
 
     async def _respond(self, call: RequestCall, completion: Completion, first: Delta | Finish,
                        events: AsyncGenerator) -> web.Response:

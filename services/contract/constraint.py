@@ -45,6 +45,8 @@ class Constraint:
                 schema = json.loads(self.schema)
             except ValueError as exc:
                 raise InvalidArgumentError(f"json_schema: the schema is not valid JSON ({exc})") from None
+            except RecursionError:  # thousands of nested arrays or objects fit in MAX_SPEC_CHARS
+                raise InvalidArgumentError("json_schema: the schema is nested too deeply to parse") from None
             if not isinstance(schema, (dict, bool)):
                 raise InvalidArgumentError("json_schema: a schema must be a JSON object (or true/false)")
         elif self.kind is ConstraintKind.REGEX and not self.pattern:

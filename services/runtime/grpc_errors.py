@@ -2,7 +2,8 @@
 
 `ErrorMappingInterceptor` wraps every handler of every server: an `InternVLError` aborts the call with the status of
 its code (the table in `services.contract.errors`), its caller-safe message, and an `ErrorDetail`; anything
-else is logged with its traceback and answered `INTERNAL` with a generic message, so nothing internal leaks.
+else is logged with its traceback and answered `INTERNAL` with a generic message, so nothing internal leaks. A request
+whose bytes are not a message of its type is `INVALID_ARGUMENT` like any other bad input.
 
 The detail travels the standard way (grpcio-status): a `google.rpc.Status` with the call's code and message, its
 `details` one `Any` packing the `ErrorDetail`, serialized under the trailing metadata key `grpc-status-details-bin`.
@@ -16,6 +17,7 @@ import logging
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 from internvl.common.v1 import common_pb2
@@ -25,6 +27,7 @@ from services.contract.errors import (
     EmbeddingsMissingError,
     ErrorCode,
     InternVLError,
+    InvalidArgumentError,
     RpcStatus,
     error_code,
 )
@@ -130,9 +133,26 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     await context.abort(rich.code, rich.details, trailing_metadata=rich.trailing_metadata)
 
 
-def _wrap_unary_response(behavior, method: str):
+def _parsed(deserializer, data: bytes):
+    """A request message from its bytes; bytes that are not one (corrupt wire format, a string field that is not
+    UTF-8) are the caller's error. gRPC itself would answer them UNKNOWN, with a message naming a Python class."""
+    if deserializer is None:
+        return data
+    try:
+        return deserializer(data)
+    except DecodeError as exc:
+        raise InvalidArgumentError(f"the request is not a valid message: {exc}") from None
+
+
+async def _parsed_stream(deserializer, messages):
+    async for data in messages:
+        yield _parsed(deserializer, data)
+
+
+def _wrap_unary_response(behavior, method: str, deserializer, streaming_request: bool):
     async def wrapper(request, context):
         try:
+            request = _parsed_stream(deserializer, request) if streaming_request else _parsed(deserializer, request)
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -142,9 +162,10 @@ def _wrap_unary_response(behavior, method: str):
     return wrapper
 
 
-def _wrap_stream_response(behavior, method: str):
+def _wrap_stream_response(behavior, method: str, deserializer, streaming_request: bool):
     async def wrapper(request, context):
         try:
+            request = _parsed_stream(deserializer, request) if streaming_request else _parsed(deserializer, request)
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
@@ -156,22 +177,23 @@ def _wrap_stream_response(behavior, method: str):
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps every exception of a handler to its status, parsing of the request included: the handler it returns
+    takes the request's bytes (no deserializer) and parses them inside the mapping."""
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_response(handler.unary_unary, method),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_response(handler.stream_unary, method),
-                handler.request_deserializer, handler.response_serializer)
+        method, parse = handler_call_details.method, handler.request_deserializer
+        if handler.unary_unary or handler.stream_unary:
+            factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                       else grpc.stream_unary_rpc_method_handler)
+            wrapped = _wrap_unary_response(handler.unary_unary or handler.stream_unary, method, parse,
+                                           handler.request_streaming)
+            return factory(wrapped, None, handler.response_serializer)
         behavior = handler.unary_stream or handler.stream_stream
         if not inspect.isasyncgenfunction(behavior):
             return handler  # health and reflection: library handlers that report their own errors
         factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-        return factory(_wrap_stream_response(behavior, method), handler.request_deserializer,
+        return factory(_wrap_stream_response(behavior, method, parse, handler.request_streaming), None,
                        handler.response_serializer)

@@ -182,3 +182,50 @@ def test_the_detail_is_a_standard_google_rpc_status():
         detail = common_pb2.ErrorDetail()
         assert len(status.details) == 1 and status.details[0].Unpack(detail)
         assert detail.code == common_pb2.ERROR_CODE_SESSION_BUSY
+
+
+async def _send_bytes(requests: list[bytes]) -> list[grpc.aio.AioRpcError]:
+    """Sends each of `requests` as the raw bytes of a `HealthCheckRequest` to a unary and a client-streaming method
+    that parse it; returns the errors, unary first."""
+    seen = []
+
+    async def unary(request, context):
+        seen.append(request)
+        return health_pb2.HealthCheckResponse()
+
+    async def client_stream(requests, context):
+        async for request in requests:
+            seen.append(request)
+        return health_pb2.HealthCheckResponse()
+
+    parse, write = health_pb2.HealthCheckRequest.FromString, health_pb2.HealthCheckResponse.SerializeToString
+    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1"), ["test.Service"], requests=RequestMetrics("test_"))
+    server.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Service", {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary, parse, write),
+        "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream, parse, write),
+    })])
+    port = await server.start()
+    errors = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            good = health_pb2.HealthCheckRequest(service="ok").SerializeToString()
+            for call in (channel.unary_unary("/test.Service/Unary")(requests[0]),
+                         channel.stream_unary("/test.Service/ClientStream")(iter([good, *requests]))):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                errors.append(info.value)
+    finally:
+        await server.stop()
+    assert [r.service for r in seen] == ["ok"]  # the stream's good message reached the handler, no bad one did
+    return errors
+
+
+@pytest.mark.parametrize("data", [b"\x0a\x02\xed\xa0", b"\xff\xff\xff"], ids=["string-not-utf8", "corrupt"])
+def test_a_request_that_is_not_a_message_is_invalid_argument(data):
+    """gRPC's own answer would be UNKNOWN naming a Python class ("Unexpected <class '...DecodeError'>")."""
+    for error in asyncio.run(_send_bytes([data])):
+        assert error.code() == S.INVALID_ARGUMENT
+        assert error.details().startswith("the request is not a valid message: Error parsing message with type "
+                                          "'grpc.health.v1.HealthCheckRequest'"), error.details()
+        assert "<class" not in error.details()
+        assert error_detail(error).code == ErrorCode.INVALID_ARGUMENT

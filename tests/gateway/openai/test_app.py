@@ -128,3 +128,25 @@ async def test_n_answers_as_choices_streaming_and_not():
             assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
         finally:
             await client.close()
+
+
+@pytest.mark.asyncio
+async def test_bodies_no_handler_can_read_are_400_and_the_gateway_still_answers():
+    """A lone surrogate in the text was a 500 (the conversation's routing key could not be encoded), and so was a body
+    nested beyond the JSON parser's recursion limit."""
+    lone = b'{"messages": [{"role": "user", "content": "Hi \\ud800"}]}'
+    deep = b'{"messages": [{"role": "user", "content": "Hi"}], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    async with fake_stack() as stack:
+        client = await _client(stack)
+        try:
+            for data, message in [(lone, "messages[0].content holds a lone UTF-16 surrogate (\\ud800)"),
+                                  (deep, "the body is nested deeper than 64 levels of arrays and objects")]:
+                reply = await client.post("/v1/chat/completions", data=data)
+                error = (await reply.json())["error"]
+                assert (reply.status, error["code"]) == (400, "invalid_argument"), error
+                assert error["message"].startswith(message), error
+            reply = await client.post("/v1/chat/completions", json={"messages": [user("Hi \ud83d\ude00")]})
+            assert reply.status == 200, await reply.text()
+            assert stack.metrics.requests.total.labels("openai.chat_completions", "INTERNAL")._value.get() == 0
+        finally:
+            await client.close()
