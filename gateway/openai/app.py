@@ -1,4 +1,5 @@
-"""The aiohttp application of the OpenAI-compatible API: its routes, body limit, bearer token and request ids."""
+"""The aiohttp application of the OpenAI-compatible API: its routes, body limit, bearer token and request ids, and its
+OpenAPI document (`openapi`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from aiohttp import web
 from gateway.auth import http_middleware
 from gateway.metrics import GatewayMetrics
 from gateway.openai.handlers import REQUEST_ID_KEY, OpenAIHandlers, max_body_bytes
+from gateway.openai.openapi import document_bytes
 from gateway.orchestrator import Orchestrator
 from services.runtime import request_ids
 
@@ -17,6 +19,10 @@ async def _echo_request_id(http: web.Request, response: web.StreamResponse) -> N
     """Every chat completion's response, errors and streams included, carries its request id."""
     if REQUEST_ID_KEY in http:
         response.headers[request_ids.HEADER] = http[REQUEST_ID_KEY]
+
+
+async def _openapi(http: web.Request) -> web.Response:
+    return web.Response(body=document_bytes(), content_type="application/json")
 
 
 def create_app(orchestrator: Orchestrator, metrics: GatewayMetrics, is_ready: Callable[[], bool]) -> web.Application:
@@ -29,4 +35,5 @@ def create_app(orchestrator: Orchestrator, metrics: GatewayMetrics, is_ready: Ca
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
+    app.router.add_get("/openapi.json", _openapi)
     return app

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, GetCoreSchemaHandler, PlainValidator
+from pydantic import BaseModel, ConfigDict, GetCoreSchemaHandler, GetJsonSchemaHandler, PlainValidator
 from pydantic_core import PydanticCustomError, core_schema
 
 # The error types of our own problems: worded after their path; a whole message (no path); a field this API does not
@@ -45,6 +45,9 @@ class Refused:
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         return core_schema.no_info_plain_validator_function(self.validate)
 
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> dict:
+        return {"type": "null", "description": f"Not supported: {self.reason}."}
+
     def validate(self, value: Any) -> None:
         if value is not None:
             raise problem(f" is not supported: {self.reason}", NOT_TAKEN)
@@ -60,6 +63,9 @@ class Only:
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         return core_schema.no_info_plain_validator_function(self.validate)
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> dict:
+        return {"enum": list(self.values)}
 
     def validate(self, value: Any) -> Any:
         if value not in self.values:  # by equality: `0` asks for what `false` does
@@ -90,6 +96,6 @@ def _integer(value: Any) -> int:
 
 
 # A top-level number (an integer or a float; a boolean "must be a number", a string "has the wrong type").
-Number = Annotated[float, PlainValidator(_number)]
+Number = Annotated[float, PlainValidator(_number, json_schema_input_type=float)]
 # An integer inside a part (anything else "must be an integer").
-Integer = Annotated[int, PlainValidator(_integer)]
+Integer = Annotated[int, PlainValidator(_integer, json_schema_input_type=int)]

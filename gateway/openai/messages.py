@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
+    ConfigDict,
     Discriminator,
     Field,
     PlainValidator,
@@ -78,8 +79,13 @@ def _detail(value: Any) -> ImageDetail:
 
 
 class ImageURL(Model):
-    url: Annotated[str, PlainValidator(_non_empty_string)] = Field(None, validate_default=True)
-    detail: Annotated[ImageDetail, PlainValidator(_detail)] = Field(None, validate_default=True)
+    url: Annotated[str, PlainValidator(_non_empty_string, json_schema_input_type=Annotated[str, Field(min_length=1)])] = (
+        Field(None, validate_default=True, json_schema_extra={"description": "A data: URL, an http(s) URL, or a path "
+                                                                             "under the gateway's media root."}))
+    detail: Annotated[ImageDetail, PlainValidator(_detail, json_schema_input_type=Literal["low", "high", "auto"] | None)
+                      ] = Field(None, validate_default=True)
+
+    model_config = ConfigDict(json_schema_extra={"required": ["url"]})
 
 
 def _url_object(value: Any) -> dict:
@@ -89,7 +95,10 @@ def _url_object(value: Any) -> dict:
 
 class ImagePart(Model):
     type: Literal["image_url"]
-    image_url: Annotated[ImageURL, BeforeValidator(_url_object)] = Field(None, validate_default=True)
+    image_url: Annotated[ImageURL, BeforeValidator(_url_object, json_schema_input_type=ImageURL | str)] = Field(
+        None, validate_default=True)
+
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "image_url"]})
 
     def content_part(self) -> ContentPart:
         url, detail = self.image_url.url, self.image_url.detail
@@ -110,7 +119,7 @@ class VideoSpec(Model):
     path: str | None = None
     num_segments: Integer | None = None
     max_num: Integer | None = None
-    bound: Annotated[tuple[float, float], PlainValidator(_bound)] | None = None
+    bound: Annotated[tuple[float, float], PlainValidator(_bound, json_schema_input_type=tuple[float, float])] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +137,8 @@ class VideoSpec(Model):
 class VideoPart(Model):
     type: Literal["video"]
     video: VideoSpec = Field(None, validate_default=True)
+
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "video"]})
 
     def content_part(self) -> ContentPart:
         v = self.video
@@ -155,6 +166,8 @@ class Message(Model):
     role: Literal["system", "developer", "user", "assistant"]
     content: list[Part] = Field(None, validate_default=True)
 
+    model_config = ConfigDict(json_schema_extra={"required": ["role", "content"]})
+
     @model_validator(mode="before")
     @classmethod
     def _taken(cls, message: Any) -> Any:
@@ -168,7 +181,7 @@ class Message(Model):
             raise problem(f": unsupported role {role!r} (system, user, assistant)")
         return message
 
-    @field_validator("content", mode="before")
+    @field_validator("content", mode="before", json_schema_input_type=str | Annotated[list[Part], Field(min_length=1)])
     @classmethod
     def _as_parts(cls, content: Any, info: ValidationInfo) -> Any:
         """A string is one text part; an assistant's missing (or empty) content is empty text."""

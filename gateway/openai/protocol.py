@@ -15,7 +15,7 @@ or `{"choice": [...]}`, vLLM's names), and the video part.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     PlainValidator,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic_core import ErrorDetails
@@ -102,6 +103,14 @@ class StreamOptions(Model):
     include_obfuscation: Annotated[Any, AfterValidator(_falsy)] = None
 
 
+# `response_format.json_schema`, as the JSON Schema of the API's document says it (the model reads it by hand).
+JSON_SCHEMA_FORMAT = {"type": "object", "required": ["schema"], "additionalProperties": False, "properties": {
+    "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": ["object", "boolean"]},
+    "strict": {"type": ["boolean", "null"]}}}
+# A `logit_bias` key: a token id of the model's tokenizer.
+TOKEN_ID = r"^[0-9]+$"
+
+
 def _format_type(kind: Any) -> str | None:
     if kind not in (None, "text", "json_object", "json_schema"):
         raise problem(f" must be 'text', 'json_object' or 'json_schema', got {kind!r}")
@@ -112,8 +121,9 @@ class ResponseFormat(Model):
     """OpenAI's `response_format`: `text`, `json_object`, or `json_schema` with its `json_schema` object (`name`,
     `description`, `schema`, `strict`)."""
 
-    type: Annotated[str | None, PlainValidator(_format_type)] = None
-    json_schema: Any = None  # read only for its type
+    type: Annotated[str | None, PlainValidator(
+        _format_type, json_schema_input_type=Literal["text", "json_object", "json_schema"] | None)] = None
+    json_schema: Annotated[Any, WithJsonSchema(JSON_SCHEMA_FORMAT)] = None  # read only for its type
 
     @model_validator(mode="after")
     def _schema(self) -> ResponseFormat:
@@ -153,8 +163,10 @@ def _strings(value: Any) -> tuple[str, ...]:
 class StructuredOutputs(Model):
     """vLLM's `structured_outputs` extension: exactly one of `regex` (the whole answer matches it) or `choice`."""
 
-    regex: Annotated[str | None, PlainValidator(_string)] = None
-    choice: Annotated[tuple[str, ...] | None, PlainValidator(_strings)] = None
+    regex: Annotated[str | None, PlainValidator(_string, json_schema_input_type=str)] = None
+    choice: Annotated[tuple[str, ...] | None, PlainValidator(_strings, json_schema_input_type=list[str])] = None
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
 
     @model_validator(mode="before")
     @classmethod
@@ -173,7 +185,7 @@ class ChatCompletionRequest(Model):
     """The body of `POST /v1/chat/completions`. Fields are declared in the order they are checked: the first problem
     is the one reported (`invalid_argument`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"required": ["messages"]})
 
     # Accepted only with a value that asks for nothing.
     store: Annotated[Any, Only(False, refusal=" is not supported: completions are not stored (omit it or send "
@@ -184,11 +196,12 @@ class ChatCompletionRequest(Model):
     stream_options: StreamOptions | None = None  # `include_usage`; `include_obfuscation: true` is refused
     # Honoured, and our extensions.
     messages: Annotated[list[Message], BeforeValidator(_not_empty), AfterValidator(_answers_follow_questions)] = (
-        Field(None, validate_default=True))
-    stop: Annotated[tuple[str, ...], PlainValidator(_stop)] | None = None
+        Field(None, validate_default=True, json_schema_extra={"minItems": 1}))
+    stop: Annotated[tuple[str, ...], PlainValidator(_stop, json_schema_input_type=str | list[str])] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    multi_image_mode: Annotated[str, AfterValidator(_image_mode)] | None = None
+    multi_image_mode: Annotated[str, AfterValidator(_image_mode),
+                                WithJsonSchema({"enum": ["separate", "combined"]})] | None = None
     max_completion_tokens: int | None = None  # wins over max_tokens
     max_tokens: int | None = None
     temperature: Number | None = None  # OpenAI's default: 1
@@ -198,8 +211,9 @@ class ChatCompletionRequest(Model):
     seed: int | None = None
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
-    logit_bias: Annotated[tuple[tuple[int, float], ...], PlainValidator(_logit_bias)] | None = None
-    n: Annotated[int, AfterValidator(_at_least_one)] | None = None
+    logit_bias: Annotated[tuple[tuple[int, float], ...], PlainValidator(
+        _logit_bias, json_schema_input_type=dict[Annotated[str, Field(pattern=TOKEN_ID)], float])] | None = None
+    n: Annotated[int, AfterValidator(_at_least_one), WithJsonSchema({"type": "integer", "minimum": 1})] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     session_id: str | None = None

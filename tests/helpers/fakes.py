@@ -1,4 +1,4 @@
-"""Fake vision and LLM services behind a real gateway, for the gateway's tests.
+"""Fake vision and LLM services behind a real gateway (gRPC, and HTTP with `fake_http_gateway`), for the gateway's tests.
 
 The fakes are real gRPC servers (the project's GrpcServer, so errors travel through the same interceptor and
 ErrorDetail trailers as in production) whose servicers keep a dict as the "shared cache" and record every call.
@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass, field
 
 import grpc
+from aiohttp import web
 from internvl.common.v1 import common_pb2
 from internvl.gateway.v1 import gateway_pb2_grpc
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
@@ -24,6 +25,7 @@ from PIL import Image
 from gateway.clients import open_clients
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
+from gateway.openai.app import create_app
 from gateway.orchestrator import Orchestrator
 from gateway.server import ChatServicer
 from gateway.sessions import MemorySessionStore
@@ -232,3 +234,25 @@ async def fake_stack(media_root=None, vision_replicas: int = 2, llm_fingerprint:
         await orchestrator.close()
         await vision_client.close()
         await llm_client.close()
+
+
+@dataclass
+class FakeHTTPGateway:
+    """A fake stack whose gateway also serves the OpenAI-compatible HTTP API at `url`."""
+
+    stack: FakeStack
+    url: str  # http://127.0.0.1:PORT
+
+
+@contextlib.asynccontextmanager
+async def fake_http_gateway(**stack_args):
+    """`fake_stack(**stack_args)` and the gateway's HTTP app on a free port, served as the gateway serves it."""
+    async with fake_stack(**stack_args) as stack:
+        runner = web.AppRunner(create_app(stack.orchestrator, stack.metrics, lambda: True), access_log=None,
+                               handler_cancellation=True)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            yield FakeHTTPGateway(stack, f"http://127.0.0.1:{runner.addresses[0][1]}")
+        finally:
+            await runner.cleanup()

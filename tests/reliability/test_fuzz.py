@@ -4,7 +4,7 @@ them) and the media decoding (data: URLs, media-root paths, the image header pro
 
 Each may succeed or raise a domain error (`InternVLError`, which the servers turn into a specific status with a
 caller-safe message); any other exception would reach a caller as INTERNAL, so it fails the test. Bounded: ~100-200
-examples per target, no deadline, a few seconds each.
+examples per target, no deadline, a few seconds each (`make fuzz`: many more).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import os
 import numpy as np
 import pytest
 from helpers import media
-from hypothesis import HealthCheck, given, settings
+from helpers.fuzzing import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 from internvl.gateway.v1 import gateway_pb2 as G
 from PIL import Image
@@ -33,11 +34,9 @@ pytestmark = [pytest.mark.timeout(300),
               # Pillow warns about what it skips in a damaged TIFF; that is the decoder coping, not a failure.
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
-# Random examples on a developer's machine (new inputs every run); a fixed sequence in CI, so that a submission's CI
-# fails only for what it changed.
-DERANDOMIZE = os.environ.get("CI", "").lower() in ("1", "true")
-FUZZ = settings(max_examples=150, deadline=None, derandomize=DERANDOMIZE, suppress_health_check=list(HealthCheck))
-SMALL = settings(max_examples=100, deadline=None, derandomize=DERANDOMIZE, suppress_health_check=list(HealthCheck))
+# Bounded here; `make fuzz` multiplies the examples (helpers.fuzzing).
+FUZZ = fuzz_settings(150)
+SMALL = fuzz_settings(100)
 
 
 def domain_or_success(fn, *args) -> None:
@@ -232,7 +231,7 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=200, deadline=None, derandomize=DERANDOMIZE, suppress_health_check=list(HealthCheck))
+@fuzz_settings(200)
 @given(mutated(IMAGE_SEEDS))
 def test_image_probe_and_decoder(data):
     domain_or_success(probe_image, data, 1_000_000, "image")
