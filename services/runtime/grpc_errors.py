@@ -45,6 +45,22 @@ STATUS_BY_CODE: dict[ErrorCode, grpc.StatusCode] = {code: grpc_code(status)
                                                     for code, status in RPC_STATUS_BY_CODE.items()}
 
 
+# The longest message a status carries, in UTF-8 bytes. It travels twice in the trailers (percent-encoded in
+# grpc-message, up to 3 bytes per byte, and inside grpc-status-details-bin, base64), and a client drops trailers over
+# 8 KiB (gRPC's default limit) for RESOURCE_EXHAUSTED without the detail; a message quoting a long input (an unknown
+# adapter's name) would pass it.
+MAX_MESSAGE_BYTES = 1024
+CUT = " ... (cut)"
+
+
+def bounded(message: str) -> str:
+    """`message`, cut to `MAX_MESSAGE_BYTES` (a cut one ends with `CUT`)."""
+    data = message.encode()
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    return data[:MAX_MESSAGE_BYTES - len(CUT)].decode(errors="ignore") + CUT
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, common_pb2.ErrorDetail]:
     """(status, caller-safe message, detail) for any exception a handler raised."""
     code = error_code(exc)
@@ -55,7 +71,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, common_pb2.Err
         detail.item_index = exc.item_index
     if isinstance(exc, EmbeddingsMissingError):
         detail.missing_keys.extend(exc.missing_keys)
-    return STATUS_BY_CODE[code], str(exc), detail
+    return STATUS_BY_CODE[code], bounded(str(exc)), detail
 
 
 def rich_status(status: grpc.StatusCode, message: str, detail: common_pb2.ErrorDetail) -> grpc.Status:

@@ -22,6 +22,7 @@ from services.contract.errors import (
     InvalidArgumentError,
     InvalidMediaError,
     MediaAccessError,
+    NotFoundError,
     NotReadyError,
     OverloadedError,
     RequestTooLargeError,
@@ -229,3 +230,16 @@ def test_a_request_that_is_not_a_message_is_invalid_argument(data):
                                           "'grpc.health.v1.HealthCheckRequest'"), error.details()
         assert "<class" not in error.details()
         assert error_detail(error).code == ErrorCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("quoted", ["x" * 20_000, "é" * 20_000, "😀" * 5_000])
+def test_a_message_quoting_a_long_input_is_cut_and_keeps_its_detail(quoted):
+    """Uncut, the trailers passed the client's 8 KiB limit: RESOURCE_EXHAUSTED ("Stream removed"), no detail."""
+    for error in asyncio.run(_roundtrip(NotFoundError(f"model {quoted!r} is not served"))):
+        assert error.code() == S.NOT_FOUND
+        assert error_detail(error).code == ErrorCode.NOT_FOUND
+        message = error.details()
+        assert message.startswith("model '" + quoted[:100]) and message.endswith(" ... (cut)")
+        assert len(message.encode()) <= 1024
+    short = "model 'x' is not served"
+    assert [e.details() for e in asyncio.run(_roundtrip(NotFoundError(short)))] == [short, short]
