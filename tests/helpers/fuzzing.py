@@ -20,6 +20,11 @@ def examples(count: int) -> int:
     return max(1, round(count * SCALE))
 
 
+def timeout_s(bounded_s: float) -> float:
+    """A fuzz test's time limit: `bounded_s` for the suite's run, in proportion for a longer one."""
+    return bounded_s * max(1.0, SCALE)
+
+
 def fuzz_settings(count: int) -> settings:
     """`count` examples (scaled), no deadline, every health check off (the inputs are large and slow on purpose)."""
     return settings(max_examples=examples(count), deadline=None, derandomize=DERANDOMIZE,

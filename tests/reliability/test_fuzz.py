@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 from helpers import media
-from helpers.fuzzing import fuzz_settings
+from helpers.fuzzing import fuzz_settings, timeout_s
 from hypothesis import given
 from hypothesis import strategies as st
 from internvl.gateway.v1 import gateway_pb2 as G
@@ -30,7 +30,7 @@ from services.contract.errors import InternVLError
 from services.contract.tiling import MAX_NUM_LIMIT
 from services.vision.preprocess import open_image
 
-pytestmark = [pytest.mark.timeout(300),
+pytestmark = [pytest.mark.timeout(timeout_s(300)),
               # Pillow warns about what it skips in a damaged TIFF; that is the decoder coping, not a failure.
               pytest.mark.filterwarnings("ignore::UserWarning")]
 

@@ -20,7 +20,7 @@ import requests
 import schemathesis
 from helpers.background import in_background
 from helpers.fakes import fake_http_gateway
-from helpers.fuzzing import fuzz_settings, leaks
+from helpers.fuzzing import fuzz_settings, leaks, timeout_s
 from helpers.media import png
 from hypothesis import given
 from schemathesis.checks import not_a_server_error
@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
 
 from gateway.openai.responses import ChatCompletionChunk, ErrorResponse
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(timeout_s(300))
 
 RPC = "openai.chat_completions"
 # What the document promises. Not `positive_data_acceptance` / `negative_data_rejection`: the document gives each
