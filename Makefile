@@ -10,7 +10,7 @@ TINY_CHECKPOINT := checkpoints/tiny-qwen2-300m
 MODEL ?= $(TINY_CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap system-deps run demo test test-fast bench bench-quick bench-lora protos protos-check lint clean
+.PHONY: bootstrap system-deps run demo test test-fast fuzz bench bench-quick bench-lora protos protos-check lint clean
 
 bootstrap: system-deps $(STAMP)
 
@@ -54,6 +54,14 @@ test: bootstrap
 
 test-fast: bootstrap
 	$(BIN)/python -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
+
+# The fuzz tests of both APIs and of the parsers, FUZZ_SCALE times their examples in the suite (20: about 20 minutes on
+# 2 cores); `make fuzz FUZZ_SCALE=100` for a night. A failure prints the smallest input it found and how to replay it.
+FUZZ_SCALE ?= 20
+FUZZ_TESTS := tests/reliability/test_fuzz.py tests/reliability/test_openapi_fuzz.py tests/reliability/test_grpc_fuzz.py \
+	tests/vision/test_servicer_fuzz.py tests/llm/test_servicer_fuzz.py
+fuzz: bootstrap
+	FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest $(FUZZ_TESTS) $(PYTEST_ARGS)
 
 # The 1B-shape benchmark against transformers' InternVL path; results in bench/results/<date>.{json,md,png}.
 bench: bootstrap

@@ -24,13 +24,15 @@ UINT32 = st.integers(0, 2**32 - 1)
 UINT64 = st.integers(0, 2**64 - 1)
 # Text as a caller means it (NULs, controls and every plane included), or a lot of it.
 TEXT = st.text(max_size=24)
-HUGE_TEXT = st.builds(lambda c, n: c * n, st.characters(), st.integers(1_000, 300_000))
+HUGE_TEXT = st.builds(lambda c, n: c * n, st.characters(), st.integers(1_000, 100_000))
 # Bytes a string field holds that are not UTF-8: a lone surrogate as UTF-8 would spell it, a stray byte, a cut one.
 NOT_UTF8 = st.sampled_from([b"\xed\xa0\x80", b"a\xed\xbf\xbfb", b"\xff", b"\xc3", b"ok\x80", b"\xf4\x90\x80\x80"])
 BYTES = st.binary(max_size=64)
-HUGE_BYTES = st.builds(lambda b, n: b * n, st.binary(min_size=1, max_size=4), st.integers(1_000, 200_000))
+HUGE_BYTES = st.builds(lambda b, n: b * n, st.binary(min_size=1, max_size=4), st.integers(1_000, 100_000))
 # One string or bytes field in this many is huge, and one string in this many not UTF-8.
 RARE = 25
+# The largest message drawn: a quarter of a server's default limit (a larger one is gRPC's own refusal, no handler's).
+MAX_BYTES = 4 << 20
 # Field numbers no message here uses, sent as unknown fields.
 UNKNOWN_FIELDS = st.lists(st.tuples(st.integers(1000, 2000), st.binary(max_size=8)), max_size=2)
 
@@ -99,7 +101,7 @@ class MessageBytes:
 
     def of(self, descriptor: Descriptor) -> st.SearchStrategy[bytes]:
         """Messages of `descriptor`'s type drawn whole."""
-        return st.composite(lambda draw: self._message(draw, descriptor, 0))()
+        return st.composite(lambda draw: self._message(draw, descriptor, 0))().filter(lambda m: len(m) <= MAX_BYTES)
 
     def mutated(self, descriptor: Descriptor, seeds: list[bytes], max_fields: int = 2) -> st.SearchStrategy[bytes]:
         """A valid message of `seeds` with up to `max_fields` fields, anywhere in its tree, drawn anew: each sent after
@@ -120,9 +122,9 @@ class MessageBytes:
                 out += data
             return bytes(out)
 
-        return draw_mutated()
+        return draw_mutated().filter(lambda m: len(m) <= MAX_BYTES)
 
-    def _message(self, draw, descriptor: Descriptor, depth: int) -> bytes:
+    def _message(self, draw, descriptor: Descriptor, depth: int, small: bool = False) -> bytes:
         # Each real oneof gets none or one of its members, now and then two (both on the wire: the last wins).
         chosen: set[str] = set()
         for oneof in descriptor.oneofs:
@@ -140,38 +142,39 @@ class MessageBytes:
                 continue
             if not field.is_repeated and field.containing_oneof is None and not draw(st.booleans()):
                 continue  # a singular field left at its default, which proto3 does not send
-            out += self._field(draw, field, depth)
+            out += self._field(draw, field, depth, small)
         for number, data in draw(UNKNOWN_FIELDS):
             out += length_delimited(number, data)
         return bytes(out)
 
-    def _field(self, draw, field: FieldDescriptor, depth: int) -> bytes:
+    def _field(self, draw, field: FieldDescriptor, depth: int, small: bool = False) -> bytes:
+        """The field's bytes; `small`: nothing huge in them (they are sent many times)."""
         if field.is_repeated:
             size = self.sizes.get(field.full_name, st.integers(0, self.max_repeated))
             count = draw(size) if field.type != F.TYPE_MESSAGE or depth < self.max_depth else 0
-            if count > self.max_repeated:  # one item many times: a size past a limit, without drawing each
-                items = [self._value(draw, field, depth)] * count
+            if count > self.max_repeated:  # one small item many times: a size past a limit, without drawing each
+                items = [self._value(draw, field, depth, small=True)] * count
             else:
-                items = [self._value(draw, field, depth) for _ in range(count)]
+                items = [self._value(draw, field, depth, small) for _ in range(count)]
             if field.type in _SCALARS and items and draw(st.booleans()):  # packed, as proto3 sends them
                 encode = _SCALARS[field.type][2]
                 return length_delimited(field.number, b"".join(encode(v) for v in items))
             return b"".join(self._encoded(field, item) for item in items)
         if field.type == F.TYPE_MESSAGE and depth >= self.max_depth:
             return length_delimited(field.number, b"")
-        return self._encoded(field, self._value(draw, field, depth))
+        return self._encoded(field, self._value(draw, field, depth, small))
 
-    def _value(self, draw, field: FieldDescriptor, depth: int):
+    def _value(self, draw, field: FieldDescriptor, depth: int, small: bool = False):
         if field.full_name in self.values:
             value = draw(self.values[field.full_name])
         elif field.type == F.TYPE_MESSAGE:
-            return self._message(draw, field.message_type, depth + 1)
+            return self._message(draw, field.message_type, depth + 1, small)
         elif field.type == F.TYPE_STRING:
             if _rare(draw):
                 return draw(NOT_UTF8)
-            return draw(HUGE_TEXT if _rare(draw) else TEXT).encode()
+            return draw(HUGE_TEXT if _rare(draw) and not small else TEXT).encode()
         elif field.type == F.TYPE_BYTES:
-            return draw(HUGE_BYTES if _rare(draw) else BYTES)
+            return draw(HUGE_BYTES if _rare(draw) and not small else BYTES)
         elif field.type == F.TYPE_ENUM:
             return draw(_enum_values(field))
         else:
