@@ -79,13 +79,15 @@ def _detail(value: Any) -> ImageDetail:
 
 
 class ImageURL(Model):
+    # A field defaulting to None but validated anyway (validate_default) is refused when missing, so the document
+    # lists it as required; pydantic would not.
+    model_config = ConfigDict(json_schema_extra={"required": ["url"]})
+
     url: Annotated[str, PlainValidator(_non_empty_string, json_schema_input_type=Annotated[str, Field(min_length=1)])] = (
         Field(None, validate_default=True, json_schema_extra={"description": "A data: URL, an http(s) URL, or a path "
                                                                              "under the gateway's media root."}))
     detail: Annotated[ImageDetail, PlainValidator(_detail, json_schema_input_type=Literal["low", "high", "auto"] | None)
                       ] = Field(None, validate_default=True)
-
-    model_config = ConfigDict(json_schema_extra={"required": ["url"]})
 
 
 def _url_object(value: Any) -> dict:
@@ -94,11 +96,11 @@ def _url_object(value: Any) -> dict:
 
 
 class ImagePart(Model):
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "image_url"]})
+
     type: Literal["image_url"]
     image_url: Annotated[ImageURL, BeforeValidator(_url_object, json_schema_input_type=ImageURL | str)] = Field(
         None, validate_default=True)
-
-    model_config = ConfigDict(json_schema_extra={"required": ["type", "image_url"]})
 
     def content_part(self) -> ContentPart:
         url, detail = self.image_url.url, self.image_url.detail
@@ -135,10 +137,10 @@ class VideoSpec(Model):
 
 
 class VideoPart(Model):
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "video"]})
+
     type: Literal["video"]
     video: VideoSpec = Field(None, validate_default=True)
-
-    model_config = ConfigDict(json_schema_extra={"required": ["type", "video"]})
 
     def content_part(self) -> ContentPart:
         v = self.video
@@ -163,10 +165,10 @@ Part = Annotated[Annotated[TextPart, Tag("text")] | Annotated[ImagePart, Tag("im
 
 
 class Message(Model):
+    model_config = ConfigDict(json_schema_extra={"required": ["role", "content"]})
+
     role: Literal["system", "developer", "user", "assistant"]
     content: list[Part] = Field(None, validate_default=True)
-
-    model_config = ConfigDict(json_schema_extra={"required": ["role", "content"]})
 
     @model_validator(mode="before")
     @classmethod

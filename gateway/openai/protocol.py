@@ -163,10 +163,10 @@ def _strings(value: Any) -> tuple[str, ...]:
 class StructuredOutputs(Model):
     """vLLM's `structured_outputs` extension: exactly one of `regex` (the whole answer matches it) or `choice`."""
 
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
     regex: Annotated[str | None, PlainValidator(_string, json_schema_input_type=str)] = None
     choice: Annotated[tuple[str, ...] | None, PlainValidator(_strings, json_schema_input_type=list[str])] = None
-
-    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
 
     @model_validator(mode="before")
     @classmethod
