@@ -146,6 +146,11 @@ class ReadinessFollower:
 
         self._last = asyncio.ensure_future(apply())
 
+    async def settled(self) -> None:
+        """Returns once every change told so far is applied."""
+        if self._last is not None:
+            await self._last
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     llm_config.add_arguments(parser)
