@@ -174,6 +174,13 @@ async def test_what_the_engine_refuses_is_refused_before_anything_runs(family):
     regex = Constraint(ConstraintKind.REGEX, pattern="[ab]+")
     with pytest.raises(InvalidArgumentError, match="top_logprobs with a constraint"):
         family.engine.submit(family.request(Conversation(user_parts=("Hi",)), constraint=regex, top_logprobs=2))
+    # Embeddings vLLM's engine core would compute garbage (or die) with never reach it.
+    request = family.request(Conversation(user_parts=(ImageRef("small-broken", 1), "Hi")), ("small",))
+    for value in (float("nan"), float("inf")):
+        rows = request.image_rows[0].clone()
+        rows[3, 5] = value
+        with pytest.raises(InvalidArgumentError, match="NaN or infinite"):
+            await family.collect(family.engine.submit(dataclasses.replace(request, image_rows=(rows,))))
     assert family.engine.load().steps == steps
 
 
