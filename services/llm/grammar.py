@@ -3,6 +3,8 @@
 `Grammars` holds one `xgrammar.TokenizerInfo` and one `xgrammar.GrammarCompiler` per model, both made on the first
 constrained request (the vocabulary's decoding takes about a second for 150k tokens). The compiler caches what it
 compiled, keyed by the grammar's source text and options, so a schema that many requests share is compiled once.
+Every constraint is first written as EBNF text (`constraint_ebnf`): the vLLM engine gives vLLM's xgrammar backend that
+same text, over the same vocabulary (`build_tokenizer_info`), so both engines mask with the same grammar.
 
 The tokenizer's added tokens (`<|im_start|>`, `<img>`, `<IMG_CONTEXT>`, ... and the unused rows of a padded lm_head)
 are never allowed by a constraint, the stop token excepted once the grammar accepts. xgrammar would not see this by
@@ -58,7 +60,7 @@ class Grammars:
     def _ensure(self) -> tuple[xgrammar.TokenizerInfo, xgrammar.GrammarCompiler]:
         with self._lock:
             if self._info is None or self._compiler is None:
-                info = _tokenizer_info(self.tokenizer, self.vocab_size, self.stop_token_id)
+                info = build_tokenizer_info(self.tokenizer, self.vocab_size, self.stop_token_id)
                 self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
                 self._info = info
             return self._info, self._compiler
@@ -67,25 +69,32 @@ class Grammars:
         """The grammar of `constraint`; InvalidArgumentError naming the kind and xgrammar's reason if it has none."""
         compiler = self.compiler
         try:
-            if constraint.kind is ConstraintKind.JSON_OBJECT:
-                return compiler.compile_json_schema(_ANY_OBJECT, any_whitespace=False)
-            if constraint.kind is ConstraintKind.JSON_SCHEMA:
-                # Compact whitespace (", " and ": " between members, nothing else): with any_whitespace the grammar
-                # allows whitespace between every two tokens, and a model that does not know the schema well can
-                # spend all of max_new_tokens on spaces and newlines without ever closing the object.
-                grammar = xgrammar.Grammar.from_json_schema(constraint.schema, any_whitespace=False,
-                                                            strict_mode=constraint.strict)
-                return compiler.compile_grammar(json_string_characters_fixed(str(grammar)))
-            if constraint.kind is ConstraintKind.REGEX:
-                return compiler.compile_regex(constraint.pattern)
-            if constraint.kind is ConstraintKind.CHOICE:
-                return compiler.compile_grammar(choice_ebnf(constraint.choices))
+            return compiler.compile_grammar(constraint_ebnf(constraint))
         except (RuntimeError, ValueError) as exc:  # xgrammar raises RuntimeError; ValueError: e.g. unencodable text
             raise InvalidArgumentError(f"{constraint.kind.value}: {_reason(exc)}") from None
-        raise InvalidArgumentError(f"unsupported constraint kind {constraint.kind!r}")
 
 
-# xgrammar 0.2.9 writes the characters of a length-bounded JSON string (minLength / maxLength) as any character but a
+def constraint_ebnf(constraint: Constraint) -> str:
+    """The grammar of `constraint` as xgrammar EBNF text: what every engine compiles (the vLLM engine hands it to
+    vLLM's xgrammar backend), so that a constraint means the same text everywhere. Raises xgrammar's RuntimeError
+    (or ValueError) when the constraint has no grammar."""
+    if constraint.kind is ConstraintKind.JSON_OBJECT:
+        return str(xgrammar.Grammar.from_json_schema(_ANY_OBJECT, any_whitespace=False))
+    if constraint.kind is ConstraintKind.JSON_SCHEMA:
+        # Compact whitespace (", " and ": " between members, nothing else): with any_whitespace the grammar allows
+        # whitespace between every two tokens, and a model that does not know the schema well can spend all of
+        # max_new_tokens on spaces and newlines without ever closing the object.
+        grammar = xgrammar.Grammar.from_json_schema(constraint.schema, any_whitespace=False,
+                                                    strict_mode=constraint.strict)
+        return json_string_characters_fixed(str(grammar))
+    if constraint.kind is ConstraintKind.REGEX:
+        return str(xgrammar.Grammar.from_regex(constraint.pattern))
+    if constraint.kind is ConstraintKind.CHOICE:
+        return choice_ebnf(constraint.choices)
+    raise ValueError(f"unsupported constraint kind {constraint.kind!r}")
+
+
+# xgrammar (0.2.8 as 0.2.9) writes the characters of a length-bounded JSON string (minLength / maxLength) as any character but a
 # quote, a backslash, CR or LF: control characters pass unescaped (invalid JSON) and escapes are impossible.
 _BOUNDED_CHARACTERS = re.compile(r'^(\S+_characters) ::= \(\(\[\^\\"\\\\\\r\\n\]\)\)$', re.MULTILINE)
 # What a JSON string character is: anything but a control character, a quote or a backslash, or an escape.
@@ -126,7 +135,8 @@ def _reason(exc: BaseException) -> str:
     return _SOURCE_PREFIX.sub("", str(exc).strip()) or type(exc).__name__
 
 
-def _tokenizer_info(tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_token_id: int) -> xgrammar.TokenizerInfo:
+def build_tokenizer_info(tokenizer: PreTrainedTokenizerBase, vocab_size: int,
+                         stop_token_id: int) -> xgrammar.TokenizerInfo:
     """xgrammar's TokenizerInfo of `tokenizer` over `vocab_size` rows, the added tokens' strings emptied."""
     # from_huggingface detects how the vocabulary is encoded (byte-level BPE, byte fallback, raw) and whether a
     # space is prepended; its metadata is kept and the vocabulary rebuilt without the added tokens.

@@ -102,7 +102,8 @@ def record_generation(finishes: list[Finish]) -> None:
 
 
 async def serve(config: LLMConfig) -> None:
-    """Serves NOT_SERVING while the model loads and warms up, then SERVING until SIGTERM, then drains."""
+    """Serves NOT_SERVING while the model loads and warms up, then SERVING until SIGTERM, then drains; NOT_SERVING
+    again while the engine cannot take requests after a fault (it restarts: services.llm.engine.api `readiness`)."""
     metrics = LLMMetrics()
     server = GrpcServer(config.server, [LLM_SERVICE], requests=metrics.requests)
     servicer = LLMServicer()
@@ -119,11 +120,36 @@ async def serve(config: LLMConfig) -> None:
         await service.warm_up()
         servicer.service = service
         await server.mark_ready()
+        service.engine.readiness = ReadinessFollower(server)
         await server.serve_until_signalled()
         log.info("gRPC server stopped; closing the engine")
     finally:
         await service.close()
         log.info("LLM service closed")
+
+
+class ReadinessFollower:
+    """The engine's readiness listener (services.llm.engine.api `Engine.readiness`): the server's readiness on
+    grpc.health.v1 follows the engine's, each change applied after the one before it."""
+
+    def __init__(self, server: GrpcServer):
+        self.server = server
+        self._last: asyncio.Future | None = None
+
+    def __call__(self, ready: bool) -> None:
+        previous = self._last
+
+        async def apply() -> None:
+            if previous is not None:
+                await previous
+            await (self.server.mark_ready() if ready else self.server.mark_not_ready())
+
+        self._last = asyncio.ensure_future(apply())
+
+    async def settled(self) -> None:
+        """Returns once every change told so far is applied."""
+        if self._last is not None:
+            await self._last
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

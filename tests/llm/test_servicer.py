@@ -7,12 +7,13 @@ import asyncio
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers.llm_wire import embedding_messages, serving, start_message
 from internvl.common.v1 import common_pb2
 from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 
 from services.contract.service_names import LLM_SERVICE
-from services.llm.server import LLMServicer
+from services.llm.server import LLMServicer, ReadinessFollower
 from services.runtime.grpc_errors import error_detail
 from services.runtime.grpc_server import GrpcServer, ServerOptions
 from services.runtime.request_metrics import RequestMetrics
@@ -141,3 +142,34 @@ async def test_not_ready_until_loaded():
     finally:
         await server.server.stop(0)
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_readiness_follows_the_engines_in_order_and_stops_with_the_drain():
+    """An engine that restarts after a fault tells its readiness (services.llm.engine.api `Engine.readiness`): the
+    server's grpc.health.v1 readiness follows every change in order, liveness stays SERVING, and once a drain began
+    nothing makes it SERVING again."""
+    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1"), [LLM_SERVICE], requests=RequestMetrics("llm_"))
+    port = await server.start()
+    await server.mark_ready()
+    follow = ReadinessFollower(server)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status(name: str = LLM_SERVICE):
+                return (await health.Check(health_pb2.HealthCheckRequest(service=name))).status
+
+            for ready in (False, True, False, False, True, False):
+                follow(ready)
+            await follow.settled()
+            assert (await status(), await status("")) == (not_serving, serving)
+            follow(True)
+            await follow.settled()
+            assert await status() == serving
+            await server.health.enter_graceful_shutdown()
+            follow(True)
+            await follow.settled()
+            assert await status() == not_serving
+    finally:
+        await server.server.stop(0)

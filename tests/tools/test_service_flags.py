@@ -27,7 +27,7 @@ FLAGS_BEFORE = {
                "--memory-cache-mb"],
     "llm": [*_SERVER, *_LORA, "--model", "--redis-url", "--dtype", "--device", "--max-batch-size", "--max-queue",
             "--kv-cache-budget-mb", "--kv-budget-mb", "--max-step-tokens", "--max-new-tokens-default",
-            "--max-context-tokens", "--engine"],
+            "--max-context-tokens", "--engine", "--tensor-parallel-size", "--pipeline-parallel-size"],
     "gateway": [*_SERVER, "--http-port", "--vision-target", "--llm-target", "--llm-routing", "--routing-epsilon",
                 "--resolve-interval-s", "--redis-url", "--session-ttl-s", "--media-root", "--max-media-bytes",
                 "--allowed-media-domains", "--allow-private-media-addresses", "--media-connect-timeout-s",

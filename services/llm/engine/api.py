@@ -17,7 +17,10 @@ cache keys match ours) goes beside it and must provide the same:
 - `cancel` (through `GenerationStream.cancel`) freeing the request's memory within one step;
 - faults confined to the requests they hit, with `BatchFaultError` (UNAVAILABLE, retryable before the first token)
   for requests lost to a fault of the shared batch;
-- `load()`: the figures metrics read, and `waiting`, which the service's queue bound counts.
+- `load()`: the figures metrics read, and `waiting`, which the service's queue bound counts;
+- `readiness`, when set, told False when the engine cannot take requests for a while (it lost its workers and
+  restarts them; `submit` raises NotReadyError meanwhile) and True when it takes them again. An engine that never
+  stops serving after a fault never calls it.
 """
 
 from __future__ import annotations
@@ -107,6 +110,9 @@ class Engine(abc.ABC):
     """Create, `await start()`, `submit()` from the event loop's thread, `await close()`."""
 
     observer: EngineObserver | None = None
+    # Called on the event loop's thread with False when the engine stops taking requests after a fault and with True
+    # when it takes them again (the server's readiness follows it); None: nobody listens.
+    readiness: Callable[[bool], None] | None = None
     # The compute dtype (a torch.dtype), which GetModelInfo reports.
     dtype: object
 

@@ -14,11 +14,14 @@ How our configuration maps onto vLLM's engine arguments:
 | `--kv-budget-mb` + `--kv-cache-budget-mb` (running KV and the prefix cache: one paged pool in vLLM) | `kv_cache_memory_bytes`; with `--kv-budget-mb 0`, 80% of the free memory on a CPU, vLLM's own `gpu_memory_utilization` on a GPU |
 | `--kv-cache-budget-mb 0` (prefix cache off) | `enable_prefix_caching=False` |
 | `--max-queue` | the service's bound (services.llm.intake), on vLLM's waiting requests |
+| `--tensor-parallel-size`, `--pipeline-parallel-size` | `tensor_parallel_size`, `pipeline_parallel_size` |
+| `--lora NAME=DIR` (each adapter's language part: services.llm.engine.vllm.adapters) | `enable_lora`; `max_loras` and `max_cpu_loras` the adapters with a language part (all resident, any mix in one batch; one more on a CPU: `lora_slots`), `max_lora_rank` the smallest vLLM rank that holds the largest (the flags `--max-loras` and `--max-lora-rank` bound them when the adapters are read) |
 
-Always: eager mode on a CPU (compiling takes minutes there), image embeddings in (`enable_mm_embeds`; the vision
-tower's profiling skipped: it never runs), raw log-softmax log-probabilities, the checkpoint's
-generation_config.json ignored (the original ignores it too: it stops at `<|im_end|>`), vLLM's own stat loggers off
-(ours reads its statistics).
+Always: eager mode on a CPU (compiling takes minutes there; on a GPU vLLM's own default, compiled with CUDA graphs),
+image embeddings in (`enable_mm_embeds`; the vision tower's profiling skipped: it never runs), raw log-softmax
+log-probabilities, the checkpoint's generation_config.json ignored (the original ignores it too: it stops at
+`<|im_end|>`), vLLM's own stat loggers off (ours reads its statistics), structured outputs by xgrammar only (the
+backend the plugin makes ours; vLLM's "auto" would fall back to another backend for a grammar xgrammar refuses).
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from services.contract.errors import InvalidArgumentError
 from services.contract.sampling import SamplingParams
 from services.llm.config import LLMConfig
 from services.llm.engine.memory import DEFAULT_KV_SHARE, free_memory_bytes
+from services.llm.engine.vllm.adapters import check_adapters, lora_rank
 from services.llm.engine.vllm.engine import VLLMEngine
 from services.llm.engine.vllm.plugin import TOKENIZER_MODE
 from services.llm.prompt import PromptBuilder
-from services.model.adapters import Adapter
+from services.model.adapters import LANGUAGE_PREFIXES, Adapter
 from services.model.checkpoint import Checkpoint
 from services.model.modules import default_device, resolve_dtype
 from services.model.torch_dtypes import TORCH_DTYPES
@@ -47,8 +51,7 @@ def build_vllm_engine(config: LLMConfig, checkpoint: Checkpoint, tokenizer: PreT
                       prompts: PromptBuilder, max_context_tokens: int, *, adapters: Sequence[Adapter] = (),
                       model: object | None = None) -> VLLMEngine:
     """The vLLM engine over `checkpoint` (not started: `await engine.start()` starts vLLM's processes)."""
-    if adapters:
-        raise InvalidArgumentError("--lora: LoRA adapters are not served by the vLLM engine yet")
+    check_adapters(adapters)
     if model is not None:
         raise InvalidArgumentError("the vLLM engine loads its own weights; it cannot compute with a model loaded here")
     device = torch.device(config.device) if config.device else default_device()
@@ -61,17 +64,19 @@ def build_vllm_engine(config: LLMConfig, checkpoint: Checkpoint, tokenizer: PreT
         # vLLM picks its platform (and its kernels) once, from this, when first asked: before any engine exists.
         os.environ["VLLM_TARGET_DEVICE"] = "cpu"
     dtype = resolve_dtype(config.dtype, device)
-    return VLLMEngine(engine_args(config, checkpoint, max_context_tokens, dtype, device), tokenizer,
-                      stop_token_id=tokenizer.convert_tokens_to_ids(template.STOP_TOKEN),
+    args = engine_args(config, checkpoint, max_context_tokens, dtype, device, adapters)
+    return VLLMEngine(args, tokenizer, stop_token_id=tokenizer.convert_tokens_to_ids(template.STOP_TOKEN),
                       img_start_id=prompts.img_start_id, img_context_id=prompts.img_context_id,
-                      img_end_id=prompts.img_end_id, dtype=dtype)
+                      img_end_id=prompts.img_end_id, dtype=dtype, adapters=adapters)
 
 
 def engine_args(config: LLMConfig, checkpoint: Checkpoint, max_context_tokens: int, dtype: torch.dtype,
-                device: torch.device):
+                device: torch.device, adapters: Sequence[Adapter] = ()):
     """vLLM's AsyncEngineArgs for our configuration (the table in the module doc)."""
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    language = [adapter for adapter in adapters if adapter.part(LANGUAGE_PREFIXES)]
     return AsyncEngineArgs(
         model=str(checkpoint.path),
         served_model_name=checkpoint.name,
@@ -92,7 +97,23 @@ def engine_args(config: LLMConfig, checkpoint: Checkpoint, max_context_tokens: i
         logprobs_mode="raw_logprobs",
         disable_log_stats=True,
         enable_logging_iteration_details=True,
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"),
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
+        enable_lora=bool(language),
+        max_loras=lora_slots(language, device),
+        max_cpu_loras=lora_slots(language, device),
+        max_lora_rank=lora_rank(language),
     )
+
+
+def lora_slots(adapters: Sequence[Adapter], device: torch.device) -> int:
+    """vLLM's `max_loras`: a slot for every adapter (all resident), and on a CPU one more that stays empty. vLLM's CPU
+    LoRA kernels (plain torch) index the stacked adapters with each row's slot, and a row without an adapter has slot
+    -1, which torch reads as the last slot: with every slot holding an adapter, the base's rows in a batch with
+    adapted rows were computed with the last adapter (measured: the base's tokens changed). An empty last slot adds
+    exactly zero to them. (vLLM's GPU kernels skip slot -1.)"""
+    return max(1, len(adapters)) + (device.type == "cpu")
 
 
 def kv_cache_bytes(config: LLMConfig, device: torch.device) -> int | None:

@@ -7,9 +7,15 @@ n answers runs as a vLLM request of its own (seed + i) in a task that turns vLLM
 `TokenDelta` per token (its text by our detokenizer and stop strings, its log-probabilities the model's raw
 log-softmax), one `Finish` per answer with its usage (vLLM's `num_cached_tokens` as the prefix-cache hit).
 
+A constraint goes to vLLM's xgrammar backend as the EBNF text our service compiled (services.llm.grammar
+`constraint_ebnf`; the backend over our vocabulary is the plugin's); a LoRA adapter's language part as a
+`LoRARequest` for the private copy the engine wrote at start-up (services.llm.engine.vllm.adapters), every adapter
+loaded into vLLM before the engine serves.
+
 Cancel (or the deadline) aborts the answers' vLLM requests; a stop string found in the text ends its answer and
-aborts its request. vLLM's `EngineDeadError` (its engine core died) fails every request in flight with
-`BatchFaultError` and every later one with `NotReadyError` (restarting the engine is not done here).
+aborts its request. When vLLM's engine core dies (`EngineDeadError`), a watchdog fails every request in flight with
+`BatchFaultError` (retryable), tells the engine's `readiness` listener False, starts a new `AsyncLLM` (refusing
+requests with `NotReadyError` meanwhile), and tells it True once the new one serves.
 
 `load()` and the observer's hooks come from vLLM's own statistics (services.llm.engine.vllm.stats).
 """
@@ -21,6 +27,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,6 +39,7 @@ from services.contract.finish import FinishReason
 from services.llm.engine.api import BatchFaultError, Engine, EngineLoad, GenerationStream, StepReport
 from services.llm.engine.events import EngineRequest, Finish, Timing, TokenDelta, Usage
 from services.llm.engine.vllm.answer_text import AnswerText
+from services.llm.engine.vllm.keeper import AsyncLLMKeeper
 from services.llm.engine.vllm.requests import (
     IMAGE_PLACEHOLDER,
     PromptFolder,
@@ -41,6 +49,8 @@ from services.llm.engine.vllm.requests import (
     top_logprobs,
 )
 from services.llm.engine.vllm.stats import Occupancy, engine_load, kv_pool_bytes, logger_factory
+from services.llm.grammar import constraint_ebnf
+from services.model.adapters import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +71,18 @@ class _Request:
 
 
 class VLLMEngine(Engine):
-    """vLLM's AsyncLLM over one checkpoint. `engine_args`: vLLM's AsyncEngineArgs (services.llm.engine.vllm.build)."""
+    """vLLM's AsyncLLM over one checkpoint. `engine_args`: vLLM's AsyncEngineArgs (services.llm.engine.vllm.build);
+    `adapters`: the LoRA adapters served beside the base."""
 
     def __init__(self, engine_args, tokenizer: PreTrainedTokenizerBase, *, stop_token_id: int, img_start_id: int,
-                 img_context_id: int, img_end_id: int, dtype: torch.dtype):
+                 img_context_id: int, img_end_id: int, dtype: torch.dtype, adapters: Sequence[Adapter] = ()):
         self.engine_args = engine_args
         self.tokenizer = tokenizer
         self.stop_token_id = stop_token_id
         self.image_ids = (img_start_id, img_context_id, img_end_id)
         self.dtype = dtype
-        self.llm = None  # vllm's AsyncLLM, once started
+        self.keeper = AsyncLLMKeeper(engine_args, adapters, lambda: [logger_factory(self._occupancy, self._on_step)],
+                                     on_down=self._lost, on_up=self._started)
         self.start_seconds: float | None = None
         self._folder: PromptFolder | None = None
         self._occupancy = Occupancy()
@@ -79,35 +91,50 @@ class VLLMEngine(Engine):
         self._requests: set[_Request] = set()
         self._in_flight = 0  # answers (vLLM requests) not finished yet
         self._ids = itertools.count()
-        self._dead: BaseException | None = None
         # The image rows' checks and dtype conversion: torch kernels, off the event loop, on one thread of their own
         # (each thread that runs torch kernels gets an OpenMP team).
         self._inputs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-inputs")
+
+    @property
+    def llm(self):
+        """vLLM's AsyncLLM now serving (None before start and while a new one starts)."""
+        return self.keeper.llm
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Starts vLLM's engine (its processes load the weights and size the KV pool: most of a minute on a CPU);
         the event loop serves on meanwhile."""
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         started = time.monotonic()
-        factory = logger_factory(self._occupancy, self._on_step)
-        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args, stat_loggers=[factory])
+        await self.keeper.start()
+        self._started(tell=False)
+        self.start_seconds = time.monotonic() - started
+        log.info("vLLM engine started in %.1f s (KV pool %.1f MiB)", self.start_seconds, self._pool_bytes / 2**20)
+
+    def _started(self, tell: bool = True) -> None:
+        """A new AsyncLLM serves: its pool's size and its tokenizer's `<image>`."""
         self._pool_bytes = kv_pool_bytes(self.llm.vllm_config)
         placeholder = self.llm.renderer.get_tokenizer().encode(IMAGE_PLACEHOLDER, add_special_tokens=False)
         self._folder = PromptFolder(placeholder, *self.image_ids)
-        self.start_seconds = time.monotonic() - started
-        log.info("vLLM engine started in %.1f s (KV pool %.1f MiB)", self.start_seconds, self._pool_bytes / 2**20)
+        if tell and self.readiness is not None:
+            self.readiness(True)
+
+    def _lost(self) -> None:
+        """vLLM's engine died: what was in flight is lost (retryable), and this replica is not ready until a new one
+        serves."""
+        lost = BatchFaultError("the LLM server's engine (vLLM) failed and this request was lost; retry it (the "
+                               "engine is being restarted)")
+        for entry in list(self._requests):
+            self._fail(entry, lost)
+        if self.readiness is not None:
+            self.readiness(False)
 
     async def close(self) -> None:
         requests = list(self._requests)
         for entry in requests:
             self._cancel(entry)
         await asyncio.gather(*(task for entry in requests for task in entry.tasks), return_exceptions=True)
-        if self.llm is not None:
-            self.llm.shutdown()
-            self.llm = None
+        await self.keeper.close()
         self._inputs.shutdown(wait=False, cancel_futures=True)
 
     # -- the interface --------------------------------------------------------------------------------------------
@@ -117,11 +144,11 @@ class VLLMEngine(Engine):
                            self._in_flight)
 
     def submit(self, request: EngineRequest) -> GenerationStream:
-        if self.llm is None:
+        if self.start_seconds is None:
             raise RuntimeError("engine not started")
-        if self._dead is not None or self.llm.errored:
-            raise NotReadyError("the LLM server's engine (vLLM) has stopped after a fault; the server must be "
-                                "restarted")
+        if not self.keeper.serving:
+            raise NotReadyError("the LLM server's engine (vLLM) failed and is being restarted; retry on another "
+                                "replica or shortly")
         problem = refusal(request)
         if problem is not None:
             raise problem
@@ -162,9 +189,11 @@ class VLLMEngine(Engine):
         """Runs one answer as a vLLM request; its events (or its request's error) go to its request's queue."""
         entry = answer.entry
         try:
-            engine_input = await self._render(entry.request)
-            params = sampling_params(entry.request, answer.index, self.stop_token_id)
-            outputs = self.llm.generate(engine_input, params, request_id=f"{entry.id}-{answer.index}")
+            lora = self._lora(entry.request.adapter)
+            engine_input, grammar = await self._render(entry.request)
+            params = sampling_params(entry.request, answer.index, self.stop_token_id, grammar)
+            outputs = self.llm.generate(engine_input, params, request_id=f"{entry.id}-{answer.index}",
+                                        lora_request=lora)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     if self._deliver(answer, output):
@@ -174,22 +203,31 @@ class VLLMEngine(Engine):
         except Exception as exc:  # noqa: BLE001 - every failure ends this request's stream with a domain error
             self._fail(entry, self._domain_error(exc))
 
-    async def _render(self, request: EngineRequest) -> dict:
-        """vLLM's engine input for `request`, checked: vLLM's expansion of the images gives back our prompt's ids."""
-        prompt = await asyncio.get_running_loop().run_in_executor(self._inputs, self._prepare, request)
+    def _lora(self, adapter: str):
+        """vLLM's LoRARequest for `adapter` (None: the base computes it)."""
+        if adapter and adapter not in self.keeper.loras:  # the service refuses it first (services.llm.intake)
+            raise InternVLError(f"model {adapter!r} is not an adapter of this engine")
+        return self.keeper.loras.get(adapter)
+
+    async def _render(self, request: EngineRequest) -> tuple[dict, str | None]:
+        """vLLM's engine input for `request`, checked (vLLM's expansion of the images gives back our prompt's ids),
+        and its constraint's grammar (EBNF text) if it has one."""
+        prompt, grammar = await asyncio.get_running_loop().run_in_executor(self._inputs, self._prepare, request)
         (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
         if list(engine_input["prompt_token_ids"]) != list(request.prompt.token_ids):
             raise InternVLError("vLLM's expansion of this prompt's images differs from the original's token ids; "
                                 "the request was not run")
-        return engine_input
+        return engine_input, grammar
 
-    def _prepare(self, request: EngineRequest) -> dict:
-        """The prompt for vLLM, off the event loop (the rows are checked and converted here)."""
+    def _prepare(self, request: EngineRequest) -> tuple[dict, str | None]:
+        """The prompt for vLLM and the grammar, off the event loop (the rows are checked and converted here)."""
         for image, rows in zip(request.prompt.images, request.image_rows, strict=True):
             if not bool(torch.isfinite(rows).all()):
                 raise InvalidArgumentError(f"embeddings of {image.key} contain NaN or infinite values")
+        constraint = request.sampling.constraint
         try:
-            return engine_prompt(request, self._folder, self.dtype)
+            return engine_prompt(request, self._folder, self.dtype), (
+                None if constraint is None else constraint_ebnf(constraint))
         except ValueError as exc:  # the prompt builder's images and ids disagree: ours to mend, not the caller's
             raise InternVLError(f"this prompt's images could not be given to vLLM ({exc})") from exc
 
@@ -213,7 +251,7 @@ class VLLMEngine(Engine):
             delta = TokenDelta((token,), text, (report,) if report is not None else (), answer.index)
             answer.generated += 1
             answer.entry.queue.put_nowait(delta)
-            timed.append((answer.entry.arrival, answer.last_token, delta, ""))
+            timed.append((answer.entry.arrival, answer.last_token, delta, answer.entry.request.adapter))
             answer.last_token = now
             if answer.first_token is None:
                 answer.first_token = now
@@ -241,7 +279,7 @@ class VLLMEngine(Engine):
             # The prompt is the request's, counted once (with answer 0), as OpenAI's usage counts it.
             first = answer.index == 0
             self.observer.on_finish(reason.value, usage.prompt_tokens if first else 0,
-                                    usage.cached_prompt_tokens if first else 0, "")
+                                    usage.cached_prompt_tokens if first else 0, answer.entry.request.adapter)
 
     def _fail(self, entry: _Request, error: BaseException) -> None:
         """Ends the request's stream with `error` (once) and stops its other answers."""
@@ -260,12 +298,9 @@ class VLLMEngine(Engine):
 
         if isinstance(exc, InternVLError):
             return exc
-        if isinstance(exc, EngineDeadError):
-            if self._dead is None:
-                log.error("vLLM's engine died: %s", exc)
-            self._dead = exc
-            return BatchFaultError("the LLM server's engine (vLLM) failed and this request was lost; retry it (on "
-                                   "another replica: this one needs a restart)")
+        if isinstance(exc, EngineDeadError):  # the keeper restarts the engine
+            return BatchFaultError("the LLM server's engine (vLLM) failed and this request was lost; retry it (the "
+                                   "engine is being restarted)")
         if isinstance(exc, VLLMClientError | ValueError):
             return InvalidArgumentError(f"the LLM server's engine (vLLM) refused the request: {exc}")
         log.error("a vLLM request failed: %s: %s", type(exc).__name__, exc)

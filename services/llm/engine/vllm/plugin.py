@@ -20,6 +20,11 @@ and its workers, which are spawned and so inherit nothing registered in their pa
    shape check ("data contains inconsistent shapes") and with it the engine core, for every request in flight.
    Each image's rows are used on their own (`embed_multimodal` returns them as they come), so `f` is declared
    dynamic.
+5. **LoRA on the LM head.** The architectures the checkpoints name are registered as subclasses that take LoRA on
+   their LM head (InternLM2's `output` among them: ms-swift adapts it by default), services.llm.engine.vllm.lora_heads.
+6. **Constraints over our vocabulary.** vLLM's structured-output manager builds its xgrammar backend as
+   services.llm.engine.vllm.grammar_backend's: InternVL's added tokens never allowed inside constrained text, and
+   the end of turn as the grammar's only stop token.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from PIL import Image
 
 TOKENIZER_MODE = "internvl_serve"
 _PROCESSOR_MODULE = "vllm.transformers_utils.processors.internvl"
+# The architectures the checkpoints' llm_config names -> our subclasses with LoRA on the LM head, imported by vLLM
+# only when it builds the model (in its worker).
+_LORA_HEADS_MODULE = "services.llm.engine.vllm.lora_heads"
+_LORA_HEADS = {"Qwen2ForCausalLM": "Qwen2WithLoRAHead", "InternLM2ForCausalLM": "InternLM2WithLoRAHead"}
 
 
 def register() -> None:
@@ -49,6 +58,8 @@ def register() -> None:
     _register_tokenizer()
     _import_processor_without_torchvision()
     _declare_image_rows_dynamic()
+    _register_lora_heads()
+    _use_our_grammar_backend()
 
 
 class CheckpointTokenizer:
@@ -164,6 +175,24 @@ def transforms_substitute() -> types.ModuleType:
     for cls in (InterpolationMode, Compose, Lambda, Resize, ToTensor, Normalize):
         setattr(transforms, cls.__name__, cls)
     return transforms
+
+
+def _register_lora_heads() -> None:
+    """The language models with LoRA on their LM head (item 5 of the module doc)."""
+    from vllm import ModelRegistry
+
+    for architecture, model_class in _LORA_HEADS.items():
+        ModelRegistry.register_model(architecture, f"{_LORA_HEADS_MODULE}:{model_class}")
+
+
+def _use_our_grammar_backend() -> None:
+    """The structured-output manager's xgrammar backend is ours (item 6 of the module doc)."""
+    import vllm.v1.structured_output as manager
+
+    from services.llm.engine.vllm.grammar_backend import CheckpointXgrammarBackend
+
+    if not issubclass(manager.XgrammarBackend, CheckpointXgrammarBackend):
+        manager.XgrammarBackend = CheckpointXgrammarBackend
 
 
 def _declare_image_rows_dynamic() -> None:

@@ -20,8 +20,12 @@ addition commutes with theirs), the end of turn `<|im_end|>` as the only stop to
 an answer, as in the original). Stop strings and the answer's text are ours (services.llm.engine.detokenize), so
 vLLM neither detokenises nor stops on strings.
 
+**Constraints**: the grammar (our EBNF text, services.llm.grammar `constraint_ebnf`) as vLLM's structured output
+`grammar`, which its xgrammar backend (ours, installed by the plugin) compiles over our vocabulary.
+
 **Refused** (InvalidArgumentError naming the option): the repetition penalty (vLLM's counts the prompt's tokens too,
-the original's only the generated ones: its answers would differ), constrained decoding and LoRA adapters (not yet).
+the original's only the generated ones: its answers would differ); top_logprobs with a constraint (vLLM masks the
+logits before it takes their log-probabilities, where the original reports the model's own).
 """
 
 from __future__ import annotations
@@ -46,12 +50,11 @@ def refusal(request: EngineRequest) -> InvalidArgumentError | None:
         return InvalidArgumentError(
             "repetition_penalty is not supported by this LLM server's engine (vLLM): it would penalise the prompt's "
             "tokens too, where the original penalises only the generated ones; leave it unset (0 or 1)")
-    if sampling.constraint is not None or request.grammar is not None:
-        return InvalidArgumentError("constrained decoding (constraint) is not supported by this LLM server's engine "
-                                    "(vLLM) yet")
-    if request.adapter:
-        return InvalidArgumentError(f"model {request.adapter!r}: LoRA adapters are not served by this LLM server's "
-                                    "engine (vLLM) yet")
+    if sampling.constraint is not None and sampling.top_logprobs:
+        return InvalidArgumentError(
+            "top_logprobs with a constraint is not supported by this LLM server's engine (vLLM): it would report the "
+            "log-probabilities after the constraint's mask, where the original reports the model's own; ask for one "
+            "of the two")
     return None
 
 
@@ -96,10 +99,11 @@ def engine_prompt(request: EngineRequest, folder: PromptFolder, dtype: torch.dty
     return prompt
 
 
-def sampling_params(request: EngineRequest, index: int, stop_token_id: int):
-    """vLLM's SamplingParams of answer `index` (its own seed: services.contract.sampling.for_answer)."""
+def sampling_params(request: EngineRequest, index: int, stop_token_id: int, grammar: str | None = None):
+    """vLLM's SamplingParams of answer `index` (its own seed: services.contract.sampling.for_answer), constrained
+    to `grammar` (EBNF text) if given."""
     from vllm import SamplingParams as VLLMSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     sampling = request.sampling.for_answer(index)
     return VLLMSamplingParams(
@@ -117,6 +121,7 @@ def sampling_params(request: EngineRequest, index: int, stop_token_id: int):
         ignore_eos=True,
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
+        structured_outputs=None if grammar is None else StructuredOutputsParams(grammar=grammar),
     )
 
 

@@ -1,14 +1,16 @@
 """A started vLLM engine per language-model family, with its independent references.
 
-`family` (module scope, one per family: an engine start costs tens of seconds, so a module's tests share it):
+`family` (session scope, one per family: an engine start costs tens of seconds, so every module's tests share it; a
+test that kills its engine core waits for the engine's restart):
 - `qwen2`: make-tiny's `small` preset (LLM head size 32, the smallest vLLM's CPU attention runs), Qwen2 BPE tokenizer;
 - `internlm2`: the same shape as InternLM2 with the published sizes' tokenizer path (a sentencepiece model and a
   tokenizer class of the checkpoint's own, tests/sentencepiece_checkpoint.py), whose other code files are tripwires.
+Each engine serves the LoRA adapters of `ADAPTERS` beside the base, written with PEFT by tests/lora_reference.py.
 
 The references share no code with the engine: transformers' native `InternVLForConditionalGeneration` (weights
-converted by tests/reference_impl.py) generating from the prompt's ids and the images' pixels, and the project's
-vision path (checked against that same native model elsewhere) making the embeddings the engine is given, as the
-vision service would.
+converted by tests/reference_impl.py) generating from the prompt's ids and the images' pixels, the project's vision
+path (checked against that same native model elsewhere) making the embeddings the engine is given, as the vision
+service would, and for the adapters PEFT's own LoRA layers on the original module tree (`Family.original`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ import pytest
 import pytest_asyncio
 import torch
 import transformers.dynamic_module_utils
+from lora_reference import (
+    INTERNLM2_TARGETS,
+    QWEN2_TARGETS,
+    VISION_AND_LANGUAGE_TARGETS,
+    OriginalInternVL,
+    unwrap,
+    write_swift_adapter,
+)
 from reference_impl import native_config, read_original, to_native_state_dict
 from sentencepiece_checkpoint import build as build_sentencepiece_checkpoint
 from transformers import InternVLForConditionalGeneration
@@ -35,6 +45,8 @@ from services.llm.engine.events import EngineRequest, Finish, TokenDelta
 from services.llm.engine.vllm.build import build_vllm_engine
 from services.llm.metrics import LLMMetrics
 from services.llm.prompt import Prompt, PromptBuilder
+from services.model.adapter_options import AdapterOptions
+from services.model.adapters import read_adapters
 from services.model.chat import InternVLChat
 from services.model.tiny import make_tiny
 from services.vision.preprocess import load_image
@@ -42,6 +54,22 @@ from services.vision.preprocess import load_image
 # KV pool of the test engines (running and prefix cache together), in MiB: a few thousand tokens of the small shape.
 KV_MB = 32
 CONTEXT = 4096
+
+# Qwen2's projections and its LM head (vLLM takes LoRA on a head only through services.llm.engine.vllm.lora_heads).
+QWEN2_AND_HEAD_TARGETS = QWEN2_TARGETS.replace("down_proj))$", "down_proj|lm_head))$")
+# The adapters each engine serves: ranks differ (vLLM pads them), one uses rsLoRA, one also adapts the vision side
+# (the engine must load only its language part), InternLM2's adapt the fused `wqkv` and the head `output`.
+ADAPTERS = {
+    "qwen2": {
+        "q-plain": {"target_modules": QWEN2_AND_HEAD_TARGETS, "r": 8, "lora_alpha": 32, "seed": 1},
+        "q-rslora": {"target_modules": QWEN2_TARGETS, "r": 4, "lora_alpha": 16, "use_rslora": True, "seed": 2},
+        "q-vision": {"target_modules": VISION_AND_LANGUAGE_TARGETS, "r": 8, "lora_alpha": 32, "seed": 3},
+    },
+    "internlm2": {
+        "i-plain": {"target_modules": INTERNLM2_TARGETS, "r": 8, "lora_alpha": 32, "seed": 1},
+        "i-rslora": {"target_modules": INTERNLM2_TARGETS, "r": 16, "lora_alpha": 32, "use_rslora": True, "seed": 2},
+    },
+}
 
 
 @dataclass
@@ -77,6 +105,13 @@ class Family:
     prompts: PromptBuilder
     metrics: LLMMetrics
     pixels: dict[str, torch.Tensor]  # image name -> tiles [n, 3, 448, 448]
+    original: OriginalInternVL  # the checkpoint as a module tree of its original names, for PEFT
+    adapters: dict[str, tuple[Path, object]]  # adapter name -> (its ms-swift directory, the PEFT model it was saved from)
+    adapter_files: dict[str, dict[str, tuple[int, int]]]  # adapter name -> its files' (size, mtime) as written
+
+    def adapted(self, name: str) -> OriginalInternVL:
+        """The module whose forwards are model `name`'s ("": the base), adapted by PEFT's own LoRA layers."""
+        return unwrap(self.adapters[name][1]) if name else self.original
 
     @property
     def stop_id(self) -> int:
@@ -87,12 +122,13 @@ class Family:
         with torch.inference_mode():
             return self.chat.vision.encode(self.pixels[name]).reshape(-1, self.native.config.text_config.hidden_size)
 
-    def request(self, conversation: Conversation, images: Sequence[str] = (), **sampling) -> EngineRequest:
+    def request(self, conversation: Conversation, images: Sequence[str] = (), adapter: str = "",
+                **sampling) -> EngineRequest:
         """`images`: the pixel names of the prompt's images in order (their ImageRef keys name them too)."""
         sampling.setdefault("max_new_tokens", 10)
         prompt = self.prompts.build(conversation)
         rows = tuple(torch.cat([self.rows(n) for n in name.split("+")]) for name in images)
-        return EngineRequest(prompt, SamplingParams(**sampling), sampling["max_new_tokens"], rows)
+        return EngineRequest(prompt, SamplingParams(**sampling), sampling["max_new_tokens"], rows, adapter=adapter)
 
     @staticmethod
     async def collect(stream) -> list[Answer]:
@@ -130,7 +166,7 @@ def _native(path: Path, image_token_id: int) -> InternVLForConditionalGeneration
     return model
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["qwen2", "internlm2"])
+@pytest_asyncio.fixture(scope="session", loop_scope="session", params=["qwen2", "internlm2"])
 async def family(request, tmp_path_factory, golden_dir):
     root = tmp_path_factory.mktemp(f"vllm-{request.param}")
     with contextlib.ExitStack() as stack:
@@ -141,10 +177,18 @@ async def family(request, tmp_path_factory, golden_dir):
         patch.setenv("HF_MODULES_CACHE", str(root / "hf-modules"))
         path = _checkpoint(request.param, root)
         chat = InternVLChat.load(str(path), dtype="float32", device="cpu")
+        original = OriginalInternVL(path)
+        adapters = {name: write_swift_adapter(original, root / f"lora-{name}", **spec)
+                    for name, spec in ADAPTERS[request.param].items()}
+        written = {name: {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()}
+                   for name, (directory, _) in adapters.items()}
+        options = AdapterOptions(loras=tuple((name, str(directory)) for name, (directory, _) in adapters.items()))
         config = LLMConfig(model=str(path), dtype="float32", device="cpu", kv_budget_mb=KV_MB / 2,
-                           kv_cache_budget_mb=KV_MB / 2, max_context_tokens=CONTEXT)
+                           kv_cache_budget_mb=KV_MB / 2, max_context_tokens=CONTEXT, adapters=options,
+                           engine="vllm")
         prompts = PromptBuilder(chat.tokenizer, chat.tokens_per_tile, chat.checkpoint.spec.system_message, CONTEXT)
-        engine = build_vllm_engine(config, chat.checkpoint, chat.tokenizer, prompts, CONTEXT)
+        engine = build_vllm_engine(config, chat.checkpoint, chat.tokenizer, prompts, CONTEXT,
+                                   adapters=read_adapters(options, chat.checkpoint))
         metrics = LLMMetrics()
         engine.observer = metrics
         await engine.start()
@@ -155,7 +199,7 @@ async def family(request, tmp_path_factory, golden_dir):
                       "portrait": load_image(golden_dir / "portrait_333x1200.png", max_num=1),
                       "landscape": load_image(golden_dir / "landscape_1000x700.png", max_num=1)}
             yield Family(request.param, path, chat, _native(path, chat.img_context_id), engine, prompts, metrics,
-                         pixels)
+                         pixels, original, adapters, written)
         finally:
             await engine.close()
         if request.param == "internlm2":

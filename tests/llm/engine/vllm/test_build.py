@@ -1,11 +1,14 @@
 """`--engine vllm`: the factory builds the vLLM engine (not started: no process here), our flags become vLLM's
-engine arguments, and what it cannot do is refused naming the flag."""
+engine arguments (LoRA, parallelism, structured outputs among them), and what it cannot do is refused naming the
+flag."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+import torch
 
 from services.contract.errors import InvalidArgumentError
 from services.llm.config import LLMConfig
@@ -13,6 +16,7 @@ from services.llm.engine.factory import build_engine
 from services.llm.engine.vllm.engine import VLLMEngine
 from services.llm.engine.vllm.plugin import TOKENIZER_MODE
 from services.llm.prompt import PromptBuilder
+from services.model.adapters import Adapter
 from services.model.checkpoint import open_checkpoint
 from services.model.modules import load_tokenizer
 
@@ -60,5 +64,36 @@ def test_what_the_vllm_engine_cannot_do_is_refused(checkpoint):
     prompts = PromptBuilder(tokenizer, 256, None, 2048)
     with pytest.raises(InvalidArgumentError, match="weights"):
         build_engine(config, checkpoint, tokenizer, prompts, 2048, model=object())
-    with pytest.raises(InvalidArgumentError, match="--lora"):
-        build_engine(config, checkpoint, tokenizer, prompts, 2048, adapters=[object()])
+    with pytest.raises(InvalidArgumentError, match="--lora big: rank 1024"):
+        build_engine(config, checkpoint, tokenizer, prompts, 2048, adapters=[adapter("big", 1024)])
+
+
+def adapter(name: str, rank: int, language: bool = True) -> Adapter:
+    module = "language_model.model.layers.0.mlp.up_proj" if language else "mlp1.1"
+    return Adapter(name, Path("."), rank, 16.0, False, {module: (torch.zeros(rank, 8), torch.zeros(8, rank))}, name)
+
+
+def test_lora_parallelism_and_structured_outputs_reach_vllms_arguments(checkpoint):
+    args = build(checkpoint).engine_args
+    assert not args.enable_lora and (args.tensor_parallel_size, args.pipeline_parallel_size) == (1, 1)
+    assert args.structured_outputs_config.backend == "xgrammar"  # no silent fallback to another backend
+    config = LLMConfig(model=str(checkpoint.path), engine="vllm", device="cpu", tensor_parallel_size=4,
+                       pipeline_parallel_size=2)
+    tokenizer = load_tokenizer(checkpoint)
+    adapters = [adapter("a", 4), adapter("b", 12), adapter("vision-only", 64, language=False)]
+    engine = build_engine(config, checkpoint, tokenizer, PromptBuilder(tokenizer, 256, None, 2048), 2048,
+                          adapters=adapters)
+    args = engine.engine_args
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (4, 2)
+    # Two adapters with a language part, and on a CPU one slot more that stays empty (build.lora_slots).
+    assert (args.enable_lora, args.max_loras, args.max_cpu_loras, args.max_lora_rank) == (True, 3, 3, 16)
+    assert [adapter.name for adapter in engine.keeper.adapters] == ["a", "b", "vision-only"]
+
+
+def test_parallel_sizes_need_the_vllm_engine(checkpoint):
+    with pytest.raises(InvalidArgumentError, match="--tensor-parallel-size 2 needs --engine vllm"):
+        LLMConfig(model=str(checkpoint.path), tensor_parallel_size=2)
+    with pytest.raises(InvalidArgumentError, match="--pipeline-parallel-size 3 needs --engine vllm"):
+        LLMConfig(model=str(checkpoint.path), pipeline_parallel_size=3)
+    with pytest.raises(InvalidArgumentError, match="--tensor-parallel-size must be >= 1, got 0"):
+        LLMConfig(model=str(checkpoint.path), engine="vllm", tensor_parallel_size=0)

@@ -1,6 +1,7 @@
 """The vLLM plugin in this process (vLLM runs the same `register()` in each process it starts): our checkpoints read
 through AutoConfig without their code, the checkpoint's tokenizer under vLLM's tokenizer mode, vLLM's InternVL pixel
-transform without torchvision (equal to our preprocessing bit for bit), and image rows of different lengths accepted.
+transform without torchvision (equal to our preprocessing bit for bit), image rows of different lengths accepted, the
+language models with LoRA on their head registered and our xgrammar backend installed.
 """
 
 from __future__ import annotations
@@ -79,3 +80,17 @@ def test_images_with_different_row_counts_pass_the_input_schema():
     assert [t.shape[0] for t in inputs.data] == [256, 768]
     with pytest.raises(ValueError, match="data"):  # the hidden size still has to agree
         InternVLImageEmbeddingInputs(type="image_embeds", data=[one_tile, torch.zeros(768, 64)])
+
+
+def test_the_language_models_take_lora_on_their_head_and_the_grammar_backend_is_ours():
+    import vllm.v1.structured_output
+    from vllm import ModelRegistry
+
+    from services.llm.engine.vllm.grammar_backend import CheckpointXgrammarBackend
+    from services.llm.engine.vllm.lora_heads import InternLM2WithLoRAHead, Qwen2WithLoRAHead
+
+    for architecture, model_class in [("Qwen2ForCausalLM", Qwen2WithLoRAHead),
+                                      ("InternLM2ForCausalLM", InternLM2WithLoRAHead)]:
+        assert ModelRegistry.models[architecture].load_model_cls() is model_class
+        assert model_class.embedding_modules == {"lm_head": "output_embeddings"}
+    assert vllm.v1.structured_output.XgrammarBackend is CheckpointXgrammarBackend

@@ -116,16 +116,27 @@ def test_sampling_parameters_of_each_answer(builder):
     assert greedy.logit_bias is None
 
 
-@pytest.mark.parametrize(("sampling", "grammar", "adapter", "names"), [
-    ({"repetition_penalty": 1.3}, None, "", "repetition_penalty"),
-    ({"constraint": Constraint(ConstraintKind.REGEX, pattern="[ab]+")}, object(), "", "constrained decoding"),
-    ({}, None, "latex-ocr", "LoRA adapters"),
+REGEX = Constraint(ConstraintKind.REGEX, pattern="[ab]+")
+
+
+@pytest.mark.parametrize(("sampling", "names"), [
+    ({"repetition_penalty": 1.3}, "repetition_penalty"),
+    ({"constraint": REGEX, "top_logprobs": 1}, "top_logprobs with a constraint"),
 ])
-def test_what_this_engine_refuses_names_the_option(builder, sampling, grammar, adapter, names):
+def test_what_this_engine_refuses_names_the_option(builder, sampling, names):
     engine_request = EngineRequest(builder.build(CONVERSATIONS["text"]), SamplingParams(**sampling), 5,
-                                   grammar=grammar, adapter=adapter)
+                                   grammar=object())
     problem = refusal(engine_request)
     assert isinstance(problem, InvalidArgumentError) and names in str(problem)
+
+
+def test_constraints_and_adapters_are_taken(builder):
+    request = EngineRequest(builder.build(CONVERSATIONS["text"]), SamplingParams(constraint=REGEX), 5,
+                            grammar=object(), adapter="latex-ocr")
+    assert refusal(request) is None
+    params = sampling_params(request, 0, stop_token_id=151645, grammar='root ::= "a"')
+    assert params.structured_outputs.grammar == 'root ::= "a"'
+    assert sampling_params(request, 0, stop_token_id=151645).structured_outputs is None
 
 
 @pytest.mark.parametrize("penalty", [0.0, 1.0])

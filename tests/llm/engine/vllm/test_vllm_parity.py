@@ -1,7 +1,8 @@
 """The vLLM engine against independent references, on both language-model families (conftest.py `family`): greedy
 tokens equal and top-5 log-probabilities close to transformers' own generation, for text, images, several images of
 different tile counts, combined mode, a video and a conversation; the prefix cache reported; sampling reproducible
-per seed; n answers; stop strings; penalties and logit bias; refusals; cancel and the deadline.
+per seed; n answers; stop strings; penalties and logit bias; refusals; cancel and the deadline; the engine's restart
+after its engine core died.
 
 Tolerance: the top-5 log-probabilities (float32) within LOGPROB_ATOL of transformers' log-softmax, and the same five
 token ids in the same order.
@@ -18,14 +19,16 @@ import time
 
 import pytest
 import torch
+from helpers.engine import until
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from services.contract.constraint import Constraint, ConstraintKind
 from services.contract.conversation import Conversation, ImageRef, Turn, VideoRef
 from services.contract.errors import InvalidArgumentError, NotReadyError
 from services.contract.finish import FinishReason
 from services.llm.engine.api import BatchFaultError
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 
 LOGPROB_ATOL = 2e-5
 BLOCK = 128  # vLLM's KV block on a CPU: the prefix cache's unit
@@ -168,6 +171,16 @@ async def test_what_the_engine_refuses_is_refused_before_anything_runs(family):
     steps = family.engine.load().steps
     with pytest.raises(InvalidArgumentError, match="repetition_penalty"):
         family.engine.submit(family.request(Conversation(user_parts=("Hi",)), repetition_penalty=1.2))
+    regex = Constraint(ConstraintKind.REGEX, pattern="[ab]+")
+    with pytest.raises(InvalidArgumentError, match="top_logprobs with a constraint"):
+        family.engine.submit(family.request(Conversation(user_parts=("Hi",)), constraint=regex, top_logprobs=2))
+    # Embeddings vLLM's engine core would compute garbage (or die) with never reach it.
+    request = family.request(Conversation(user_parts=(ImageRef("small-broken", 1), "Hi")), ("small",))
+    for value in (float("nan"), float("inf")):
+        rows = request.image_rows[0].clone()
+        rows[3, 5] = value
+        with pytest.raises(InvalidArgumentError, match="NaN or infinite"):
+            await family.collect(family.engine.submit(dataclasses.replace(request, image_rows=(rows,))))
     assert family.engine.load().steps == steps
 
 
@@ -207,16 +220,29 @@ async def test_the_metrics_see_vllms_steps_and_our_tokens(family):
     assert load.kv_budget_bytes > 0 and load.steps > 0
 
 
-async def test_when_vllms_engine_dies_requests_in_flight_are_retryable_and_new_ones_refused(family):
-    """Last in the module: it kills the family's engine core (a process this test run started)."""
+async def test_when_vllms_engine_core_dies_requests_in_flight_are_retryable_and_the_engine_restarts(family):
+    """It kills the family's engine core (a process this test run started), then waits for the new one."""
+    readiness: list[bool] = []
+    family.engine.readiness = readiness.append
+    restarts = family.engine.keeper.restarts
     conversation = Conversation(user_parts=("Count to a thousand.",))
-    stream = family.engine.submit(family.request(conversation, max_new_tokens=2000,
-                                                 logit_bias=((family.stop_id, -100.0),)))
-    await stream.__anext__()
-    [core] = [p for p in multiprocessing.active_children() if p.name.startswith("EngineCore")]
-    os.kill(core.pid, signal.SIGKILL)
-    with pytest.raises(BatchFaultError, match="retry"):
-        async for _ in stream:
-            pass
-    with pytest.raises(NotReadyError, match="restarted"):
-        family.engine.submit(family.request(conversation))
+    try:
+        stream = family.engine.submit(family.request(conversation, max_new_tokens=2000,
+                                                     logit_bias=((family.stop_id, -100.0),)))
+        await stream.__anext__()
+        [core] = [p for p in multiprocessing.active_children() if p.name.startswith("EngineCore")]
+        os.kill(core.pid, signal.SIGKILL)
+        with pytest.raises(BatchFaultError, match="retry"):
+            async for _ in stream:
+                pass
+        await until(lambda: readiness == [False], timeout=10)
+        with pytest.raises(NotReadyError, match="restarted"):
+            family.engine.submit(family.request(conversation))
+        await until(lambda: readiness == [False, True], timeout=300)
+    finally:
+        family.engine.readiness = None
+    assert family.engine.keeper.restarts == restarts + 1
+    request = family.request(Conversation(user_parts=(ImageRef("small", 1), "Hello again.")), ("small",),
+                             max_new_tokens=6, top_logprobs=5)
+    [answer] = await family.collect(family.engine.submit(request))
+    assert_matches_reference(family, answer, request.prompt, ("small",), 6)
