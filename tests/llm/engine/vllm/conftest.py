@@ -9,6 +9,9 @@ The references share no code with the engine: transformers' native `InternVLForC
 converted by tests/reference_impl.py) generating from the prompt's ids and the images' pixels, and the project's
 vision path (checked against that same native model elsewhere) making the embeddings the engine is given, as the
 vision service would.
+
+`--vllm-device` and `--vllm-dtype` (tests/conftest.py) run them elsewhere: bench/gpu_check.py runs them on a GPU,
+in bfloat16 and in float32; the references then run on that GPU in float32.
 """
 
 from __future__ import annotations
@@ -82,10 +85,17 @@ class Family:
     def stop_id(self) -> int:
         return self.chat.stop_id
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The engine's compute dtype."""
+        return self.engine.dtype
+
     def rows(self, name: str) -> torch.Tensor:
-        """What the vision service would store for image `name`: [tiles * 256, hidden]."""
+        """What the vision service would store for image `name`: [tiles * 256, hidden], on the CPU (as read from
+        Redis)."""
         with torch.inference_mode():
-            return self.chat.vision.encode(self.pixels[name]).reshape(-1, self.native.config.text_config.hidden_size)
+            rows = self.chat.vision.encode(self.pixels[name])
+            return rows.reshape(-1, self.native.config.text_config.hidden_size).cpu()
 
     def request(self, conversation: Conversation, images: Sequence[str] = (), **sampling) -> EngineRequest:
         """`images`: the pixel names of the prompt's images in order (their ImageRef keys name them too)."""
@@ -127,8 +137,9 @@ async def family(request, tmp_path_factory, golden_dir):
         patch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(root / "hf-modules"))
         patch.setenv("HF_MODULES_CACHE", str(root / "hf-modules"))
         path = _checkpoint(request.param, root)
-        chat = InternVLChat.load(str(path), dtype="float32", device="cpu")
-        config = LLMConfig(model=str(path), dtype="float32", device="cpu", kv_budget_mb=KV_MB / 2,
+        device, dtype = request.config.getoption("--vllm-device"), request.config.getoption("--vllm-dtype")
+        chat = InternVLChat.load(str(path), dtype="float32", device=device)
+        config = LLMConfig(model=str(path), dtype=dtype, device=device, kv_budget_mb=KV_MB / 2,
                            kv_cache_budget_mb=KV_MB / 2, max_context_tokens=CONTEXT)
         prompts = PromptBuilder(chat.tokenizer, chat.tokens_per_tile, chat.checkpoint.spec.system_message, CONTEXT)
         engine = build_vllm_engine(config, chat.checkpoint, chat.tokenizer, prompts, CONTEXT)
@@ -141,11 +152,12 @@ async def family(request, tmp_path_factory, golden_dir):
                       "wide": load_image(golden_dir / "wide_2200x300.png", max_num=2),
                       "portrait": load_image(golden_dir / "portrait_333x1200.png", max_num=1),
                       "landscape": load_image(golden_dir / "landscape_1000x700.png", max_num=1)}
-            yield Family(request.param, path, chat, load_native(path, chat.img_context_id), engine, prompts, metrics,
-                         pixels)
+            yield Family(request.param, path, chat, load_native(path, chat.img_context_id, device=device), engine,
+                         prompts, metrics, pixels)
         finally:
             await engine.close()
         if request.param == "internlm2":
             assert not (root / "imported.txt").exists(), "a checkpoint code file other than the tokenizer's ran"
-        assert os.environ.get("VLLM_TARGET_DEVICE") == "cpu"
+        if device == "cpu":
+            assert os.environ.get("VLLM_TARGET_DEVICE") == "cpu"
         assert template.STOP_TOKEN == "<|im_end|>"
