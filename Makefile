@@ -10,7 +10,7 @@ TINY_CHECKPOINT := checkpoints/tiny-qwen2-300m
 MODEL ?= $(TINY_CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap system-deps run demo test test-fast fuzz bench bench-quick bench-lora protos protos-check lint clean
+.PHONY: bootstrap system-deps run demo test test-fast fuzz bench bench-quick bench-lora gpu-check protos protos-check lint clean
 
 bootstrap: system-deps $(STAMP)
 
@@ -73,6 +73,12 @@ bench-quick: bootstrap
 # LoRA adapters batched with the base (decode step, time to first token); bench/results/<date>-lora.{json,md}.
 bench-lora: bootstrap
 	$(BIN)/internvl-serve bench-lora --out bench/results
+
+# On a CUDA machine: vLLM's official wheel in an environment of its own (.venv-gpu), the vLLM engine's parity tests in
+# bfloat16 and float32 on the GPU, and both engines' quick benchmark; bench/results/<date>-gpu-check.{json,md}.
+# Needs nothing of `make bootstrap` (the machine's python3 runs it); `python3 -m bench.gpu_check --dry-run` lists it.
+gpu-check:
+	$(PYTHON) -m bench.gpu_check --out bench/results
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

@@ -13,6 +13,14 @@ from tools.launcher import LaunchError
 PROCESS_FIXTURES = {"redis_url"}
 
 
+def pytest_addoption(parser):
+    # The vLLM engine's tests (tests/llm/engine/vllm) on another device and dtype: bench/gpu_check.py runs them on a
+    # CUDA GPU in bfloat16 and float32. The suite itself runs them on the CPU in float32.
+    parser.addoption("--vllm-device", default="cpu", help="device of the vLLM engine tests (default cpu)")
+    parser.addoption("--vllm-dtype", default="float32", choices=("float32", "bfloat16"),
+                     help="dtype of the vLLM engine tests (default float32)")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -90,6 +90,31 @@ def processes_mentioning(text: str) -> list[int]:
     return [p.pid for p in processes() if p.pid != os.getpid() and text in " ".join(p.argv)]
 
 
+def descendants(pid: int) -> set[tuple[int, str]]:
+    """Every process below `pid` now, as (pid, command line): a pid reused later by another program is not taken for
+    one of them. Found by parent links, so also processes that renamed themselves (vLLM's engine core and workers)."""
+    children: dict[int, list] = {}
+    for p in processes():
+        children.setdefault(p.ppid, []).append(p)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add((child.pid, " ".join(child.argv)))
+            todo.append(child.pid)
+    return found
+
+
+def still_running(started: set[tuple[int, str]], grace_s: float = 10) -> list[tuple[int, str]]:
+    """Those of `started` (from `descendants`) that still run after up to `grace_s` (an orphan that was told to
+    stop may take a moment to exit)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        running = sorted(started & {(p.pid, " ".join(p.argv)) for p in processes()})
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def up_stack(checkpoint: Path, logs: Path, *args: str, http: bool = True, cli_flags: Sequence[str] = (),
              env: Mapping[str, str] | None = None, drop_env: Sequence[str] = ()) -> Iterator[UpStack]:
@@ -98,8 +123,9 @@ def up_stack(checkpoint: Path, logs: Path, *args: str, http: bool = True, cli_fl
     added and `drop_env` removed; yielded once its banner says every process serves.
 
     A failure to start fails the test with the banner and the tail of every log. Leaving, it gets SIGINT (Ctrl-C),
-    which must stop it with status 0 and leave no process behind: none naming the log directory (redis-server's
-    directory, the services' port files) or the checkpoint (the services).
+    which must stop it with status 0 and leave no process behind: none it had started (the services and what they
+    started, vLLM's engine processes among them), none naming the log directory (redis-server's directory, the
+    services' port files) or the checkpoint (the services).
     """
     argv = [sys.executable, "-m", "tools.cli", *cli_flags, "up", "--model", str(checkpoint), "--dtype", "float32",
             "--gateway-port", "0", "--http-port", "any" if http else "0", "--metrics-port", "0",
@@ -118,9 +144,11 @@ def up_stack(checkpoint: Path, logs: Path, *args: str, http: bool = True, cli_fl
         yield UpStack(up, banner, logs, model=checkpoint.name, channel=channel, **ports)
     finally:
         channel.close()
+        started = descendants(up.pid)
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=90)
     assert up.returncode == 0 and "stopped" in rest, rest
+    assert still_running(started) == [], "a process `up` had started outlived it"
     assert processes_mentioning(str(logs)) == [], "a process of the stack (redis-server?) outlived `up`"
     assert processes_mentioning(str(checkpoint)) == [], "a service outlived `up`"
 

@@ -79,6 +79,8 @@ class LLMConfig:
             (self.kv_budget_mb >= 0, f"--kv-budget-mb must be >= 0 (0: from the free memory), got {self.kv_budget_mb}"),
             (self.max_context_tokens is None or self.max_context_tokens >= 2,
              f"--max-context-tokens must be >= 2, got {self.max_context_tokens}"),
+            (self.tensor_parallel_size == 1 or self.engine == "vllm",
+             f"--tensor-parallel-size {self.tensor_parallel_size} needs --engine vllm (one device otherwise)"),
         ]
         checks += [(False, problem) for problem in self.adapters.problems()]
         for ok, message in checks:

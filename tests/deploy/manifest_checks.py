@@ -51,6 +51,8 @@ EXIT_MARGIN_S = 5
 DNS_TTL_S = 5
 # `$NAME` / `${NAME...}` in a shell script (`sh -c`): the container's environment read by the shell at run time.
 SHELL_REF = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+# The image deploy/docker/Dockerfile's `vllm` target builds, by the name the overlays give it: the only one with vLLM.
+VLLM_IMAGE = "internvl-serve-vllm"
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -638,10 +640,43 @@ def check_network_policies(objects: list[dict]) -> list[str]:
     return problems
 
 
+def image_name(image: str) -> str:
+    """An image reference's repository name without registry, path, tag or digest (`reg.io/a/b:1` -> `b`)."""
+    return image.rsplit("/", 1)[-1].split("@")[0].split(":")[0]
+
+
+def gpu_count(container: dict) -> int:
+    return int(((container.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", 0))
+
+
+def check_llm_engine(objects: list[dict]) -> list[str]:
+    """The llm pool's engine against its pod: vLLM runs from the image that has it, its tensor parallelism spans
+    exactly the GPUs the container gets (one without GPUs: 1), and the GPUs of a sharded model share a memory-backed
+    /dev/shm (NCCL's transport between vLLM's workers)."""
+    inv = servers(objects).get("llm")
+    if inv is None:
+        return []
+    problems, container = [], inv.container
+    if inv.args.engine == "vllm" and image_name(container["image"]) != VLLM_IMAGE:
+        problems.append(f"{inv.where}: --engine vllm runs from image {container['image']}; vLLM is only in the "
+                        f"Dockerfile's `vllm` target ({VLLM_IMAGE})")
+    parallel, gpus = inv.args.tensor_parallel_size, gpu_count(container)
+    if parallel != max(gpus, 1):
+        problems.append(f"{inv.where}: --tensor-parallel-size {parallel}, but the container gets {gpus} GPUs "
+                        "(nvidia.com/gpu): vLLM starts one worker per shard, each on a GPU of its own")
+    if parallel > 1:
+        spec = pod_template(inv.workload)["spec"]
+        memory = {v["name"] for v in spec.get("volumes") or [] if (v.get("emptyDir") or {}).get("medium") == "Memory"}
+        if not any(m["mountPath"] == "/dev/shm" and m["name"] in memory for m in container.get("volumeMounts") or []):
+            problems.append(f"{inv.where}: --tensor-parallel-size {parallel} without a memory-backed /dev/shm (the "
+                            "runtime's 64 MiB is too small for NCCL between the shards)")
+    return problems
+
+
 ALL_CHECKS: list[Callable[[list[dict]], list[str]]] = [
     check_invocations, check_ports_and_probes, check_services, check_gateway_targets, check_routing,
     check_shared_settings, check_autoscaling, check_monitoring, check_alert_rules, check_disruption_budgets,
-    check_redis, check_network_policies,
+    check_redis, check_network_policies, check_llm_engine,
 ]
 
 

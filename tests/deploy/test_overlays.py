@@ -32,7 +32,8 @@ def test_every_overlay_renders(objects):
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "internvl", mc.object_id(obj)
         # kustomize leaves images it was not told about alone; every image of ours must have been retagged.
         for c in mc.containers(obj) if mc.pod_template(obj) else []:
-            assert c["image"] != "internvl-serve", f"{mc.object_id(obj)} {c['name']}: image not set by overlay"
+            assert c["image"] not in ("internvl-serve", mc.VLLM_IMAGE), \
+                f"{mc.object_id(obj)} {c['name']}: image not set by overlay"
 
 
 def test_pools_sit_behind_headless_services(objects):
@@ -120,6 +121,28 @@ def test_gpu_overlay_runs_internvl2_5_8b_on_gpus():
         assert mc.one(objects, "PersistentVolumeClaim", "internvl-models")
     for cpu_only in (pod_spec(objects, "gateway"), mc.pod_template(mc.one(objects, "StatefulSet", "redis"))["spec"]):
         assert "nvidia.com/gpu" not in str(cpu_only)
+
+
+def test_gpu_overlays_run_the_llm_pool_on_vllm():
+    for overlay in ("gpu", "gpu-redis-cluster", "gpu-large"):
+        objects = mc.render(overlay)
+        llm = mc.servers(objects)["llm"]
+        assert llm.args.engine == "vllm", overlay
+        assert mc.image_name(llm.container["image"]) == mc.VLLM_IMAGE
+        assert mc.image_name(mc.servers(objects)["vision"].container["image"]) == "internvl-serve"
+    assert mc.servers(mc.render("cpu-demo"))["llm"].args.engine == "transformers"
+
+
+def test_gpu_large_overlay_shards_internvl2_5_78b_over_four_gpus():
+    objects = mc.render("gpu-large")
+    config = mc.one(objects, "ConfigMap", "internvl-config")["data"]
+    assert config["model"].endswith("InternVL2_5-78B") and config["hub-model"] == "OpenGVLab/InternVL2_5-78B"
+    llm, vision = mc.servers(objects)["llm"], mc.servers(objects)["vision"]
+    assert llm.args.tensor_parallel_size == mc.gpu_count(llm.container) == 4
+    assert mc.gpu_count(vision.container) == 1
+    assert mc.one(objects, "PersistentVolumeClaim", "internvl-models")["spec"]["resources"]["requests"][
+        "storage"] == "400Gi"
+    assert llm.container["startupProbe"]["failureThreshold"] * llm.container["startupProbe"]["periodSeconds"] >= 1800
 
 
 def test_gpu_overlay_scales_each_pool_on_its_own_queue():

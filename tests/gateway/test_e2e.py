@@ -22,13 +22,11 @@ import grpc
 import pytest
 import torch
 from helpers.chat import Answer, chat, image_part, text_part
-from helpers.media import decode_frames, write_video
+from helpers.media import reference_frames, write_video
 from internvl.gateway.v1 import gateway_pb2 as G
-from PIL import Image
 from procs import REPO
 from stack import up_stack
 
-from gateway.video import frame_indices
 from services.contract import template
 from services.model.chat import GenerationParams, InternVLChat
 from services.vision.preprocess import load_image
@@ -103,13 +101,6 @@ def check(got: tuple, want: Expected) -> None:
     assert ids == want
     assert finish.usage.prompt_tokens == want.prompt_tokens
     assert finish.usage.completion_tokens == len(ids)
-
-
-def reference_frames(data: bytes, num_segments: int) -> list[torch.Tensor]:
-    """The original `load_video`: every frame decoded, `get_index` picks, one tile per frame (max_num=1)."""
-    decoded, fps = decode_frames(data)
-    picks = frame_indices(len(decoded), fps, num_segments)
-    return [load_image(Image.fromarray(decoded[i]).convert("RGB"), max_num=1) for i in picks]
 
 
 # -------------------------------------------------------------------------------------------------------- tests

@@ -10,151 +10,39 @@ it gives them back. Two gateways encoding the same new image at the same moment 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import itertools
-import json
 import threading
 import time
-import urllib.request
-from dataclasses import dataclass
 
-import grpc
 import pytest
-from helpers.chat import chat
+from helpers.pool import (
+    TURNS,
+    Pool,
+    grpc_turn,
+    http_conversation,
+    picture,
+    prefix_hits,
+    running_pool,
+    session_turns,
+)
 from internvl.gateway.v1 import gateway_pb2 as G
-from internvl.gateway.v1 import gateway_pb2_grpc
-from PIL import Image
-from procs import redis_server, wait_serving
-from stack import start_services
+from procs import wait_serving
 
 from services.contract.tiling import count_tiles
-from tools.launcher import Child, metric
+from tools.launcher import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 SESSIONS = 12
-TURNS = ("Describe the picture.", "What colour dominates?", "Say it in one word.")
-MAX_NEW = 4
-GENERATE = "Generate"
-
-
-@dataclass
-class Pool:
-    visions: list[Child]
-    llms: list[Child]
-    gateways: dict[str, Child]
-    channels: dict[str, grpc.Channel]
-    model: str  # the base model's id, what the OpenAI `model` field names
-
-    def stub(self, gateway: str) -> gateway_pb2_grpc.ChatServiceStub:
-        return gateway_pb2_grpc.ChatServiceStub(self.channels[gateway])
-
-    def generate_counts(self) -> list[float]:
-        """Generate calls each LLM replica answered OK (0 for one that is down)."""
-        return [metric(llm.metrics(), "internvl_llm_requests_total", method=GENERATE, code="OK") if llm.running()
-                else 0.0 for llm in self.llms]
-
-    def served_since(self, before: list[float], calls: int, timeout_s: float = 10) -> list[float]:
-        """Generate calls per replica since `before`, once `calls` of them are counted (a replica counts a call
-        when its stream has closed, a moment after the caller has the answer)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            served = [after - b for after, b in zip(self.generate_counts(), before, strict=True)]
-            if sum(served) >= calls or time.monotonic() > deadline:
-                return served
-            time.sleep(0.02)
-
-    def tiles_encoded(self) -> float:
-        return sum(metric(v.metrics(), "internvl_vision_tiles_encoded_total") for v in self.visions)
 
 
 @pytest.fixture(scope="module")
 def pool(tiny_checkpoint):
-    checkpoint = tiny_checkpoint()
-    with contextlib.ExitStack() as stack:
-        store = stack.enter_context(redis_server())
-        common = ["--model", str(checkpoint), "--dtype", "float32", "--redis-url", store.url]
-        services = start_services(stack, [*((f"vision-{i}", "vision", [*common, "--namespace", "scale"])
-                                            for i in range(2)), *((f"llm-{i}", "llm", common) for i in range(3))])
-        visions, llms = services[:2], services[2:]
-        vision_target = "ipv4:" + ",".join(v.address for v in visions)
-        every_llm = "ipv4:" + ",".join(llm.address for llm in llms)
-        base = ["--vision-target", vision_target, "--redis-url", store.url, "--namespace", "scale",
-                "--resolve-interval-s", "1"]
-        specs = {"a": [*base, "--llm-target", every_llm, "--http-port", "0"],
-                 "b": [*base, "--llm-target", every_llm],
-                 "rr": [*base, "--llm-target", every_llm, "--llm-routing", "round_robin"],
-                 "single": [*base, "--llm-target", f"ipv4:{llms[0].address}"]}
-        gateways = dict(zip(specs, start_services(stack, [(f"gateway-{name}", "gateway", args)
-                                                          for name, args in specs.items()]), strict=True))
-        channels = {name: stack.enter_context(grpc.insecure_channel(g.address)) for name, g in gateways.items()}
-        yield Pool(visions, llms, gateways, channels, checkpoint.name)
-
-
-def picture(seed: int) -> bytes:
-    """A small distinct PNG per conversation (two colours, 500x300)."""
-    image = Image.new("RGB", (500, 300), ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256))
-    image.paste(((seed * 11) % 256, 200, 40), (0, 0, 250, 300))
-    out = io.BytesIO()
-    image.save(out, "PNG")
-    return out.getvalue()
-
-
-@dataclass
-class Turn:
-    token_ids: list[int]
-    prompt_tokens: int
-    cached_prompt_tokens: int
-    session_id: str
-
-
-def grpc_turn(stub, content, session_id: str | None = None) -> Turn:
-    answer = chat(stub, content, max_new_tokens=MAX_NEW, timeout=120,
-                  **({} if session_id is None else {"session_id": session_id}))
-    finish = answer.finish
-    assert finish is not None
-    return Turn(answer.token_ids, finish.usage.prompt_tokens, finish.usage.cached_prompt_tokens, finish.session_id)
-
-
-def session_turns(pool: Pool, seed: int, gateways: tuple[str, ...]) -> list[Turn]:
-    """One session of three turns, turn n through gateway gateways[n]; the image goes with the first turn."""
-    image = G.ContentPart(image=G.ImageInput(data=picture(seed)))
-    turns = [grpc_turn(pool.stub(gateways[0]), [image, G.ContentPart(text=TURNS[0])])]
-    for number in (1, 2):
-        turns.append(grpc_turn(pool.stub(gateways[number]), [G.ContentPart(text=TURNS[number])],
-                               turns[0].session_id))
-    return turns
-
-
-def http_conversation(pool: Pool, seed: int) -> list[Turn]:
-    """A stateless OpenAI conversation: each turn resends the whole history, no session."""
-    import base64
-
-    url = "data:image/png;base64," + base64.b64encode(picture(1000 + seed)).decode()
-    messages: list[dict] = []
-    turns = []
-    for number, question in enumerate(TURNS):
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}] \
-            if number == 0 else question
-        messages.append({"role": "user", "content": content})
-        body = json.dumps({"model": pool.model, "messages": messages, "max_tokens": MAX_NEW,
-                           "temperature": 0}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{pool.gateways['a'].http_port}/v1/chat/completions", body,
-                                         {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            reply = json.loads(response.read())
-        usage = reply["usage"]
-        turns.append(Turn([], usage["prompt_tokens"],
-                          usage["prompt_tokens_details"]["cached_tokens"], ""))
-        messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
-    return turns
-
-
-def prefix_hits(conversations: list[list[Turn]]) -> float:
-    """Share of later turns whose cached prompt covers the whole previous turn's prompt."""
-    later = [(prev, turn) for turns in conversations for prev, turn in itertools.pairwise(turns)]
-    return sum(turn.cached_prompt_tokens >= prev.prompt_tokens for prev, turn in later) / len(later)
+    gateways = {"a": ["--llm-target", "{llms}", "--http-port", "0"],
+                "b": ["--llm-target", "{llms}"],
+                "rr": ["--llm-target", "{llms}", "--llm-routing", "round_robin"],
+                "single": ["--llm-target", "{llm0}"]}
+    with running_pool(tiny_checkpoint(), visions=2, llms=3, gateways=gateways) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,25 @@ def chat(stub, content, *, timeout: float = 60, metadata=None, max_new_tokens: i
     return answer
 
 
+def chat_answers(stub, content, *, timeout: float = 60, **fields) -> list[Answer]:
+    """One Chat with `content` and `fields` (ChatRequest's, `sampling` included), its answers gathered by index
+    (SamplingParams.n > 1 interleaves them); raises grpc.RpcError on failure."""
+    answers: dict[int, Answer] = {}
+    texts: dict[int, list[str]] = {}
+    for response in stub.Chat(G.ChatRequest(content=content, **fields), timeout=timeout):
+        if response.HasField("delta"):
+            delta = response.delta
+            answer = answers.setdefault(delta.index, Answer([], "", None))
+            answer.token_ids += delta.token_ids
+            texts.setdefault(delta.index, []).append(delta.text)
+            answer.top += [[(t.token_id, t.logprob) for t in p.top] for p in delta.logprobs]
+        else:
+            answers.setdefault(response.finish.index, Answer([], "", None)).finish = response.finish
+    for index, answer in answers.items():
+        answer.text = "".join(texts.get(index, []))
+    return [answers[i] for i in sorted(answers)]
+
+
 def assert_no_leak(message: str, *extra: str) -> None:
     for marker in (*LEAK_MARKERS, *extra):
         assert marker not in message, f"error message leaks {marker!r}: {message!r}"

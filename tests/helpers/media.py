@@ -1,4 +1,5 @@
-"""Media the tests make on the fly: images and videos, and every kind of bad one."""
+"""Media the tests make on the fly: images and videos, and every kind of bad one; a video's frames as the original
+`load_video` tiles them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import zlib
 
 import av
 import numpy as np
+import torch
 from PIL import Image
+
+from gateway.video import frame_indices
+from services.vision.preprocess import load_image
 
 
 def png(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -86,6 +91,13 @@ def decode_frames(data: bytes) -> tuple[list[np.ndarray], float]:
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         return [f.to_ndarray(format="rgb24") for f in container.decode(stream)], float(stream.average_rate)
+
+
+def reference_frames(data: bytes, num_segments: int) -> list[torch.Tensor]:
+    """The original `load_video`: every frame decoded, `get_index` picks, one tile per frame (max_num=1)."""
+    decoded, fps = decode_frames(data)
+    picks = frame_indices(len(decoded), fps, num_segments)
+    return [load_image(Image.fromarray(decoded[i]).convert("RGB"), max_num=1) for i in picks]
 
 
 def video_without_frames() -> bytes:

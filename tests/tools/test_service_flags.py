@@ -20,7 +20,8 @@ _SERVER = ["--port", "--host", "--metrics-port", "--max-message-bytes", "--drain
            "--port-file", "--tls-cert", "--tls-key", "--tls-client-ca"]
 _LORA = ["--lora", "--max-loras", "--max-lora-rank"]
 # Every flag of each service by name, so a flag renamed or dropped fails here: the command lines as they were written
-# by hand before the flags were generated from the configs, and --port-file and --engine, added since.
+# by hand before the flags were generated from the configs, and --port-file, --engine and --tensor-parallel-size,
+# added since.
 FLAGS_BEFORE = {
     "vision": [*_SERVER, *_LORA, "--model", "--redis-url", "--dtype", "--device", "--max-batch-tiles", "--max-wait-ms",
                "--cache-ttl-s", "--max-image-pixels", "--max-items", "--namespace", "--preprocess-threads",

@@ -9,13 +9,18 @@ How our configuration maps onto vLLM's engine arguments:
 | `--dtype` (default float32 on CPU, bfloat16 on a GPU) | `dtype` |
 | `--device` | the platform: `VLLM_TARGET_DEVICE=cpu` when no GPU is used; a GPU index is refused (vLLM takes the visible GPUs: set `CUDA_VISIBLE_DEVICES`) |
 | `--max-batch-size` | `max_num_seqs` |
-| `--max-step-tokens` | `max_num_batched_tokens`, with chunked prefill |
+| `--max-step-tokens` | `max_num_batched_tokens`, with chunked prefill (on a GPU; on a CPU, see below) |
 | `--max-context-tokens` (prompt + answer) | `max_model_len` |
 | `--kv-budget-mb` + `--kv-cache-budget-mb` (running KV and the prefix cache: one paged pool in vLLM) | `kv_cache_memory_bytes`; with `--kv-budget-mb 0`, 80% of the free memory on a CPU, vLLM's own `gpu_memory_utilization` on a GPU |
 | `--kv-cache-budget-mb 0` (prefix cache off) | `enable_prefix_caching=False` |
 | `--max-queue` | the service's bound (services.llm.intake), on vLLM's waiting requests |
 | `--tensor-parallel-size`, `--pipeline-parallel-size` | `tensor_parallel_size`, `pipeline_parallel_size` |
 | `--lora NAME=DIR` (each adapter's language part: services.llm.engine.vllm.adapters) | `enable_lora`; `max_loras` and `max_cpu_loras` the adapters with a language part (all resident, any mix in one batch; one more on a CPU: `lora_slots`), `max_lora_rank` the smallest vLLM rank that holds the largest (the flags `--max-loras` and `--max-lora-rank` bound them when the adapters are read) |
+
+On a CPU, whole prompts: chunked prefill off, and `max_num_batched_tokens` at least the context. vLLM's CPU runner
+cannot rewind a seeded request's random generator after the draw it discards for a partial prefill (it calls
+`set_offset`, which only CUDA generators have): with chunks, a seeded request whose prompt outgrew one step killed
+the engine core ("CPU Generator does not use offset"), and every request in flight with it.
 
 Always: eager mode on a CPU (compiling takes minutes there; on a GPU vLLM's own default, compiled with CUDA graphs),
 image embeddings in (`enable_mm_embeds`; the vision tower's profiling skipped: it never runs), raw log-softmax
@@ -77,6 +82,7 @@ def engine_args(config: LLMConfig, checkpoint: Checkpoint, max_context_tokens: i
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     language = [adapter for adapter in adapters if adapter.part(LANGUAGE_PREFIXES)]
+    chunked = device.type != "cpu"
     return AsyncEngineArgs(
         model=str(checkpoint.path),
         served_model_name=checkpoint.name,
@@ -86,8 +92,9 @@ def engine_args(config: LLMConfig, checkpoint: Checkpoint, max_context_tokens: i
         dtype=next(name for name, value in TORCH_DTYPES.items() if value == dtype),
         max_model_len=max_context_tokens,
         max_num_seqs=config.max_batch_size,
-        max_num_batched_tokens=config.max_step_tokens,
-        enable_chunked_prefill=True,
+        # On a CPU, no partial prefills (module doc).
+        max_num_batched_tokens=config.max_step_tokens if chunked else max(config.max_step_tokens, max_context_tokens),
+        enable_chunked_prefill=chunked,
         enable_prefix_caching=config.kv_cache_budget_bytes > 0,
         kv_cache_memory_bytes=kv_cache_bytes(config, device),
         enforce_eager=device.type == "cpu",

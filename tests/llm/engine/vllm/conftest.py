@@ -11,6 +11,9 @@ The references share no code with the engine: transformers' native `InternVLForC
 converted by tests/reference_impl.py) generating from the prompt's ids and the images' pixels, the project's vision
 path (checked against that same native model elsewhere) making the embeddings the engine is given, as the vision
 service would, and for the adapters PEFT's own LoRA layers on the original module tree (`Family.original`).
+
+`--vllm-device` and `--vllm-dtype` (tests/conftest.py) run them elsewhere: bench/gpu_check.py runs them on a GPU,
+in bfloat16 and in float32; the references then run on that GPU in float32.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pytest
 import pytest_asyncio
 import torch
 import transformers.dynamic_module_utils
+from helpers.native import load_native, native_greedy
 from lora_reference import (
     INTERNLM2_TARGETS,
     QWEN2_TARGETS,
@@ -33,7 +37,6 @@ from lora_reference import (
     unwrap,
     write_swift_adapter,
 )
-from reference_impl import native_config, read_original, to_native_state_dict
 from sentencepiece_checkpoint import build as build_sentencepiece_checkpoint
 from transformers import InternVLForConditionalGeneration
 
@@ -117,10 +120,17 @@ class Family:
     def stop_id(self) -> int:
         return self.chat.stop_id
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The engine's compute dtype."""
+        return self.engine.dtype
+
     def rows(self, name: str) -> torch.Tensor:
-        """What the vision service would store for image `name`: [tiles * 256, hidden]."""
+        """What the vision service would store for image `name`: [tiles * 256, hidden], on the CPU (as read from
+        Redis)."""
         with torch.inference_mode():
-            return self.chat.vision.encode(self.pixels[name]).reshape(-1, self.native.config.text_config.hidden_size)
+            rows = self.chat.vision.encode(self.pixels[name])
+            return rows.reshape(-1, self.native.config.text_config.hidden_size).cpu()
 
     def request(self, conversation: Conversation, images: Sequence[str] = (), adapter: str = "",
                 **sampling) -> EngineRequest:
@@ -138,18 +148,12 @@ class Family:
     async def run(self, conversation: Conversation, images: Sequence[str] = (), **sampling) -> list[Answer]:
         return await _collect(self.engine.submit(self.request(conversation, images, **sampling)))
 
-    @torch.inference_mode()
     def reference(self, prompt: Prompt, images: Sequence[str], max_new_tokens: int, **generate_kwargs):
         """transformers' own greedy generation from our prompt's ids and the images' pixels: (token ids, raw logits
         of each step [steps, vocab])."""
-        input_ids = torch.tensor([prompt.token_ids])
-        if images:
-            generate_kwargs["pixel_values"] = torch.cat([self.pixels[n] for name in images for n in name.split("+")])
-        out = self.native.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop_id,
-                                   pad_token_id=self.chat.tokenizer.pad_token_id, output_logits=True,
-                                   return_dict_in_generate=True, **generate_kwargs)
-        return out.sequences[0, input_ids.shape[1]:].tolist(), torch.cat(out.logits).float()
+        pixels = torch.cat([self.pixels[n] for name in images for n in name.split("+")]) if images else None
+        return native_greedy(self.native, prompt.token_ids, pixels, max_new_tokens, self.stop_id,
+                             self.chat.tokenizer.pad_token_id, **generate_kwargs)
 
 
 def _checkpoint(name: str, root: Path) -> Path:
@@ -157,13 +161,6 @@ def _checkpoint(name: str, root: Path) -> Path:
         return make_tiny(root / "small-qwen2", llm="qwen2", vision="300m", preset="small")
     built = build_sentencepiece_checkpoint(root, preset="small")
     return built.path
-
-
-def _native(path: Path, image_token_id: int) -> InternVLForConditionalGeneration:
-    config, weights = read_original(path)
-    model = InternVLForConditionalGeneration(native_config(config, image_token_id)).eval()
-    model.load_state_dict(to_native_state_dict(config, weights), strict=True)
-    return model
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session", params=["qwen2", "internlm2"])
@@ -176,14 +173,15 @@ async def family(request, tmp_path_factory, golden_dir):
         patch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(root / "hf-modules"))
         patch.setenv("HF_MODULES_CACHE", str(root / "hf-modules"))
         path = _checkpoint(request.param, root)
-        chat = InternVLChat.load(str(path), dtype="float32", device="cpu")
+        device, dtype = request.config.getoption("--vllm-device"), request.config.getoption("--vllm-dtype")
+        chat = InternVLChat.load(str(path), dtype="float32", device=device)
         original = OriginalInternVL(path)
         adapters = {name: write_swift_adapter(original, root / f"lora-{name}", **spec)
                     for name, spec in ADAPTERS[request.param].items()}
         written = {name: {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()}
                    for name, (directory, _) in adapters.items()}
         options = AdapterOptions(loras=tuple((name, str(directory)) for name, (directory, _) in adapters.items()))
-        config = LLMConfig(model=str(path), dtype="float32", device="cpu", kv_budget_mb=KV_MB / 2,
+        config = LLMConfig(model=str(path), dtype=dtype, device=device, kv_budget_mb=KV_MB / 2,
                            kv_cache_budget_mb=KV_MB / 2, max_context_tokens=CONTEXT, adapters=options,
                            engine="vllm")
         prompts = PromptBuilder(chat.tokenizer, chat.tokens_per_tile, chat.checkpoint.spec.system_message, CONTEXT)
@@ -198,11 +196,12 @@ async def family(request, tmp_path_factory, golden_dir):
                       "wide": load_image(golden_dir / "wide_2200x300.png", max_num=2),
                       "portrait": load_image(golden_dir / "portrait_333x1200.png", max_num=1),
                       "landscape": load_image(golden_dir / "landscape_1000x700.png", max_num=1)}
-            yield Family(request.param, path, chat, _native(path, chat.img_context_id), engine, prompts, metrics,
-                         pixels, original, adapters, written)
+            yield Family(request.param, path, chat, load_native(path, chat.img_context_id, device=device), engine,
+                         prompts, metrics, pixels, original, adapters, written)
         finally:
             await engine.close()
         if request.param == "internlm2":
             assert not (root / "imported.txt").exists(), "a checkpoint code file other than the tokenizer's ran"
-        assert os.environ.get("VLLM_TARGET_DEVICE") == "cpu"
+        if device == "cpu":
+            assert os.environ.get("VLLM_TARGET_DEVICE") == "cpu"
         assert template.STOP_TOKEN == "<|im_end|>"

@@ -40,15 +40,34 @@ def test_the_factory_builds_the_vllm_engine_from_our_flags(checkpoint, monkeypat
     engine = build(checkpoint, max_batch_size=6, max_step_tokens=640, kv_budget_mb=48, kv_cache_budget_mb=16)
     assert isinstance(engine, VLLMEngine) and engine.llm is None  # built, not started
     args = engine.engine_args
+    # On a CPU whole prompts, never a partial prefill: a step holds at least the context (build.py's module doc).
     assert (args.model, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len) == (
-        str(checkpoint.path), 6, 640, 2048)
+        str(checkpoint.path), 6, 2048, 2048)
     assert args.kv_cache_memory_bytes == 64 * MIB  # the running KV and the prefix cache: one pool in vLLM
-    assert args.enable_prefix_caching and args.enable_chunked_prefill and args.enforce_eager
+    assert args.enable_prefix_caching and not args.enable_chunked_prefill and args.enforce_eager
+    assert args.tensor_parallel_size == 1
     assert (args.tokenizer_mode, args.trust_remote_code, args.generation_config) == (TOKENIZER_MODE, False, "vllm")
     assert args.enable_mm_embeds and args.logprobs_mode == "raw_logprobs" and args.max_logprobs == 20
     assert args.dtype == "float32" and str(engine.dtype) == "torch.float32"
     assert os.environ["VLLM_TARGET_DEVICE"] == "cpu"
     assert engine.image_ids == (151665, 151667, 151666) and engine.stop_token_id == 151645
+
+
+def test_on_a_gpu_prompts_are_prefilled_in_chunks_of_the_step_and_sharded_over_the_gpus(checkpoint, monkeypatch):
+    """The arguments for a GPU (built here without one: nothing of vLLM starts)."""
+    monkeypatch.delenv("VLLM_TARGET_DEVICE", raising=False)
+    args = build(checkpoint, device="cuda", max_step_tokens=640, tensor_parallel_size=4).engine_args
+    assert (args.max_num_batched_tokens, args.enable_chunked_prefill, args.tensor_parallel_size) == (640, True, 4)
+    assert not args.enforce_eager and args.dtype == "bfloat16"
+    assert args.kv_cache_memory_bytes is None  # vLLM's own share of the GPU's memory
+    assert "VLLM_TARGET_DEVICE" not in os.environ
+
+
+def test_tensor_parallelism_needs_the_vllm_engine(checkpoint):
+    with pytest.raises(InvalidArgumentError, match="--tensor-parallel-size 2 needs --engine vllm"):
+        LLMConfig(model=str(checkpoint.path), tensor_parallel_size=2)
+    with pytest.raises(InvalidArgumentError, match="--tensor-parallel-size must be >= 1"):
+        LLMConfig(model=str(checkpoint.path), engine="vllm", tensor_parallel_size=0)
 
 
 def test_no_prefix_cache_budget_turns_vllms_prefix_caching_off(checkpoint):

@@ -5,7 +5,8 @@ per seed; n answers; stop strings; penalties and logit bias; refusals; cancel an
 after its engine core died.
 
 Tolerance: the top-5 log-probabilities (float32) within LOGPROB_ATOL of transformers' log-softmax, and the same five
-token ids in the same order.
+token ids in the same order. An engine in bfloat16 (`--vllm-dtype bfloat16`, bench/gpu_check.py) is checked on its
+own greedy path instead, within BF16_LOGPROB_ATOL (helpers/native.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import pytest
 import torch
 from helpers.engine import until
+from helpers.native import BF16_LOGPROB_ATOL, LOGPROB_ATOL, forced_gaps, forced_logits
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from services.contract.constraint import Constraint, ConstraintKind
@@ -30,7 +32,6 @@ from services.llm.engine.api import BatchFaultError
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 
-LOGPROB_ATOL = 2e-5
 BLOCK = 128  # vLLM's KV block on a CPU: the prefix cache's unit
 
 CASES = {
@@ -47,6 +48,8 @@ CASES = {
 
 
 def assert_matches_reference(family, answer, prompt, images, max_new_tokens):
+    if family.dtype != torch.float32:
+        return assert_near_reference(family, answer, prompt, images)
     expected, logits = family.reference(prompt, images, max_new_tokens)
     assert answer.token_ids == expected
     assert answer.finish.reason is (FinishReason.STOP if expected[-1] == family.stop_id else FinishReason.LENGTH)
@@ -60,6 +63,19 @@ def assert_matches_reference(family, answer, prompt, images, max_new_tokens):
     assert answer.text == family.chat.tokenizer.decode(expected, skip_special_tokens=True)
     return max((abs(torch.tensor(r.logprobs) - top.values[i]).max().item() for i, r in
                 enumerate(answer.top_logprobs)), default=0.0)
+
+
+def assert_near_reference(family, answer, prompt, images):
+    """An engine in another dtype than the float32 reference, on its own greedy path: each token a near-best of the
+    reference's log-softmax at that position, each reported log-probability near the reference's; the worst gap."""
+    pixels = torch.cat([family.pixels[n] for name in images for n in name.split("+")]) if images else None
+    logits = forced_logits(family.native, prompt.token_ids, answer.token_ids, pixels)
+    reported = [[(token, report.logprob), *zip(report.token_ids, report.logprobs, strict=True)]
+                for token, report in zip(answer.token_ids, answer.top_logprobs, strict=True)]
+    gaps = forced_gaps(answer.token_ids, reported, logits)
+    assert max(gaps) <= BF16_LOGPROB_ATOL, gaps
+    assert answer.text == family.chat.tokenizer.decode(answer.token_ids, skip_special_tokens=True)
+    return max(gaps)
 
 
 @pytest.mark.parametrize("case", CASES)
