@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from bench import workload as W
+from bench.peer import stages
 from bench.peer.openai_stream import StreamTiming, image_url_part, stream_chat, text_part
 from bench.peer.sides import Side
 from bench.phases import Recorder, _union_length
@@ -32,28 +34,35 @@ BEFORE_IT = ({"role": "user", "content": "I will show you a picture I took last 
              {"role": "assistant", "content": "Please share it; I will describe what I see."})
 RETURN_QUESTION = "What is in this picture?"
 MODE_SEED_OFFSET = {"history": 0, "session": 100}
+COUNT_SETTLE_S = 10.0
 
 
-def conversation(side: Side, image: bytes, questions: tuple[str, ...], tokens: int, mode: str) -> list[StreamTiming]:
-    """One conversation's turns, back to back; `mode` "session" (ours only) or "history" (module doc)."""
+def measured(side: Side, messages: list[dict], tokens: int, **extra) -> tuple[StreamTiming, dict]:
+    """One request, with the servers' own account of where its time went (`stages`)."""
+    before = stages.snapshot(side)
+    t = stream_chat(side.endpoint, messages, tokens, **extra)
+    return t, {"ttft_s": t.ttft_s, "prompt_tokens": t.usage.get("prompt_tokens"),
+               "cached_prompt_tokens": t.cached_prompt_tokens, "completion_tokens": t.usage.get("completion_tokens"),
+               **stages.delta(before, stages.snapshot(side))}
+
+
+def conversation(side: Side, image: bytes, questions: tuple[str, ...], tokens: int,
+                 mode: str) -> list[tuple[StreamTiming, dict]]:
+    """One conversation's turns, back to back, each with its account; `mode` "session" (ours only) or "history"
+    (module doc)."""
     history: list[dict] = []
     session = ""
     turns = []
     for turn, question in enumerate(questions):
         user = {"role": "user", "content": [image_url_part(image), text_part(question)] if turn == 0 else question}
         if mode == "session" and turn > 0:
-            t = stream_chat(side.endpoint, [user], tokens, session_id=session)
+            t, account = measured(side, [user], tokens, session_id=session)
         else:
-            t = stream_chat(side.endpoint, [*history, user], tokens)
+            t, account = measured(side, [*history, user], tokens)
         history += [user, {"role": "assistant", "content": t.text}]
         session = t.session_id
-        turns.append(t)
+        turns.append((t, account))
     return turns
-
-
-def _usage(t: StreamTiming) -> dict:
-    return {"ttft_s": t.ttft_s, "prompt_tokens": t.usage.get("prompt_tokens"),
-            "cached_prompt_tokens": t.cached_prompt_tokens, "completion_tokens": t.usage.get("completion_tokens")}
 
 
 def run_conversations(s: BenchSettings, side: Side, rec: Recorder, number: int, r: int, sessions: int,
@@ -68,9 +77,9 @@ def run_conversations(s: BenchSettings, side: Side, rec: Recorder, number: int, 
         image = W.image_png(W.seed(number, r, i + MODE_SEED_OFFSET[mode]), w.peer_image_side)
         served_before = len(side.proxy.served) if side.proxy else 0
         turns = conversation(side, image, W.QUESTIONS, w.peer_turn_tokens, mode)
-        for turn, t in enumerate(turns, start=1):
+        for turn, (t, _) in enumerate(turns, start=1):
             rec.add(f"{key}.turn{turn}", f"{side.label}, {mode}, turn {turn} TTFT", "s", t.ttft_s)
-        rec.note(f"{key}.usage", [_usage(t) for t in turns])
+        rec.note(f"{key}.usage", [account for _, account in turns])
         if side.proxy:
             rec.note(f"{key}.replicas", side.proxy.served[served_before:])
 
@@ -84,12 +93,12 @@ def run_returning_image(s: BenchSettings, side: Side, rec: Recorder, where: str,
     image = W.image_png(W.seed(12, r), w.peer_image_side)
     others = iter(W.image_png(W.seed(12, r, 1 + i), w.peer_image_side) for i in range(2 * between))
     counts = _generate_counts(side)
-    first = stream_chat(side.endpoint, [{"role": "user", "content": [image_url_part(image),
-                                                                      text_part(W.QUESTIONS[0])]}],
-                        w.peer_return_tokens)
+    first, account = measured(side, [{"role": "user", "content": [image_url_part(image),
+                                                                   text_part(W.QUESTIONS[0])]}],
+                              w.peer_return_tokens)
     rec.add(f"{key}.first", f"{side.label}: the image's first conversation TTFT", "s", first.ttft_s)
     where_served = {"first": _served_by(side, counts)}
-    timings = {"first": first}
+    accounts = {"first": account}
     variants = {
         "system": [{"role": "system", "content": ANOTHER_SYSTEM}],
         "question": list(BEFORE_IT),
@@ -99,14 +108,12 @@ def run_returning_image(s: BenchSettings, side: Side, rec: Recorder, where: str,
             stream_chat(side.endpoint, [{"role": "user", "content": [image_url_part(next(others)),
                                                                       text_part(W.QUESTIONS[1])]}], 2)
         counts = _generate_counts(side)
-        t = stream_chat(side.endpoint, [*before, {"role": "user", "content": [image_url_part(image),
-                                                                              text_part(RETURN_QUESTION)]}],
-                        w.peer_return_tokens)
+        t, accounts[variant] = measured(side, [*before, {"role": "user", "content": [
+            image_url_part(image), text_part(RETURN_QUESTION)]}], w.peer_return_tokens)
         rec.add(f"{key}.{variant}", f"{side.label}: the image again, new conversation ({variant} before it) TTFT",
                 "s", t.ttft_s)
         where_served[variant] = _served_by(side, counts)
-        timings[variant] = t
-    rec.note(f"{key}.usage", {name: _usage(t) for name, t in timings.items()})
+    rec.note(f"{key}.usage", accounts)
     rec.note(f"{key}.replica", where_served)
 
 
@@ -125,9 +132,14 @@ def _served_by(side: Side, before: dict[str, float]) -> str:
         return ""
     if side.proxy is not None:
         return f"vllm-serve-{side.proxy.served[-1]}"
-    after = _generate_counts(side)
-    grown = [name for name in after if after[name] > before.get(name, 0.0)]
-    return ",".join(grown)
+    # A replica counts a Generate call when its stream closes, just after the client has the last message.
+    deadline = time.monotonic() + COUNT_SETTLE_S
+    while True:
+        after = _generate_counts(side)
+        grown = [name for name in after if after[name] > before.get(name, 0.0)]
+        if grown or time.monotonic() > deadline:
+            return ",".join(grown)
+        time.sleep(0.1)
 
 
 def run_decode(s: BenchSettings, side: Side, rec: Recorder, r: int) -> None:

@@ -134,6 +134,20 @@ def stream_chat(endpoint: Endpoint, messages: list[dict], max_tokens: int, *, st
     return timing
 
 
+def get_text(endpoint: Endpoint, path: str) -> str:
+    """The body of GET `path` (raises on a status other than 200)."""
+    conn = endpoint.connection()
+    try:
+        conn.request("GET", path)
+        reply = conn.getresponse()
+        body = reply.read().decode(errors="replace")
+        if reply.status != 200:
+            raise RuntimeError(f"GET {path}: HTTP {reply.status}: {body[:500]}")
+        return body
+    finally:
+        conn.close()
+
+
 def get_ok(endpoint: Endpoint, path: str, timeout_s: float = 5.0) -> bool:
     """Whether GET `path` answers 200 now (False on any connection error)."""
     conn = endpoint.connection()

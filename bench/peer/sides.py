@@ -25,7 +25,7 @@ from bench.peer.openai_stream import Endpoint
 from bench.peer.round_robin import RoundRobinProxy
 from bench.peer.vllm_serve import VllmServe
 from bench.settings import BenchSettings
-from bench.stack import RunningStack, StackStartError
+from bench.stack import RunningStack, StackStartError, descendants
 from services.model.checkpoint import open_checkpoint
 
 log = logging.getLogger("bench")
@@ -83,16 +83,7 @@ class Side:
 
 def _vllm_children(stack: RunningStack) -> list[int]:
     """vLLM's engine processes under our LLM services (their RSS is not in the services' own)."""
-    from tools.launcher import processes
-
-    llm = {stack.services[name].pid for name in stack.llm_names}
-    table = processes()
-    found, frontier = [], [p.pid for p in table if p.ppid in llm]
-    while frontier:
-        pid = frontier.pop()
-        found.append(pid)
-        frontier += [p.pid for p in table if p.ppid == pid]
-    return found
+    return [pid for name in stack.llm_names for pid in descendants(stack.services[name].pid)]
 
 
 def start_vllm(s: BenchSettings, model: str, replicas: int) -> Side:

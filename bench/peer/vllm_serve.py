@@ -26,7 +26,8 @@ from pathlib import Path
 
 from bench.machine import status_mib
 from bench.peer.openai_stream import Endpoint, get_ok
-from tools.launcher import REPO, Child, cli_env, processes, spawn
+from bench.stack import descendants, kill_stragglers
+from tools.launcher import REPO, Child, cli_env, spawn
 
 STOP_GRACE_S = 60.0
 
@@ -80,13 +81,7 @@ class VllmServe:
     @property
     def pids(self) -> list[int]:
         """The API server and every process under it (vLLM's engine core and workers)."""
-        found, frontier = [], [self.child.pid]
-        table = processes()
-        while frontier:
-            pid = frontier.pop()
-            found.append(pid)
-            frontier += [p.pid for p in table if p.ppid == pid]
-        return found
+        return [self.child.pid, *descendants(self.child.pid)]
 
     def rss_mib(self) -> float:
         return sum(status_mib(pid) or 0.0 for pid in self.pids)
@@ -96,5 +91,8 @@ class VllmServe:
         return next((line.strip() for line in self.child.log_text().splitlines() if needle in line), None)
 
     def stop(self) -> None:
-        """SIGINT (vLLM's Ctrl-C: it shuts its engine down), SIGKILL after a grace period."""
+        """SIGINT (vLLM's Ctrl-C: it shuts its engine down), SIGKILL after a grace period; then SIGKILL to any engine
+        process left behind."""
+        tree = descendants(self.child.pid)
         self.child.stop(grace_s=STOP_GRACE_S, sig=signal.SIGINT)
+        kill_stragglers(tree)
