@@ -53,9 +53,11 @@ class PeerSides:
     def __init__(self, s: BenchSettings, model: str, rec: Recorder):
         self.s, self.model, self.rec = s, model, rec
         self._up: dict[str, sides.Side] = {}
+        self._watchdog: sides.MemoryWatchdog | None = None
 
     def __getitem__(self, name: str) -> sides.Side:
         if name not in self._up:
+            self._watchdog = self._watchdog or sides.MemoryWatchdog()
             side = sides.start(self.s, self.model, name, 1)
             try:
                 self._up[name] = _ready(self.s, side, self.model, self.rec)
@@ -68,6 +70,9 @@ class PeerSides:
     def close(self) -> None:
         while self._up:
             self._up.popitem()[1].stop()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
 
 
 def _in_order(r: int, runs: list[Callable[[], None]]) -> None:
@@ -104,7 +109,14 @@ def run_pool(s: BenchSettings, model: str, rec: Recorder) -> None:
     scenarios 13 and 12, then stopped before the other starts."""
     w = s.workload
     for name in ("vllm", "ours-vllm"):
-        side = sides.start(s, model, name, w.peer_replicas)
+        try:
+            side = sides.start(s, model, name, w.peer_replicas, rec.extra.get("peer.rss_mib_warm", {}).get(name))
+        except sides.MemoryShortError as exc:
+            # Its scenarios show as missing; the rest of the run goes on.
+            log.warning("peer: %s; its three-replica measures are skipped", exc)
+            rec.note("peer.skipped", {"side": name, "replicas": w.peer_replicas, "reason": str(exc)})
+            continue
+        watchdog = sides.MemoryWatchdog()
         try:
             _ready(s, side, model, rec)
             rec.extra.setdefault("peer.rss_mib_pool", {})[name] = side.rss_mib()
@@ -116,4 +128,5 @@ def run_pool(s: BenchSettings, model: str, rec: Recorder) -> None:
                 if wants(s, 12):
                     conversations.run_returning_image(s, side, rec, "3", r, 0)
         finally:
+            watchdog.stop()
             side.stop()

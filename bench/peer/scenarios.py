@@ -39,11 +39,10 @@ def build(s: BenchSettings, rec: Recorder) -> list[Scenario]:
 
 
 def _setup_common(s: BenchSettings) -> str:
-    return (f"vllm serve (python -m vllm.entrypoints.openai.api_server, prefix caching on, the chat template the "
-            f"benchmark writes, images as data URLs through its OpenAI API) vs ours (internvl-serve up --engine vllm, "
-            f"and --engine transformers) through the gateway's OpenAI HTTP API; every vLLM side: "
-            f"{s.workload.peer_kv_mib} MiB of KV pool per replica" + (", eager mode" if s.device == "cpu" else "")
-            + "; greedy, streamed, logprobs on (one entry per token: exact token times on both)")
+    return ("vllm serve (prefix caching on, the benchmark's chat template, images as data URLs) vs ours (`up --engine "
+            "vllm`; `--engine transformers`) through the gateway's OpenAI API; "
+            f"{s.workload.peer_kv_mib} MiB of KV pool per vLLM replica" + (", eager" if s.device == "cpu" else "")
+            + "; greedy, streamed, logprobs on (one entry per token: exact token times)")
 
 
 def _arrivals(s: BenchSettings, rec: Recorder) -> Scenario:

@@ -14,10 +14,15 @@ eager mode on a CPU (our vLLM engine always runs eager there). The transformers 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from bench.machine import status_mib
 from bench.peer.chat_template import write_chat_template
@@ -26,6 +31,7 @@ from bench.peer.round_robin import RoundRobinProxy
 from bench.peer.vllm_serve import VllmServe
 from bench.settings import BenchSettings
 from bench.stack import RunningStack, StackStartError, descendants
+from services.llm.engine.memory import free_memory_bytes
 from services.model.checkpoint import open_checkpoint
 
 log = logging.getLogger("bench")
@@ -127,5 +133,62 @@ def start_ours(s: BenchSettings, model: str, name: str, replicas: int) -> Side:
     return Side(name, replicas, endpoint, stack.startup_s, stack=stack)
 
 
-def start(s: BenchSettings, model: str, name: str, replicas: int) -> Side:
+class MemoryShortError(RuntimeError):
+    """Starting a side would leave the machine without memory (it would be killed, or kill another's process)."""
+
+
+# Resident memory per replica beyond the KV pool, as multiples of the checkpoint's size plus a fixed part (the
+# processes' Python, torch and vLLM). Measured at the 1B shape (a 1.75 GiB checkpoint, bf16): vllm serve 6.0 GiB
+# (API server 1.0, engine core 0.7, worker 4.3: vLLM's CPU worker holds its weights about twice), our LLM service on
+# vLLM's engine 7.2 GiB (service 1.6, engine core 1.2, worker 4.4) and the vision service 1.0 GiB once per stack,
+# our LLM service on the transformers engine 1.7 GiB.
+ESTIMATE = {"vllm": (2.5, 1.8), "ours-vllm": (2.6, 2.6), "ours-transformers": (1.0, 1.2)}
+MARGIN_MIB = 1024
+
+
+def needed_mib(s: BenchSettings, model: str, name: str, replicas: int, measured_one: float | None) -> float:
+    """What `replicas` replicas of side `name` will hold: the RSS measured for one in this run, or the estimate."""
+    if measured_one:
+        return replicas * measured_one
+    factor, fixed_gib = ESTIMATE[name]
+    weights_mib = sum(f.stat().st_size for f in Path(open_checkpoint(model).path).glob("*.safetensors")) / 2**20
+    kv = s.workload.peer_kv_mib if name != "ours-transformers" else 0
+    return replicas * (factor * weights_mib + kv + fixed_gib * 1024)
+
+
+def check_memory(s: BenchSettings, model: str, name: str, replicas: int, measured_one: float | None = None) -> None:
+    """Raises MemoryShortError unless the memory available now holds the side and a margin."""
+    need = needed_mib(s, model, name, replicas, measured_one)
+    available = free_memory_bytes(torch.device("cpu")) / 2**20
+    if s.device == "cpu" and available < need + MARGIN_MIB:
+        raise MemoryShortError(f"{LABELS[name]} x {replicas} needs about {need / 1024:.1f} GiB; "
+                               f"{available / 1024:.1f} GiB are available")
+
+
+class MemoryWatchdog:
+    """While the sides are up: if the memory available falls below `floor_mib` (other work on a shared machine grew),
+    SIGTERM to this process, which stops every side and keeps the finished phases (`--resume` continues), before the
+    kernel's OOM killer picks a process, perhaps someone else's."""
+
+    def __init__(self, floor_mib: float = 512.0, interval_s: float = 2.0):
+        self.floor_mib, self.interval_s = floor_mib, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="memory-watchdog", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            available = free_memory_bytes(torch.device("cpu")) / 2**20
+            if available < self.floor_mib:
+                log.error("peer: only %.0f MiB of memory left; stopping the run (resume it with --resume)", available)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def start(s: BenchSettings, model: str, name: str, replicas: int, measured_one: float | None = None) -> Side:
+    """The side, once `check_memory` allows it."""
+    check_memory(s, model, name, replicas, measured_one)
     return start_vllm(s, model, replicas) if name == "vllm" else start_ours(s, model, name, replicas)
