@@ -10,7 +10,7 @@ TINY_CHECKPOINT := checkpoints/tiny-qwen2-300m
 MODEL ?= $(TINY_CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap system-deps run demo test test-fast fuzz bench bench-quick bench-lora gpu-check protos protos-check lint clean
+.PHONY: bootstrap system-deps run demo test test-fast fuzz bench bench-quick bench-peer bench-lora gpu-check protos protos-check lint clean
 
 bootstrap: system-deps $(STAMP)
 
@@ -63,12 +63,20 @@ FUZZ_TESTS := tests/reliability/test_fuzz.py tests/reliability/test_openapi_fuzz
 fuzz: bootstrap
 	FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest $(FUZZ_TESTS) $(PYTEST_ARGS)
 
-# The 1B-shape benchmark against transformers' InternVL path; results in bench/results/<date>.{json,md,png}.
+# The 1B-shape benchmark against transformers' InternVL path (scenarios 1-9) and `vllm serve` (10-14); results in
+# bench/results/<date>.{json,md,png}.
 bench: bootstrap
 	$(BIN)/internvl-serve bench --out bench/results
 
 bench-quick: bootstrap
 	$(BIN)/internvl-serve bench --quick --out bench/results
+
+# The peer benchmark alone (scenarios 10-14 of `make bench`: `vllm serve` beside our stack on the vLLM and the
+# transformers engine); bench/results/<date>-peer.{json,md,png}. `make bench-peer BENCH_ARGS=--resume` continues an
+# interrupted run of the same day.
+BENCH_ARGS ?=
+bench-peer: bootstrap
+	$(BIN)/internvl-serve bench --scenarios 10,11,12,13,14 --name $$(date +%F)-peer --out bench/results $(BENCH_ARGS)
 
 # LoRA adapters batched with the base (decode step, time to first token); bench/results/<date>-lora.{json,md}.
 bench-lora: bootstrap

@@ -19,6 +19,7 @@ import time
 
 from bench import phases, pool, report, scenarios
 from bench.machine import machine_info, measure_limits, vision_flops_per_tile
+from bench.peer import phases as peer_phases
 from bench.settings import SCENARIOS, BenchSettings
 from services.model.checkpoint import open_checkpoint
 from services.model.torch_dtypes import TORCH_DTYPES
@@ -29,6 +30,8 @@ MODEL_DESCRIPTIONS = {
     "1b-shape": "random weights with InternVL2_5-1B's real dimensions (InternViT-300M + pixel shuffle + MLP "
                 "projector, Qwen2.5-0.5B; written by `internvl-serve make-tiny --preset 1b-shape`)",
     "tiny": "the tiny random checkpoint (`make-tiny --preset tiny`; a smoke test, not a performance figure)",
+    "small": "the small random checkpoint (`make-tiny --preset small`, an LLM head size of 32, the least vLLM's CPU "
+             "attention runs; a smoke test, not a performance figure)",
 }
 
 
@@ -68,6 +71,8 @@ PHASE_SCENARIOS = {
     "stack-1": {8},
     "stack-2": {5, 8},
     "stack-round-robin": {8},
+    "peer-repeat": {10, 11, 12, 14},
+    "peer-pool": {12, 13},
     "limits-end": {7},
 }
 
@@ -131,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     cached = pool.CachedValues()
     # The repeats' baseline and stack, started on first use and kept up through the repeats.
     subjects = phases.Subjects(settings, model, rec)
+    peers = peer_phases.PeerSides(settings, model, rec)
     steps = [
         ("limits", "limits", lambda: _limits(settings, rec, "start")),
         *((f"repeat-{r + 1}", "repeat", lambda r=r: phases.run_repeat(settings, subjects, rec, r))
@@ -139,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
         ("stack-2", "stack-2", lambda: phases.run_stack(settings, model, rec, replicas=2, cached=cached)),
         ("stack-round-robin", "stack-round-robin", lambda: phases.run_round_robin(settings, model, rec,
                                                                                    cached=cached)),
+        *((f"peer-1-repeat-{r + 1}", "peer-repeat", lambda r=r: peer_phases.run_repeat(settings, peers, rec, r))
+          for r in range(settings.repeats)),
+        ("peer-3", "peer-pool", lambda: peer_phases.run_pool(settings, model, rec)),
         ("limits-end", "limits-end", lambda: _limits(settings, rec, "end")),
     ]
     unknown = sorted(set(done) - {name for name, _, _ in steps})
@@ -161,8 +170,9 @@ def run(args: argparse.Namespace) -> int:
                 done.append(name)
                 rec.save(partial)
     finally:
-        # An interrupted repeat leaves its stack up and its baseline loaded.
+        # An interrupted repeat leaves its stack up and its baseline loaded (a peer repeat, its sides up).
         subjects.close()
+        peers.close()
     limits = rec.extra.get("limits")
 
     machine["load_average_at_end"] = list(os.getloadavg())

@@ -1,4 +1,5 @@
-"""The benchmark's nine scenarios as comparisons of recorded measures, each with its target where one is set.
+"""The benchmark's scenarios 1-9 as comparisons of recorded measures, each with its target where one is set (the peer
+benchmark's 10-14 are built in bench.peer.scenarios).
 
 Ratios are always ours / baseline of the medians; `Target` says which side of it is asked for. `build` returns the
 scenarios of `BenchSettings.scenarios`, in order.
@@ -10,6 +11,7 @@ import math
 import statistics
 
 from bench import arrivals, pool
+from bench.peer import scenarios as peer_scenarios
 from bench.phases import Recorder
 from bench.results import Comparison, Measure, Scenario, Target
 from bench.settings import BenchSettings
@@ -38,6 +40,7 @@ def build(s: BenchSettings, rec: Recorder, limits: dict | None) -> list[Scenario
         out.append(_limits(s, rec, limits))
     out.append(_scaled_pool(s, rec))
     out.append(_arrivals(s, rec))
+    out += peer_scenarios.build(s, rec)
     return [scenario for scenario in out if scenario.number in s.scenarios]
 
 

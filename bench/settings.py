@@ -79,14 +79,37 @@ class Workload:
     arrival_slo_tpot: float = 3.0
     arrival_repeats: int = 1
     arrival_calibration_runs: int = 3
+    # 10-14. The peer benchmark (bench/peer): `vllm serve` beside our stack with the vLLM engine and with the
+    #    transformers engine. Every vLLM side's KV pool per replica: `peer_kv_mib`. 10: scenario 9's mix and SLO
+    #    factors, `peer_arrival_requests` per rate at `peer_arrival_loads` x `vllm serve`'s capacity (in the first
+    #    `arrival_repeats` repeats). 11 / 13: `peer_sessions` / `peer_pool_sessions` conversations of 3 turns, each
+    #    about its own `peer_image_side`² image (max_num 12: 5 tiles), `peer_turn_tokens` per turn. 12: an image of
+    #    that size, then `peer_between` conversations about others (3 x 1,282 image tokens: more than vLLM's encoder
+    #    cache on a CPU, the larger of `max_num_batched_tokens` 2,048 and a 13-tile image's 3,330), then the image in a
+    #    new conversation, `peer_return_tokens` each. 14: `concurrency` text streams of `peer_decode_tokens`.
+    peer_kv_mib: int = 512
+    peer_replicas: int = 3
+    peer_arrival_requests: int = 30
+    peer_arrival_loads: tuple[float, ...] = (0.5, 0.9)
+    peer_sessions: int = 2
+    peer_pool_sessions: int = 3
+    peer_image_side: int = 896
+    peer_turn_tokens: int = 16
+    peer_between: int = 3
+    peer_return_tokens: int = 8
+    peer_decode_tokens: int = 64
 
 
 QUICK_WORKLOAD = Workload(turn_new_tokens=4, concurrency_new_tokens=8, overhead_new_tokens=4, video_frames=4,
                           video_new_tokens=2, decode_new_tokens=8, hit_calls=3, bandwidth_mib=256,
                           matmul_sizes=(1024,), pool_sessions=3, pool_new_tokens=2, fetch_calls=5,
-                          arrival_requests=8, arrival_new_tokens=(2, 4, 6))
+                          arrival_requests=8, arrival_new_tokens=(2, 4, 6), peer_kv_mib=128,
+                          peer_arrival_requests=6, peer_sessions=1, peer_pool_sessions=1, peer_turn_tokens=4,
+                          peer_between=1, peer_return_tokens=2, peer_decode_tokens=8)
 # Every scenario `--scenarios` can name.
-SCENARIOS = tuple(range(1, 10))
+SCENARIOS = tuple(range(1, 15))
+# The peer benchmark's (bench/peer): `vllm serve` beside our stack.
+PEER_SCENARIOS = tuple(range(10, 15))
 
 
 @dataclass(frozen=True)
@@ -111,11 +134,12 @@ class BenchSettings:
     def from_args(cls, args: argparse.Namespace) -> BenchSettings:
         device = choose_device()
         dtype, reason = choose_dtype(args.dtype, device)
-        preset = "tiny" if args.quick else "1b-shape"
+        chosen = frozenset(args.scenarios or SCENARIOS)
+        # vLLM's CPU attention needs an LLM head size of at least 32; the tiny preset's is 16.
+        preset = ("small" if not chosen.isdisjoint(PEER_SCENARIOS) else "tiny") if args.quick else "1b-shape"
         repeats = args.repeats if args.repeats is not None else (1 if args.quick else 2)
         if repeats < 1:
             raise InvalidArgumentError(f"--repeats must be >= 1, got {repeats}")
-        chosen = frozenset(args.scenarios or SCENARIOS)
         if not chosen <= set(SCENARIOS):
             raise InvalidArgumentError(f"--scenarios: no scenario {sorted(chosen - set(SCENARIOS))}; there are "
                                        f"{SCENARIOS[0]} to {SCENARIOS[-1]}")

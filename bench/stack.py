@@ -8,13 +8,15 @@ beyond the line that says it is ready.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -53,6 +55,7 @@ class ServiceProc:
     pid: int
     port: int | None
     metrics_port: int | None
+    http_port: int | None = None
 
 
 def _flag(argv: list[str], name: str) -> int | None:
@@ -60,21 +63,24 @@ def _flag(argv: list[str], name: str) -> int | None:
 
 
 class RunningStack:
-    """`internvl-serve up --model ... --vision-replicas N [--llm-replicas M] [--llm-routing P] [--redis-cluster K]`
-    until `stop()`."""
+    """`internvl-serve up --model ... --vision-replicas N [--llm-replicas M] [--llm-routing P] [--redis-cluster K]
+    [--engine E] [EXTRA_FLAGS]` until `stop()`; `http`: the gateway's OpenAI HTTP API on a free port too
+    (`services["gateway"].http_port`)."""
 
     def __init__(self, model: str, dtype: str, replicas: int, log_dir: Path | None = None,
                  startup_timeout_s: float = 1800.0, llm_replicas: int = 1, llm_routing: str | None = None,
-                 redis_cluster: int = 0):
+                 redis_cluster: int = 0, engine: str | None = None, http: bool = False,
+                 extra_flags: Sequence[str] = ()):
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="internvl-bench-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.replicas = replicas
         self.llm_replicas = llm_replicas
         argv = [sys.executable, "-m", "tools.cli", "up", "--model", model, "--dtype", dtype,
-                "--gateway-port", "0", "--http-port", "0", "--metrics-port", "0",
+                "--gateway-port", "0", "--http-port", "any" if http else "0", "--metrics-port", "0",
                 "--vision-replicas", str(replicas), "--llm-replicas", str(llm_replicas),
                 *(["--llm-routing", llm_routing] if llm_routing else []),
                 *(["--redis-cluster", str(redis_cluster)] if redis_cluster else []),
+                *(["--engine", engine] if engine else []), *extra_flags,
                 "--log-dir", str(self.log_dir), "--startup-timeout", str(startup_timeout_s)]
         self.output: list[str] = []
         # Its output is read here (the banner says when it is ready); its own children log into log_dir. The token
@@ -124,7 +130,7 @@ class RunningStack:
                 elif role == "llm":
                     llms.append(ServiceProc("llm", pid, port, metrics))
                 elif role:
-                    found[role] = ServiceProc(role, pid, port, metrics)
+                    found[role] = ServiceProc(role, pid, port, metrics, ports.get("http_port"))
         for i, proc in enumerate(sorted(visions, key=lambda p: p.pid)):
             proc.name = f"vision-{i}"
             found[proc.name] = proc
@@ -158,14 +164,37 @@ class RunningStack:
 
     def stop(self) -> None:
         self.channel.close()
+        tree = descendants(self.process.pid)
         # SIGINT is up's Ctrl-C: it stops its children in order.
         self.up.stop(grace_s=120, sig=signal.SIGINT)
+        kill_stragglers(tree)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid` now (children, theirs, ...)."""
+    table = processes()
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p.pid for p in table if p.ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def kill_stragglers(pids: list[int]) -> None:
+    """SIGKILL to those of `pids` still alive after their parent stopped: an engine process a stopped server left
+    behind (vLLM's engine core outlives a parent killed after its grace period) would hold gigabytes for the rest of
+    the run."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
