@@ -155,8 +155,12 @@ async def test_the_prefix_cache_is_kept_per_adapter(family):
 
     request, cached = await second_turn(name)
     assert (len(first.prompt) // 128) * 128 <= cached < len(request.prompt)
-    assert (await second_turn(""))[1] == 0
-    assert (await second_turn(other))[1] == 0
+    # The blocks before the image are text every request of a model shares (the system prompt: more than a block
+    # with InternLM2's tokenizer), which the base or the other adapter may have cached from other tests; no block
+    # from the image on may be found outside the adapter.
+    shared_text = (request.prompt.token_ids.index(family.prompts.img_start_id) // 128) * 128
+    assert (await second_turn(""))[1] <= shared_text < cached
+    assert (await second_turn(other))[1] <= shared_text
 
 
 async def test_vllm_got_the_language_part_in_a_copy_of_its_own(family):
