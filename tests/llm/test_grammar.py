@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import xgrammar
+from helpers.schemas import SCHEMA
 
 from services.contract.constraint import Constraint, ConstraintKind
 from services.contract.errors import InvalidArgumentError
@@ -25,18 +26,6 @@ from services.llm.grammar import Grammars
 CPU = torch.device("cpu")
 STEPS = 200
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "color": {"enum": ["red", "green", 'blue "sky"']},
-        "count": {"type": "integer", "minimum": -50, "maximum": 120},
-        "ok": {"type": "boolean"},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
-    },
-    "required": ["name", "color", "count", "ok"],
-    "additionalProperties": False,
-}
 TRICKY_CHOICES = ('say "hi"', "back\\slash", "new\nline", "tab\there", "Grüße, 世界 😀", "a", "ab", "{not json")
 
 

@@ -19,6 +19,7 @@ import re
 import jsonschema
 import pytest
 from helpers.engine import Recorder
+from helpers.schemas import SCHEMA
 
 from services.contract.constraint import Constraint, ConstraintKind
 from services.contract.conversation import Conversation, GenerateRequest
@@ -34,18 +35,6 @@ from services.llm.service import LLMService
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 
 # Every string and number bounded, so that any answer the grammar allows ends within MAX_NEW tokens.
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "color": {"enum": ["red", "green", 'blue "sky"']},
-        "count": {"type": "integer", "minimum": -50, "maximum": 120},
-        "ok": {"type": "boolean"},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3},
-    },
-    "required": ["name", "color", "count", "ok"],
-    "additionalProperties": False,
-}
 PATTERN = "[0-9]{3}-[a-z]{1,8}"
 CHOICES = ('say "hi"', "back\\slash", "new\nline", "Grüße, 世界 😀", "a", "ab", "{not json")
 MAX_NEW = 120
