@@ -84,9 +84,10 @@ class Workload:
     #    factors, `peer_arrival_requests` per rate at `peer_arrival_loads` x `vllm serve`'s capacity (in the first
     #    `arrival_repeats` repeats). 11 / 13: `peer_sessions` / `peer_pool_sessions` conversations of 3 turns, each
     #    about its own `peer_image_side`² image (max_num 12: 5 tiles), `peer_turn_tokens` per turn. 12: an image of
-    #    that size, then `peer_between` conversations about others (3 x 1,282 image tokens: more than vLLM's encoder
-    #    cache on a CPU, the larger of `max_num_batched_tokens` 2,048 and a 13-tile image's 3,330), then the image in a
-    #    new conversation, `peer_return_tokens` each. 14: `concurrency` text streams of `peer_decode_tokens`.
+    #    that size, then `peer_between` conversations about others (24 x 1,282 image tokens: more than vLLM's encoder
+    #    cache holds, 29,440 embeddings at the 1B shape: vLLM sizes it for its largest multimodal item, a video filling
+    #    the 32k context; with 3 between, the image was still cached: measured), then the image in a new
+    #    conversation, `peer_return_tokens` each. 14: `concurrency` text streams of `peer_decode_tokens`.
     peer_kv_mib: int = 512
     peer_replicas: int = 3
     peer_arrival_requests: int = 30
@@ -95,7 +96,7 @@ class Workload:
     peer_pool_sessions: int = 3
     peer_image_side: int = 896
     peer_turn_tokens: int = 16
-    peer_between: int = 3
+    peer_between: int = 24
     peer_return_tokens: int = 8
     peer_decode_tokens: int = 64
 
