@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import redis.exceptions
 from redis.asyncio import Redis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -45,6 +45,12 @@ BACKOFF_CAP_S = 0.5
 # with a node timeout of a second or two (detection, then an election of about a second).
 CLUSTER_RETRY_BUDGET_S = 3.0
 
+# Connections to one Redis server per process, and how long a command waits for one when all are busy. A request
+# with a hundred images reads its embeddings concurrently: with redis-py's default pool, which refuses a connection
+# past its limit ("Too many connections"), that one request failed, and every other command at that moment with it.
+MAX_CONNECTIONS = 100
+CONNECTION_WAIT_S = 30
+
 _CONNECTION = {
     "socket_connect_timeout": 5,
     # A large embedding value is tens of MiB: generous, but never blocks forever on a hung server.
@@ -65,12 +71,18 @@ def connect(url: str) -> RedisClient:
     backoff = ExponentialWithJitterBackoff(base=BACKOFF_BASE_S, cap=BACKOFF_CAP_S)
     if is_cluster_url(url):
         return connect_cluster(url, retry_budget_s=CLUSTER_RETRY_BUDGET_S, backoff=backoff, **_CONNECTION)
-    return Redis.from_url(
+    # A blocking pool: past MAX_CONNECTIONS a command waits for a free connection instead of failing.
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=CONNECTION_WAIT_S,
         **_CONNECTION,
         retry=Retry(backoff, RETRIES),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     )
+    client = Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # closing the client closes its pool, as Redis.from_url's would
+    return client
 
 
 def redis_url_problem(url: str | None) -> str | None:

@@ -3,16 +3,19 @@ Redis failure becomes for a caller (`redis_errors`)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 
 import pytest
 import redis.exceptions
+import torch
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 
 from services.contract.errors import NotReadyError, OverloadedError
 from services.runtime.embedding_store import EmbeddingCache
-from services.runtime.redis_client import CLUSTER_RETRY_BUDGET_S, connect, redis_errors
+from services.runtime.redis_client import CLUSTER_RETRY_BUDGET_S, MAX_CONNECTIONS, connect, redis_errors
 from services.runtime.redis_cluster import (
     ClusterUnreachableError,
     ResilientRedisCluster,
@@ -66,6 +69,24 @@ def test_connect_picks_the_client_by_scheme():
     assert (kwargs["socket_connect_timeout"], kwargs["socket_timeout"], kwargs["health_check_interval"]) == (5, 7, 15)
     # redis-py retries nothing itself: the retries are ours, with a backoff.
     assert cluster.retry.get_retries() == 0 and cluster._retry_budget_s == CLUSTER_RETRY_BUDGET_S
+
+
+@pytest.mark.asyncio
+async def test_more_concurrent_reads_than_the_pool_has_connections_wait_for_one(redis_url):
+    """A request with many images reads its embeddings concurrently: past the pool's connections a command waits
+    for a free one (a real redis-server; with redis-py's default pool this failed with "Too many connections")."""
+    client = connect(redis_url)
+    cache = EmbeddingCache(client, "model-fingerprint")
+    keys = [f"test:pool:{uuid.uuid4().hex}:{i}" for i in range(MAX_CONNECTIONS + 50)]
+    try:
+        for i, key in enumerate(keys):
+            await cache.put(key, torch.full((2, 4), float(i)), ttl_s=60)
+        values = await asyncio.gather(*(cache.get(key) for key in keys))
+        assert [None if v is None else v[0, 0].item() for v in values] == [float(i) for i in range(len(keys))]
+        assert client.connection_pool.max_connections == MAX_CONNECTIONS
+    finally:
+        await client.delete(*keys)
+        await client.aclose()
 
 
 # ---------------------------------------------------------------------------------------------------- retries
