@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 
 import pytest
+from helpers.cli_flags import options, service_parser
 
 from gateway.config import GatewayConfig
 from services.llm.config import LLMConfig
@@ -38,16 +38,6 @@ FLAGS_BEFORE = {
                 "--upstream-tls-server-name"],
 }
 
-
-def service_parser(command: str) -> argparse.ArgumentParser:
-    """The parser `internvl-serve COMMAND` gets: the subcommand module's own `add_arguments`."""
-    parser = argparse.ArgumentParser(prog=f"internvl-serve {command}")
-    importlib.import_module(cli.SUBCOMMANDS[command][0]).add_arguments(parser)
-    return parser
-
-
-def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.option_strings[0]: a for a in parser._actions if a.option_strings and a.dest != "help"}
 
 
 def declared(config: type) -> list[str]:

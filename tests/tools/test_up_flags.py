@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 from dataclasses import dataclass
 
 import pytest
+from helpers.cli_flags import options, service_parser
 
 from gateway.config import GatewayConfig
 from services.llm.config import LLMConfig
@@ -25,16 +25,6 @@ UP_FLAGS_BEFORE = ["--model", "--dtype", "--host", "--gateway-port", "--http-por
                    "--max-lora-rank", "--log-dir", "--otlp-endpoint", "--startup-timeout", "--tls-cert", "--tls-key",
                    "--tls-ca", "--tls-client-ca", "--api-token-file"]
 
-
-def service_parser(command: str) -> argparse.ArgumentParser:
-    """The parser `internvl-serve COMMAND` gets: the subcommand module's own `add_arguments`."""
-    parser = argparse.ArgumentParser(prog=f"internvl-serve {command}")
-    importlib.import_module(cli.SUBCOMMANDS[command][0]).add_arguments(parser)
-    return parser
-
-
-def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.option_strings[0]: a for a in parser._actions if a.option_strings and a.dest != "help"}
 
 
 def up_parser() -> argparse.ArgumentParser:
