@@ -3,11 +3,14 @@ deltas, then one finish with its usage); the events own their wire form (`intern
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from internvl.llm.v1 import llm_pb2
 
+from services.contract.conversation import ImageRef
+from services.contract.errors import InvalidArgumentError
 from services.contract.finish import FinishReason, Usage
 from services.contract.sampling import SamplingParams
 from services.llm.prompt import Prompt
@@ -83,3 +86,11 @@ class EngineRequest:
     grammar: object | None = None
     # The LoRA adapter the answer is computed with (a name of the engine's AdapterSlots); "" is the base model.
     adapter: str = ""
+
+
+def check_image_rows(images: Sequence[ImageRef], rows: Sequence[torch.Tensor]) -> None:
+    """Refuses image rows holding NaN or inf (they would make the request's logits NaN, or worse inside vLLM's engine
+    core): InvalidArgumentError naming the image. A torch kernel: the engines call it on the thread that runs theirs."""
+    for image, image_rows in zip(images, rows, strict=True):
+        if not bool(torch.isfinite(image_rows).all()):
+            raise InvalidArgumentError(f"embeddings of {image.key} contain NaN or infinite values")

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from services.contract.errors import InternVLError, InvalidArgumentError, OverloadedError
+from services.contract.errors import InternVLError, OverloadedError
 from services.contract.finish import FinishReason
 from services.llm.engine.api import StepReport
 from services.llm.engine.batch import KVBatch, KVShape, PrefillRow, prefill_forward
-from services.llm.engine.events import EngineRequest
+from services.llm.engine.events import EngineRequest, check_image_rows
 from services.llm.engine.prefix_cache import LayerKV, PrefixCache, prompt_identity
 from services.llm.engine.sampling import Sampler, sample_batch
 from services.llm.engine.step import NewPrompt, Sampled, StepPlan, StepResult, batch_fault
@@ -293,10 +293,8 @@ class ModelRunner:
         checked."""
         if prompt.ids is not None:
             return
-        for image, rows in zip(prompt.head.request.prompt.images, prompt.image_parts, strict=True):
-            if not bool(torch.isfinite(rows).all()):
-                # NaN or inf would make this request's logits NaN; caught here, it fails alone and clearly.
-                raise InvalidArgumentError(f"embeddings of {image.key} contain NaN or infinite values")
+        # Caught here, the request fails alone and clearly.
+        check_image_rows(prompt.head.request.prompt.images, prompt.image_parts)
         if prompt.image_parts:
             prompt.image_rows = torch.cat(prompt.image_parts).to(device=self.device, dtype=self.dtype)
             prompt.image_parts = ()

@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from services.contract.errors import InternVLError, InvalidArgumentError, NotReadyError
 from services.contract.finish import FinishReason
 from services.llm.engine.api import BatchFaultError, Engine, EngineLoad, GenerationStream, StepReport
-from services.llm.engine.events import EngineRequest, Finish, Timing, TokenDelta, Usage
+from services.llm.engine.events import EngineRequest, Finish, Timing, TokenDelta, Usage, check_image_rows
 from services.llm.engine.vllm.answer_text import AnswerText
 from services.llm.engine.vllm.keeper import AsyncLLMKeeper
 from services.llm.engine.vllm.requests import (
@@ -221,9 +221,7 @@ class VLLMEngine(Engine):
 
     def _prepare(self, request: EngineRequest) -> tuple[dict, str | None]:
         """The prompt for vLLM and the grammar, off the event loop (the rows are checked and converted here)."""
-        for image, rows in zip(request.prompt.images, request.image_rows, strict=True):
-            if not bool(torch.isfinite(rows).all()):
-                raise InvalidArgumentError(f"embeddings of {image.key} contain NaN or infinite values")
+        check_image_rows(request.prompt.images, request.image_rows)
         constraint = request.sampling.constraint
         try:
             return engine_prompt(request, self._folder, self.dtype), (
