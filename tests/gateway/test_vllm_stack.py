@@ -21,7 +21,6 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import jsonschema
@@ -30,16 +29,14 @@ import pytest
 import torch
 from helpers.chat import Answer, chat, chat_answers, image_part, text_part
 from helpers.media import reference_frames, write_video
-from helpers.native import LOGPROB_ATOL, load_native, native_greedy, top_logprob_gaps
+from helpers.native import LOGPROB_ATOL, load_native, native_greedy, small_checkpoint, top_logprob_gaps
 from internvl.common.v1 import common_pb2 as C
 from internvl.gateway.v1 import gateway_pb2 as G
 from lora_reference import INTERNLM2_TARGETS, QWEN2_TARGETS, OriginalInternVL, unwrap, write_swift_adapter
-from sentencepiece_checkpoint import build as build_sentencepiece_checkpoint
 from stack import UpStack, up_stack
 
 from services.contract import template
 from services.model.chat import GenerationParams, InternVLChat
-from services.model.tiny import make_tiny
 from services.vision.preprocess import load_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -75,18 +72,10 @@ class Family:
                              max_retries=0)
 
 
-def _checkpoint(name: str, root: Path) -> tuple[Path, object]:
-    """The `small` checkpoint of family `name`, and for InternLM2 the sentencepiece build (its tripwires' record)."""
-    if name == "qwen2":
-        return make_tiny(root / "small-qwen2", llm="qwen2", vision="300m", preset="small"), None
-    built = build_sentencepiece_checkpoint(root, preset="small")
-    return built.path, built
-
-
 @pytest.fixture(scope="module", params=["qwen2", "internlm2"])
 def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"vllm-stack-{request.param}")
-    path, built = _checkpoint(request.param, root)
+    path, built = small_checkpoint(request.param, root)
     logs = root / "logs"
     logs.mkdir()
     adapter_dir, adapted = write_swift_adapter(OriginalInternVL(path), root / "adapter",

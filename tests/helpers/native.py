@@ -1,4 +1,4 @@
-"""transformers' own InternVL as an independent reference for the language side: `InternVLForConditionalGeneration`
+"""transformers' own InternVL as an independent reference for the language side, and the `small` checkpoints the vLLM tests run: `InternVLForConditionalGeneration`
 with the original checkpoint's weights converted by tests/reference_impl.py (no code of the serving path), greedy
 generation from a prompt's ids and the images' pixels with each step's raw logits, and the check of an answer's
 reported log-probabilities against them.
@@ -19,10 +19,23 @@ from pathlib import Path
 
 import torch
 from reference_impl import native_config, read_original, to_native_state_dict
+from sentencepiece_checkpoint import build as build_sentencepiece_checkpoint
 from transformers import InternVLForConditionalGeneration
+
+from services.model.tiny import make_tiny
 
 LOGPROB_ATOL = 2e-5
 BF16_LOGPROB_ATOL = 5e-2
+
+
+def small_checkpoint(family: str, root: Path) -> tuple[Path, object | None]:
+    """make-tiny's `small` shape (LLM head size 32, the smallest vLLM's CPU attention runs) of `family`: "qwen2" (BPE
+    tokenizer), or "internlm2" with the published sizes' sentencepiece tokenizer path, whose other code files are
+    tripwires. Returns its directory and, for InternLM2, the build (`assert_no_other_code_ran`)."""
+    if family == "qwen2":
+        return make_tiny(root / "small-qwen2", llm="qwen2", vision="300m", preset="small"), None
+    built = build_sentencepiece_checkpoint(root, preset="small")
+    return built.path, built
 
 
 def load_native(path: Path, image_token_id: int, dtype: torch.dtype = torch.float32,

@@ -28,7 +28,7 @@ import pytest
 import pytest_asyncio
 import torch
 import transformers.dynamic_module_utils
-from helpers.native import load_native, native_greedy
+from helpers.native import load_native, native_greedy, small_checkpoint
 from lora_reference import (
     INTERNLM2_TARGETS,
     QWEN2_TARGETS,
@@ -37,7 +37,6 @@ from lora_reference import (
     unwrap,
     write_swift_adapter,
 )
-from sentencepiece_checkpoint import build as build_sentencepiece_checkpoint
 from transformers import InternVLForConditionalGeneration
 
 from services.contract import template
@@ -51,7 +50,6 @@ from services.llm.prompt import Prompt, PromptBuilder
 from services.model.adapter_options import AdapterOptions
 from services.model.adapters import read_adapters
 from services.model.chat import InternVLChat
-from services.model.tiny import make_tiny
 from services.vision.preprocess import load_image
 
 # KV pool of the test engines (running and prefix cache together), in MiB: a few thousand tokens of the small shape.
@@ -156,13 +154,6 @@ class Family:
                              self.chat.tokenizer.pad_token_id, **generate_kwargs)
 
 
-def _checkpoint(name: str, root: Path) -> Path:
-    if name == "qwen2":
-        return make_tiny(root / "small-qwen2", llm="qwen2", vision="300m", preset="small")
-    built = build_sentencepiece_checkpoint(root, preset="small")
-    return built.path
-
-
 @pytest_asyncio.fixture(scope="session", loop_scope="session", params=["qwen2", "internlm2"])
 async def family(request, tmp_path_factory, golden_dir):
     root = tmp_path_factory.mktemp(f"vllm-{request.param}")
@@ -172,7 +163,7 @@ async def family(request, tmp_path_factory, golden_dir):
         # process and for the processes vLLM spawns (they read the variable when they import transformers).
         patch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(root / "hf-modules"))
         patch.setenv("HF_MODULES_CACHE", str(root / "hf-modules"))
-        path = _checkpoint(request.param, root)
+        path, _ = small_checkpoint(request.param, root)
         device, dtype = request.config.getoption("--vllm-device"), request.config.getoption("--vllm-dtype")
         chat = InternVLChat.load(str(path), dtype="float32", device=device)
         original = OriginalInternVL(path)
