@@ -1,7 +1,7 @@
-"""transformers' own InternVL as an independent reference for the language side, and the `small` checkpoints the vLLM tests run: `InternVLForConditionalGeneration`
+"""transformers' own InternVL as an independent reference for the language side: `InternVLForConditionalGeneration`
 with the original checkpoint's weights converted by tests/reference_impl.py (no code of the serving path), greedy
 generation from a prompt's ids and the images' pixels with each step's raw logits, and the check of an answer's
-reported log-probabilities against them.
+reported log-probabilities against them; and the `small` checkpoints of both families the vLLM tests run on.
 
 Tolerance (float32): the top-5 log-probabilities within `LOGPROB_ATOL` of transformers' log-softmax, the same five
 token ids in the same order; the vLLM engine measured at most 3.8e-6 in process. An engine computing in bfloat16
