@@ -1,5 +1,5 @@
 """Tenants in single modules: the API-key file (and its refusal at start-up), the token bucket and the limits on a fake
-clock, the caller's tenant from each source, the cache salts (sessions owned by their tenant: tests/gateway/test_sessions.py)."""
+clock, the caller's tenant from each source (mutual TLS on an in-process server), the cache salts (sessions owned by their tenant: tests/gateway/test_sessions.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import contextlib
 import io
 import json
 
+import grpc
 import pytest
+from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from prometheus_client import generate_latest
+from reliability.certs import Authority
 
 from gateway import tenants
-from gateway.auth import Access
+from gateway.auth import CERTIFICATE_MESSAGE, Access, TenantInterceptor
+from gateway.metrics import GatewayMetrics
 from gateway.tenant_limits import CONCURRENCY_RETRY_S, TenantLimitError, TenantLimits, TokenBucket
 from gateway.tenants import Tenant, load_keys_file, parse_keys
 from services.contract.errors import (
@@ -20,7 +25,11 @@ from services.contract.errors import (
     RpcStatus,
     retry_after_header,
 )
+from services.contract.service_names import GATEWAY_SERVICE
+from services.runtime.grpc_server import GrpcServer, ServerOptions
+from services.runtime.tls import ServerTls
 from tools import cli
+from tools.launcher import metric
 
 pytestmark = pytest.mark.timeout(60)
 KEY_A, KEY_B, KEY_A2 = "alpha-key-0123456789", "beta-key-0123456789", "alpha-key-second-one"
@@ -190,3 +199,43 @@ def test_salts_are_per_tenant_and_anonymous_is_unsalted():
     alpha, beta = tenants.salt("alpha"), tenants.salt("beta")
     assert len(alpha) == 32 and alpha != beta and "alpha" not in alpha
     assert tenants.salt("alpha") == alpha  # the same on every gateway replica
+
+
+# ------------------------------------------------------------------------------------------------ mutual TLS
+
+
+class WhoAmI(gateway_pb2_grpc.ChatServiceServicer):
+    """Answers ListModels with the caller's tenant, as the gateway's handlers see it."""
+
+    async def ListModels(self, request, context):
+        return gateway_pb2.ListModelsResponse(models=[gateway_pb2.ServedModel(id=tenants.current().name)])
+
+
+@pytest.mark.asyncio
+async def test_under_mutual_tls_the_client_certificates_cn_is_the_tenant(tmp_path):
+    ca = Authority(tmp_path, "tenants-test-ca")
+    server_cert = ca.issue("server", "gateway", client=False)
+    metrics = GatewayMetrics()
+    tls = ServerTls(*server_cert.read(), client_ca=ca.pem.read_bytes())
+    server = GrpcServer(ServerOptions(port=0, host="127.0.0.1", tls=tls, drain_seconds=0), [GATEWAY_SERVICE],
+                        [TenantInterceptor(Access(client_certificates=True), TenantLimits(), metrics)],
+                        requests=metrics.requests)
+    server.add(gateway_pb2_grpc.add_ChatServiceServicer_to_server, WhoAmI())
+    await server.start()
+    try:
+        async def call(common_name: str) -> gateway_pb2.ListModelsResponse:
+            cert, key = ca.issue(common_name.replace(" ", "_"), common_name, server=False).read()
+            credentials = grpc.ssl_channel_credentials(ca.pem.read_bytes(), key, cert)
+            async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
+                return await gateway_pb2_grpc.ChatServiceStub(channel).ListModels(gateway_pb2.ListModelsRequest(),
+                                                                                 timeout=10)
+
+        assert [m.id for m in (await call("search.internal")).models] == ["search.internal"]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call("no spaces here")
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert refused.value.details() == CERTIFICATE_MESSAGE
+    finally:
+        await server.stop()
+    assert metric(generate_latest(metrics.registry).decode(), "internvl_gateway_tenant_requests_total",
+                  tenant="search.internal", code="OK") == 1
