@@ -91,8 +91,10 @@ def scope(tenant: Tenant) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(ValueError):  # reset from another context (see logs.request_scope)
+        # A reset from another context fails (see logs.request_scope): each is skipped on its own.
+        with contextlib.suppress(ValueError):
             logs.TENANT.reset(log_token)
+        with contextlib.suppress(ValueError):
             CURRENT.reset(token)
 
 
