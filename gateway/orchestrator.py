@@ -13,7 +13,9 @@ For each request:
 4. Store the round in the session (texts and keys, never pixels), so any replica can continue it.
 
 The caller's deadline bounds every call to both services, and cancelling the request (the transport cancels this
-generator's task) cancels them too.
+generator's task) cancels them too. Each request runs as its tenant (`gateway.tenants`, named by the transport): its
+session is that tenant's, and the tenant's salts scope its prefix KV cache, its routing key and its embedding keys
+unless the shared-cache flags say otherwise.
 """
 
 from __future__ import annotations
@@ -147,6 +149,12 @@ class Orchestrator:
             raise NotReadyError("the gateway is still connecting to the vision and LLM services")
         return [(self.model.model_name, None), *((a.name, a) for a in self.model.adapters)]
 
+    def _salts(self, tenant: str) -> tuple[str, str]:
+        """(prefix KV cache salt, embedding key salt) of `tenant`'s requests: the tenant's salt, or "" (one scope for
+        every tenant) where `--shared-prefix-cache` / `--shared-embedding-cache` says so."""
+        salt = tenants.salt(tenant)
+        return "" if self.config.shared_prefix_cache else salt, "" if self.config.shared_embedding_cache else salt
+
     def _adapter(self, model: str) -> str:
         """The adapter a request's model id names ("" the base); NotFoundError for an id that is not served."""
         if not model or model == self.model.model_name:
@@ -175,8 +183,7 @@ class Orchestrator:
         request.sampling.validate()
         adapter = self._adapter(request.model)
         tenant = tenants.current().name
-        cache_salt = "" if self.config.shared_prefix_cache else tenants.salt(tenant)
-        key_salt = "" if self.config.shared_embedding_cache else tenants.salt(tenant)
+        cache_salt, key_salt = self._salts(tenant)
         check_max_num(request.max_num, "max_num", MAX_NUM_LIMIT)
         for where, video in _videos(request):
             check_max_num(video.max_num, f"{where} (video)", MAX_NUM_LIMIT)
