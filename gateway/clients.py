@@ -142,11 +142,13 @@ class VisionClient:
         return list(reply.exists)
 
     async def encode(self, items: Sequence[MediaItem], max_num: int, use_thumbnail: bool,
-                     timeout: float | None, route_key: str | None = None, adapter: str = "") -> list[EncodedItem]:
-        """Encodes `items` with `adapter` ("" the base) in one call, on the replica `route_key` (the first item's
-        cache key) prefers."""
+                     timeout: float | None, route_key: str | None = None, adapter: str = "",
+                     key_salt: str = "") -> list[EncodedItem]:
+        """Encodes `items` with `adapter` ("" the base) under `key_salt` ("" unsalted) in one call, on the replica
+        `route_key` (the first item's cache key) prefers."""
         request = vision_pb2.EncodeRequest(items=[item.to_pb() for item in items],
-                                           options=PreprocessOptions(max_num, use_thumbnail).to_pb(), adapter=adapter)
+                                           options=PreprocessOptions(max_num, use_thumbnail).to_pb(), adapter=adapter,
+                                           key_salt=key_salt)
         reply = await self._retrying("Encode", lambda stub, left, metadata: stub.Encode(
             request, timeout=left, metadata=metadata), timeout, route_key)
         if len(reply.items) != len(items):

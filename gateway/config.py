@@ -18,6 +18,7 @@ from pathlib import Path
 from gateway.endpoints import parse_target
 from gateway.remote_media import host_pattern_problem
 from gateway.routing import Policy
+from gateway.tenants import KeyDirectory, load_keys_file
 from services.contract.cache_keys import DEFAULT_NAMESPACE
 from services.contract.errors import InvalidArgumentError
 from services.contract.tiling import DEFAULT_MAX_PIXELS
@@ -49,6 +50,11 @@ def _api_token(path: str | None, environ: Mapping[str, str]) -> str | None:
             raise InvalidArgumentError(f"--api-token-file {path} is empty")
         return token
     return environ.get(ENV_API_TOKEN, "").strip() or None
+
+
+def _api_keys(path: str | None, environ: Mapping[str, str]) -> KeyDirectory | None:
+    """The tenants of `--api-keys-file` (gateway.tenants), None without one."""
+    return load_keys_file(path) if path else None
 
 
 # Keyword-only, so that the fields (the flags) keep the order `--help` lists them in.
@@ -122,6 +128,21 @@ class GatewayConfig:
     api_token: str | None = flag(
         None, f"file holding the bearer token every gRPC and HTTP call must carry (default: ${ENV_API_TOKEN}; "
               "without either, no authentication)", option="--api-token-file", convert=_api_token, repr=False)
+    # Tenants: each key of this JSON file names its tenant, with the tenant's limits (gateway.tenants). Exclusive
+    # with the single token. None: the token's tenant `default`, or with mutual TLS the client certificate's CN, or
+    # everyone is `anonymous`.
+    api_keys: KeyDirectory | None = flag(
+        None, "JSON file mapping API keys to tenants and their limits (see the README's Tenants section); default: "
+              "none (the --api-token-file token, else the client certificate's CN under mutual TLS, else no "
+              "authentication)", option="--api-keys-file", type=str, convert=_api_keys, repr=False)
+    # Off: the prefix KV cache and the LLM routing key are salted per tenant, so no tenant's time to first token
+    # reveals another's prompts. On: tenants share prefixes (cheaper; for tenants that trust each other).
+    shared_prefix_cache: bool = flag(False, "let tenants share the LLM's prefix KV cache (default: one scope per "
+                                            "tenant, so a cache hit never reveals another tenant's prompt)")
+    # Off: embedding keys are salted per tenant (each tenant encodes its own images; `usage.reused_tiles` and timing
+    # reveal nothing of other tenants). On: one image is encoded once for all tenants.
+    shared_embedding_cache: bool = flag(False, "let tenants share image embeddings (default: one key scope per "
+                                               "tenant, so reused tiles never reveal another tenant's image)")
     # TLS (and mutual TLS) towards the vision and LLM services; None: plaintext.
     upstream_tls: ClientTls | None = flag_group(
         UpstreamTlsFlags, title="TLS to the vision and LLM services (default: plaintext)",
@@ -155,6 +176,9 @@ class GatewayConfig:
             (self.api_token is None or (len(self.api_token) >= 16 and self.api_token.isprintable()
                                         and " " not in self.api_token),
              "the API token must be at least 16 printable characters without spaces"),
+            (self.api_keys is None or self.api_token is None,
+             (f"--api-keys-file and --api-token-file (or ${ENV_API_TOKEN}) exclude each other: give the token to "
+             f"a tenant in the key file instead")),
         ]
         for ok, message in checks:
             if not ok:

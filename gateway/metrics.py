@@ -8,6 +8,11 @@ orchestrator reports the cache side: tiles encoded vs reused (hit ratio = reused
 sent to the vision pool (misses only), and embedding bytes moved, by reference (read by the LLM from the cache) or
 inline (through the gateway, combined multi-image mode only). The routers report each replica choice by reason, and
 the pools their replicas by readiness and this gateway's calls in flight to each.
+
+Per tenant (`gateway.tenants`; a bounded set: the key file's names, `default`, `anonymous`, or the CNs the client CA
+signed; a caller refused as unauthenticated has none and is counted in `requests` only): `tenant_requests{tenant,code}`
+and `tenant_request_seconds{tenant}` (every public call, both transports) and `tenant_limited{tenant,limit}` (refusals
+by the tenant's rate or concurrency limit).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import AsyncGenerator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gateway import tenants
 from gateway.chat_response import Delta
 from gateway.endpoints import EndpointPool
 from services.runtime.request_metrics import LATENCY_BUCKETS, RequestMetrics
@@ -29,7 +35,13 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = RequestMetrics(PREFIX, r)
+        self.tenant_requests = Counter(PREFIX + "tenant_requests", "Requests by tenant and final gRPC status code",
+                                       ["tenant", "code"], registry=r)
+        self.tenant_request_seconds = Histogram(PREFIX + "tenant_request_seconds", "Request latency by tenant",
+                                                ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tenant_limited = Counter(PREFIX + "tenant_limited", "Requests refused by their tenant's rate or "
+                                      "concurrency limit", ["tenant", "limit"], registry=r)
+        self.requests = RequestMetrics(PREFIX, r, on_done=self._tenant_done)
         self.time_to_first_token = Histogram(PREFIX + "time_to_first_token_seconds",
                                              "From request arrival to the first generated token", ["method"],
                                              buckets=LATENCY_BUCKETS, registry=r)
@@ -68,6 +80,12 @@ class GatewayMetrics:
             self.embedding_bytes.labels(path)
         for kind in ("image", "frame"):
             self.media_bytes_sent.labels(kind)
+
+    def _tenant_done(self, method: str, code: str, seconds: float) -> None:
+        tenant = tenants.CURRENT.get()
+        if tenant is not None:  # None: refused before it was named
+            self.tenant_requests.labels(tenant.name, code).inc()
+            self.tenant_request_seconds.labels(tenant.name).observe(seconds)
 
     def observe_pool(self, pool: EndpointPool) -> None:
         """Replica counts and per-replica calls in flight of `pool` (called on every change)."""

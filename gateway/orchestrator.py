@@ -13,7 +13,9 @@ For each request:
 4. Store the round in the session (texts and keys, never pixels), so any replica can continue it.
 
 The caller's deadline bounds every call to both services, and cancelling the request (the transport cancels this
-generator's task) cancels them too.
+generator's task) cancels them too. Each request runs as its tenant (`gateway.tenants`, named by the transport): its
+session is that tenant's, and the tenant's salts scope its prefix KV cache, its routing key and its embedding keys
+unless the shared-cache flags say otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from gateway import tenants
 from gateway.backends import (
     Embeddings,
     GenerateFinish,
@@ -146,6 +149,12 @@ class Orchestrator:
             raise NotReadyError("the gateway is still connecting to the vision and LLM services")
         return [(self.model.model_name, None), *((a.name, a) for a in self.model.adapters)]
 
+    def _salts(self, tenant: str) -> tuple[str, str]:
+        """(prefix KV cache salt, embedding key salt) of `tenant`'s requests: the tenant's salt, or "" (one scope for
+        every tenant) where `--shared-prefix-cache` / `--shared-embedding-cache` says so."""
+        salt = tenants.salt(tenant)
+        return "" if self.config.shared_prefix_cache else salt, "" if self.config.shared_embedding_cache else salt
+
     def _adapter(self, model: str) -> str:
         """The adapter a request's model id names ("" the base); NotFoundError for an id that is not served."""
         if not model or model == self.model.model_name:
@@ -173,6 +182,8 @@ class Orchestrator:
             raise InvalidArgumentError("content is empty: the new user turn needs text, an image or a video")
         request.sampling.validate()
         adapter = self._adapter(request.model)
+        tenant = tenants.current().name
+        cache_salt, key_salt = self._salts(tenant)
         check_max_num(request.max_num, "max_num", MAX_NUM_LIMIT)
         for where, video in _videos(request):
             check_max_num(video.max_num, f"{where} (video)", MAX_NUM_LIMIT)
@@ -188,10 +199,11 @@ class Orchestrator:
         continuing = request.session_id is not None
         session_id = request.session_id if continuing else new_session_id()
         # A new session's id is known to nobody else yet: only a continued one needs the one-round-at-a-time lock.
-        lock = self.sessions.lock(session_id, deadline.remaining() + 5) if continuing else contextlib.nullcontext()
+        lock = (self.sessions.lock(session_id, deadline.remaining() + 5, tenant) if continuing
+                else contextlib.nullcontext())
         async with lock:
             if continuing:
-                session = await self.sessions.load(session_id)
+                session = await self.sessions.load(session_id, tenant)
                 if request.system_message is not None and request.system_message != session.system_message:
                     raise InvalidArgumentError("system_message differs from the one this session started with; "
                                                "leave it unset when continuing a session")
@@ -201,20 +213,20 @@ class Orchestrator:
                         "keeps the model it started with (leave model unset or name that one)")
                 adapter = self._adapter(session.adapter)  # still served?
             else:
-                session = Session(session_id, request.system_message, adapter=adapter)
+                session = Session(session_id, request.system_message, adapter=adapter, tenant=tenant)
             with tracing.tracer().start_as_current_span("media.plan") as span:
-                plan = await self._plan(request, adapter)
+                plan = await self._plan(request, adapter, key_salt)
                 tracing.set_attributes({"internvl.images": len(plan.images),
                                         "internvl.tiles": sum(image.num_tiles for image in plan.images)}, span)
             self._check_tiles(plan, session)
-            refs = await self._ensure_cached(plan, session, deadline, adapter)
+            refs = await self._ensure_cached(plan, session, deadline, adapter, key_salt)
             history = (*session.turns, *(Turn(refs[n], t.assistant_text or "")
                                          for n, t in enumerate(plan.turns[:-1])))
-            conversation = Conversation(refs[-1], history, session.system_message, adapter)
+            conversation = Conversation(refs[-1], history, session.system_message, adapter, cache_salt)
             first_answer: list[str] = []  # what the session records: answer 0 (of n)
             tiles: Usage | None = None
             finished: list[GenerateFinish] = []
-            async with contextlib.aclosing(self._generate(conversation, plan, request, deadline)) as events:
+            async with contextlib.aclosing(self._generate(conversation, plan, request, deadline, key_salt)) as events:
                 async for event in events:
                     if isinstance(event, Delta):
                         if event.index == 0:
@@ -224,7 +236,7 @@ class Orchestrator:
                     if tiles is None:  # the first finish: every answer's deltas came before it (LLMClient)
                         turn = Turn(refs[-1], template.clean_response("".join(first_answer)))
                         await self.sessions.save(Session(session_id, session.system_message, (*history, turn),
-                                                         adapter))
+                                                         adapter, tenant))
                         self.metrics.sessions.labels("continued" if continuing else "started").inc()
                         tiles = self._tile_usage(conversation, plan)
                     usage = dataclasses.replace(tiles, prompt_tokens=event.usage.prompt_tokens,
@@ -280,8 +292,9 @@ class Orchestrator:
 
     # ------------------------------------------------------------------------------------------------ plan
 
-    async def _plan(self, request: ChatRequest, adapter: str) -> Plan:
-        jobs = turn_jobs(request.history, request.content, request.max_num, self.media, self._keyers[adapter])
+    async def _plan(self, request: ChatRequest, adapter: str, key_salt: str) -> Plan:
+        jobs = turn_jobs(request.history, request.content, request.max_num, self.media,
+                         self._keyers[adapter].salted(key_salt))
         resolved = await asyncio.gather(*(asyncio.gather(*(self._run(job) for job in parts))
                                           for _, _, parts in jobs))
         turns = [PlannedTurn(where, arrange_turn(where, list(parts), request.multi_image_mode), answer)
@@ -302,8 +315,8 @@ class Orchestrator:
 
     # ------------------------------------------------------------------------------------------ embeddings
 
-    async def _ensure_cached(self, plan: Plan, session: Session, deadline: Deadline,
-                             adapter: str) -> list[tuple[Part, ...]]:
+    async def _ensure_cached(self, plan: Plan, session: Session, deadline: Deadline, adapter: str,
+                             key_salt: str) -> list[tuple[Part, ...]]:
         """Looks up every key, encodes the misses, and returns each planned turn's parts as references."""
         stored = [leaf.key for turn in session.turns for ref in part_images(turn.user_parts) for leaf in ref.leaves()]
         keys = list(dict.fromkeys([*stored, *(image.key for image in plan.images)]))
@@ -311,11 +324,11 @@ class Orchestrator:
         evicted = [key for key in dict.fromkeys(stored) if not exists[key]]
         if evicted:
             raise SessionMediaEvictedError(evicted)
-        await self._encode([image for image in plan.images if not exists[image.key]], deadline, adapter)
+        await self._encode([image for image in plan.images if not exists[image.key]], deadline, adapter, key_salt)
         return [tuple(self._ref(part) for part in turn.parts) for turn in plan.turns]
 
-    async def _encode(self, images: list[PendingImage], deadline: Deadline, adapter: str) -> None:
-        """Encodes each distinct image once with `adapter`, in concurrent calls of at most `encode_items_per_call`
+    async def _encode(self, images: list[PendingImage], deadline: Deadline, adapter: str, key_salt: str) -> None:
+        """Encodes each distinct image once with `adapter` under `key_salt`, in concurrent calls of at most `encode_items_per_call`
         items.
 
         Each image goes to the vision replica its key prefers, so the misses of a request spread over the pool and
@@ -330,17 +343,18 @@ class Orchestrator:
         size = self.config.encode_items_per_call
         calls = [(max_num, groups[i:i + size]) for (max_num, _), groups in by_call.items()
                  for i in range(0, len(groups), size)]
-        await asyncio.gather(*(self._encode_call(max_num, groups, deadline, adapter) for max_num, groups in calls))
+        await asyncio.gather(*(self._encode_call(max_num, groups, deadline, adapter, key_salt)
+                               for max_num, groups in calls))
 
     async def _encode_call(self, max_num: int, groups: list[list[PendingImage]], deadline: Deadline,
-                           adapter: str) -> None:
+                           adapter: str, key_salt: str) -> None:
         items = [group[0].item for group in groups]
         self.metrics.encode_calls.inc()
         for item in items:
             self.metrics.media_bytes_sent.labels(item.kind).inc(len(item.data))
         try:
             results = await self.vision.encode(items, max_num, True, deadline.remaining(), route_key=groups[0][0].key,
-                                               adapter=adapter)
+                                               adapter=adapter, key_salt=key_salt)
         except (InvalidMediaError, InvalidArgumentError) as exc:
             if exc.item_index is not None and 0 <= exc.item_index < len(groups):
                 raise type(exc)(f"{groups[exc.item_index][0].where}: {strip_item_prefix(str(exc))}") from None
@@ -388,8 +402,8 @@ class Orchestrator:
 
     # -------------------------------------------------------------------------------------------- generate
 
-    async def _generate(self, conversation: Conversation, plan: Plan, request: ChatRequest,
-                        deadline: Deadline) -> AsyncIterator[Delta | GenerateFinish]:
+    async def _generate(self, conversation: Conversation, plan: Plan, request: ChatRequest, deadline: Deadline,
+                        key_salt: str) -> AsyncIterator[Delta | GenerateFinish]:
         pending = {image.key: image for image in plan.images}
         missing_retries = 0
         while True:
@@ -418,7 +432,8 @@ class Orchestrator:
                 log.info("re-encoding %d evicted image(s) and retrying Generate", len(exc.missing_keys))
                 missing_retries += 1
                 self.metrics.missing_retries.inc()
-                await self._encode([pending[key] for key in exc.missing_keys], deadline, conversation.adapter)
+                await self._encode([pending[key] for key in exc.missing_keys], deadline, conversation.adapter,
+                                   key_salt)
 
     def _count_embedding_bytes(self, conversation: Conversation, inline: dict[str, Embeddings] | None) -> None:
         if inline is not None:

@@ -72,10 +72,15 @@ class Keyer:
     """Cache keys and tile counts exactly as the vision service derives them, for one model and adapter ("" the
     base)."""
 
-    def __init__(self, model: ModelInfo, namespace: str, adapter: str = ""):
-        self.identity = model.key_identity(adapter)
+    def __init__(self, model: ModelInfo, namespace: str, adapter: str = "", salt: str = ""):
+        self.model, self.adapter, self.salt = model, adapter, salt
+        self.identity = model.key_identity(adapter, salt)
         self.image_size = model.image_size
         self.namespace = namespace
+
+    def salted(self, salt: str) -> Keyer:
+        """This keyer for the key salt `salt` (EncodeRequest.key_salt; "" unsalted)."""
+        return self if salt == self.salt else Keyer(self.model, self.namespace, self.adapter, salt)
 
     def key(self, item: MediaItem, max_num: int) -> str:
         return item_key(item, self.identity, max_num, USE_THUMBNAIL, self.image_size, self.namespace)

@@ -22,7 +22,7 @@ from aiohttp import web
 from internvl.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway import config as gateway_config
-from gateway.auth import BearerTokenInterceptor
+from gateway.auth import Access, TenantInterceptor
 from gateway.chat_request import ChatRequest
 from gateway.clients import open_clients
 from gateway.config import GatewayConfig
@@ -31,6 +31,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai.app import create_app
 from gateway.orchestrator import Orchestrator
 from gateway.sessions import MemorySessionStore, RedisSessionStore
+from gateway.tenant_limits import TenantLimits
 from services.contract.errors import InternVLError
 from services.contract.service_names import GATEWAY_SERVICE
 from services.runtime import request_ids, tracing
@@ -118,15 +119,17 @@ async def serve(config: GatewayConfig) -> None:
     vision, llm = await open_clients(config, metrics)
     sessions = _session_store(config)
     orchestrator = Orchestrator(config, vision, llm, sessions, metrics)
-    interceptors = [BearerTokenInterceptor(config.api_token)] if config.api_token else []
-    server = GrpcServer(config.server, [GATEWAY_SERVICE], interceptors, requests=metrics.requests)
+    access, limits = Access.from_config(config), TenantLimits()
+    server = GrpcServer(config.server, [GATEWAY_SERVICE], [TenantInterceptor(access, limits, metrics)],
+                        requests=metrics.requests)
     server.add(gateway_pb2_grpc.add_ChatServiceServicer_to_server, ChatServicer(orchestrator, metrics))
     ready = stopped = False
     runner = None
     try:
         await server.start()
         if config.http_port is not None:
-            runner, http_port = await _start_http(config, create_app(orchestrator, metrics, lambda: ready))
+            runner, http_port = await _start_http(config, create_app(orchestrator, metrics, lambda: ready,
+                                                                     access, limits))
             server.report_ports(http_port=http_port)
         else:
             server.report_ports()

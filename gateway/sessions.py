@@ -5,6 +5,11 @@ each round's user parts (text and image references, i.e. cache keys and tile cou
 answer as the original stores it (cut at `<|im_end|>` and stripped). Replaying them gives the LLM service the same prompt prefix as the last round, so its prefix KV cache and
 the embedding cache make the next round cheap. A session expires `ttl_s` after its last round.
 
+A session belongs to the tenant that started it (`gateway.tenants`): its key holds the tenant's name (the
+`anonymous` tenant's keys are those of before tenants), so another tenant's load, lock or save of the same id meets
+another key: its session does not exist, with the very message of a missing one, and it cannot even tell that the
+id is busy.
+
 One round at a time: a round holds a short-lived lock (SET NX PX, released by compare-and-delete) so that two
 concurrent rounds of one session cannot both append to the same history; the second gets SessionBusyError.
 
@@ -15,6 +20,7 @@ may live in different slots: the keys carry no hash tag and read the same on one
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 
 import redis.exceptions
 
+from gateway.tenants import ANONYMOUS
 from services.contract.conversation import ImageRef, Part, Turn, VideoRef
 from services.contract.errors import InvalidArgumentError, SessionBusyError, SessionNotFoundError
 from services.runtime.redis_client import RedisClient, redis_errors
@@ -45,6 +52,8 @@ class Session:
     turns: tuple[Turn, ...] = field(default=())
     # The LoRA adapter every round answers with; "" is the base.
     adapter: str = ""
+    # The tenant it belongs to (kept in its key, not its value).
+    tenant: str = ANONYMOUS
 
     def to_json(self) -> str:
         return json.dumps({"v": SCHEMA_VERSION, "system_message": self.system_message, "adapter": self.adapter,
@@ -82,6 +91,19 @@ def check_session_id(session_id: str) -> str:
     return session_id
 
 
+def owned_id(tenant: str, session_id: str) -> str:
+    """Where `tenant`'s session `session_id` is kept: the id itself for `anonymous`, else `t.<tenant>.<id>` (hex of the
+    name's bytes, so no name can make one tenant's ids read as another's)."""
+    check_session_id(session_id)
+    return session_id if tenant == ANONYMOUS else f"t.{tenant.encode().hex()}.{session_id}"
+
+
+def not_found(session_id: str, ttl_s: int) -> SessionNotFoundError:
+    """The one error of an unknown, expired or another tenant's session."""
+    return SessionNotFoundError(f"session {session_id!r} does not exist or has expired (sessions expire {ttl_s} s "
+                                "after their last round); start a new one without session_id")
+
+
 class RedisSessionStore:
     def __init__(self, redis: RedisClient, namespace: str, ttl_s: int):
         self.redis = redis
@@ -91,22 +113,21 @@ class RedisSessionStore:
     def _key(self, session_id: str) -> str:
         return f"{self.namespace}:session:v{SCHEMA_VERSION}:{session_id}"
 
-    async def load(self, session_id: str) -> Session:
-        key = self._key(check_session_id(session_id))
+    async def load(self, session_id: str, tenant: str = ANONYMOUS) -> Session:
+        """`tenant`'s session `session_id`; SessionNotFoundError when it has none of that id (another's included)."""
         with redis_errors("session store"):
-            raw = await self.redis.get(key)
+            raw = await self.redis.get(self._key(owned_id(tenant, session_id)))
         if raw is None:
-            raise SessionNotFoundError(f"session {session_id!r} does not exist or has expired (sessions expire "
-                                       f"{self.ttl_s} s after their last round); start a new one without session_id")
-        return Session.from_json(session_id, raw)
+            raise not_found(session_id, self.ttl_s)
+        return dataclasses.replace(Session.from_json(session_id, raw), tenant=tenant)
 
     async def save(self, session: Session) -> None:
         with redis_errors("session store"):
-            await self.redis.set(self._key(session.id), session.to_json(), ex=self.ttl_s)
+            await self.redis.set(self._key(owned_id(session.tenant, session.id)), session.to_json(), ex=self.ttl_s)
 
     @contextlib.asynccontextmanager
-    async def lock(self, session_id: str, hold_s: float) -> AsyncIterator[None]:
-        key = self._key(check_session_id(session_id)) + ":lock"
+    async def lock(self, session_id: str, hold_s: float, tenant: str = ANONYMOUS) -> AsyncIterator[None]:
+        key = self._key(owned_id(tenant, session_id)) + ":lock"
         token = secrets.token_hex(8)
         with redis_errors("session store"):
             taken = await self.redis.set(key, token, nx=True, px=max(1000, int(hold_s * 1000)))
@@ -134,29 +155,29 @@ class MemorySessionStore:
         self._sessions: dict[str, tuple[float, str]] = {}
         self._locked: set[str] = set()
 
-    async def load(self, session_id: str) -> Session:
-        entry = self._sessions.get(check_session_id(session_id))
+    async def load(self, session_id: str, tenant: str = ANONYMOUS) -> Session:
+        key = owned_id(tenant, session_id)
+        entry = self._sessions.get(key)
         if entry is None or entry[0] < time.monotonic():
-            self._sessions.pop(session_id, None)
-            raise SessionNotFoundError(f"session {session_id!r} does not exist or has expired (sessions expire "
-                                       f"{self.ttl_s} s after their last round); start a new one without session_id")
-        return Session.from_json(session_id, entry[1])
+            self._sessions.pop(key, None)
+            raise not_found(session_id, self.ttl_s)
+        return dataclasses.replace(Session.from_json(session_id, entry[1]), tenant=tenant)
 
     async def save(self, session: Session) -> None:
         now = time.monotonic()
         self._sessions = {k: v for k, v in self._sessions.items() if v[0] >= now}
-        self._sessions[session.id] = (now + self.ttl_s, session.to_json())
+        self._sessions[owned_id(session.tenant, session.id)] = (now + self.ttl_s, session.to_json())
 
     @contextlib.asynccontextmanager
-    async def lock(self, session_id: str, hold_s: float) -> AsyncIterator[None]:
-        check_session_id(session_id)
-        if session_id in self._locked:
+    async def lock(self, session_id: str, hold_s: float, tenant: str = ANONYMOUS) -> AsyncIterator[None]:
+        key = owned_id(tenant, session_id)
+        if key in self._locked:
             raise SessionBusyError(f"session {session_id!r} is answering another round; wait for it to finish")
-        self._locked.add(session_id)
+        self._locked.add(key)
         try:
             yield
         finally:
-            self._locked.discard(session_id)
+            self._locked.discard(key)
 
     async def close(self) -> None:
         self._sessions.clear()

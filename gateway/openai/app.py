@@ -7,11 +7,12 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway.auth import http_middleware
+from gateway.auth import Access, http_middleware
 from gateway.metrics import GatewayMetrics
 from gateway.openai.handlers import REQUEST_ID_KEY, OpenAIHandlers, max_body_bytes
 from gateway.openai.openapi import document_bytes
 from gateway.orchestrator import Orchestrator
+from gateway.tenant_limits import TenantLimits
 from services.runtime import request_ids
 
 
@@ -25,12 +26,15 @@ async def _openapi(http: web.Request) -> web.Response:
     return web.Response(body=document_bytes(), content_type="application/json")
 
 
-def create_app(orchestrator: Orchestrator, metrics: GatewayMetrics, is_ready: Callable[[], bool]) -> web.Application:
+def create_app(orchestrator: Orchestrator, metrics: GatewayMetrics, is_ready: Callable[[], bool],
+               access: Access | None = None, limits: TenantLimits | None = None) -> web.Application:
+    """`access` names each request's tenant (default: the config's token, else everyone `anonymous`), `limits` holds
+    tenants to their limits (default: limits of this app's own)."""
     handlers = OpenAIHandlers(orchestrator, metrics, is_ready)
-    token = orchestrator.config.api_token
+    access = access if access is not None else Access(token=orchestrator.config.api_token)
     # With tracing on, OpenTelemetry's instrumentation puts its middleware first (services.runtime.tracing).
     app = web.Application(client_max_size=max_body_bytes(orchestrator.config),
-                          middlewares=[http_middleware(token)] if token else [])
+                          middlewares=[http_middleware(access, limits or TenantLimits(), metrics)])
     app.on_response_prepare.append(_echo_request_id)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)

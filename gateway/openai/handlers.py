@@ -21,7 +21,7 @@ from gateway.openai.protocol import parse
 from gateway.openai.render import Completion, error_body
 from gateway.openai.sse import EventStream
 from gateway.orchestrator import Orchestrator
-from services.contract.errors import RpcStatus
+from services.contract.errors import RpcStatus, retry_after_header
 from services.runtime import request_ids
 from services.runtime.request_metrics import RequestCall
 
@@ -36,7 +36,8 @@ def max_body_bytes(config) -> int:
 
 def _error_response(exc: BaseException, call: RequestCall) -> web.Response:
     status, body = error_body(exc, call)
-    return web.json_response(body, status=status)
+    retry_after = retry_after_header(exc)
+    return web.json_response(body, status=status, headers={"Retry-After": retry_after} if retry_after else None)
 
 
 class OpenAIHandlers:

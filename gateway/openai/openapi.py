@@ -70,7 +70,8 @@ def _with_head(get: dict) -> dict:
     return {"get": get, "head": head}
 
 
-# A deployment with a token (`--api-token-file`) requires it on /v1/... paths; without one they are open.
+# A deployment with a token or API keys (`--api-token-file`, `--api-keys-file`) requires one on /v1/... paths;
+# without either they are open.
 _TOKEN = [{"bearerAuth": []}, {}]
 _UNAUTHENTICATED = {str(UNAUTHENTICATED): _error(_EXTRA_MEANINGS[UNAUTHENTICATED])}
 
@@ -81,6 +82,9 @@ def _chat_completions() -> dict:
           "content": {"application/json": {"schema": schema_ref(responses.ChatCompletion)},
                       "text/event-stream": {"schema": {"type": "string"}}}}
     errors = {str(status): _error(meaning) for status, meaning in error_statuses().items()}
+    errors["429"]["headers"] = {"Retry-After": {
+        "description": "Whole seconds after which a retry may succeed; sent when the caller's tenant is over its rate "
+                       "or concurrency limit.", "schema": {"type": "integer", "minimum": 1}}}
     return {"post": {
         "operationId": "createChatCompletion", "summary": "A chat completion (InternVL 2.5: text, images, video)",
         "description": "Every field of OpenAI's request is honoured, accepted only with a value that asks for nothing, "

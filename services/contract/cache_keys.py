@@ -51,19 +51,22 @@ def _str_field(name: str, value: str) -> bytes:
     return _field(b"s", name, value.encode())
 
 
-def model_identity(model_fingerprint: str, dtype: str, vision_adapter_digest: str = "") -> str:
+def model_identity(model_fingerprint: str, dtype: str, vision_adapter_digest: str = "", salt: str = "") -> str:
     """The ``model_fingerprint`` argument of ``cache_key`` for a model computing in ``dtype``.
 
     The same weights give different embeddings in bfloat16 and float32, so the compute dtype is part of the
     identity a key is derived from; so is a LoRA adapter that changes the vision tower or projector (its digest),
     while an adapter of the language model only encodes as the base. Every service that derives keys (vision,
     gateway) must use this, with the fingerprint, dtype and adapters that ``GetModelInfo`` reports. Stored values
-    carry the plain fingerprint.
+    carry the plain fingerprint. A ``salt`` (the gateway's per-tenant embedding scope, EncodeRequest.key_salt) gives
+    the same image other keys, so a tenant's cache hits are only its own encodes; "" is the shared scope.
     """
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPE_NAMES)}")
     identity = f"{model_fingerprint}:{dtype}"
-    return f"{identity}:lora={vision_adapter_digest}" if vision_adapter_digest else identity
+    if vision_adapter_digest:
+        identity += f":lora={vision_adapter_digest}"
+    return f"{identity}:salt={salt}" if salt else identity
 
 
 def key_prefix(namespace: str = DEFAULT_NAMESPACE) -> str:

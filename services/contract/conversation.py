@@ -112,6 +112,9 @@ class Conversation:
     system_message: str | None = None
     # A LoRA adapter's name (a model id the services list); "" is the base model.
     adapter: str = ""
+    # The prefix KV cache scope (GenerateStart.cache_salt): KV is reused only between prompts of the same salt.
+    # "" is the unsalted scope.
+    cache_salt: str = ""
 
     def images(self) -> list[ImageRef]:
         """Every image in prompt order (history first), one entry per occurrence; a video contributes its frames."""
@@ -123,9 +126,10 @@ class Conversation:
         and its images' content keys). The LLM routing key: equal for all turns of a session, for a stateless caller
         that resends the history, on every gateway replica, and for identical first turns of different users (whose
         prompts then share that prefix too). The adapter is part of it: a prefix's KV is another under another
-        adapter."""
+        adapter; so is the cache salt: KV of another salt is not reusable either."""
         first = self.history[0].user_parts if self.history else self.user_parts
-        identity = [self.system_message, [_part_identity(p) for p in first], *([self.adapter] if self.adapter else [])]
+        identity = [self.system_message, [_part_identity(p) for p in first], *([self.adapter] if self.adapter else []),
+                    *([["salt", self.cache_salt]] if self.cache_salt else [])]
         return hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode()).digest()
 
     @property
@@ -159,7 +163,8 @@ class GenerateRequest:
             history=[llm_pb2.Turn(user_parts=parts_to_pb(t.user_parts), assistant_text=t.assistant_text)
                      for t in conversation.history],
             user_parts=parts_to_pb(conversation.user_parts), sampling=self.sampling.to_pb(),
-            inline_embeddings=self.inline_embeddings, request_id=self.request_id, adapter=conversation.adapter)
+            inline_embeddings=self.inline_embeddings, request_id=self.request_id, adapter=conversation.adapter,
+            cache_salt=conversation.cache_salt)
         if conversation.system_message is not None:
             start.system_message = conversation.system_message
         return start
@@ -171,5 +176,5 @@ class GenerateRequest:
         conversation = Conversation(
             user_parts=parts_from_pb(start.user_parts, "user_parts"), history=history,
             system_message=start.system_message if start.HasField("system_message") else None,
-            adapter=start.adapter)
+            adapter=start.adapter, cache_salt=start.cache_salt)
         return cls(conversation, SamplingParams.from_pb(start.sampling), start.inline_embeddings, start.request_id)

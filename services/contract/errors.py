@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 
 
 class ErrorCode(enum.IntEnum):
@@ -109,6 +110,9 @@ class InternVLError(Exception):
     """Base of every error the project raises on purpose; its message is safe to show a caller."""
 
     code = ErrorCode.INTERNAL
+    # Seconds after which a retry may succeed (a rate limit's refill), sent as gRPC `retry-after` trailing metadata
+    # and the HTTP `Retry-After` header (`retry_after_header`); None: no advice.
+    retry_after_s: float | None = None
 
     def __init__(self, message: str, *, item_index: int | None = None):
         super().__init__(message)
@@ -235,6 +239,12 @@ def rpc_status(exc: BaseException) -> RpcStatus:
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return RpcStatus.CANCELLED
     return STATUS_BY_CODE[error_code(exc)]
+
+
+def retry_after_header(exc: BaseException) -> str | None:
+    """The `Retry-After` value (whole seconds, rounded up, at least 1) of an error that advises one, else None."""
+    seconds = getattr(exc, "retry_after_s", None) if isinstance(exc, InternVLError) else None
+    return None if seconds is None else str(max(1, math.ceil(seconds)))
 
 
 def http_status(exc: BaseException) -> int:

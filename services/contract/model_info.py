@@ -54,10 +54,11 @@ class ModelInfo:
     def adapter(self, name: str) -> AdapterInfo | None:
         return next((a for a in self.adapters if a.name == name), None)
 
-    def key_identity(self, adapter: str = "") -> str:
-        """`cache_keys.model_identity` of images encoded with `adapter` ("" the base; it must be served)."""
+    def key_identity(self, adapter: str = "", salt: str = "") -> str:
+        """`cache_keys.model_identity` of images encoded with `adapter` ("" the base; it must be served) under the
+        key salt `salt` ("" unsalted)."""
         info = self.adapter(adapter) if adapter else None
-        return model_identity(self.fingerprint, self.dtype, info.digest if info and info.touches_vision else "")
+        return model_identity(self.fingerprint, self.dtype, info.digest if info and info.touches_vision else "", salt)
 
     @property
     def bytes_per_tile(self) -> int:

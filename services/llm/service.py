@@ -142,7 +142,8 @@ class LLMService:
             return self.engine.submit(EngineRequest(
                 prompt=prompt, sampling=sampling, max_new_tokens=max_new, image_rows=rows,
                 deadline=None if timeout is None else arrival + timeout, arrival=arrival,
-                request_id=request.request_id, grammar=grammar, adapter=request.conversation.adapter))
+                request_id=request.request_id, grammar=grammar, adapter=request.conversation.adapter,
+                cache_salt=request.conversation.cache_salt))
 
     async def _image_rows(self, prompt: Prompt, inline: dict[str, torch.Tensor] | None,
                           inline_expected: bool) -> tuple[torch.Tensor, ...]:

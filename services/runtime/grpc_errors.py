@@ -30,6 +30,7 @@ from services.contract.errors import (
     InvalidArgumentError,
     RpcStatus,
     error_code,
+    retry_after_header,
 )
 from services.contract.errors import STATUS_BY_CODE as RPC_STATUS_BY_CODE
 
@@ -139,14 +140,22 @@ def error_from_rpc(error: grpc.aio.AioRpcError, peer: str) -> InternVLError:
     return ERROR_BY_CODE[code](text, item_index=index)
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+# The trailing metadata key of an error's retry advice (whole seconds, as HTTP's Retry-After).
+RETRY_AFTER_KEY = "retry-after"
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    """Ends the call with the status of `exc` (logged; a traceback for INTERNAL), its detail, and its retry advice
+    under `retry-after` when it has one."""
     status, message, detail = status_for(exc)
     if status == grpc.StatusCode.INTERNAL:
         log.exception("unexpected error in %s", method, exc_info=exc)
     else:
         log.info("%s failed: %s %s", method, status.name, message)
     rich = rich_status(status, message, detail)
-    await context.abort(rich.code, rich.details, trailing_metadata=rich.trailing_metadata)
+    retry_after = retry_after_header(exc)
+    trailing = (*rich.trailing_metadata, *(((RETRY_AFTER_KEY, retry_after),) if retry_after else ()))
+    await context.abort(rich.code, rich.details, trailing_metadata=trailing)
 
 
 def _parsed(deserializer, data: bytes):
@@ -173,7 +182,7 @@ def _wrap_unary_response(behavior, method: str, deserializer, streaming_request:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - the point of this layer
-            await _abort(context, exc, method)
+            await abort(context, exc, method)
 
     return wrapper
 
@@ -187,7 +196,7 @@ def _wrap_stream_response(behavior, method: str, deserializer, streaming_request
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001
-            await _abort(context, exc, method)
+            await abort(context, exc, method)
 
     return wrapper
 

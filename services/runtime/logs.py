@@ -3,12 +3,13 @@
 `configure_logging` installs one stderr handler on the root logger, in one of two formats:
 
 * `text` (the default): `%(asctime)s %(levelname)s %(name)s: %(message)s`, then ` [request_id=ID]` while a request
-  id is set and ` [trace_id=HEX]` while a valid OpenTelemetry span is current, so a request's lines can be grepped;
+  id is set, ` [tenant=NAME]` while a tenant is (the gateway's callers) and ` [trace_id=HEX]` while a valid OpenTelemetry span is current, so a request's lines can be grepped;
 * `json`: one JSON object per line: `time` (UTC, ISO 8601 with milliseconds and `Z`), `level`, `service`, `logger`,
-  `message`, then `request_id`, `trace_id` and `span_id` when known, `exception` (the traceback text) and any
+  `message`, then `request_id`, `tenant`, `trace_id` and `span_id` when known, `exception` (the traceback text) and any
   `extra=` fields of the call.
 
-The handler's `ContextFilter` reads the request id from `REQUEST_ID` (set with `request_scope`) and the trace and
+The handler's `ContextFilter` reads the request id from `REQUEST_ID` (set with `request_scope`), the tenant from
+`TENANT` (set by the gateway, `gateway.tenants`) and the trace and
 span ids from OpenTelemetry's current span. Only the OpenTelemetry API is imported: without an SDK tracer provider
 the current span is the invalid no-op span and no ids are added.
 """
@@ -32,9 +33,11 @@ LOG_FORMATS = ("text", "json")
 
 # The id of the request being served: every record logged while it is set carries it.
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("internvl_request_id", default="")
+# The name of the tenant whose request is being served (the gateway's): every record logged while it is set carries it.
+TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("internvl_tenant", default="")
 
 # Attributes Formatter.format and ContextFilter add to a record (besides those every record has: `_record_attributes`).
-_ADDED_ATTRIBUTES = frozenset({"message", "asctime", "taskName", "request_id", "trace_id", "span_id"})
+_ADDED_ATTRIBUTES = frozenset({"message", "asctime", "taskName", "request_id", "tenant", "trace_id", "span_id"})
 # Set on the handler `configure_logging` installs, so that a later call replaces it and no other handler.
 _OWNED = "_internvl_logs"
 
@@ -60,7 +63,7 @@ def request_scope(request_id: str) -> Iterator[None]:
 
 
 class ContextFilter(logging.Filter):
-    """Adds `request_id` (from REQUEST_ID, "" when unset) and `trace_id`/`span_id` (lower-case hex, "" without a
+    """Adds `request_id` (from REQUEST_ID, "" when unset), `tenant` (from TENANT, likewise) and `trace_id`/`span_id` (lower-case hex, "" without a
     valid current span) to every record the handler emits; never drops a record.
 
     A handler filter rather than a record factory: it runs for records propagated from every logger, in the thread
@@ -71,6 +74,8 @@ class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", ""):
             record.request_id = REQUEST_ID.get()
+        if not getattr(record, "tenant", ""):
+            record.tenant = TENANT.get()
         if not getattr(record, "trace_id", ""):
             context = trace.get_current_span().get_span_context()
             valid = context.is_valid
@@ -95,7 +100,8 @@ def _repr(value: Any) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """TEXT_FORMAT, with ` [request_id=ID]` and ` [trace_id=HEX]` after the message (before any traceback)."""
+    """TEXT_FORMAT, with ` [request_id=ID]`, ` [tenant=NAME]` and ` [trace_id=HEX]` after the message (before any
+    traceback)."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -104,6 +110,8 @@ class TextFormatter(logging.Formatter):
         line = super().formatMessage(record)
         if request_id := getattr(record, "request_id", ""):
             line += f" [request_id={request_id}]"
+        if tenant := getattr(record, "tenant", ""):
+            line += f" [tenant={tenant}]"
         if trace_id := getattr(record, "trace_id", ""):
             line += f" [trace_id={trace_id}]"
         return line
@@ -145,7 +153,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": _message(record),
         }
-        for key in ("request_id", "trace_id", "span_id"):
+        for key in ("request_id", "tenant", "trace_id", "span_id"):
             if value := getattr(record, key, ""):
                 entry[key] = value
         if record.exc_info:

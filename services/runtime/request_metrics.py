@@ -23,7 +23,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -51,7 +51,11 @@ class RequestCall:
 class RequestMetrics:
     """The request families of one service, in its registry."""
 
-    def __init__(self, prefix: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, prefix: str, registry: CollectorRegistry | None = None,
+                 on_done: Callable[[str, str, float], None] | None = None) -> None:
+        """`on_done(method, code, seconds)` is called as each request is counted, in its context (the gateway's
+        per-tenant metrics read the tenant there)."""
+        self.on_done = on_done
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.total = Counter(prefix + "requests", "Requests by method and final gRPC status code", ["method", "code"],
@@ -84,6 +88,8 @@ class RequestMetrics:
                 self.in_flight.labels(method).dec()
                 self.total.labels(method, call.code).inc()
                 self.seconds.labels(method).observe(seconds)
+                if self.on_done is not None:
+                    self.on_done(method, call.code, seconds)
                 access_log.info("%s %s %.3f s", method, call.code, seconds)
 
 

@@ -51,7 +51,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def Encode(self, request: vision_pb2.EncodeRequest, context) -> vision_pb2.EncodeResponse:
         results = await self._ready().encode([MediaItem.from_pb(i) for i in request.items],
-                                             PreprocessOptions.from_pb(request.options), request.adapter)
+                                             PreprocessOptions.from_pb(request.options), request.adapter,
+                                             request.key_salt)
         tracing.set_attributes({"internvl.items": len(results), "internvl.tiles": sum(r.num_tiles for r in results),
                                 "internvl.cache_hits": sum(r.cache_hit for r in results)})
         return vision_pb2.EncodeResponse(items=[r.to_pb() for r in results])

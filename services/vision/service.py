@@ -159,8 +159,9 @@ class VisionService:
     # ---------------------------------------------------------------------------------------------- encode
 
     async def encode(self, items: Sequence[MediaItem], options: PreprocessOptions = _DEFAULT_OPTIONS,
-                     adapter: str = "") -> list[EncodedItem]:
-        """Per item, in order: its key, tile and token counts, and whether the cache already held it."""
+                     adapter: str = "", key_salt: str = "") -> list[EncodedItem]:
+        """Per item, in order: its key (salted with `key_salt`, "" unsalted), tile and token counts, and whether the
+        cache already held it."""
         if adapter and self.info.adapter(adapter) is None:
             raise NotFoundError(f"model {adapter!r} is not served by this vision server (adapters: "
                                 f"{', '.join(a.name for a in self.adapters) or 'none'})")
@@ -173,7 +174,7 @@ class VisionService:
             self._check_item(index, item)
         loop = asyncio.get_running_loop()
         # Hashing megabytes of media is real work: keep it off the loop too.
-        keys = await loop.run_in_executor(self._pool, self._keys, items, max_num, use_thumbnail, adapter)
+        keys = await loop.run_in_executor(self._pool, self._keys, items, max_num, use_thumbnail, adapter, key_salt)
         slot = self._slots.get(adapter, 0)
         tasks = [asyncio.ensure_future(self._encode_item(i, item, key, max_num, use_thumbnail, slot))
                  for i, (item, key) in enumerate(zip(items, keys, strict=True))]
@@ -213,14 +214,16 @@ class VisionService:
         else:
             raise InvalidArgumentError(f"{where}: neither image_bytes nor frame is set", item_index=index)
 
-    def _keys(self, items: Sequence[MediaItem], max_num: int, use_thumbnail: bool, adapter: str) -> list[str]:
-        return [self.key_for(item, max_num, use_thumbnail, adapter) for item in items]
+    def _keys(self, items: Sequence[MediaItem], max_num: int, use_thumbnail: bool, adapter: str,
+              key_salt: str) -> list[str]:
+        return [self.key_for(item, max_num, use_thumbnail, adapter, key_salt) for item in items]
 
-    def key_for(self, item: MediaItem, max_num: int, use_thumbnail: bool, adapter: str = "") -> str:
-        """The cache key of ``item`` under resolved options and `adapter` (what Encode answers for it)."""
+    def key_for(self, item: MediaItem, max_num: int, use_thumbnail: bool, adapter: str = "",
+                key_salt: str = "") -> str:
+        """The cache key of ``item`` under resolved options, `adapter` and `key_salt` (what Encode answers for it)."""
         # Keys fold the compute dtype (and a vision adapter's digest) into the model identity; values carry the plain
         # fingerprint (what the LLM service checks), their dtype being in their own header.
-        return item_key(item, self.info.key_identity(adapter), max_num, use_thumbnail, self.image_size,
+        return item_key(item, self.info.key_identity(adapter, key_salt), max_num, use_thumbnail, self.image_size,
                         self.config.namespace)
 
     async def _encode_item(self, index: int, item: MediaItem, key: str, max_num: int,

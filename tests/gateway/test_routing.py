@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.endpoints import EndpointPool, parse_target
 from gateway.routing import Policy, Reason, Router, choose, load_bound, preference
-from services.contract.conversation import Conversation, ImageRef, Turn, VideoRef
+from services.contract.conversation import Conversation, GenerateRequest, ImageRef, Turn, VideoRef
 from services.contract.errors import InvalidArgumentError, NotReadyError
 
 KEYS = [f"conversation-{i}".encode() for i in range(10_000)]
@@ -161,6 +161,18 @@ def test_the_key_depends_on_the_adapter():
     assert len(keys) == 3
     turn2 = Conversation(("Why?",), (Turn(("Describe.", IMAGE), "A cat."),), None, "a")
     assert turn2.prefix_identity() == Conversation(("Describe.", IMAGE), (), None, "a").prefix_identity()
+
+
+def test_the_key_depends_on_the_cache_salt_and_the_salt_travels():
+    """Tenants of other salts hold no KV for each other: the same first turn routes by its salt too, and the salt
+    reaches the LLM service (GenerateStart.cache_salt) to scope its prefix cache."""
+    keys = {Conversation(("Describe.", IMAGE), (), None, cache_salt=salt).prefix_identity() for salt in ("", "a", "b")}
+    assert len(keys) == 3
+    assert (Conversation(("Describe.", IMAGE), (), None, "a").prefix_identity()
+            != Conversation(("Describe.", IMAGE), (), None, cache_salt="a").prefix_identity())
+    salted = Conversation(("Describe.", IMAGE), (Turn(("Hi",), "Hello."),), None, "lora", "s1")
+    start = GenerateRequest(salted).to_pb()
+    assert start.cache_salt == "s1" and GenerateRequest.from_pb(start).conversation == salted
 
 
 # ------------------------------------------------------------------------------------------------- targets

@@ -97,3 +97,20 @@ async def test_an_unreadable_stored_session_is_not_found_not_an_internal_error(r
     with pytest.raises(SessionNotFoundError, match="incompatible gateway version"):
         await store.load("old")
     await store.close()
+
+
+async def test_another_tenants_session_is_not_found_with_a_missing_ones_message(store):
+    await store.save(Session("s1", "system", tenant="alpha"))
+    assert await store.load("s1", "alpha") == Session("s1", "system", tenant="alpha")
+    with pytest.raises(SessionNotFoundError) as other:
+        await store.load("s1", "beta")
+    with pytest.raises(SessionNotFoundError) as anonymous:
+        await store.load("s1")
+    with pytest.raises(SessionNotFoundError) as missing:
+        await store.load("s2", "beta")
+    assert str(other.value) == str(anonymous.value) == str(missing.value).replace("'s2'", "'s1'")
+    # Nor can another tenant tell that the session is busy: its lock is another.
+    async with store.lock("s1", 5, "alpha"), store.lock("s1", 5, "beta"):
+        with pytest.raises(SessionBusyError):
+            async with store.lock("s1", 5, "alpha"):
+                pass

@@ -86,6 +86,8 @@ class EngineRequest:
     grammar: object | None = None
     # The LoRA adapter the answer is computed with (a name of the engine's AdapterSlots); "" is the base model.
     adapter: str = ""
+    # The prefix KV cache scope: KV is reused only between requests of the same salt ("" unsalted).
+    cache_salt: str = ""
 
 
 def check_image_rows(images: Sequence[ImageRef], rows: Sequence[torch.Tensor]) -> None:

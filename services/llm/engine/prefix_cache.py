@@ -7,7 +7,10 @@ and an entry is KV the new prompt can reuse as is. Keys are content addresses, s
 (and equal tile counts, which the service checks against the rows).
 
 An entry belongs to one model: the base or one LoRA adapter (`adapter`, its name). A prefix never crosses models, since
-the same tokens have other KV under another adapter.
+the same tokens have other KV under another adapter. An entry also belongs to one cache salt (`salt`, the request's
+`cache_salt`; "" unsalted): a prompt reuses only KV computed under its own salt, so callers of different salts (the
+gateway's tenants) cannot learn from a hit, i.e. from a short time to first token, what another sent. The salt scopes
+the entry exactly as it would head a hash chain of blocks: equal identities under different salts never match.
 
 Entries live in LRU order within a byte budget; an entry that is a prefix of a newer one is dropped (the newer covers
 it). Lookup is a linear scan with a vectorised comparison per entry, which is cheap next to a prefill for the few
@@ -72,6 +75,11 @@ class Entry:
     layers: list[LayerKV]
     nbytes: int
     adapter: str
+    salt: str = ""
+
+    def scoped(self, adapter: str, salt: str) -> bool:
+        """Whether this entry's KV may serve a prompt of `adapter` and `salt`."""
+        return self.adapter == adapter and self.salt == salt
 
 
 @dataclass(frozen=True)
@@ -103,16 +111,16 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, identity: np.ndarray, max_length: int, adapter: str = "") -> Match | None:
-        """The longest reusable prefix of `identity` computed by `adapter` ("" the base), at most `max_length`
-        positions; None when nothing matches."""
+    def lookup(self, identity: np.ndarray, max_length: int, adapter: str = "", salt: str = "") -> Match | None:
+        """The longest reusable prefix of `identity` computed by `adapter` ("" the base) under `salt` ("" unsalted),
+        at most `max_length` positions; None when nothing matches."""
         if not self.enabled:
             return None
         with self._lock:
             self.lookups += 1
             best_id, best = None, 0
             for entry_id, entry in self._entries.items():
-                if entry.adapter != adapter:
+                if not entry.scoped(adapter, salt):
                     continue
                 length = min(common_prefix(identity, entry.identity), max_length)
                 if length > best:
@@ -124,21 +132,21 @@ class PrefixCache:
             entry = self._entries[best_id]
         return Match(best, [(k[:, :best], v[:, :best]) for k, v in entry.layers])
 
-    def insert(self, identity: np.ndarray, layers: list[LayerKV], adapter: str = "") -> bool:
-        """Keeps `layers` (owned by the cache from now on) under `identity` and `adapter` ("" the base); False if it
-        cannot fit the budget."""
+    def insert(self, identity: np.ndarray, layers: list[LayerKV], adapter: str = "", salt: str = "") -> bool:
+        """Keeps `layers` (owned by the cache from now on) under `identity`, `adapter` ("" the base) and `salt` (""
+        unsalted); False if it cannot fit the budget."""
         nbytes = kv_nbytes(layers)
         if not self.enabled or nbytes > self.budget_bytes or len(identity) == 0:
             return False
         with self._lock:
             for entry_id in [i for i, e in self._entries.items()
-                             if e.adapter == adapter and len(e.identity) <= len(identity)
+                             if e.scoped(adapter, salt) and len(e.identity) <= len(identity)
                              and common_prefix(e.identity, identity) == len(e.identity)]:
                 self._drop(entry_id)
             while self._entries and self.nbytes + nbytes > self.budget_bytes:
                 self._drop(next(iter(self._entries)))
                 self.evictions += 1
-            self._entries[self._next_id] = Entry(identity, layers, nbytes, adapter)
+            self._entries[self._next_id] = Entry(identity, layers, nbytes, adapter, salt)
             self._next_id += 1
             self.nbytes += nbytes
         return True

@@ -121,7 +121,8 @@ class ModelRunner:
             prompt = request.prompt
             identity = prompt_identity(prompt.token_ids, prompt.image_keys, self.img_context_id)
             slot = self._slot(request.adapter)
-            match = self.prefix_cache.lookup(identity, max_length=len(prompt) - 1, adapter=request.adapter)
+            match = self.prefix_cache.lookup(identity, max_length=len(prompt) - 1, adapter=request.adapter,
+                                             salt=request.cache_salt)
         except Exception as exc:  # noqa: BLE001 - this request's inputs only
             raise _request_error(exc, len(new.request.prompt), new.request.request_id or new.id) from None
         answers = [_Row(answer, dataclasses.replace(request, image_rows=(), sampling=request.sampling.for_answer(i)),
@@ -374,7 +375,8 @@ class ModelRunner:
         if not self.prefix_cache.enabled or length * self.kv_bytes_per_token > self.prefix_cache.budget_bytes:
             return
         fed = np.asarray(row.generated[:-1], dtype=np.int64)
-        self.prefix_cache.insert(np.concatenate([row.identity, fed]), layers(), adapter=row.request.adapter)
+        self.prefix_cache.insert(np.concatenate([row.identity, fed]), layers(), adapter=row.request.adapter,
+                                 salt=row.request.cache_salt)
 
 
 def _request_error(exc: BaseException, prompt_tokens: int, name: object) -> BaseException:

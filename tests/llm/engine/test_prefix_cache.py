@@ -59,6 +59,18 @@ def test_budget_lru_and_dominated_entries():
     assert cache.nbytes <= cache.budget_bytes
 
 
+def test_a_salt_scopes_entries_as_the_adapter_does():
+    cache = PrefixCache(budget_bytes=1 << 20)
+    cache.insert(np.arange(10), kv(10, 1.0), salt="alpha")
+    assert cache.lookup(np.arange(10), max_length=9, salt="beta") is None
+    assert cache.lookup(np.arange(10), max_length=9) is None  # the unsalted scope is another too
+    assert cache.lookup(np.arange(10), max_length=9, adapter="lora", salt="alpha") is None
+    assert cache.lookup(np.arange(10), max_length=9, salt="alpha").length == 9
+    # A longer entry of another salt does not replace this one.
+    cache.insert(np.arange(12), kv(12, 2.0), salt="beta")
+    assert len(cache) == 2 and cache.lookup(np.arange(12), max_length=12, salt="alpha").length == 10
+
+
 def test_an_extended_entry_replaces_its_prefix():
     cache = PrefixCache(budget_bytes=1 << 20)
     cache.insert(np.arange(10), kv(10))

@@ -26,14 +26,16 @@ class EncodeItem(_message.Message):
     def __init__(self, image_bytes: _Optional[bytes] = ..., frame: _Optional[_Union[RawFrame, _Mapping]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("items", "options", "adapter")
+    __slots__ = ("items", "options", "adapter", "key_salt")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    KEY_SALT_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[EncodeItem]
     options: _common_pb2.PreprocessOptions
     adapter: str
-    def __init__(self, items: _Optional[_Iterable[_Union[EncodeItem, _Mapping]]] = ..., options: _Optional[_Union[_common_pb2.PreprocessOptions, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
+    key_salt: str
+    def __init__(self, items: _Optional[_Iterable[_Union[EncodeItem, _Mapping]]] = ..., options: _Optional[_Union[_common_pb2.PreprocessOptions, _Mapping]] = ..., adapter: _Optional[str] = ..., key_salt: _Optional[str] = ...) -> None: ...
 
 class EncodedItem(_message.Message):
     __slots__ = ("key", "num_tiles", "num_tokens", "cache_hit")

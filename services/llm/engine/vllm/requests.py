@@ -90,8 +90,12 @@ class PromptFolder:
 
 
 def engine_prompt(request: EngineRequest, folder: PromptFolder, dtype: torch.dtype) -> dict[str, Any]:
-    """vLLM's token prompt for `request`: folded ids, the images' rows as embeddings in `dtype`, their keys."""
+    """vLLM's token prompt for `request`: folded ids, the images' rows as embeddings in `dtype`, their keys, and
+    the request's cache salt (vLLM folds it into the hash of the prompt's first KV block, so no block of one salt is
+    a prefix-cache hit for another)."""
     prompt: dict[str, Any] = {"prompt_token_ids": folder.fold(request.prompt)}
+    if request.cache_salt:
+        prompt["cache_salt"] = request.cache_salt
     rows = [r.to(dtype) for r in request.image_rows]
     if rows:
         prompt["multi_modal_data"] = {"image": rows[0][None] if len(rows) == 1 else rows}

@@ -3,6 +3,8 @@ sampling parameters, and the refusals."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -97,6 +99,12 @@ def test_one_image_is_one_3d_tensor_several_a_list_keyed_by_our_keys(builder, fo
     assert several["multi_modal_uuids"] == {"image": ["a", "b"]}
     text = engine_prompt(request(CONVERSATIONS["text"], builder), folder, torch.float32)
     assert set(text) == {"prompt_token_ids"}
+
+
+def test_the_cache_salt_goes_into_the_prompt_when_set(builder, folder):
+    salted = dataclasses.replace(request(CONVERSATIONS["text"], builder), cache_salt="0123abcd")
+    assert engine_prompt(salted, folder, torch.float32)["cache_salt"] == "0123abcd"
+    assert "cache_salt" not in engine_prompt(request(CONVERSATIONS["text"], builder), folder, torch.float32)
 
 
 def test_sampling_parameters_of_each_answer(builder):

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import time
+import uuid
 
 import pytest
 import torch
@@ -102,6 +103,22 @@ async def test_a_second_turn_reuses_the_first_turns_prefix(family):
     assert cached % BLOCK == 0
     assert_matches_reference(family, second, second_request.prompt, ("portrait",), 8)
     assert family.engine.load().prefix_hits >= 1
+
+
+async def test_a_cache_salt_keeps_cached_prefixes_to_requests_of_the_same_salt(family):
+    """The gateway's per-tenant salt (EngineRequest.cache_salt, vLLM's prompt `cache_salt`): a prompt is a prefix-cache
+    hit only for requests of its own salt."""
+    text = f"Case {uuid.uuid4().hex}: " + "tell me a long story about a blue boat on a grey sea. " * 30
+    conversation = Conversation(user_parts=(text,))
+
+    async def cached(salt: str) -> int:
+        request = dataclasses.replace(family.request(conversation, max_new_tokens=2), cache_salt=salt)
+        [answer] = await family.collect(family.engine.submit(request))
+        return answer.finish.usage.cached_prompt_tokens
+
+    assert await cached("alpha") == 0
+    assert await cached("alpha") >= BLOCK  # the same salt: a hit
+    assert await cached("beta") == 0 and await cached("") == 0
 
 
 async def test_seeded_sampling_is_reproducible_per_seed(family):
