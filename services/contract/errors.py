@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 
 
 class ErrorCode(enum.IntEnum):
@@ -110,9 +111,12 @@ class InternVLError(Exception):
 
     code = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, item_index: int | None = None):
+    def __init__(self, message: str, *, item_index: int | None = None, retry_after_s: float | None = None):
         super().__init__(message)
         self.item_index = item_index
+        # Seconds after which the caller may retry with a fair chance (a refusal under load); None: no advice.
+        # Sent as the gRPC trailing metadata `retry-after` and the HTTP header `Retry-After` (`retry_after`).
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgumentError(InternVLError, ValueError):
@@ -163,6 +167,11 @@ class OverloadedError(InternVLError):
 
 class NotReadyError(InternVLError):
     code = ErrorCode.NOT_READY
+
+
+class ShedError(NotReadyError):
+    """Refused, without any work, because the gateway is saturated (its priority lost): UNAVAILABLE / HTTP 503, with
+    `retry_after_s` set. The code stays NOT_READY (transient: retry later or elsewhere)."""
 
 
 class InternalError(InternVLError):
@@ -242,3 +251,12 @@ def http_status(exc: BaseException) -> int:
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return HTTP_BY_STATUS[RpcStatus.CANCELLED]
     return HTTP_BY_CODE[error_code(exc)]
+
+
+def retry_after(exc: BaseException) -> str | None:
+    """The `Retry-After` value (whole seconds, at least 1, as HTTP's delta-seconds) a failure with `exc` carries;
+    None when it gives no advice."""
+    seconds = getattr(exc, "retry_after_s", None) if isinstance(exc, InternVLError) else None
+    if seconds is None:
+        return None
+    return str(max(1, math.ceil(seconds)))

@@ -192,8 +192,9 @@ class VLLMEngine(Engine):
             lora = self._lora(entry.request.adapter)
             engine_input, grammar = await self._render(entry.request)
             params = sampling_params(entry.request, answer.index, self.stop_token_id, grammar)
+            # vLLM's priority scheduling sorts by the value, lower first: ours (critical 1 < standard 2 < sheddable 3).
             outputs = self.llm.generate(engine_input, params, request_id=f"{entry.id}-{answer.index}",
-                                        lora_request=lora)
+                                        lora_request=lora, priority=int(entry.request.priority))
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     if self._deliver(answer, output):
