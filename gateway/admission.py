@@ -1,8 +1,11 @@
 """The gateway's admission control: a bound on the chat requests it works on at once, and who goes first when full.
 
 Every chat request (Chat, each of BatchChat's, the HTTP API's) holds one of `max_in_flight` slots from admission
-(after its input is validated) to its last event. While a slot is free and nobody waits, a request takes it at once.
-While all are taken (saturated), its priority decides (services.contract.priority):
+(after its input is validated) to its last event. Standard and sheddable requests together hold at most
+`max_in_flight - critical_reserve` of them, so a critical request finds a slot (and the LLM's batch a row, when the
+LLM's --max-batch-size is at least `max_in_flight`) even while the others fill their share. While a slot it may take is free and nobody
+of its priority or a more important one waits, a request takes it at once. Otherwise (saturated for it), its priority
+decides (services.contract.priority):
 
 - `sheddable` is refused at once: `ShedError` (UNAVAILABLE / HTTP 503) with `retry_after_s`, so a caller that can
   wait is told to come back, and one that cannot fails in microseconds rather than after a queue's wait;
@@ -76,15 +79,18 @@ class _Waiter:
 
 
 class Admission:
-    """`max_in_flight` slots, a queue of at most `max_queued` waiters by priority; see the module docstring."""
+    """`max_in_flight` slots (`critical_reserve` of them for critical requests only), a queue of at most `max_queued`
+    waiters by priority; see the module docstring."""
 
-    def __init__(self, max_in_flight: int, max_queued: int, queue_wait_s: float,
+    def __init__(self, max_in_flight: int, max_queued: int, queue_wait_s: float, critical_reserve: int = 0,
                  metrics: AdmissionMetrics | None = None):
         self.max_in_flight = max_in_flight
+        self.critical_reserve = critical_reserve
         self.max_queued = max_queued
         self.queue_wait_s = queue_wait_s
         self.metrics = metrics
         self.in_flight = 0
+        self.critical_in_flight = 0
         self._queues: dict[Priority, collections.deque[_Waiter]] = {p: collections.deque() for p in Priority}
         self._hold_s = RETRY_AFTER_MIN_S  # the average time a slot is held
 
@@ -109,7 +115,7 @@ class Admission:
         finally:
             held = time.monotonic() - taken
             self._hold_s += HOLD_WEIGHT * (held - self._hold_s)
-            self._release()
+            self._release(priority)
 
     def retry_after_s(self) -> float:
         """When a slot is likely free for a request refused now: the average hold times the queue ahead per slot."""
@@ -118,9 +124,16 @@ class Admission:
 
     # -- taking and giving back -----------------------------------------------------------------------------------
 
+    def _room(self, priority: Priority) -> bool:
+        """Whether a slot `priority` may take is free (the reserved ones are for critical requests only)."""
+        if priority is Priority.CRITICAL:
+            return self.in_flight < self.max_in_flight
+        others = self.in_flight - self.critical_in_flight
+        return self.in_flight < self.max_in_flight and others < self.max_in_flight - self.critical_reserve
+
     async def _acquire(self, priority: Priority, deadline: float | None) -> None:
-        if self.in_flight < self.max_in_flight and not self.queued():
-            self._take()
+        if self._room(priority) and not any(self._queues[p] for p in Priority if p <= priority):
+            self._take(priority)
             return
         if priority is Priority.SHEDDABLE:
             raise self._shed(priority, SATURATED, f"the gateway is saturated ({self.in_flight} requests in flight); "
@@ -150,20 +163,22 @@ class Admission:
         except asyncio.CancelledError:  # the caller went away
             self._forget(waiter)
             if waiter.granted.done() and not waiter.granted.cancelled() and waiter.granted.exception() is None:
-                self._release()  # granted just before: pass it on
+                self._release(priority)  # granted just before: pass it on
             raise
 
-    def _take(self) -> None:
+    def _take(self, priority: Priority) -> None:
         self.in_flight += 1
+        self.critical_in_flight += priority is Priority.CRITICAL
         if self.metrics is not None:
             self.metrics.in_flight.set(self.in_flight)
 
-    def _release(self) -> None:
+    def _release(self, priority: Priority) -> None:
         """Gives the slot back, straight to the first waiter (most important priority first, FIFO within one)."""
         self.in_flight -= 1
+        self.critical_in_flight -= priority is Priority.CRITICAL
         waiter = self._next_waiter()
         if waiter is not None:
-            self.in_flight += 1
+            self._take(waiter.priority)
             waiter.granted.set_result(None)
         if self.metrics is not None:
             self.metrics.in_flight.set(self.in_flight)
@@ -171,7 +186,7 @@ class Admission:
     def _next_waiter(self) -> _Waiter | None:
         for priority in Priority:
             queue = self._queues[priority]
-            while queue:
+            while queue and self._room(priority):
                 waiter = queue.popleft()
                 self._gauge(priority)
                 if not waiter.granted.done():

@@ -121,6 +121,8 @@ class GatewayConfig:
     # how long a standard one may wait, and the priority of requests that name none (and whose tenant sets none).
     max_in_flight: int = flag(64, "chat requests worked on at once; beyond it they queue by priority (default "
                                   "%(default)s)")
+    critical_reserve: int = flag(8, "of --max-in-flight, slots only critical requests may take, so they find one "
+                                    "while the others fill the rest (default %(default)s)")
     max_queued: int = flag(256, "chat requests waiting for a slot at most; beyond it the least important are refused "
                                 "(default %(default)s)")
     queue_wait_s: float = flag(30.0, "most seconds a standard request waits for a slot before it is refused "
@@ -163,6 +165,8 @@ class GatewayConfig:
              f"--namespace must be non-empty and contain no ':', got {self.namespace!r}"),
             (self.default_timeout_s > 0, f"--default-timeout-s must be > 0, got {self.default_timeout_s}"),
             (self.max_in_flight >= 1, f"--max-in-flight must be >= 1, got {self.max_in_flight}"),
+            (0 <= self.critical_reserve < self.max_in_flight,
+             f"--critical-reserve must be >= 0 and below --max-in-flight, got {self.critical_reserve}"),
             (self.max_queued >= 0, f"--max-queued must be >= 0, got {self.max_queued}"),
             (0 < self.queue_wait_s < math.inf, f"--queue-wait-s must be > 0, got {self.queue_wait_s}"),
             (self.default_priority in PRIORITIES,

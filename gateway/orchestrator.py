@@ -118,7 +118,7 @@ class Orchestrator:
         self._keyers: dict[str, Keyer] = {}
         self._warned_key_mismatch = False
         self.admission = Admission(config.max_in_flight, config.max_queued, config.queue_wait_s,
-                                   self.metrics.admission)
+                                   config.critical_reserve, self.metrics.admission)
 
     async def connect(self, timeout: float | None = None, retry_interval_s: float = 2.0) -> ModelInfo:
         """Waits for both services, checks they serve the same model, and learns what keys depend on.

@@ -17,8 +17,10 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 C, S, X = Priority.CRITICAL, Priority.STANDARD, Priority.SHEDDABLE
 
 
-def make(max_in_flight: int = 1, max_queued: int = 10, queue_wait_s: float = 10.0) -> Admission:
-    return Admission(max_in_flight, max_queued, queue_wait_s, AdmissionMetrics("t_", CollectorRegistry()))
+def make(max_in_flight: int = 1, max_queued: int = 10, queue_wait_s: float = 10.0,
+         critical_reserve: int = 0) -> Admission:
+    return Admission(max_in_flight, max_queued, queue_wait_s, critical_reserve,
+                     AdmissionMetrics("t_", CollectorRegistry()))
 
 
 def sample(admission: Admission, name: str, *labels: str) -> float:
@@ -155,3 +157,29 @@ async def test_a_waiter_that_goes_away_leaves_the_queue_and_the_slot_passes_on()
     after.release.set()
     await asyncio.gather(first.task, after.task)
     assert order == ["first", "after"] and admission.in_flight == 0
+
+
+async def test_reserved_slots_are_for_critical_requests_only():
+    admission = make(max_in_flight=3, critical_reserve=2)
+    order: list[str] = []
+    first = Holder(admission, S, "first", order)
+    await settle()
+    with pytest.raises(ShedError):  # one slot for the others, taken
+        async with admission.slot(X):
+            pass
+    waiting = Holder(admission, S, "waiting", order)
+    c1, c2 = Holder(admission, C, "c1", order), Holder(admission, C, "c2", order)
+    await settle()
+    assert order == ["first", "c1", "c2"] and admission.queued(S) == 1
+    c1.release.set()
+    await c1.task
+    await settle()
+    assert admission.queued(S) == 1  # a freed reserved slot stays for critical requests
+    first.release.set()
+    await first.task
+    await settle()
+    assert order[-1] == "waiting"
+    for holder in (c2, waiting):
+        holder.release.set()
+    await asyncio.gather(c2.task, waiting.task)
+    assert admission.in_flight == 0

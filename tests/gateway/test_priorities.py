@@ -51,7 +51,7 @@ async def test_an_unknown_priority_is_invalid_argument():
 
 
 async def test_saturated_sheddable_is_refused_fast_and_critical_goes_before_queued_standard():
-    async with fake_stack(max_in_flight=1) as stack:
+    async with fake_stack(max_in_flight=1, critical_reserve=0) as stack:
         stack.llm.block = True
         blocker = asyncio.ensure_future(answer(stack, ask("block", common_pb2.PRIORITY_STANDARD)))
         await asyncio.wait_for(stack.llm.blocked.wait(), 10)
@@ -76,7 +76,7 @@ async def test_saturated_sheddable_is_refused_fast_and_critical_goes_before_queu
 
 
 async def test_a_request_whose_deadline_passes_in_the_queue_never_reaches_the_services():
-    async with fake_stack(max_in_flight=1) as stack:
+    async with fake_stack(max_in_flight=1, critical_reserve=0) as stack:
         stack.llm.block = True
         blocker = asyncio.ensure_future(answer(stack, ask("block")))
         await asyncio.wait_for(stack.llm.blocked.wait(), 10)
