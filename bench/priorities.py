@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import tempfile
@@ -32,6 +33,7 @@ from pathlib import Path
 import grpc
 from internvl.common.v1 import common_pb2
 from internvl.gateway.v1 import gateway_pb2 as G
+from internvl.gateway.v1 import gateway_pb2_grpc
 
 from bench.stack import RunningStack
 
@@ -89,16 +91,36 @@ def one_chat(stub, priority: int, max_new_tokens: int, timeout_s: float, tally: 
 
 
 def closed_loop(until: float, send: Callable[[], float], refused_pause_s: float | None) -> None:
-    while time.monotonic() < until:
+    """Sends until wall time `until`, each request as soon as the last ended (after a refusal's pause)."""
+    while time.time() < until:
         retry_after = send()
         if retry_after:
             time.sleep(retry_after if refused_pause_s is None else refused_pause_s)
 
 
-def critical_series(stub, n: int, max_new_tokens: int, timeout_s: float, pause_s: float) -> Tally:
+def load_process(address: str, name: str, clients: int, until: float, max_new_tokens: int, timeout_s: float,
+                 refused_pause_s: float | None, results) -> None:
+    """`clients` closed-loop clients of priority `name` until wall time `until`; puts (name, summary) on `results`."""
+    channel = grpc.insecure_channel(address)
+    stub = gateway_pb2_grpc.ChatServiceStub(channel)
+    tally = Tally()
+    threads = [threading.Thread(target=closed_loop, daemon=True, args=(
+        until, lambda: one_chat(stub, PRIORITIES[name], max_new_tokens, timeout_s, tally), refused_pause_s))
+        for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    channel.close()
+    results.put((name, tally.summary()))
+
+
+def critical_series(stub, n: int, max_new_tokens: int, timeout_s: float, pause_s: float,
+                    priority: str = "critical") -> Tally:
+    """`n` requests of `priority` one after another (`pause_s` apart)."""
     tally = Tally()
     for _ in range(n):
-        one_chat(stub, PRIORITIES["critical"], max_new_tokens, timeout_s, tally)
+        one_chat(stub, PRIORITIES[priority], max_new_tokens, timeout_s, tally)
         time.sleep(pause_s)
     return tally
 
@@ -124,20 +146,25 @@ def run(args: argparse.Namespace) -> dict:
     with RunningStack(model, "float32", 1, extra_flags=flags) as stack:
         stub = stack.chat
         one_chat(stub, PRIORITIES["critical"], 4, args.timeout_s, Tally())  # warm-up, not counted
-        unloaded = critical_series(stub, args.critical_requests, args.critical_tokens, args.timeout_s, args.pause_s)
-        tallies = {name: Tally() for name in ("standard", "sheddable")}
-        until = time.monotonic() + args.duration_s
-        clients = [threading.Thread(target=closed_loop, daemon=True, args=(
-            until, lambda name=name: one_chat(stub, PRIORITIES[name], args.load_tokens, args.timeout_s,
-                                               tallies[name]), args.refused_pause_s))
-            for name, count in (("standard", args.standard_clients), ("sheddable", args.sheddable_clients))
-            for _ in range(count)]
-        for client in clients:
-            client.start()
+        unloaded = critical_series(stub, args.critical_requests, args.critical_tokens, args.timeout_s, args.pause_s,
+                                   args.probe_priority)
+        # The load's clients run in processes of their own, so that their streams do not hold this process's GIL
+        # while the critical client times its first tokens.
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        until = time.time() + args.duration_s
+        loaders = [context.Process(target=load_process, daemon=True, args=(
+            f"127.0.0.1:{stack.gateway_port}", name, count, until, args.load_tokens, args.timeout_s,
+            args.refused_pause_s, results))
+            for name, count in (("standard", args.standard_clients), ("sheddable", args.sheddable_clients))]
+        for loader in loaders:
+            loader.start()
         time.sleep(args.ramp_s)  # the load fills the slots first
-        loaded = critical_series(stub, args.critical_requests, args.critical_tokens, args.timeout_s, args.pause_s)
-        for client in clients:
-            client.join()
+        loaded = critical_series(stub, args.critical_requests, args.critical_tokens, args.timeout_s, args.pause_s,
+                                 args.probe_priority)
+        tallies = dict(results.get(timeout=args.duration_s + args.timeout_s + 60) for _ in loaders)
+        for loader in loaders:
+            loader.join()
         counters = gateway_counters(stack.metrics("gateway"))
     p50 = unloaded.summary()["ttft_p50_s"]
     result = {
@@ -146,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
         "load_average": list(os.getloadavg()),
         "cpus": len(os.sched_getaffinity(0)),
         "unloaded_critical": unloaded.summary(),
-        "saturated": {"critical": loaded.summary(), **{name: t.summary() for name, t in tallies.items()}},
+        "saturated": {"critical": loaded.summary(), **{name: tallies[name] for name in ("standard", "sheddable")}},
         "critical_ttft_ratio_p50": (loaded.summary()["ttft_p50_s"] / p50) if p50 and loaded.ttft_s else None,
         "gateway_counters": counters,
     }
@@ -163,12 +190,13 @@ def markdown(result: dict) -> str:
         return (f"| {phase} | {name} | {s['sent']} | {s['answered']} | {s['shed']} | {s['deadline']} | "
                 f"{ms(s['ttft_p50_s'])} | {ms(s['ttft_p90_s'])} |")
 
-    rows.append(row("unloaded", "critical", result["unloaded_critical"]))
+    probe = result["settings"]["probe_priority"]
+    rows.append(row("unloaded", f"{probe} (timed)", result["unloaded_critical"]))
     for name, summary in result["saturated"].items():
-        rows.append(row("saturated", name, summary))
+        rows.append(row("saturated", f"{probe} (timed)" if name == "critical" else name, summary))
     ratio = result["critical_ttft_ratio_p50"]
     rows.append("")
-    rows.append(f"critical TTFT p50, saturated / unloaded: {ratio:.2f}x" if ratio else "critical TTFT ratio: -")
+    rows.append(f"timed ({probe}) TTFT p50, saturated / unloaded: {ratio:.2f}x" if ratio else "TTFT ratio: -")
     return "\n".join(rows)
 
 
@@ -186,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "requests")
     parser.add_argument("--critical-tokens", type=int, default=8, help="max_new_tokens of the critical requests")
     parser.add_argument("--critical-requests", type=int, default=20, help="critical requests in each phase")
+    parser.add_argument("--probe-priority", choices=sorted(PRIORITIES), default="critical",
+                        help="priority of the timed requests ('standard' with --critical-reserve 0: the same load "
+                             "without priorities, for comparison)")
     parser.add_argument("--pause-s", type=float, default=0.2, help="between two critical requests")
     parser.add_argument("--refused-pause-s", type=float, default=None,
                         help="pause of a refused load client (default: the refusal's retry-after)")
