@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import time
@@ -10,10 +11,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.admission import Admission, AdmissionMetrics
-from services.contract.errors import DeadlineExceededError, ShedError
+from gateway.config import GatewayConfig, add_arguments
+from services.contract.errors import DeadlineExceededError, InvalidArgumentError, ShedError
 from services.contract.priority import Priority
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
+pytestmark = [pytest.mark.timeout(30)]
 C, S, X = Priority.CRITICAL, Priority.STANDARD, Priority.SHEDDABLE
 
 
@@ -51,6 +53,7 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+@pytest.mark.asyncio
 async def test_a_free_slot_is_taken_at_once_whatever_the_priority():
     admission = make(max_in_flight=2)
     async with admission.slot(X), admission.slot(S):
@@ -59,6 +62,7 @@ async def test_a_free_slot_is_taken_at_once_whatever_the_priority():
     assert sample(admission, "admitted", "sheddable") == sample(admission, "admitted", "standard") == 1
 
 
+@pytest.mark.asyncio
 async def test_while_saturated_sheddable_is_refused_at_once_with_retry_after():
     admission = make()
     order: list[str] = []
@@ -75,6 +79,7 @@ async def test_while_saturated_sheddable_is_refused_at_once_with_retry_after():
     await holder.task
 
 
+@pytest.mark.asyncio
 async def test_a_freed_slot_goes_to_critical_before_standard_and_fifo_within_a_priority():
     admission = make()
     order: list[str] = []
@@ -94,6 +99,7 @@ async def test_a_freed_slot_goes_to_critical_before_standard_and_fifo_within_a_p
     assert admission.in_flight == 0 and admission.queued() == 0
 
 
+@pytest.mark.asyncio
 async def test_a_standard_request_waits_at_most_queue_wait_s_then_is_shed():
     admission = make(queue_wait_s=0.2)
     order: list[str] = []
@@ -108,6 +114,7 @@ async def test_a_standard_request_waits_at_most_queue_wait_s_then_is_shed():
     await holder.task
 
 
+@pytest.mark.asyncio
 async def test_a_waiter_whose_deadline_passes_is_deadline_exceeded_and_never_runs():
     admission = make()
     order: list[str] = []
@@ -122,6 +129,7 @@ async def test_a_waiter_whose_deadline_passes_is_deadline_exceeded_and_never_run
     assert order == ["first"] and sample(admission, "shed", "critical", "deadline") == 1
 
 
+@pytest.mark.asyncio
 async def test_a_full_queue_sheds_the_newest_less_important_waiter_for_a_critical_one():
     admission = make(max_queued=2)
     order: list[str] = []
@@ -142,6 +150,7 @@ async def test_a_full_queue_sheds_the_newest_less_important_waiter_for_a_critica
     assert order == ["first", "c", "s1"]
 
 
+@pytest.mark.asyncio
 async def test_a_waiter_that_goes_away_leaves_the_queue_and_the_slot_passes_on():
     admission = make()
     order: list[str] = []
@@ -159,6 +168,7 @@ async def test_a_waiter_that_goes_away_leaves_the_queue_and_the_slot_passes_on()
     assert order == ["first", "after"] and admission.in_flight == 0
 
 
+@pytest.mark.asyncio
 async def test_reserved_slots_are_for_critical_requests_only():
     admission = make(max_in_flight=3, critical_reserve=2)
     order: list[str] = []
@@ -183,3 +193,35 @@ async def test_reserved_slots_are_for_critical_requests_only():
         holder.release.set()
     await asyncio.gather(c2.task, waiting.task)
     assert admission.in_flight == 0
+
+
+def _config(*argv: str) -> GatewayConfig:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return GatewayConfig.from_args(parser.parse_args(["--vision-target", "v:1", "--llm-target", "l:1", *argv]), {})
+
+
+def test_the_admission_flags_and_their_defaults():
+    config = _config()
+    assert (config.max_in_flight, config.critical_reserve, config.max_queued, config.queue_wait_s,
+            config.default_priority) == (64, 8, 256, 30.0, "standard")
+    config = _config("--max-in-flight", "4", "--critical-reserve", "0", "--default-priority", "sheddable")
+    assert (config.max_in_flight, config.critical_reserve, config.default_priority) == (4, 0, "sheddable")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-in-flight", "0"], "--max-in-flight must be >= 1, got 0"),
+    (["--max-in-flight", "8"], "--critical-reserve must be >= 0 and below --max-in-flight, got 8"),
+    (["--critical-reserve", "-1"], "--critical-reserve must be >= 0 and below --max-in-flight, got -1"),
+    (["--max-queued", "-1"], "--max-queued must be >= 0, got -1"),
+    (["--queue-wait-s", "0"], "--queue-wait-s must be > 0, got 0.0"),
+])
+def test_the_admission_flags_are_validated(argv, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        _config(*argv)
+
+
+def test_an_unknown_default_priority_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        _config("--default-priority", "urgent")
+    assert "invalid choice: 'urgent'" in capsys.readouterr().err
