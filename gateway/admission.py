@@ -3,9 +3,9 @@
 Every chat request (Chat, each of BatchChat's, the HTTP API's) holds one of `max_in_flight` slots from admission
 (after its input is validated) to its last event. Standard and sheddable requests together hold at most
 `max_in_flight - critical_reserve` of them, so a critical request finds a slot (and the LLM's batch a row, when the
-LLM's --max-batch-size is at least `max_in_flight`) even while the others fill their share. While a slot it may take is free and nobody
-of its priority or a more important one waits, a request takes it at once. Otherwise (saturated for it), its priority
-decides (services.contract.priority):
+LLM's --max-batch-size is at least `max_in_flight`) even while the others fill their share. While a slot it may
+take is free and nobody of its priority or a more important one waits, a request takes it at once. Otherwise
+(saturated for it), its priority decides (services.contract.priority):
 
 - `sheddable` is refused at once: `ShedError` (UNAVAILABLE / HTTP 503) with `retry_after_s`, so a caller that can
   wait is told to come back, and one that cannot fails in microseconds rather than after a queue's wait;
@@ -43,7 +43,7 @@ from services.runtime.request_metrics import LATENCY_BUCKETS
 HOLD_WEIGHT = 0.1
 RETRY_AFTER_MIN_S = 1.0
 RETRY_AFTER_MAX_S = 60.0
-# Why a request was refused (the `reason` label of `admission_shed`).
+# Why a request was refused (the `reason` label of `shed`).
 SATURATED, QUEUE_FULL, QUEUE_WAIT, DISPLACED, DEADLINE = "saturated", "queue_full", "queue_wait", "displaced", \
     "deadline"
 

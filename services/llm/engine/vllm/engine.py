@@ -13,10 +13,10 @@ A constraint goes to vLLM's xgrammar backend as the EBNF text our service compil
 loaded into vLLM before the engine serves.
 
 Cancel (or the deadline) aborts the answers' vLLM requests (a request past its deadline before vLLM gave any output
-of it fails DeadlineExceededError instead); a stop string found in the text ends its answer and
-aborts its request. When vLLM's engine core dies (`EngineDeadError`), a watchdog fails every request in flight with
-`BatchFaultError` (retryable), tells the engine's `readiness` listener False, starts a new `AsyncLLM` (refusing
-requests with `NotReadyError` meanwhile), and tells it True once the new one serves.
+of it fails DeadlineExceededError instead); a stop string found in the text ends its answer and aborts its request.
+When vLLM's engine core dies (`EngineDeadError`), a watchdog fails every request in flight with `BatchFaultError`
+(retryable), tells the engine's `readiness` listener False, starts a new `AsyncLLM` (refusing requests with
+`NotReadyError` meanwhile), and tells it True once the new one serves.
 
 `load()` and the observer's hooks come from vLLM's own statistics (services.llm.engine.vllm.stats).
 """
