@@ -27,7 +27,7 @@ from gateway.openai.handlers import REQUEST_ID_KEY, RPC
 from gateway.openai.render import error_body
 from gateway.tenant_limits import TenantLimitError, TenantLimits
 from gateway.tenants import KeyDirectory, Tenant
-from services.contract.errors import retry_after_header
+from services.contract.errors import retry_after
 from services.runtime import request_ids, tracing
 from services.runtime.grpc_errors import abort
 
@@ -200,4 +200,4 @@ def _refused(request: web.Request, exc: TenantLimitError, metrics: GatewayMetric
         request[REQUEST_ID_KEY] = call.request_id
         log.info("%s refused: %s", RPC, exc)
         status, body = error_body(exc, call)
-        return web.json_response(body, status=status, headers={"Retry-After": retry_after_header(exc)})
+        return web.json_response(body, status=status, headers={"Retry-After": retry_after(exc)})

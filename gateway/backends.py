@@ -17,6 +17,7 @@ from services.contract.conversation import Conversation
 from services.contract.encoding import EncodedItem, MediaItem
 from services.contract.finish import FinishReason, Usage
 from services.contract.model_info import ModelInfo
+from services.contract.priority import Priority
 from services.contract.sampling import SamplingParams
 
 
@@ -60,5 +61,5 @@ class LLMBackend(Protocol):
     async def model_info(self, timeout: float | None = None, wait_for_ready: bool = False) -> ModelInfo: ...
 
     def generate(self, conversation: Conversation, sampling: SamplingParams, request_id: str,
-                 inline: dict[str, Embeddings] | None, timeout: float | None
-                 ) -> AsyncIterator[Delta | GenerateFinish]: ...
+                 inline: dict[str, Embeddings] | None, timeout: float | None,
+                 priority: Priority | None = None) -> AsyncIterator[Delta | GenerateFinish]: ...

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from internvl.gateway.v1 import gateway_pb2
 
 from services.contract.errors import InvalidArgumentError
+from services.contract.priority import Priority
 from services.contract.sampling import SamplingParams
 from services.contract.tiling import DEFAULT_MAX_NUM
 
@@ -122,6 +123,9 @@ class ChatRequest:
     user: str = ""
     # The model id to answer with (the base's name or a LoRA adapter's); "": the base, or the session's model.
     model: str = ""
+    # How much it matters under saturation (gRPC field or HTTP header); None: the tenant's or the gateway's default
+    # (services.contract.priority.effective_priority).
+    priority: Priority | None = None
 
     @classmethod
     def from_pb(cls, pb: gateway_pb2.ChatRequest) -> ChatRequest:
@@ -139,4 +143,5 @@ class ChatRequest:
             system_message=pb.system_message if pb.HasField("system_message") else None,
             request_id=pb.request_id,
             model=pb.model,
+            priority=Priority.from_pb(pb.priority),
         )

@@ -37,6 +37,7 @@ from services.contract.errors import (
     NotReadyError,
 )
 from services.contract.model_info import ModelInfo
+from services.contract.priority import Priority
 from services.contract.sampling import SamplingParams
 from services.contract.service_names import LLM_SERVICE, VISION_SERVICE
 from services.runtime.calls import Metadata, outgoing
@@ -205,8 +206,8 @@ class LLMClient:
         return ModelInfo.from_pb(reply.model_info)
 
     async def generate(self, conversation: Conversation, sampling: SamplingParams, request_id: str,
-                       inline: dict[str, Embeddings] | None, timeout: float | None
-                       ) -> AsyncIterator[Delta | GenerateFinish]:
+                       inline: dict[str, Embeddings] | None, timeout: float | None,
+                       priority: Priority | None = None) -> AsyncIterator[Delta | GenerateFinish]:
         """Streams `Delta`s, then one `GenerateFinish` per answer. Leaving the iteration early cancels the call.
 
         A replica that fails UNAVAILABLE before the first token is passed over for the key's next choice; when every
@@ -230,7 +231,7 @@ class LLMClient:
                 with self.pool.call(address) as endpoint, outgoing(f"{LLM_SERVICE}/Generate", address) as metadata:
                     left = None if end is None else max(0.0, end - time.monotonic())
                     stream = self._generate(llm_pb2_grpc.LLMServiceStub(endpoint.channel), conversation, sampling,
-                                            request_id, inline, left, metadata)
+                                            request_id, inline, left, metadata, priority)
                     async with contextlib.aclosing(stream):
                         async for event in stream:
                             started = True
@@ -247,11 +248,12 @@ class LLMClient:
 
     async def _generate(self, stub: llm_pb2_grpc.LLMServiceStub, conversation: Conversation,
                         sampling: SamplingParams, request_id: str, inline: dict[str, Embeddings] | None,
-                        timeout: float | None, metadata: Metadata) -> AsyncIterator[Delta | GenerateFinish]:
+                        timeout: float | None, metadata: Metadata,
+                        priority: Priority | None = None) -> AsyncIterator[Delta | GenerateFinish]:
         call = stub.Generate(timeout=timeout, metadata=metadata)
         try:
             try:
-                start = GenerateRequest(conversation, sampling, inline is not None, request_id).to_pb()
+                start = GenerateRequest(conversation, sampling, inline is not None, request_id, priority).to_pb()
                 await call.write(llm_pb2.GenerateRequest(start=start))
                 for key, value in (inline or {}).items():
                     for message in embedding_messages(key, value):

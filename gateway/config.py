@@ -21,6 +21,7 @@ from gateway.routing import Policy
 from gateway.tenants import KeyDirectory, load_keys_file
 from services.contract.cache_keys import DEFAULT_NAMESPACE
 from services.contract.errors import InvalidArgumentError
+from services.contract.priority import Priority
 from services.contract.tiling import DEFAULT_MAX_PIXELS
 from services.runtime import flags
 from services.runtime.flags import flag, flag_group
@@ -31,6 +32,7 @@ from services.runtime.tls import ClientTls, UpstreamTlsFlags
 ENV_REDIS_URL = "INTERNVL_REDIS_URL"
 ENV_API_TOKEN = "INTERNVL_API_TOKEN"
 ROUTING_POLICIES = tuple(p.value for p in Policy)
+PRIORITIES = tuple(p.label for p in Priority)
 DEFAULT_PORT = 50051
 
 
@@ -121,6 +123,19 @@ class GatewayConfig:
                           "cache key prefix, as the vision service's --namespace (default '%(default)s')")
     # Deadline given to the services when the caller set none (seconds).
     default_timeout_s: float = flag(600.0, "deadline for requests that set none (default %(default)s)")
+    # Admission control (gateway.admission): chat requests worked on at once, the queue of those waiting for a slot,
+    # how long a standard one may wait, and the priority of requests that name none (and whose tenant sets none).
+    max_in_flight: int = flag(64, "chat requests worked on at once; beyond it they queue by priority (default "
+                                  "%(default)s)")
+    critical_reserve: int = flag(8, "of --max-in-flight, slots only critical requests may take, so they find one "
+                                    "while the others fill the rest (default %(default)s)")
+    max_queued: int = flag(256, "chat requests waiting for a slot at most; beyond it the least important are refused "
+                                "(default %(default)s)")
+    queue_wait_s: float = flag(30.0, "most seconds a standard request waits for a slot before it is refused "
+                                     "UNAVAILABLE with Retry-After (critical ones wait up to their deadline; "
+                                     "default %(default)s)")
+    default_priority: str = flag("standard", "priority of requests that name none: critical, standard or sheddable "
+                                             "(default %(default)s)", choices=PRIORITIES)
     # Threads for media work (file reads, base64, image probing, video decoding, key hashing).
     media_threads: int = flag(4, "threads reading and decoding media (default %(default)s)")
     # Bearer token every public call must carry (gRPC `authorization` metadata, HTTP Authorization header);
@@ -170,6 +185,13 @@ class GatewayConfig:
             (bool(self.namespace) and ":" not in self.namespace,
              f"--namespace must be non-empty and contain no ':', got {self.namespace!r}"),
             (self.default_timeout_s > 0, f"--default-timeout-s must be > 0, got {self.default_timeout_s}"),
+            (self.max_in_flight >= 1, f"--max-in-flight must be >= 1, got {self.max_in_flight}"),
+            (0 <= self.critical_reserve < self.max_in_flight,
+             f"--critical-reserve must be >= 0 and below --max-in-flight, got {self.critical_reserve}"),
+            (self.max_queued >= 0, f"--max-queued must be >= 0, got {self.max_queued}"),
+            (0 < self.queue_wait_s < math.inf, f"--queue-wait-s must be > 0, got {self.queue_wait_s}"),
+            (self.default_priority in PRIORITIES,
+             f"--default-priority must be one of {', '.join(PRIORITIES)}, got {self.default_priority!r}"),
             (self.media_threads >= 1, f"--media-threads must be >= 1, got {self.media_threads}"),
             (self.media_root is None or os.path.isdir(self.media_root),
              f"--media-root {self.media_root!r} is not a directory"),

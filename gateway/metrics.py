@@ -7,7 +7,8 @@ same `track`. `track_tokens` adds what only a generation has: time to first toke
 orchestrator reports the cache side: tiles encoded vs reused (hit ratio = reused / (encoded + reused)), image bytes
 sent to the vision pool (misses only), and embedding bytes moved, by reference (read by the LLM from the cache) or
 inline (through the gateway, combined multi-image mode only). The routers report each replica choice by reason, and
-the pools their replicas by readiness and this gateway's calls in flight to each.
+the pools their replicas by readiness and this gateway's calls in flight to each. Admission control
+(gateway.admission) reports admitted and shed requests by priority, its queue and its wait.
 
 Per tenant (`gateway.tenants`; a bounded set: the key file's names, `default`, `anonymous`, or the CNs the client CA
 signed; a caller refused as unauthenticated has none and is counted in `requests` only): `tenant_requests{tenant,code}`
@@ -24,6 +25,7 @@ from collections.abc import AsyncGenerator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway import tenants
+from gateway.admission import AdmissionMetrics
 from gateway.chat_response import Delta
 from gateway.endpoints import EndpointPool
 from services.runtime.request_metrics import LATENCY_BUCKETS, RequestMetrics
@@ -75,6 +77,7 @@ class GatewayMetrics:
                                         registry=r)
         self.endpoints = Gauge(PREFIX + "endpoints", "Replicas of each pool known to this gateway, by readiness",
                                ["pool", "state"], registry=r)
+        self.admission = AdmissionMetrics(PREFIX, r)
         self._endpoint_labels: set[tuple[str, str]] = set()
         for path in ("reference", "inline"):
             self.embedding_bytes.labels(path)

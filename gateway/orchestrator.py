@@ -1,6 +1,8 @@
 """The gateway's core, free of any transport: a chat request in, a stream of deltas and one finish out.
 
 For each request:
+0. Validate it, then take an admission slot by its priority (gateway.admission): under saturation a sheddable
+   request is refused at once and the others wait in priority order, up to their deadline.
 1. Plan (gateway.planning, in a thread pool): read and probe every image, decode and sample every video, compute
    each image's cache key and tile count the way the vision service does, check `<image>` placeholders.
 2. `Lookup` every key of the prompt (the session's earlier images included) in one call; send only the misses to
@@ -32,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from gateway import tenants
+from gateway.admission import Admission
 from gateway.backends import (
     Embeddings,
     GenerateFinish,
@@ -75,6 +78,7 @@ from services.contract.errors import (
 )
 from services.contract.finish import Usage
 from services.contract.model_info import AdapterInfo, ModelInfo
+from services.contract.priority import Priority, effective_priority
 from services.contract.tiling import MAX_NUM_LIMIT
 from services.runtime import tracing
 from services.runtime.logs import request_scope
@@ -116,6 +120,8 @@ class Orchestrator:
         # Per served adapter ("" the base): its image keys.
         self._keyers: dict[str, Keyer] = {}
         self._warned_key_mismatch = False
+        self.admission = Admission(config.max_in_flight, config.max_queued, config.queue_wait_s,
+                                   config.critical_reserve, self.metrics.admission)
 
     async def connect(self, timeout: float | None = None, retry_interval_s: float = 2.0) -> ModelInfo:
         """Waits for both services, checks they serve the same model, and learns what keys depend on.
@@ -182,8 +188,6 @@ class Orchestrator:
             raise InvalidArgumentError("content is empty: the new user turn needs text, an image or a video")
         request.sampling.validate()
         adapter = self._adapter(request.model)
-        tenant = tenants.current().name
-        cache_salt, key_salt = self._salts(tenant)
         check_max_num(request.max_num, "max_num", MAX_NUM_LIMIT)
         for where, video in _videos(request):
             check_max_num(video.max_num, f"{where} (video)", MAX_NUM_LIMIT)
@@ -194,6 +198,19 @@ class Orchestrator:
                                 "gen_ai.request.top_p": request.sampling.top_p or None,
                                 "gen_ai.request.choice.count": request.sampling.answers,
                                 "user.id": request.user or None})
+        priority = effective_priority(request.priority, tenants.current().priority,
+                                      Priority.parse(self.config.default_priority))
+        tracing.set_attributes({"internvl.priority": priority.label})
+        request = dataclasses.replace(request, priority=priority)
+        async with (self.admission.slot(priority, deadline.at),
+                    contextlib.aclosing(self._answer(request, adapter, deadline)) as events):
+            async for event in events:
+                yield event
+
+    async def _answer(self, request: ChatRequest, adapter: str, deadline: Deadline) -> AsyncIterator[Delta | Finish]:
+        """`chat` of a validated request that holds an admission slot."""
+        tenant = tenants.current().name
+        cache_salt, key_salt = self._salts(tenant)
         # Remote URLs become their bytes (fetched by the allowlist) before planning: the cache keys cover the bytes.
         request = await self.remote_media.resolve_urls(request)
         continuing = request.session_id is not None
@@ -412,7 +429,7 @@ class Orchestrator:
                 inline = await self._inline(conversation, deadline) if conversation.inline else None
                 self._count_embedding_bytes(conversation, inline)
                 stream = self.llm.generate(conversation, request.sampling, request.request_id, inline,
-                                           deadline.remaining())
+                                           deadline.remaining(), priority=request.priority)
                 async with contextlib.aclosing(stream):
                     async for event in stream:
                         started = True

@@ -14,8 +14,8 @@ The key file is JSON, each tenant's keys and settings under its name:
                             "priority": "standard"}}}
 
 `rate` is requests per second (a token bucket holding `burst` requests, default ceil(rate)), `max_concurrent` the
-requests answered at once; both absent means unlimited. `priority` (critical, standard or sheddable; default
-standard) is the default priority of the tenant's requests. Keys are found by their SHA-256 (a dict lookup on a
+requests answered at once; both absent means unlimited. `priority` (critical, standard or sheddable; absent: the
+gateway's --default-priority) is the default priority of the tenant's requests. Keys are found by their SHA-256 (a dict lookup on a
 digest, so no comparison depends on how much of a guess matches); the file's plain keys are not kept.
 
 `current()` is the tenant of the request being served (a context variable the transports set), and `salt(name)`
@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.contract.errors import InvalidArgumentError
+from services.contract.priority import Priority
 from services.runtime import logs
 
 ANONYMOUS = "anonymous"
 DEFAULT = "default"
-PRIORITIES = ("critical", "standard", "sheddable")
+PRIORITIES = tuple(p.label for p in Priority)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MIN_KEY_CHARS = 16
 _SETTINGS = frozenset({"keys", "rate", "burst", "max_concurrent", "priority"})
@@ -55,8 +56,8 @@ class Tenant:
     rate: float | None = None
     burst: int | None = None
     max_concurrent: int | None = None
-    # The default priority of this tenant's requests (one of PRIORITIES).
-    priority: str = "standard"
+    # The default priority of this tenant's requests; None: the gateway's --default-priority.
+    priority: Priority | None = None
 
     @property
     def bucket_size(self) -> int:
@@ -180,11 +181,12 @@ def _tenant(name: str, settings: object) -> tuple[Tenant, list[str]]:
     burst = _number(name, settings, "burst", int, minimum=1)
     if burst is not None and rate is None:
         raise InvalidArgumentError(f"tenant {name!r}: 'burst' needs a 'rate'")
-    priority = settings.get("priority", "standard")
-    if priority not in PRIORITIES:
+    priority = settings.get("priority")
+    if priority is not None and priority not in PRIORITIES:
         raise InvalidArgumentError(f"tenant {name!r}: 'priority' must be one of {', '.join(PRIORITIES)}, got "
                                    f"{priority!r}")
-    return Tenant(name, rate, burst, _number(name, settings, "max_concurrent", int, minimum=1), priority), keys
+    return Tenant(name, rate, burst, _number(name, settings, "max_concurrent", int, minimum=1),
+                  None if priority is None else Priority.parse(priority)), keys
 
 
 def _number(name: str, settings: dict, field: str, kind: type, minimum: float, strict: bool = False):

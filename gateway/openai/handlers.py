@@ -9,6 +9,7 @@ and tokens generated; a client that disconnects cancels the services' calls.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, Callable
 
@@ -21,7 +22,9 @@ from gateway.openai.protocol import parse
 from gateway.openai.render import Completion, error_body
 from gateway.openai.sse import EventStream
 from gateway.orchestrator import Orchestrator
-from services.contract.errors import RpcStatus, retry_after_header
+from services.contract.errors import RpcStatus, retry_after
+from services.contract.priority import HEADER as PRIORITY_HEADER
+from services.contract.priority import Priority
 from services.runtime import request_ids
 from services.runtime.request_metrics import RequestCall
 
@@ -36,8 +39,13 @@ def max_body_bytes(config) -> int:
 
 def _error_response(exc: BaseException, call: RequestCall) -> web.Response:
     status, body = error_body(exc, call)
-    retry_after = retry_after_header(exc)
-    return web.json_response(body, status=status, headers={"Retry-After": retry_after} if retry_after else None)
+    advice = retry_after(exc)  # a refusal under load says when to come back
+    return web.json_response(body, status=status, headers={"Retry-After": advice} if advice is not None else None)
+
+
+def header_priority(value: str | None) -> Priority | None:
+    """The priority the `X-Request-Priority` header names (None when absent: the default decides)."""
+    return None if value is None else Priority.parse(value)
 
 
 class OpenAIHandlers:
@@ -68,10 +76,11 @@ class OpenAIHandlers:
             http[REQUEST_ID_KEY] = call.request_id  # echoed by the app on every response
             started = time.perf_counter()  # the time to first token counts the body's upload too
             try:
+                priority = header_priority(http.headers.get(PRIORITY_HEADER))
                 body = parse(await read_json(http, max_body_bytes(self.orchestrator.config)))
             except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
                 return _error_response(exc, call)
-            request = body.chat_request(request_id=call.request_id)
+            request = dataclasses.replace(body.chat_request(request_id=call.request_id), priority=priority)
             events = self.metrics.track_tokens(RPC, self.orchestrator.chat(request), started)
             async with contextlib.aclosing(events):
                 try:  # a failure before the first event is answered with its status, even for a stream

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from internvl.llm.v1 import llm_pb2
 
 from services.contract.errors import InvalidArgumentError
+from services.contract.priority import Priority
 from services.contract.sampling import SamplingParams
 
 
@@ -156,6 +157,8 @@ class GenerateRequest:
     inline_embeddings: bool = False
     # The request's id for logs and traces (the call's `x-request-id` metadata wins over it).
     request_id: str = ""
+    # The engine's waiting queue admits more important requests first; None: standard.
+    priority: Priority | None = None
 
     def to_pb(self) -> llm_pb2.GenerateStart:
         conversation = self.conversation
@@ -164,7 +167,7 @@ class GenerateRequest:
                      for t in conversation.history],
             user_parts=parts_to_pb(conversation.user_parts), sampling=self.sampling.to_pb(),
             inline_embeddings=self.inline_embeddings, request_id=self.request_id, adapter=conversation.adapter,
-            cache_salt=conversation.cache_salt)
+            cache_salt=conversation.cache_salt, priority=self.priority.to_pb() if self.priority is not None else 0)
         if conversation.system_message is not None:
             start.system_message = conversation.system_message
         return start
@@ -177,4 +180,5 @@ class GenerateRequest:
             user_parts=parts_from_pb(start.user_parts, "user_parts"), history=history,
             system_message=start.system_message if start.HasField("system_message") else None,
             adapter=start.adapter, cache_salt=start.cache_salt)
-        return cls(conversation, SamplingParams.from_pb(start.sampling), start.inline_embeddings, start.request_id)
+        return cls(conversation, SamplingParams.from_pb(start.sampling), start.inline_embeddings, start.request_id,
+                   Priority.from_pb(start.priority))

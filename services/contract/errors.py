@@ -110,13 +110,14 @@ class InternVLError(Exception):
     """Base of every error the project raises on purpose; its message is safe to show a caller."""
 
     code = ErrorCode.INTERNAL
-    # Seconds after which a retry may succeed (a rate limit's refill), sent as gRPC `retry-after` trailing metadata
-    # and the HTTP `Retry-After` header (`retry_after_header`); None: no advice.
-    retry_after_s: float | None = None
 
-    def __init__(self, message: str, *, item_index: int | None = None):
+    def __init__(self, message: str, *, item_index: int | None = None, retry_after_s: float | None = None):
         super().__init__(message)
         self.item_index = item_index
+        # Seconds after which the caller may retry with a fair chance (a refusal under load, a tenant's rate limit
+        # refilling); None: no advice.
+        # Sent as the gRPC trailing metadata `retry-after` and the HTTP header `Retry-After` (`retry_after`).
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgumentError(InternVLError, ValueError):
@@ -167,6 +168,11 @@ class OverloadedError(InternVLError):
 
 class NotReadyError(InternVLError):
     code = ErrorCode.NOT_READY
+
+
+class ShedError(NotReadyError):
+    """Refused, without any work, because the gateway is saturated (its priority lost): UNAVAILABLE / HTTP 503, with
+    `retry_after_s` set. The code stays NOT_READY (transient: retry later or elsewhere)."""
 
 
 class InternalError(InternVLError):
@@ -241,14 +247,17 @@ def rpc_status(exc: BaseException) -> RpcStatus:
     return STATUS_BY_CODE[error_code(exc)]
 
 
-def retry_after_header(exc: BaseException) -> str | None:
-    """The `Retry-After` value (whole seconds, rounded up, at least 1) of an error that advises one, else None."""
-    seconds = getattr(exc, "retry_after_s", None) if isinstance(exc, InternVLError) else None
-    return None if seconds is None else str(max(1, math.ceil(seconds)))
-
-
 def http_status(exc: BaseException) -> int:
     """The HTTP status a request failing with `exc` ends with."""
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return HTTP_BY_STATUS[RpcStatus.CANCELLED]
     return HTTP_BY_CODE[error_code(exc)]
+
+
+def retry_after(exc: BaseException) -> str | None:
+    """The `Retry-After` value (whole seconds, at least 1, as HTTP's delta-seconds) a failure with `exc` carries;
+    None when it gives no advice."""
+    seconds = getattr(exc, "retry_after_s", None) if isinstance(exc, InternVLError) else None
+    if seconds is None:
+        return None
+    return str(max(1, math.ceil(seconds)))

@@ -23,6 +23,7 @@ from services.contract import template
 from services.contract.conversation import Conversation, GenerateRequest
 from services.contract.errors import EmbeddingsMissingError, InvalidArgumentError
 from services.contract.model_info import AdapterInfo, ModelInfo
+from services.contract.priority import Priority
 from services.contract.sampling import SamplingParams
 from services.llm.config import LLMConfig
 from services.llm.engine.api import Engine, GenerationStream
@@ -143,7 +144,7 @@ class LLMService:
                 prompt=prompt, sampling=sampling, max_new_tokens=max_new, image_rows=rows,
                 deadline=None if timeout is None else arrival + timeout, arrival=arrival,
                 request_id=request.request_id, grammar=grammar, adapter=request.conversation.adapter,
-                cache_salt=request.conversation.cache_salt))
+                cache_salt=request.conversation.cache_salt, priority=request.priority or Priority.STANDARD))
 
     async def _image_rows(self, prompt: Prompt, inline: dict[str, torch.Tensor] | None,
                           inline_expected: bool) -> tuple[torch.Tensor, ...]:

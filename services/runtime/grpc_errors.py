@@ -30,7 +30,7 @@ from services.contract.errors import (
     InvalidArgumentError,
     RpcStatus,
     error_code,
-    retry_after_header,
+    retry_after,
 )
 from services.contract.errors import STATUS_BY_CODE as RPC_STATUS_BY_CODE
 
@@ -51,6 +51,8 @@ STATUS_BY_CODE: dict[ErrorCode, grpc.StatusCode] = {code: grpc_code(status)
 # 8 KiB (gRPC's default limit) for RESOURCE_EXHAUSTED without the detail; a message quoting a long input (an unknown
 # adapter's name) would pass it.
 MAX_MESSAGE_BYTES = 1024
+# Trailing metadata of a refusal under load: whole seconds after which a retry has a fair chance (HTTP's Retry-After).
+RETRY_AFTER_KEY = "retry-after"
 CUT = " ... (cut)"
 
 
@@ -153,9 +155,9 @@ async def abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) 
     else:
         log.info("%s failed: %s %s", method, status.name, message)
     rich = rich_status(status, message, detail)
-    retry_after = retry_after_header(exc)
-    trailing = (*rich.trailing_metadata, *(((RETRY_AFTER_KEY, retry_after),) if retry_after else ()))
-    await context.abort(rich.code, rich.details, trailing_metadata=trailing)
+    advice = retry_after(exc)
+    extra = ((RETRY_AFTER_KEY, advice),) if advice is not None else ()
+    await context.abort(rich.code, rich.details, trailing_metadata=(*rich.trailing_metadata, *extra))
 
 
 def _parsed(deserializer, data: bytes):

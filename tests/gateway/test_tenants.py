@@ -23,8 +23,9 @@ from services.contract.errors import (
     STATUS_BY_CODE,
     InvalidArgumentError,
     RpcStatus,
-    retry_after_header,
+    retry_after,
 )
+from services.contract.priority import Priority
 from services.contract.service_names import GATEWAY_SERVICE
 from services.runtime.grpc_server import GrpcServer, ServerOptions
 from services.runtime.tls import ServerTls
@@ -54,8 +55,8 @@ def test_a_key_file_names_each_keys_tenant_with_its_settings():
     directory = parse_keys(keys_text(
         alpha={"keys": [KEY_A, KEY_A2], "rate": 2.5, "burst": 5, "max_concurrent": 3, "priority": "critical"},
         beta={"keys": [KEY_B]}))
-    assert directory.find(KEY_A) == directory.find(KEY_A2) == Tenant("alpha", 2.5, 5, 3, "critical")
-    assert directory.find(KEY_B) == Tenant("beta")  # no limits, priority standard
+    assert directory.find(KEY_A) == directory.find(KEY_A2) == Tenant("alpha", 2.5, 5, 3, Priority.CRITICAL)
+    assert directory.find(KEY_B) == Tenant("beta")  # no limits, the gateway's default priority
     assert directory.find("alpha-key-012345678") is None and directory.find(KEY_A + "x") is None
     assert [t.name for t in directory.tenants] == ["alpha", "beta"]
     assert Tenant("x", rate=2.5).bucket_size == 3 and Tenant("x", rate=0.1).bucket_size == 1
@@ -170,9 +171,9 @@ def test_limits_refuse_over_the_concurrency_without_taking_a_token():
 def test_a_limit_error_is_resource_exhausted_429_with_a_whole_retry_after():
     exc = TenantLimitError("over", 0.2, "rate")
     assert STATUS_BY_CODE[exc.code] == RpcStatus.RESOURCE_EXHAUSTED and HTTP_BY_CODE[exc.code] == 429
-    assert retry_after_header(exc) == "1"
-    assert retry_after_header(TenantLimitError("over", 2.01, "rate")) == "3"
-    assert retry_after_header(InvalidArgumentError("bad")) is None and retry_after_header(ValueError()) is None
+    assert retry_after(exc) == "1"
+    assert retry_after(TenantLimitError("over", 2.01, "rate")) == "3"
+    assert retry_after(InvalidArgumentError("bad")) is None and retry_after(ValueError()) is None
 
 
 # ------------------------------------------------------------------------------------------------ who calls

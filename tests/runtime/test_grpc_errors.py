@@ -29,9 +29,11 @@ from services.contract.errors import (
     RpcStatus,
     SessionBusyError,
     SessionNotFoundError,
+    ShedError,
     http_status,
+    retry_after,
 )
-from services.runtime.grpc_errors import STATUS_BY_CODE, error_detail
+from services.runtime.grpc_errors import RETRY_AFTER_KEY, STATUS_BY_CODE, error_detail
 from services.runtime.grpc_server import GrpcServer, ServerOptions
 from services.runtime.request_metrics import RequestMetrics
 
@@ -243,3 +245,18 @@ def test_a_message_quoting_a_long_input_is_cut_and_keeps_its_detail(quoted):
         assert len(message.encode()) <= 1024
     short = "model 'x' is not served"
     assert [e.details() for e in asyncio.run(_roundtrip(NotFoundError(short)))] == [short, short]
+
+
+def test_a_refusal_under_load_carries_retry_after_in_the_trailers():
+    for error in asyncio.run(_roundtrip(ShedError("the gateway is saturated", retry_after_s=2.2))):
+        assert error.code() == S.UNAVAILABLE
+        assert dict(error.trailing_metadata())[RETRY_AFTER_KEY] == "3"  # whole seconds, rounded up
+        assert error_detail(error).code == ErrorCode.NOT_READY
+    for error in asyncio.run(_roundtrip(NotReadyError("loading"))):
+        assert RETRY_AFTER_KEY not in dict(error.trailing_metadata())
+
+
+def test_retry_after_is_whole_seconds_and_at_least_one():
+    assert [retry_after(ShedError("x", retry_after_s=s)) for s in (0.01, 1.0, 59.5)] == ["1", "1", "60"]
+    assert retry_after(ShedError("x")) is None and retry_after(RuntimeError("x")) is None
+    assert http_status(ShedError("x", retry_after_s=1)) == 503

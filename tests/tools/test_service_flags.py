@@ -20,8 +20,8 @@ _SERVER = ["--port", "--host", "--metrics-port", "--max-message-bytes", "--drain
            "--port-file", "--tls-cert", "--tls-key", "--tls-client-ca"]
 _LORA = ["--lora", "--max-loras", "--max-lora-rank"]
 # Every flag of each service by name, so a flag renamed or dropped fails here: the command lines as they were written
-# by hand before the flags were generated from the configs, and --port-file, --engine, --tensor-parallel-size and the
-# gateway's tenant flags, added since.
+# by hand before the flags were generated from the configs, and --port-file, --engine, --tensor-parallel-size, the
+# gateway's tenant flags and its admission flags (--max-in-flight ... --default-priority), added since.
 FLAGS_BEFORE = {
     "vision": [*_SERVER, *_LORA, "--model", "--redis-url", "--dtype", "--device", "--max-batch-tiles", "--max-wait-ms",
                "--cache-ttl-s", "--max-image-pixels", "--max-items", "--namespace", "--preprocess-threads",
@@ -33,7 +33,8 @@ FLAGS_BEFORE = {
                 "--resolve-interval-s", "--redis-url", "--session-ttl-s", "--media-root", "--max-media-bytes",
                 "--allowed-media-domains", "--allow-private-media-addresses", "--media-connect-timeout-s",
                 "--media-read-timeout-s", "--max-pixels", "--max-video-frames", "--max-request-tiles",
-                "--encode-items-per-call", "--namespace", "--default-timeout-s", "--media-threads",
+                "--encode-items-per-call", "--namespace", "--default-timeout-s", "--max-in-flight",
+                "--critical-reserve", "--max-queued", "--queue-wait-s", "--default-priority", "--media-threads",
                 "--api-token-file", "--upstream-tls-ca", "--upstream-tls-cert", "--upstream-tls-key",
                 "--upstream-tls-server-name", "--api-keys-file", "--shared-prefix-cache", "--shared-embedding-cache"],
 }

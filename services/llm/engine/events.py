@@ -12,6 +12,7 @@ from internvl.llm.v1 import llm_pb2
 from services.contract.conversation import ImageRef
 from services.contract.errors import InvalidArgumentError
 from services.contract.finish import FinishReason, Usage
+from services.contract.priority import Priority
 from services.contract.sampling import SamplingParams
 from services.llm.prompt import Prompt
 
@@ -88,6 +89,8 @@ class EngineRequest:
     adapter: str = ""
     # The prefix KV cache scope: KV is reused only between requests of the same salt ("" unsalted).
     cache_salt: str = ""
+    # Waiting requests are admitted most important first (FIFO within a priority).
+    priority: Priority = Priority.STANDARD
 
 
 def check_image_rows(images: Sequence[ImageRef], rows: Sequence[torch.Tensor]) -> None:

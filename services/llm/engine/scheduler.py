@@ -3,8 +3,12 @@
 All of it on the event loop's thread; the model runner is reached through the step contract
 (services.llm.engine.step) only. Before each step, `plan`:
 
-- drops what is gone: requests cancelled by their caller or past their deadline, and answers a stop string ended;
+- drops what is gone: requests cancelled by their caller or past their deadline (one that never left the waiting
+  queue fails DeadlineExceededError, nothing of it computed), and answers a stop string ended;
 - admits waiting requests by memory and batch size (`services.llm.engine.admission`), handing each to the runner;
+  the waiting queue is kept in priority order (critical, standard, sheddable; FIFO within one), so more important
+  requests are admitted first. There is no ageing: under a steady stream of critical requests, standard ones wait
+  (their deadline, and the gateway's admission, bound how long);
 - picks the step's prefill chunks: the step's token budget (`max_step_tokens`, decode rows counting one each) is
   shared equally by the prompts being prefilled, in admission order (each gets at least MIN_PREFILL_CHUNK), so a
   short prompt behind a long one finishes its prefill in one step instead of waiting for it.
@@ -32,7 +36,7 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from services.contract.errors import InvalidArgumentError, OverloadedError
+from services.contract.errors import DeadlineExceededError, InvalidArgumentError, OverloadedError
 from services.contract.finish import FinishReason, Usage
 from services.llm.engine.admission import Admission
 from services.llm.engine.api import EngineLoad, EngineObserver, GenerationStream
@@ -161,7 +165,10 @@ class Scheduler:
         group = _Group(dataclasses.replace(request, image_rows=()), asyncio.Queue(),
                        arrival=request.arrival or time.monotonic(), extent=extent, images=request.image_rows)
         group.answers = [_Answer(next(self._ids), i, group) for i in range(answers)]
-        self._waiting.append(group)
+        # Behind every waiting request at least as important as it: most important first, FIFO within a priority.
+        place = next((i for i, waiting in enumerate(self._waiting) if waiting.request.priority > request.priority),
+                     len(self._waiting))
+        self._waiting.insert(place, group)
         self._wake()
         return GenerationStream(group.queue, lambda: self._cancel(group), answers)
 
@@ -188,7 +195,11 @@ class Scheduler:
         now = time.monotonic()
         for group in [g for g in self._waiting if g.gone(now)]:
             self._waiting.remove(group)
-            self._finish(group.answers, FinishReason.CANCELLED)
+            if group.cancelled:
+                self._finish(group.answers, FinishReason.CANCELLED)
+            else:  # its deadline passed before it ran: nothing of it is computed
+                self._fail(group.answers, DeadlineExceededError("the request's deadline passed while it waited in "
+                                                                "the LLM server's queue; nothing of it ran"))
         for group in [g for g in self._prefilling if g.gone(now)]:
             self._prefilling.remove(group)
             self.runner.release(group.id)

@@ -12,8 +12,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.chat_response import Delta, Finish
 from gateway.metrics import GatewayMetrics
 from gateway.openai.app import create_app
-from services.contract.errors import InvalidMediaError
+from services.contract.errors import InvalidMediaError, NotReadyError, ShedError
 from services.contract.finish import FinishReason, Usage
+from services.contract.priority import Priority
 
 pytestmark = pytest.mark.timeout(60)
 RPC = "openai.chat_completions"
@@ -123,3 +124,27 @@ async def test_a_completion_reports_its_logprobs_and_time_to_first_token():
     assert body["usage"]["total_tokens"] == 7
     assert count(metrics, "OK") == 1
     assert [s.value for s in metrics.time_to_first_token.collect()[0].samples if s.name.endswith("_count")] == [1]
+
+
+@pytest.mark.asyncio
+async def test_the_priority_header_reaches_the_request_and_a_bad_one_is_400_naming_the_allowed_values():
+    orchestrator = ScriptedOrchestrator(delta("a", 1), FINISH)
+    status, _, _, _ = await _post(orchestrator, BODY, {"X-Request-Priority": "Sheddable"})
+    assert status == 200 and orchestrator.requests[-1].priority is Priority.SHEDDABLE
+    status, _, _, _ = await _post(orchestrator, BODY)
+    assert status == 200 and orchestrator.requests[-1].priority is None  # the default decides
+    status, _, text, metrics = await _post(orchestrator, BODY, {"X-Request-Priority": "urgent"})
+    assert status == 400 and len(orchestrator.requests) == 2
+    assert json.loads(text)["error"]["message"] == ("X-Request-Priority: 'urgent' is not a priority; use one of "
+                                                    "critical, standard, sheddable")
+    assert count(metrics, "INVALID_ARGUMENT") == 1
+
+
+@pytest.mark.asyncio
+async def test_a_shed_request_is_503_with_retry_after():
+    orchestrator = ScriptedOrchestrator(ShedError("the gateway is saturated", retry_after_s=4.5))
+    status, headers, text, metrics = await _post(orchestrator, BODY, {"X-Request-Priority": "sheddable"})
+    assert (status, headers["Retry-After"]) == (503, "5")
+    assert json.loads(text)["error"]["code"] == "unavailable" and count(metrics, "UNAVAILABLE") == 1
+    status, headers, _, _ = await _post(ScriptedOrchestrator(NotReadyError("loading")), BODY)
+    assert status == 503 and "Retry-After" not in headers

@@ -6,10 +6,19 @@ would return it. Token id t decodes to the letter chr(ord("a") + t); STOP is the
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import pytest
 
-from services.contract.errors import InternVLError, InvalidArgumentError, OverloadedError
+from services.contract.errors import (
+    DeadlineExceededError,
+    InternVLError,
+    InvalidArgumentError,
+    OverloadedError,
+)
 from services.contract.finish import FinishReason
+from services.contract.priority import Priority
 from services.contract.sampling import SamplingParams
 from services.llm.engine.admission import Admission
 from services.llm.engine.api import BatchFaultError, StepReport
@@ -266,3 +275,39 @@ def test_token_deltas_carry_the_answer_index_and_logprobs():
     deltas = events(stream)
     assert [(d.index, d.text) for d in deltas] == [(1, "e"), (0, "f")]
     assert all(isinstance(d, TokenDelta) and d.top_logprobs == () for d in deltas)
+
+
+def test_waiting_requests_are_admitted_most_important_first_and_fifo_within_a_priority():
+    scheduler, runner = make()
+    # Prompt lengths name the requests: 11 and 14 standard, 12 sheddable, 13 critical, 15 critical.
+    for length, priority in ((11, Priority.STANDARD), (12, Priority.SHEDDABLE), (13, Priority.CRITICAL),
+                             (14, Priority.STANDARD), (15, Priority.CRITICAL)):
+        scheduler.submit(dataclasses.replace(request(length), priority=priority))
+    scheduler.plan()
+    assert [len(new.request.prompt) for new in runner.admitted] == [13, 15, 11, 14, 12]
+
+
+def test_a_critical_request_goes_before_waiting_ones_when_a_row_frees():
+    scheduler, runner = make(max_batch_size=1)
+    running = scheduler.submit(request(10, max_new_tokens=1))
+    plan = scheduler.plan()
+    [first] = runner.admitted
+    scheduler.submit(request(20))
+    scheduler.submit(dataclasses.replace(request(30), priority=Priority.CRITICAL))
+    step(scheduler, plan, completed=[first.id], sampled=[Sampled(first.id, 0, None, FinishReason.LENGTH)])
+    assert isinstance(events(running)[-1], Finish)
+    scheduler.plan()
+    assert [len(new.request.prompt) for new in runner.admitted] == [10, 30]
+
+
+def test_a_request_whose_deadline_passes_while_waiting_fails_deadline_exceeded_without_running():
+    scheduler, runner = make(max_batch_size=1)
+    scheduler.submit(request(10))
+    scheduler.plan()
+    late = scheduler.submit(dataclasses.replace(request(20), deadline=time.monotonic() + 0.05))
+    time.sleep(0.1)
+    scheduler.plan()
+    [error] = events(late)
+    assert isinstance(error, DeadlineExceededError) and "waited in the LLM server's queue" in str(error)
+    assert [len(new.request.prompt) for new in runner.admitted] == [10]
+    assert scheduler.load().waiting == 0

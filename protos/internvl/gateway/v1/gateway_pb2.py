@@ -26,17 +26,17 @@ from internvl.common.v1 import common_pb2 as internvl_dot_common_dot_v1_dot_comm
 
 from internvl.common.v1.common_pb2 import *
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!internvl/gateway/v1/gateway.proto\x12\x13internvl.gateway.v1\x1a\x1finternvl/common/v1/common.proto\"\x13\n\x11ListModelsRequest\"F\n\x12ListModelsResponse\x12\x30\n\x06models\x18\x01 \x03(\x0b\x32 .internvl.gateway.v1.ServedModel\"[\n\x0bServedModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x30\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x1f.internvl.common.v1.AdapterInfo\"w\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12\r\n\x03url\x18\x03 \x01(\tH\x00\x12\x30\n\x06\x64\x65tail\x18\x04 \x01(\x0e\x32 .internvl.gateway.v1.ImageDetailB\x08\n\x06source\"+\n\tTimeBound\x12\x0f\n\x07start_s\x18\x01 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x02 \x01(\x01\"\xc2\x01\n\nVideoInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12\r\n\x03url\x18\x06 \x01(\tH\x00\x12\x19\n\x0cnum_segments\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12-\n\x05\x62ound\x18\x04 \x01(\x0b\x32\x1e.internvl.gateway.v1.TimeBound\x12\x14\n\x07max_num\x18\x05 \x01(\x05H\x02\x88\x01\x01\x42\x08\n\x06sourceB\x0f\n\r_num_segmentsB\n\n\x08_max_num\"\x89\x01\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x30\n\x05image\x18\x02 \x01(\x0b\x32\x1f.internvl.gateway.v1.ImageInputH\x00\x12\x30\n\x05video\x18\x03 \x01(\x0b\x32\x1f.internvl.gateway.v1.VideoInputH\x00\x42\x06\n\x04part\"V\n\x04Turn\x12\x36\n\x0cuser_content\x18\x01 \x03(\x0b\x32 .internvl.gateway.v1.ContentPart\x12\x16\n\x0e\x61ssistant_text\x18\x02 \x01(\t\"\xfe\x02\n\x0b\x43hatRequest\x12\x31\n\x07\x63ontent\x18\x01 \x03(\x0b\x32 .internvl.gateway.v1.ContentPart\x12*\n\x07history\x18\x02 \x03(\x0b\x32\x19.internvl.gateway.v1.Turn\x12\x17\n\nsession_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07max_num\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12=\n\x10multi_image_mode\x18\x05 \x01(\x0e\x32#.internvl.gateway.v1.MultiImageMode\x12\x34\n\x08sampling\x18\x06 \x01(\x0b\x32\".internvl.common.v1.SamplingParams\x12\x1b\n\x0esystem_message\x18\x07 \x01(\tH\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\tB\r\n\x0b_session_idB\n\n\x08_max_numB\x11\n\x0f_system_message\"`\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x03top\x18\x03 \x03(\x0b\x32\x1f.internvl.gateway.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"q\n\tChatDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x34\n\x08logprobs\x18\x03 \x03(\x0b\x32\".internvl.gateway.v1.TokenLogprobs\x12\r\n\x05index\x18\x04 \x01(\x05\"\x9f\x01\n\nChatFinish\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .internvl.common.v1.FinishReason\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.internvl.common.v1.Usage\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"}\n\x0c\x43hatResponse\x12/\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1e.internvl.gateway.v1.ChatDeltaH\x00\x12\x31\n\x06\x66inish\x18\x02 \x01(\x0b\x32\x1f.internvl.gateway.v1.ChatFinishH\x00\x42\t\n\x07message\"F\n\x10\x42\x61tchChatRequest\x12\x32\n\x08requests\x18\x01 \x03(\x0b\x32 .internvl.gateway.v1.ChatRequest\"\xee\x01\n\nChatResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x34\n\x08logprobs\x18\x03 \x03(\x0b\x32\".internvl.gateway.v1.TokenLogprobs\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .internvl.common.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.internvl.common.v1.Usage\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"E\n\x11\x42\x61tchChatResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.internvl.gateway.v1.ChatResult*o\n\x0bImageDetail\x12\x1c\n\x18IMAGE_DETAIL_UNSPECIFIED\x10\x00\x12\x15\n\x11IMAGE_DETAIL_AUTO\x10\x01\x12\x14\n\x10IMAGE_DETAIL_LOW\x10\x02\x12\x15\n\x11IMAGE_DETAIL_HIGH\x10\x03*p\n\x0eMultiImageMode\x12 \n\x1cMULTI_IMAGE_MODE_UNSPECIFIED\x10\x00\x12\x1d\n\x19MULTI_IMAGE_MODE_SEPARATE\x10\x01\x12\x1d\n\x19MULTI_IMAGE_MODE_COMBINED\x10\x02\x32\x97\x02\n\x0b\x43hatService\x12M\n\x04\x43hat\x12 .internvl.gateway.v1.ChatRequest\x1a!.internvl.gateway.v1.ChatResponse0\x01\x12Z\n\tBatchChat\x12%.internvl.gateway.v1.BatchChatRequest\x1a&.internvl.gateway.v1.BatchChatResponse\x12]\n\nListModels\x12&.internvl.gateway.v1.ListModelsRequest\x1a\'.internvl.gateway.v1.ListModelsResponseP\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!internvl/gateway/v1/gateway.proto\x12\x13internvl.gateway.v1\x1a\x1finternvl/common/v1/common.proto\"\x13\n\x11ListModelsRequest\"F\n\x12ListModelsResponse\x12\x30\n\x06models\x18\x01 \x03(\x0b\x32 .internvl.gateway.v1.ServedModel\"[\n\x0bServedModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x30\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x1f.internvl.common.v1.AdapterInfo\"w\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12\r\n\x03url\x18\x03 \x01(\tH\x00\x12\x30\n\x06\x64\x65tail\x18\x04 \x01(\x0e\x32 .internvl.gateway.v1.ImageDetailB\x08\n\x06source\"+\n\tTimeBound\x12\x0f\n\x07start_s\x18\x01 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x02 \x01(\x01\"\xc2\x01\n\nVideoInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12\r\n\x03url\x18\x06 \x01(\tH\x00\x12\x19\n\x0cnum_segments\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12-\n\x05\x62ound\x18\x04 \x01(\x0b\x32\x1e.internvl.gateway.v1.TimeBound\x12\x14\n\x07max_num\x18\x05 \x01(\x05H\x02\x88\x01\x01\x42\x08\n\x06sourceB\x0f\n\r_num_segmentsB\n\n\x08_max_num\"\x89\x01\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x30\n\x05image\x18\x02 \x01(\x0b\x32\x1f.internvl.gateway.v1.ImageInputH\x00\x12\x30\n\x05video\x18\x03 \x01(\x0b\x32\x1f.internvl.gateway.v1.VideoInputH\x00\x42\x06\n\x04part\"V\n\x04Turn\x12\x36\n\x0cuser_content\x18\x01 \x03(\x0b\x32 .internvl.gateway.v1.ContentPart\x12\x16\n\x0e\x61ssistant_text\x18\x02 \x01(\t\"\xae\x03\n\x0b\x43hatRequest\x12\x31\n\x07\x63ontent\x18\x01 \x03(\x0b\x32 .internvl.gateway.v1.ContentPart\x12*\n\x07history\x18\x02 \x03(\x0b\x32\x19.internvl.gateway.v1.Turn\x12\x17\n\nsession_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07max_num\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12=\n\x10multi_image_mode\x18\x05 \x01(\x0e\x32#.internvl.gateway.v1.MultiImageMode\x12\x34\n\x08sampling\x18\x06 \x01(\x0b\x32\".internvl.common.v1.SamplingParams\x12\x1b\n\x0esystem_message\x18\x07 \x01(\tH\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\t\x12.\n\x08priority\x18\n \x01(\x0e\x32\x1c.internvl.common.v1.PriorityB\r\n\x0b_session_idB\n\n\x08_max_numB\x11\n\x0f_system_message\"`\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x03top\x18\x03 \x03(\x0b\x32\x1f.internvl.gateway.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"q\n\tChatDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x34\n\x08logprobs\x18\x03 \x03(\x0b\x32\".internvl.gateway.v1.TokenLogprobs\x12\r\n\x05index\x18\x04 \x01(\x05\"\x9f\x01\n\nChatFinish\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .internvl.common.v1.FinishReason\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.internvl.common.v1.Usage\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"}\n\x0c\x43hatResponse\x12/\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1e.internvl.gateway.v1.ChatDeltaH\x00\x12\x31\n\x06\x66inish\x18\x02 \x01(\x0b\x32\x1f.internvl.gateway.v1.ChatFinishH\x00\x42\t\n\x07message\"F\n\x10\x42\x61tchChatRequest\x12\x32\n\x08requests\x18\x01 \x03(\x0b\x32 .internvl.gateway.v1.ChatRequest\"\xee\x01\n\nChatResult\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x34\n\x08logprobs\x18\x03 \x03(\x0b\x32\".internvl.gateway.v1.TokenLogprobs\x12\x37\n\rfinish_reason\x18\x04 \x01(\x0e\x32 .internvl.common.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x19.internvl.common.v1.Usage\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"E\n\x11\x42\x61tchChatResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.internvl.gateway.v1.ChatResult*o\n\x0bImageDetail\x12\x1c\n\x18IMAGE_DETAIL_UNSPECIFIED\x10\x00\x12\x15\n\x11IMAGE_DETAIL_AUTO\x10\x01\x12\x14\n\x10IMAGE_DETAIL_LOW\x10\x02\x12\x15\n\x11IMAGE_DETAIL_HIGH\x10\x03*p\n\x0eMultiImageMode\x12 \n\x1cMULTI_IMAGE_MODE_UNSPECIFIED\x10\x00\x12\x1d\n\x19MULTI_IMAGE_MODE_SEPARATE\x10\x01\x12\x1d\n\x19MULTI_IMAGE_MODE_COMBINED\x10\x02\x32\x97\x02\n\x0b\x43hatService\x12M\n\x04\x43hat\x12 .internvl.gateway.v1.ChatRequest\x1a!.internvl.gateway.v1.ChatResponse0\x01\x12Z\n\tBatchChat\x12%.internvl.gateway.v1.BatchChatRequest\x1a&.internvl.gateway.v1.BatchChatResponse\x12]\n\nListModels\x12&.internvl.gateway.v1.ListModelsRequest\x1a\'.internvl.gateway.v1.ListModelsResponseP\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'internvl.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGEDETAIL']._serialized_start=2188
-  _globals['_IMAGEDETAIL']._serialized_end=2299
-  _globals['_MULTIIMAGEMODE']._serialized_start=2301
-  _globals['_MULTIIMAGEMODE']._serialized_end=2413
+  _globals['_IMAGEDETAIL']._serialized_start=2236
+  _globals['_IMAGEDETAIL']._serialized_end=2347
+  _globals['_MULTIIMAGEMODE']._serialized_start=2349
+  _globals['_MULTIIMAGEMODE']._serialized_end=2461
   _globals['_LISTMODELSREQUEST']._serialized_start=91
   _globals['_LISTMODELSREQUEST']._serialized_end=110
   _globals['_LISTMODELSRESPONSE']._serialized_start=112
@@ -54,23 +54,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TURN']._serialized_start=780
   _globals['_TURN']._serialized_end=866
   _globals['_CHATREQUEST']._serialized_start=869
-  _globals['_CHATREQUEST']._serialized_end=1251
-  _globals['_TOKENLOGPROBS']._serialized_start=1253
-  _globals['_TOKENLOGPROBS']._serialized_end=1349
-  _globals['_TOPLOGPROB']._serialized_start=1351
-  _globals['_TOPLOGPROB']._serialized_end=1398
-  _globals['_CHATDELTA']._serialized_start=1400
-  _globals['_CHATDELTA']._serialized_end=1513
-  _globals['_CHATFINISH']._serialized_start=1516
-  _globals['_CHATFINISH']._serialized_end=1675
-  _globals['_CHATRESPONSE']._serialized_start=1677
-  _globals['_CHATRESPONSE']._serialized_end=1802
-  _globals['_BATCHCHATREQUEST']._serialized_start=1804
-  _globals['_BATCHCHATREQUEST']._serialized_end=1874
-  _globals['_CHATRESULT']._serialized_start=1877
-  _globals['_CHATRESULT']._serialized_end=2115
-  _globals['_BATCHCHATRESPONSE']._serialized_start=2117
-  _globals['_BATCHCHATRESPONSE']._serialized_end=2186
-  _globals['_CHATSERVICE']._serialized_start=2416
-  _globals['_CHATSERVICE']._serialized_end=2695
+  _globals['_CHATREQUEST']._serialized_end=1299
+  _globals['_TOKENLOGPROBS']._serialized_start=1301
+  _globals['_TOKENLOGPROBS']._serialized_end=1397
+  _globals['_TOPLOGPROB']._serialized_start=1399
+  _globals['_TOPLOGPROB']._serialized_end=1446
+  _globals['_CHATDELTA']._serialized_start=1448
+  _globals['_CHATDELTA']._serialized_end=1561
+  _globals['_CHATFINISH']._serialized_start=1564
+  _globals['_CHATFINISH']._serialized_end=1723
+  _globals['_CHATRESPONSE']._serialized_start=1725
+  _globals['_CHATRESPONSE']._serialized_end=1850
+  _globals['_BATCHCHATREQUEST']._serialized_start=1852
+  _globals['_BATCHCHATREQUEST']._serialized_end=1922
+  _globals['_CHATRESULT']._serialized_start=1925
+  _globals['_CHATRESULT']._serialized_end=2163
+  _globals['_BATCHCHATRESPONSE']._serialized_start=2165
+  _globals['_BATCHCHATRESPONSE']._serialized_end=2234
+  _globals['_CHATSERVICE']._serialized_start=2464
+  _globals['_CHATSERVICE']._serialized_end=2743
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,7 @@ from internvl.common.v1.common_pb2 import SamplingParams as SamplingParams
 from internvl.common.v1.common_pb2 import Usage as Usage
 from internvl.common.v1.common_pb2 import DType as DType
 from internvl.common.v1.common_pb2 import ErrorCode as ErrorCode
+from internvl.common.v1.common_pb2 import Priority as Priority
 from internvl.common.v1.common_pb2 import FinishReason as FinishReason
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -43,6 +44,10 @@ ERROR_CODE_SESSION_BUSY: _common_pb2.ErrorCode
 ERROR_CODE_MEDIA_ACCESS_DENIED: _common_pb2.ErrorCode
 ERROR_CODE_REQUEST_TOO_LARGE: _common_pb2.ErrorCode
 ERROR_CODE_DEADLINE_EXCEEDED: _common_pb2.ErrorCode
+PRIORITY_UNSPECIFIED: _common_pb2.Priority
+PRIORITY_CRITICAL: _common_pb2.Priority
+PRIORITY_STANDARD: _common_pb2.Priority
+PRIORITY_SHEDDABLE: _common_pb2.Priority
 FINISH_REASON_UNSPECIFIED: _common_pb2.FinishReason
 FINISH_REASON_STOP: _common_pb2.FinishReason
 FINISH_REASON_LENGTH: _common_pb2.FinishReason
@@ -143,7 +148,7 @@ class Turn(_message.Message):
     def __init__(self, user_content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., assistant_text: _Optional[str] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("content", "history", "session_id", "max_num", "multi_image_mode", "sampling", "system_message", "request_id", "model")
+    __slots__ = ("content", "history", "session_id", "max_num", "multi_image_mode", "sampling", "system_message", "request_id", "model", "priority")
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +158,7 @@ class ChatRequest(_message.Message):
     SYSTEM_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     content: _containers.RepeatedCompositeFieldContainer[ContentPart]
     history: _containers.RepeatedCompositeFieldContainer[Turn]
     session_id: str
@@ -162,7 +168,8 @@ class ChatRequest(_message.Message):
     system_message: str
     request_id: str
     model: str
-    def __init__(self, content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., session_id: _Optional[str] = ..., max_num: _Optional[int] = ..., multi_image_mode: _Optional[_Union[MultiImageMode, str]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., system_message: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    def __init__(self, content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., session_id: _Optional[str] = ..., max_num: _Optional[int] = ..., multi_image_mode: _Optional[_Union[MultiImageMode, str]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., system_message: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class TokenLogprobs(_message.Message):
     __slots__ = ("token_id", "logprob", "top")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from internvl.common.v1 import common_pb2 as internvl_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19internvl/llm/v1/llm.proto\x12\x0finternvl.llm.v1\x1a\x1finternvl/common/v1/common.proto\"\x83\x01\n\x0fGenerateRequest\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.internvl.llm.v1.GenerateStartH\x00\x12\x34\n\tembedding\x18\x02 \x01(\x0b\x32\x1f.internvl.llm.v1.EmbeddingChunkH\x00\x42\t\n\x07message\"\xa3\x02\n\rGenerateStart\x12\x1b\n\x0esystem_message\x18\x01 \x01(\tH\x00\x88\x01\x01\x12&\n\x07history\x18\x02 \x03(\x0b\x32\x15.internvl.llm.v1.Turn\x12\x30\n\nuser_parts\x18\x03 \x03(\x0b\x32\x1c.internvl.llm.v1.ContentPart\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".internvl.common.v1.SamplingParams\x12\x19\n\x11inline_embeddings\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12\x12\n\ncache_salt\x18\x08 \x01(\tB\x11\n\x0f_system_message\"P\n\x04Turn\x12\x30\n\nuser_parts\x18\x01 \x03(\x0b\x32\x1c.internvl.llm.v1.ContentPart\x12\x16\n\x0e\x61ssistant_text\x18\x02 \x01(\t\"}\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\x05image\x18\x02 \x01(\x0b\x32\x19.internvl.llm.v1.ImageRefH\x00\x12*\n\x05video\x18\x03 \x01(\x0b\x32\x19.internvl.llm.v1.VideoRefH\x00\x42\x06\n\x04part\"*\n\x08ImageRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnum_tiles\x18\x02 \x01(\x05\"5\n\x08VideoRef\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.internvl.llm.v1.ImageRef\"M\n\x0e\x45mbeddingChunk\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1f.internvl.common.v1.TensorChunk\"~\n\x10GenerateResponse\x12,\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1b.internvl.llm.v1.TokenDeltaH\x00\x12\x31\n\x06\x66inish\x18\x02 \x01(\x0b\x32\x1f.internvl.llm.v1.GenerateFinishH\x00\x42\t\n\x07message\"p\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x32\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1c.internvl.llm.v1.TopLogprobs\x12\r\n\x05index\x18\x04 \x01(\x05\"C\n\x0bTopLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"{\n\x0eGenerateFinish\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .internvl.common.v1.FinishReason\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.internvl.common.v1.Usage\x12\r\n\x05index\x18\x03 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.internvl.common.v1.ModelInfo2\xbe\x01\n\nLLMService\x12S\n\x08Generate\x12 .internvl.llm.v1.GenerateRequest\x1a!.internvl.llm.v1.GenerateResponse(\x01\x30\x01\x12[\n\x0cGetModelInfo\x12$.internvl.llm.v1.GetModelInfoRequest\x1a%.internvl.llm.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19internvl/llm/v1/llm.proto\x12\x0finternvl.llm.v1\x1a\x1finternvl/common/v1/common.proto\"\x83\x01\n\x0fGenerateRequest\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.internvl.llm.v1.GenerateStartH\x00\x12\x34\n\tembedding\x18\x02 \x01(\x0b\x32\x1f.internvl.llm.v1.EmbeddingChunkH\x00\x42\t\n\x07message\"\xd3\x02\n\rGenerateStart\x12\x1b\n\x0esystem_message\x18\x01 \x01(\tH\x00\x88\x01\x01\x12&\n\x07history\x18\x02 \x03(\x0b\x32\x15.internvl.llm.v1.Turn\x12\x30\n\nuser_parts\x18\x03 \x03(\x0b\x32\x1c.internvl.llm.v1.ContentPart\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".internvl.common.v1.SamplingParams\x12\x19\n\x11inline_embeddings\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12\x12\n\ncache_salt\x18\x08 \x01(\t\x12.\n\x08priority\x18\t \x01(\x0e\x32\x1c.internvl.common.v1.PriorityB\x11\n\x0f_system_message\"P\n\x04Turn\x12\x30\n\nuser_parts\x18\x01 \x03(\x0b\x32\x1c.internvl.llm.v1.ContentPart\x12\x16\n\x0e\x61ssistant_text\x18\x02 \x01(\t\"}\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\x05image\x18\x02 \x01(\x0b\x32\x19.internvl.llm.v1.ImageRefH\x00\x12*\n\x05video\x18\x03 \x01(\x0b\x32\x19.internvl.llm.v1.VideoRefH\x00\x42\x06\n\x04part\"*\n\x08ImageRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnum_tiles\x18\x02 \x01(\x05\"5\n\x08VideoRef\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.internvl.llm.v1.ImageRef\"M\n\x0e\x45mbeddingChunk\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1f.internvl.common.v1.TensorChunk\"~\n\x10GenerateResponse\x12,\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1b.internvl.llm.v1.TokenDeltaH\x00\x12\x31\n\x06\x66inish\x18\x02 \x01(\x0b\x32\x1f.internvl.llm.v1.GenerateFinishH\x00\x42\t\n\x07message\"p\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x32\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1c.internvl.llm.v1.TopLogprobs\x12\r\n\x05index\x18\x04 \x01(\x05\"C\n\x0bTopLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"{\n\x0eGenerateFinish\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .internvl.common.v1.FinishReason\x12(\n\x05usage\x18\x02 \x01(\x0b\x32\x19.internvl.common.v1.Usage\x12\r\n\x05index\x18\x03 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.internvl.common.v1.ModelInfo2\xbe\x01\n\nLLMService\x12S\n\x08Generate\x12 .internvl.llm.v1.GenerateRequest\x1a!.internvl.llm.v1.GenerateResponse(\x01\x30\x01\x12[\n\x0cGetModelInfo\x12$.internvl.llm.v1.GetModelInfoRequest\x1a%.internvl.llm.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=80
   _globals['_GENERATEREQUEST']._serialized_end=211
   _globals['_GENERATESTART']._serialized_start=214
-  _globals['_GENERATESTART']._serialized_end=505
-  _globals['_TURN']._serialized_start=507
-  _globals['_TURN']._serialized_end=587
-  _globals['_CONTENTPART']._serialized_start=589
-  _globals['_CONTENTPART']._serialized_end=714
-  _globals['_IMAGEREF']._serialized_start=716
-  _globals['_IMAGEREF']._serialized_end=758
-  _globals['_VIDEOREF']._serialized_start=760
-  _globals['_VIDEOREF']._serialized_end=813
-  _globals['_EMBEDDINGCHUNK']._serialized_start=815
-  _globals['_EMBEDDINGCHUNK']._serialized_end=892
-  _globals['_GENERATERESPONSE']._serialized_start=894
-  _globals['_GENERATERESPONSE']._serialized_end=1020
-  _globals['_TOKENDELTA']._serialized_start=1022
-  _globals['_TOKENDELTA']._serialized_end=1134
-  _globals['_TOPLOGPROBS']._serialized_start=1136
-  _globals['_TOPLOGPROBS']._serialized_end=1203
-  _globals['_GENERATEFINISH']._serialized_start=1205
-  _globals['_GENERATEFINISH']._serialized_end=1328
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1330
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1351
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1353
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1426
-  _globals['_LLMSERVICE']._serialized_start=1429
-  _globals['_LLMSERVICE']._serialized_end=1619
+  _globals['_GENERATESTART']._serialized_end=553
+  _globals['_TURN']._serialized_start=555
+  _globals['_TURN']._serialized_end=635
+  _globals['_CONTENTPART']._serialized_start=637
+  _globals['_CONTENTPART']._serialized_end=762
+  _globals['_IMAGEREF']._serialized_start=764
+  _globals['_IMAGEREF']._serialized_end=806
+  _globals['_VIDEOREF']._serialized_start=808
+  _globals['_VIDEOREF']._serialized_end=861
+  _globals['_EMBEDDINGCHUNK']._serialized_start=863
+  _globals['_EMBEDDINGCHUNK']._serialized_end=940
+  _globals['_GENERATERESPONSE']._serialized_start=942
+  _globals['_GENERATERESPONSE']._serialized_end=1068
+  _globals['_TOKENDELTA']._serialized_start=1070
+  _globals['_TOKENDELTA']._serialized_end=1182
+  _globals['_TOPLOGPROBS']._serialized_start=1184
+  _globals['_TOPLOGPROBS']._serialized_end=1251
+  _globals['_GENERATEFINISH']._serialized_start=1253
+  _globals['_GENERATEFINISH']._serialized_end=1376
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1378
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1399
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1401
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1474
+  _globals['_LLMSERVICE']._serialized_start=1477
+  _globals['_LLMSERVICE']._serialized_end=1667
 # @@protoc_insertion_point(module_scope)

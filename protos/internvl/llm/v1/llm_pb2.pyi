@@ -16,7 +16,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[GenerateStart, _Mapping]] = ..., embedding: _Optional[_Union[EmbeddingChunk, _Mapping]] = ...) -> None: ...
 
 class GenerateStart(_message.Message):
-    __slots__ = ("system_message", "history", "user_parts", "sampling", "inline_embeddings", "request_id", "adapter", "cache_salt")
+    __slots__ = ("system_message", "history", "user_parts", "sampling", "inline_embeddings", "request_id", "adapter", "cache_salt", "priority")
     SYSTEM_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     USER_PARTS_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class GenerateStart(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     system_message: str
     history: _containers.RepeatedCompositeFieldContainer[Turn]
     user_parts: _containers.RepeatedCompositeFieldContainer[ContentPart]
@@ -33,7 +34,8 @@ class GenerateStart(_message.Message):
     request_id: str
     adapter: str
     cache_salt: str
-    def __init__(self, system_message: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., user_parts: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., inline_embeddings: _Optional[bool] = ..., request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    def __init__(self, system_message: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., user_parts: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., inline_embeddings: _Optional[bool] = ..., request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., cache_salt: _Optional[str] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class Turn(_message.Message):
     __slots__ = ("user_parts", "assistant_text")

@@ -14,6 +14,7 @@ How our configuration maps onto vLLM's engine arguments:
 | `--kv-budget-mb` + `--kv-cache-budget-mb` (running KV and the prefix cache: one paged pool in vLLM) | `kv_cache_memory_bytes`; with `--kv-budget-mb 0`, 80% of the free memory on a CPU, vLLM's own `gpu_memory_utilization` on a GPU |
 | `--kv-cache-budget-mb 0` (prefix cache off) | `enable_prefix_caching=False` |
 | `--max-queue` | the service's bound (services.llm.intake), on vLLM's waiting requests |
+| a request's priority (critical 1 < standard 2 < sheddable 3) | `scheduling_policy="priority"` and each request's `priority` (vLLM's convention too: lower first; FIFO within one; under KV pressure vLLM preempts the least important running request rather than the newest) |
 | `--tensor-parallel-size`, `--pipeline-parallel-size` | `tensor_parallel_size`, `pipeline_parallel_size` |
 | `--lora NAME=DIR` (each adapter's language part: services.llm.engine.vllm.adapters) | `enable_lora`; `max_loras` and `max_cpu_loras` the adapters with a language part (all resident, any mix in one batch; one more on a CPU: `lora_slots`), `max_lora_rank` the smallest vLLM rank that holds the largest (the flags `--max-loras` and `--max-lora-rank` bound them when the adapters are read) |
 
@@ -111,6 +112,8 @@ def engine_args(config: LLMConfig, checkpoint: Checkpoint, max_context_tokens: i
         max_loras=lora_slots(language, device),
         max_cpu_loras=lora_slots(language, device),
         max_lora_rank=lora_rank(language),
+        # Waiting requests by their priority (EngineRequest.priority), then arrival, as our engine's queue.
+        scheduling_policy="priority",
     )
 
 

@@ -12,10 +12,11 @@ A constraint goes to vLLM's xgrammar backend as the EBNF text our service compil
 `LoRARequest` for the private copy the engine wrote at start-up (services.llm.engine.vllm.adapters), every adapter
 loaded into vLLM before the engine serves.
 
-Cancel (or the deadline) aborts the answers' vLLM requests; a stop string found in the text ends its answer and
-aborts its request. When vLLM's engine core dies (`EngineDeadError`), a watchdog fails every request in flight with
-`BatchFaultError` (retryable), tells the engine's `readiness` listener False, starts a new `AsyncLLM` (refusing
-requests with `NotReadyError` meanwhile), and tells it True once the new one serves.
+Cancel (or the deadline) aborts the answers' vLLM requests (a request past its deadline before vLLM gave any output
+of it fails DeadlineExceededError instead); a stop string found in the text ends its answer and aborts its request.
+When vLLM's engine core dies (`EngineDeadError`), a watchdog fails every request in flight with `BatchFaultError`
+(retryable), tells the engine's `readiness` listener False, starts a new `AsyncLLM` (refusing requests with
+`NotReadyError` meanwhile), and tells it True once the new one serves.
 
 `load()` and the observer's hooks come from vLLM's own statistics (services.llm.engine.vllm.stats).
 """
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from services.contract.errors import InternVLError, InvalidArgumentError, NotReadyError
+from services.contract.errors import DeadlineExceededError, InternVLError, InvalidArgumentError, NotReadyError
 from services.contract.finish import FinishReason
 from services.llm.engine.api import BatchFaultError, Engine, EngineLoad, GenerationStream, StepReport
 from services.llm.engine.events import EngineRequest, Finish, Timing, TokenDelta, Usage, check_image_rows
@@ -68,6 +69,7 @@ class _Request:
     tasks: list[asyncio.Task] = field(default_factory=list)
     failed: bool = False  # an exception went to the queue: the stream is over
     deadline: asyncio.TimerHandle | None = None
+    started: bool = False  # vLLM gave an output of one of its answers (it left vLLM's waiting queue)
 
 
 class VLLMEngine(Engine):
@@ -164,12 +166,20 @@ class VLLMEngine(Engine):
         self._in_flight += len(entry.tasks)
         self._requests.add(entry)
         if request.deadline is not None:
-            entry.deadline = loop.call_later(max(0.0, request.deadline - time.monotonic()), self._cancel, entry)
+            entry.deadline = loop.call_later(max(0.0, request.deadline - time.monotonic()), self._expire, entry)
         return GenerationStream(entry.queue, lambda: self._cancel(entry), len(entry.tasks))
 
     def _cancel(self, entry: _Request) -> None:
         for task in entry.tasks:
             task.cancel()
+
+    def _expire(self, entry: _Request) -> None:
+        """Its deadline passed: one vLLM never started fails DeadlineExceededError (it waited in vLLM's queue), one
+        that ran is cancelled (its answers end FINISH_REASON_CANCELLED)."""
+        if not entry.started:
+            self._fail(entry, DeadlineExceededError("the request's deadline passed while it waited in the LLM "
+                                                    "server's queue; nothing of it was returned"))
+        self._cancel(entry)
 
     def _answer_done(self, answer: _Answer) -> None:
         """An answer's task ended (also one cancelled before it ran): its finish is sent, its slot given back."""
@@ -192,8 +202,9 @@ class VLLMEngine(Engine):
             lora = self._lora(entry.request.adapter)
             engine_input, grammar = await self._render(entry.request)
             params = sampling_params(entry.request, answer.index, self.stop_token_id, grammar)
+            # vLLM's priority scheduling sorts by the value, lower first: ours (critical 1 < standard 2 < sheddable 3).
             outputs = self.llm.generate(engine_input, params, request_id=f"{entry.id}-{answer.index}",
-                                        lora_request=lora)
+                                        lora_request=lora, priority=int(entry.request.priority))
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     if self._deliver(answer, output):
@@ -235,6 +246,7 @@ class VLLMEngine(Engine):
         now = time.monotonic()
         if answer.first_output is None:
             answer.first_output = now
+            answer.entry.started = True
             answer.cached_tokens = output.num_cached_tokens or 0
             answer.admitted = _admitted(output, now)
             self._prefix_lookups += 1

@@ -51,6 +51,7 @@ def test_the_factory_builds_the_vllm_engine_from_our_flags(checkpoint, monkeypat
     assert args.dtype == "float32" and str(engine.dtype) == "torch.float32"
     assert os.environ["VLLM_TARGET_DEVICE"] == "cpu"
     assert engine.image_ids == (151665, 151667, 151666) and engine.stop_token_id == 151645
+    assert args.scheduling_policy == "priority"  # each request's priority orders vLLM's waiting queue
 
 
 def test_on_a_gpu_prompts_are_prefilled_in_chunks_of_the_step_and_sharded_over_the_gpus(checkpoint, monkeypatch):
