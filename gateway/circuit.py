@@ -118,7 +118,7 @@ class Breaker:
 
 
 class Breakers:
-    """The breakers of one pool's replicas, by address, made on first use; `forget` drops a removed replica's."""
+    """The breakers of one pool's replicas, by address, made on first use; `retain` drops removed replicas'."""
 
     def __init__(self, settings: BreakerSettings, clock: Callable[[], float] = time.monotonic,
                  on_transition: Callable[[str, State, State], None] | None = None):
@@ -144,5 +144,7 @@ class Breakers:
     def state(self, address: str) -> State:
         return self[address].state
 
-    def forget(self, address: str) -> None:
-        self._breakers.pop(address, None)
+    def retain(self, addresses: Collection[str]) -> None:
+        """Drops the breakers of replicas no longer in the pool (a replica added again starts closed)."""
+        for gone in [a for a in self._breakers if a not in addresses]:
+            del self._breakers[gone]

@@ -177,6 +177,7 @@ class Router:
         ready = self.pool.ready_loads()
         if self.breakers is None:
             return ready
+        self.breakers.retain(self.pool.endpoints)  # a replica removed and added again starts closed
         admitting = self.breakers.admitting([a for a in ready if a not in exclude])
         if not admitting:
             return ready

@@ -116,7 +116,7 @@ def test_breakers_by_address(clock):
     breakers["a:1"].failed()
     assert breakers.admitting(["a:1", "b:2"]) == {"b:2"}
     assert moves == [("a:1", State.CLOSED, State.OPEN)]
-    breakers.forget("a:1")
+    breakers.retain(["b:2"])
     assert breakers.state("a:1") is State.CLOSED
 
 

@@ -226,9 +226,9 @@ async def test_a_redis_that_accepts_and_never_replies_fails_within_the_reply_tim
     client = connect(f"redis://127.0.0.1:{port}/0")
     start = time.monotonic()
     try:
-        with pytest.raises(NotReadyError, match=r"embedding cache is unreachable \(Redis did not answer in time\)"):
-            with redis_errors("embedding cache"):
-                await EmbeddingCache(client, "fp").get("a")
+        expected = r"embedding cache is unreachable \(Redis did not answer in time\)"
+        with pytest.raises(NotReadyError, match=expected), redis_errors("embedding cache"):
+            await EmbeddingCache(client, "fp").get("a")
     finally:
         await client.aclose()
         server.close()
