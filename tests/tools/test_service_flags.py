@@ -35,7 +35,9 @@ FLAGS_BEFORE = {
                 "--media-read-timeout-s", "--max-pixels", "--max-video-frames", "--max-request-tiles",
                 "--encode-items-per-call", "--namespace", "--default-timeout-s", "--media-threads",
                 "--api-token-file", "--upstream-tls-ca", "--upstream-tls-cert", "--upstream-tls-key",
-                "--upstream-tls-server-name"],
+                "--upstream-tls-server-name",
+                # Gray failures.
+                "--vision-attempt-timeout-s", "--circuit-failure-threshold", "--circuit-cooldown-s"],
 }
 
 
