@@ -31,7 +31,7 @@ from services.contract.errors import (
     SessionNotFoundError,
     http_status,
 )
-from services.runtime.grpc_errors import STATUS_BY_CODE, error_detail
+from services.runtime.grpc_errors import STATUS_BY_CODE, error_detail, error_from_rpc, rich_status
 from services.runtime.grpc_server import GrpcServer, ServerOptions
 from services.runtime.request_metrics import RequestMetrics
 
@@ -243,3 +243,21 @@ def test_a_message_quoting_a_long_input_is_cut_and_keeps_its_detail(quoted):
         assert len(message.encode()) <= 1024
     short = "model 'x' is not served"
     assert [e.details() for e in asyncio.run(_roundtrip(NotFoundError(short)))] == [short, short]
+
+
+def _aio_error(status: grpc.StatusCode, message: str, detail: common_pb2.ErrorDetail | None) -> grpc.aio.AioRpcError:
+    trailing = grpc.aio.Metadata(*rich_status(status, message, detail).trailing_metadata) if detail is not None \
+        else grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(status, grpc.aio.Metadata(), trailing, message)
+
+
+def test_a_peer_not_ready_says_why_and_a_bare_unavailable_names_no_address():
+    ours = _aio_error(grpc.StatusCode.UNAVAILABLE, "the embedding cache is unreachable (Redis did not answer in time); "
+                      "retry later", common_pb2.ErrorDetail(code=int(ErrorCode.NOT_READY)))
+    error = error_from_rpc(ours, "the vision service")
+    assert isinstance(error, NotReadyError)
+    assert str(error) == ("the vision service is unavailable, retry later: the embedding cache is unreachable (Redis "
+                          "did not answer in time); retry later")
+    bare = _aio_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: ipv4:10.1.2.3:50052",
+                      None)
+    assert str(error_from_rpc(bare, "the vision service")) == "the vision service is unavailable, retry later"
