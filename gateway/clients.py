@@ -4,9 +4,11 @@ Each client holds an `EndpointPool` (one channel per replica, readiness from hea
 the replica of every call: `Generate` by the conversation's prefix identity, so a session's turns (and a stateless
 conversation that resends its history) land where the prefix KV cache holds their earlier turns; `Encode` by the
 first item's cache key, so concurrent encodes of one new image meet in one replica's single-flight. A call that fails
-UNAVAILABLE (before any token, for Generate) moves to the key's next choice. Failed calls become domain errors
-through the one error table (`services.runtime.grpc_errors.error_from_rpc`), with the callee's caller-safe message; a
-deadline is passed on every call so the caller's deadline reaches both services.
+UNAVAILABLE (before any token, for Generate) moves to the key's next choice, and so does one whose replica stops
+answering (a vision attempt past `--vision-attempt-timeout-s`, a Generate waiting for its first token on a replica
+whose health checks go unanswered); each replica's circuit breaker (`gateway.circuit`) counts these failures.
+Failed calls become domain errors through the one error table (`services.runtime.grpc_errors.error_from_rpc`), with
+the callee's caller-safe message; a deadline is passed on every call so the caller's deadline reaches both services.
 """
 
 from __future__ import annotations
@@ -223,9 +225,9 @@ class LLMClient:
         """Streams `Delta`s, then one `GenerateFinish` per answer. Leaving the iteration early cancels the call.
 
         A replica that fails UNAVAILABLE before the first token, or stops answering health checks before it (paused,
-        hung), is passed over for the key's next choice; when every ready replica has failed, the round is tried once more after `GENERATE_RETRY_PAUSE_S` (a Redis restart, say).
-        Nothing was generated yet, so this is invisible to the caller. After a token, a failure is the caller's: a
-        truncated answer must not pass for a complete one.
+        hung), is passed over for the key's next choice; when every ready replica has failed, the round is tried once
+        more after `GENERATE_RETRY_PAUSE_S` (a Redis restart, say). Nothing was generated yet, so this is invisible
+        to the caller. After a token, a failure is the caller's: a truncated answer must not pass for a complete one.
         """
         end = None if timeout is None else time.monotonic() + timeout
         key, tried, rounds = conversation.prefix_identity(), set(), 1

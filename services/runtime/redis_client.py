@@ -112,7 +112,8 @@ def redis_errors(what: str) -> Iterator[None]:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
             redis.exceptions.ReadOnlyError, *_CLUSTER_UNAVAILABLE) as exc:  # BusyLoadingError: a ConnectionError
         log.warning("%s unreachable: %s", what, exc)
-        cause = "did not answer in time" if isinstance(exc, redis.exceptions.TimeoutError) else "is down or failing over"
+        timed_out = isinstance(exc, redis.exceptions.TimeoutError)
+        cause = "did not answer in time" if timed_out else "is down or failing over"
         raise NotReadyError(f"the {what} is unreachable (Redis {cause}); retry later") from None
     except redis.exceptions.ResponseError as exc:
         if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
