@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -62,6 +63,8 @@ GENERATE_RETRY_PAUSE_S = 0.2
 # How long a new pool waits for each replica's first health check before routing (a replica that has not answered
 # by then is simply not ready yet).
 HEALTH_FIRST_CHECK_S = 2.0
+# How often a Generate waiting for its first token on a silent replica looks again for another ready replica.
+SILENT_RECHECK_S = 0.5
 T = TypeVar("T")
 
 
@@ -248,7 +251,8 @@ class LLMClient:
                     stream = self._generate(llm_pb2_grpc.LLMServiceStub(endpoint.channel), conversation, sampling,
                                             request_id, inline, left, metadata)
                     async with contextlib.aclosing(stream):
-                        first = await _first_unless_silent(stream, endpoint)
+                        first = await _first_unless_silent(stream, endpoint, functools.partial(
+                            self._another_ready, address))
                         started = True
                         if self.router.breakers is not None:
                             self.router.breakers[address].succeeded()  # it answered; a later failure is a new one
@@ -265,6 +269,9 @@ class LLMClient:
                 tried.add(address)
                 if self.on_retry is not None:
                     self.on_retry("Generate")
+
+    def _another_ready(self, address: str) -> bool:
+        return any(a != address for a in self.pool.ready_loads())
 
     async def _generate(self, stub: llm_pb2_grpc.LLMServiceStub, conversation: Conversation,
                         sampling: SamplingParams, request_id: str, inline: dict[str, Embeddings] | None,
@@ -312,15 +319,25 @@ def _watching(router: Router, address: str) -> contextlib.AbstractContextManager
     return contextlib.nullcontext() if router.breakers is None else router.breakers[address].watching()
 
 
-async def _first_unless_silent(stream: AsyncIterator[T], endpoint: Endpoint) -> T | None:
+async def _first_unless_silent(stream: AsyncIterator[T], endpoint: Endpoint, elsewhere: Callable[[], bool]) -> T | None:
     """The first event of `stream` (None: it ended with none), or NotReadyError if `endpoint` stops answering health
-    checks first: nothing has been generated for the caller yet, so the call can go to another replica."""
+    checks first while `elsewhere()` says another replica is ready: nothing has been generated for the caller yet, so
+    the call can go there. With nowhere else to go it keeps waiting (the caller's deadline bounds it): a replica that
+    is only slow to answer its checks may still answer this call."""
     first = asyncio.ensure_future(anext(stream, None))
-    silent = asyncio.ensure_future(endpoint.silent.wait())
     try:
-        await asyncio.wait({first, silent}, return_when=asyncio.FIRST_COMPLETED)
+        while not first.done():
+            if endpoint.silent.is_set():
+                if elsewhere():
+                    break
+                await asyncio.wait({first}, timeout=SILENT_RECHECK_S)
+                continue
+            silent = asyncio.ensure_future(endpoint.silent.wait())
+            try:
+                await asyncio.wait({first, silent}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                silent.cancel()
     finally:
-        silent.cancel()
         if not first.done():
             first.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, NotReadyError):
