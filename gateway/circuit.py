@@ -7,8 +7,8 @@ its calls (its Redis hangs, its device is wedged) or takes too long to answer th
   cut off because the replica stopped answering health checks) open it; any success resets the count.
 * OPEN: the router passes it over for the key's next choice, as it does a replica that is not ready. After
   `cooldown_s` it may take one probe call.
-* HALF_OPEN: the one probe is in flight; no other call goes to it. The probe's success closes the breaker, its
-  failure opens it again for another `cooldown_s`.
+* HALF_OPEN: the one probe is in flight; no other call goes to it (for up to `cooldown_s`, then another may probe).
+  The probe's success closes the breaker, its failure opens it again for another `cooldown_s`.
 
 An open replica is skipped only while another ready replica's breaker admits calls: when every replica's breaker is
 open, calls go to them anyway (as Envoy's panic threshold does), so a caller gets the replicas' own answer (say,
@@ -53,20 +53,23 @@ class Breaker:
         self.state = State.CLOSED
         self.failures = 0  # consecutive, while closed
         self.opened_at = 0.0
+        self.probe_at = 0.0
 
     def admits(self) -> bool:
         """Whether a call may go to the replica now: closed, or open past its cool-down (the call becomes the probe
-        once `picked`). Changes nothing."""
+        once `picked`), or half-open with a probe that has given no verdict for a cool-down (a probe routed but never
+        made must not keep the replica out for good). Changes nothing."""
         if self.state is State.CLOSED:
             return True
-        if self.state is State.OPEN:
-            return self.clock() - self.opened_at >= self.settings.cooldown_s
-        return False  # HALF_OPEN: its probe is in flight
+        since = self.opened_at if self.state is State.OPEN else self.probe_at
+        return self.clock() - since >= self.settings.cooldown_s
 
     def picked(self) -> None:
         """A call was routed to the replica: past the cool-down of an open breaker, that call is the probe."""
-        if self.state is State.OPEN and self.admits():
-            self._move(State.HALF_OPEN)
+        if self.state is not State.CLOSED and self.admits():
+            self.probe_at = self.clock()
+            if self.state is State.OPEN:
+                self._move(State.HALF_OPEN)
 
     def succeeded(self) -> None:
         self.failures = 0

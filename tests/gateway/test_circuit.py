@@ -82,6 +82,22 @@ def test_an_abandoned_probe_lets_the_next_call_probe(clock):
     assert b.state is State.OPEN and b.admits()  # no new cool-down: the replica was not found failing
 
 
+def test_a_probe_without_a_verdict_for_a_cooldown_lets_another_through(clock):
+    b, moves = breaker(clock, threshold=1, cooldown_s=5)
+    b.failed()
+    clock.now += 5
+    b.picked()  # routed, but say the call was never made
+    clock.now += 4.9
+    assert not b.admits()
+    clock.now += 0.1
+    assert b.admits()
+    b.picked()
+    assert b.state is State.HALF_OPEN and not b.admits()  # the new probe has its turn
+    b.succeeded()
+    assert b.state is State.CLOSED
+    assert moves.count((State.OPEN, State.HALF_OPEN)) == 1
+
+
 @pytest.mark.parametrize(("error", "expected"), [
     (NotReadyError("down"), State.OPEN),
     (InvalidArgumentError("bad"), State.CLOSED),  # the replica answered
