@@ -3,8 +3,9 @@
 Health checks catch a replica that stops answering them; a breaker catches one that still answers them but fails
 its calls (its Redis hangs, its device is wedged) or takes too long to answer them. Per replica:
 
-* CLOSED: calls go to it. `failure_threshold` consecutive failures (UNAVAILABLE, a per-attempt timeout, a stream
-  cut off because the replica stopped answering health checks) open it; any success resets the count.
+* CLOSED: calls go to it. `failure_threshold` consecutive failures (UNAVAILABLE, a per-attempt timeout, a Generate
+  given up because its replica stopped answering health checks before the first token) open it; any answer resets
+  the count.
 * OPEN: the router passes it over for the key's next choice, as it does a replica that is not ready. After
   `cooldown_s` it may take one probe call.
 * HALF_OPEN: the one probe is in flight; no other call goes to it (for up to `cooldown_s`, then another may probe).
@@ -28,7 +29,7 @@ from services.contract.errors import DeadlineExceededError, InternVLError, NotRe
 
 
 class State(enum.IntEnum):
-    """A breaker's state; the value is the `internvl_gateway_replica_circuit_state` gauge's."""
+    """A breaker's state; the value is the `internvl_gateway_endpoint_circuit_state` gauge's."""
 
     CLOSED = 0
     HALF_OPEN = 1
