@@ -4,15 +4,18 @@ Each client holds an `EndpointPool` (one channel per replica, readiness from hea
 the replica of every call: `Generate` by the conversation's prefix identity, so a session's turns (and a stateless
 conversation that resends its history) land where the prefix KV cache holds their earlier turns; `Encode` by the
 first item's cache key, so concurrent encodes of one new image meet in one replica's single-flight. A call that fails
-UNAVAILABLE (before any token, for Generate) moves to the key's next choice. Failed calls become domain errors
-through the one error table (`services.runtime.grpc_errors.error_from_rpc`), with the callee's caller-safe message; a
-deadline is passed on every call so the caller's deadline reaches both services.
+UNAVAILABLE (before any token, for Generate) moves to the key's next choice, and so does one whose replica stops
+answering (a vision attempt past `--vision-attempt-timeout-s`, a Generate waiting for its first token on a replica
+whose health checks go unanswered); each replica's circuit breaker (`gateway.circuit`) counts these failures.
+Failed calls become domain errors through the one error table (`services.runtime.grpc_errors.error_from_rpc`), with
+the callee's caller-safe message; a deadline is passed on every call so the caller's deadline reaches both services.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -24,8 +27,9 @@ from internvl.vision.v1 import vision_pb2, vision_pb2_grpc
 
 from gateway.backends import Embeddings, GenerateFinish
 from gateway.chat_response import Delta
+from gateway.circuit import Breakers, BreakerSettings, State
 from gateway.config import GatewayConfig
-from gateway.endpoints import EndpointPool
+from gateway.endpoints import HEALTH_TIMEOUT_S, Endpoint, EndpointPool
 from gateway.metrics import GatewayMetrics
 from gateway.routing import Policy, Router
 from services.contract.conversation import Conversation, GenerateRequest
@@ -60,6 +64,8 @@ GENERATE_RETRY_PAUSE_S = 0.2
 # How long a new pool waits for each replica's first health check before routing (a replica that has not answered
 # by then is simply not ready yet).
 HEALTH_FIRST_CHECK_S = 2.0
+# How often a Generate waiting for its first token on a silent replica looks again for another ready replica.
+SILENT_RECHECK_S = 0.5
 T = TypeVar("T")
 
 
@@ -83,15 +89,18 @@ def replica_channel(target: str, host: str | None, max_message_bytes: int = DEFA
 
 class VisionClient:
     """Lookup, Encode and FetchEmbeddings are idempotent (keys are content addresses): a call that fails UNAVAILABLE
-    (a replica died, drained or lost its cache connection) is tried again, up to `RETRY_ATTEMPTS` times in all,
-    within the caller's deadline, on another ready replica while there is one (the same key's next choice for
-    Encode)."""
+    (a replica died, drained or lost its cache connection), or that a replica has not answered within
+    `attempt_timeout_s` (paused, hung, far behind), is tried again, up to `RETRY_ATTEMPTS` times in all, within the
+    caller's deadline, on another ready replica while there is one (the same key's next choice for Encode)."""
 
-    def __init__(self, pool: EndpointPool, router: Router, on_retry: Callable[[str], None] | None = None):
+    def __init__(self, pool: EndpointPool, router: Router, on_retry: Callable[[str], None] | None = None,
+                 attempt_timeout_s: float | None = None):
         self.pool = pool
         self.router = router
         # Called with the method name before each retry (metrics).
         self.on_retry = on_retry
+        # The longest one attempt may wait for its replica's answer; None: the caller's deadline.
+        self.attempt_timeout_s = attempt_timeout_s
 
     async def close(self) -> None:
         await self.pool.close()
@@ -110,16 +119,27 @@ class VisionClient:
             left = None if end is None else end - time.monotonic()
             if left is not None and left <= 0:
                 raise DeadlineExceededError("the deadline passed while waiting for the vision service")
+            # The attempt's own timeout, when it ends before the caller's deadline: its expiry is the replica's fault.
+            cut = self.attempt_timeout_s if self.attempt_timeout_s is not None and (
+                left is None or self.attempt_timeout_s < left) else None
             address = self.router.pick(None if key is None else key.encode(), tried)
             try:
-                with self.pool.call(address) as endpoint, outgoing(f"{VISION_SERVICE}/{method}", address) as metadata:
-                    return await call(vision_pb2_grpc.VisionServiceStub(endpoint.channel), left, metadata)
-            except grpc.aio.AioRpcError as exc:
-                error = error_from_rpc(exc, "the vision service")
-                if not isinstance(error, NotReadyError) or attempt == RETRY_ATTEMPTS:
-                    raise error from None
-                log.info("vision %s on %s failed with %s (%s); trying again (attempt %d of %d)", method, address,
-                         exc.code().name, exc.details(), attempt + 1, RETRY_ATTEMPTS)
+                with _watching(self.router, address):
+                    try:
+                        with (self.pool.call(address) as endpoint,
+                              outgoing(f"{VISION_SERVICE}/{method}", address) as metadata):
+                            return await call(vision_pb2_grpc.VisionServiceStub(endpoint.channel),
+                                              left if cut is None else cut, metadata)
+                    except grpc.aio.AioRpcError as exc:
+                        if cut is not None and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                            raise NotReadyError(f"a vision replica did not answer {method} within {cut:g} s "
+                                                "(--vision-attempt-timeout-s); retry later") from None
+                        raise error_from_rpc(exc, "the vision service") from None
+            except NotReadyError as error:
+                if attempt == RETRY_ATTEMPTS:
+                    raise
+                log.info("vision %s on %s failed (%s); trying again (attempt %d of %d)", method, address, error,
+                         attempt + 1, RETRY_ATTEMPTS)
                 self.pool.suspect(address)
                 tried.add(address)
             if self.on_retry is not None:
@@ -210,10 +230,10 @@ class LLMClient:
                        priority: Priority | None = None) -> AsyncIterator[Delta | GenerateFinish]:
         """Streams `Delta`s, then one `GenerateFinish` per answer. Leaving the iteration early cancels the call.
 
-        A replica that fails UNAVAILABLE before the first token is passed over for the key's next choice; when every
-        ready replica has failed, the round is tried once more after `GENERATE_RETRY_PAUSE_S` (a Redis restart, say).
-        Nothing was generated yet, so this is invisible to the caller. After a token, a failure is the caller's: a
-        truncated answer must not pass for a complete one.
+        A replica that fails UNAVAILABLE before the first token, or stops answering health checks before it (paused,
+        hung), is passed over for the key's next choice; when every ready replica has failed, the round is tried once
+        more after `GENERATE_RETRY_PAUSE_S` (a Redis restart, say). Nothing was generated yet, so this is invisible
+        to the caller. After a token, a failure is the caller's: a truncated answer must not pass for a complete one.
         """
         end = None if timeout is None else time.monotonic() + timeout
         key, tried, rounds = conversation.prefix_identity(), set(), 1
@@ -228,14 +248,21 @@ class LLMClient:
                 address = self.router.pick(key, tried)
             started = False
             try:
-                with self.pool.call(address) as endpoint, outgoing(f"{LLM_SERVICE}/Generate", address) as metadata:
+                with (_watching(self.router, address), self.pool.call(address) as endpoint,
+                      outgoing(f"{LLM_SERVICE}/Generate", address) as metadata):
                     left = None if end is None else max(0.0, end - time.monotonic())
                     stream = self._generate(llm_pb2_grpc.LLMServiceStub(endpoint.channel), conversation, sampling,
                                             request_id, inline, left, metadata, priority)
                     async with contextlib.aclosing(stream):
-                        async for event in stream:
-                            started = True
-                            yield event
+                        first = await _first_unless_silent(stream, endpoint, functools.partial(
+                            self._another_ready, address))
+                        started = True
+                        if self.router.breakers is not None:
+                            self.router.breakers[address].succeeded()  # it answered; a later failure is a new one
+                        if first is not None:
+                            yield first
+                            async for event in stream:
+                                yield event
                 return
             except NotReadyError as exc:
                 if started:
@@ -245,6 +272,9 @@ class LLMClient:
                 tried.add(address)
                 if self.on_retry is not None:
                     self.on_retry("Generate")
+
+    def _another_ready(self, address: str) -> bool:
+        return any(a != address for a in self.pool.ready_loads())
 
     async def _generate(self, stub: llm_pb2_grpc.LLMServiceStub, conversation: Conversation,
                         sampling: SamplingParams, request_id: str, inline: dict[str, Embeddings] | None,
@@ -288,6 +318,40 @@ class LLMClient:
             call.cancel()
 
 
+def _watching(router: Router, address: str) -> contextlib.AbstractContextManager[None]:
+    """The verdict of one call to `address`, recorded in its circuit breaker (if the router keeps breakers)."""
+    return contextlib.nullcontext() if router.breakers is None else router.breakers[address].watching()
+
+
+async def _first_unless_silent(stream: AsyncIterator[T], endpoint: Endpoint, elsewhere: Callable[[], bool]) -> T | None:
+    """The first event of `stream` (None: it ended with none), or NotReadyError if `endpoint` stops answering health
+    checks first while `elsewhere()` says another replica is ready: nothing has been generated for the caller yet, so
+    the call can go there. With nowhere else to go it keeps waiting (the caller's deadline bounds it): a replica that
+    is only slow to answer its checks may still answer this call."""
+    first = asyncio.ensure_future(anext(stream, None))
+    try:
+        while not first.done():
+            if endpoint.silent.is_set():
+                if elsewhere():
+                    break
+                await asyncio.wait({first}, timeout=SILENT_RECHECK_S)
+                continue
+            silent = asyncio.ensure_future(endpoint.silent.wait())
+            try:
+                await asyncio.wait({first, silent}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                silent.cancel()
+    finally:
+        if not first.done():
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, NotReadyError):
+                await first
+    if first.cancelled():
+        raise NotReadyError(f"the LLM replica stopped answering before its first token (no health check answer "
+                            f"within {HEALTH_TIMEOUT_S:g} s); retry later")
+    return first.result()
+
+
 async def _model_info(pool: EndpointPool, what: str, stub_type, request, timeout: float | None,
                       wait_for_ready: bool):
     """GetModelInfo of a ready replica, or (with `wait_for_ready`) of any known one once it is reachable."""
@@ -302,6 +366,11 @@ async def _model_info(pool: EndpointPool, what: str, stub_type, request, timeout
         raise error_from_rpc(exc, f"the {what} service") from None
 
 
+def _circuit_moved(metrics: GatewayMetrics, pool: str, address: str, state: State) -> None:
+    log.warning("%s pool: replica %s circuit %s", pool, address, state.name.lower())
+    metrics.observe_circuit(pool, address, state)
+
+
 async def open_clients(config: GatewayConfig, metrics: GatewayMetrics,
                        health_interval_s: float = 1.0) -> tuple[VisionClient, LLMClient]:
     """Both pools discovered and watched, with their routers; close the clients to stop them."""
@@ -311,8 +380,10 @@ async def open_clients(config: GatewayConfig, metrics: GatewayMetrics,
 
     def router(pool: EndpointPool, what: str, policy: Policy) -> Router:
         decisions = metrics.routing_decisions
+        breakers = Breakers(BreakerSettings(config.circuit_failure_threshold, config.circuit_cooldown_s),
+                            on_transition=lambda address, old, new: _circuit_moved(metrics, pool.name, address, new))
         return Router(pool, what, policy, config.routing_epsilon,
-                      record=lambda reason: decisions.labels(pool.name, reason.value).inc())
+                      record=lambda reason: decisions.labels(pool.name, reason.value).inc(), breakers=breakers)
 
     def fingerprint(stub_type, request):
         async def of(replica: grpc.aio.Channel) -> str:
@@ -331,6 +402,7 @@ async def open_clients(config: GatewayConfig, metrics: GatewayMetrics,
     await asyncio.gather(vision_pool.start(), llm_pool.start())
     await asyncio.gather(vision_pool.wait_checked(HEALTH_FIRST_CHECK_S), llm_pool.wait_checked(HEALTH_FIRST_CHECK_S))
     vision = VisionClient(vision_pool, router(vision_pool, "vision", Policy.AFFINITY),
-                          on_retry=lambda method: metrics.upstream_retries.labels("vision", method).inc())
+                          on_retry=lambda method: metrics.upstream_retries.labels("vision", method).inc(),
+                          attempt_timeout_s=config.vision_attempt_timeout_s)
     return vision, LLMClient(llm_pool, router(llm_pool, "LLM", Policy(config.llm_routing)),
                              on_retry=lambda method: metrics.upstream_retries.labels("llm", method).inc())

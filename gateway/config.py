@@ -81,6 +81,14 @@ class GatewayConfig:
     # the pool's mean) + 1 calls in flight from this gateway is passed over for the key's next choice.
     routing_epsilon: float = flag(0.25, "load bound of affinity routing: a replica above (1 + this) x the mean calls "
                                         "in flight, plus one, is passed over (default %(default)s)")
+    # Gray failures (see gateway.circuit): the longest one vision call attempt waits for its replica before going to
+    # the next one, and each replica's circuit breaker.
+    vision_attempt_timeout_s: float = flag(20.0, "seconds one vision call (Encode, Lookup, FetchEmbeddings) waits for "
+                                                 "its replica before trying the next one (default %(default)s)")
+    circuit_failure_threshold: int = flag(3, "consecutive failures or timeouts of calls to a replica that open its "
+                                             "circuit breaker, so it is passed over (default %(default)s)")
+    circuit_cooldown_s: float = flag(10.0, "seconds an open circuit breaker waits before one probe call may go to its "
+                                           "replica (default %(default)s)")
     # Seconds between DNS lookups of the targets (also done at once after a call fails UNAVAILABLE).
     resolve_interval_s: float = flag(5.0, "seconds between DNS lookups of the targets (default %(default)s)")
     # Sessions; None: an in-process store (one gateway replica only, lost on restart).
@@ -170,6 +178,12 @@ class GatewayConfig:
             (self.llm_routing in ROUTING_POLICIES,
              f"--llm-routing must be one of {', '.join(ROUTING_POLICIES)}, got {self.llm_routing!r}"),
             (0 <= self.routing_epsilon < math.inf, f"--routing-epsilon must be >= 0, got {self.routing_epsilon}"),
+            (0 < self.vision_attempt_timeout_s < math.inf,
+             f"--vision-attempt-timeout-s must be > 0, got {self.vision_attempt_timeout_s}"),
+            (self.circuit_failure_threshold >= 1,
+             f"--circuit-failure-threshold must be >= 1, got {self.circuit_failure_threshold}"),
+            (0 <= self.circuit_cooldown_s < math.inf,
+             f"--circuit-cooldown-s must be >= 0, got {self.circuit_cooldown_s}"),
             (self.resolve_interval_s > 0, f"--resolve-interval-s must be > 0, got {self.resolve_interval_s}"),
             (self.session_ttl_s >= 1, f"--session-ttl-s must be >= 1, got {self.session_ttl_s}"),
             (self.max_media_bytes >= 1, f"--max-media-bytes must be >= 1, got {self.max_media_bytes}"),

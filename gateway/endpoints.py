@@ -5,7 +5,9 @@ Target forms (as gRPC spells them): `dns:///name:port` (a headless Kubernetes Se
 `resolve_interval_s` and soon after a call failed, so pods an autoscaler adds or removes are seen within seconds.
 Each address gets a channel of its own (the router, not gRPC's balancer, picks the replica) and a health loop asking
 `grpc.health.v1.Health/Check` for the service's readiness name; a replica still loading or draining is not ready,
-and neither is one that a call just found UNAVAILABLE, until its next check says SERVING.
+and neither is one that a call just found UNAVAILABLE, until its next check says SERVING. A replica whose check gets
+no answer within `HEALTH_TIMEOUT_S` (paused, hung, dead) is not ready and also `silent`: calls waiting for its first
+reply stop waiting (see `gateway.clients`), so it is routed around within one interval plus that timeout.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ class Endpoint:
     checked: asyncio.Event = field(default_factory=asyncio.Event)
     # Set to have the health loop check at once rather than at its next interval.
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set while its health checks get no answer at all within HEALTH_TIMEOUT_S (a paused or hung process, a dead
+    # one: not one that answers NOT_SERVING, which may be draining): calls still waiting for its first reply give up.
+    silent: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
 
@@ -194,9 +199,14 @@ class EndpointPool:
         while True:
             try:
                 reply = await stub.Check(request, timeout=HEALTH_TIMEOUT_S)
+                endpoint.silent.clear()
                 ready = reply.status == health_pb2.HealthCheckResponse.SERVING and await self._same_model(endpoint)
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as exc:
                 ready = False
+                if not endpoint.silent.is_set():
+                    log.warning("%s pool: replica %s does not answer health checks (%s)", self.name,
+                                endpoint.address, exc.code().name)
+                    endpoint.silent.set()
             if ready != endpoint.ready:
                 endpoint.ready = ready
                 log.info("%s pool: replica %s is %s", self.name, endpoint.address, "ready" if ready else "not ready")

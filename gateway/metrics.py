@@ -7,8 +7,9 @@ same `track`. `track_tokens` adds what only a generation has: time to first toke
 orchestrator reports the cache side: tiles encoded vs reused (hit ratio = reused / (encoded + reused)), image bytes
 sent to the vision pool (misses only), and embedding bytes moved, by reference (read by the LLM from the cache) or
 inline (through the gateway, combined multi-image mode only). The routers report each replica choice by reason, and
-the pools their replicas by readiness and this gateway's calls in flight to each. Admission control
-(gateway.admission) reports admitted and shed requests by priority, its queue and its wait.
+the pools their replicas by readiness and this gateway's calls in flight to each; each replica's circuit breaker
+(`gateway.circuit`) reports its state and its transitions. Admission control (gateway.admission) reports admitted and
+shed requests by priority, its queue and its wait.
 
 Per tenant (`gateway.tenants`; a bounded set: the key file's names, `default`, `anonymous`, or the CNs the client CA
 signed; a caller refused as unauthenticated has none and is counted in `requests` only): `tenant_requests{tenant,code}`
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from gateway import tenants
 from gateway.admission import AdmissionMetrics
 from gateway.chat_response import Delta
+from gateway.circuit import State
 from gateway.endpoints import EndpointPool
 from services.runtime.request_metrics import LATENCY_BUCKETS, RequestMetrics
 
@@ -78,6 +80,13 @@ class GatewayMetrics:
         self.endpoints = Gauge(PREFIX + "endpoints", "Replicas of each pool known to this gateway, by readiness",
                                ["pool", "state"], registry=r)
         self.admission = AdmissionMetrics(PREFIX, r)
+        self.circuit_state = Gauge(PREFIX + "endpoint_circuit_state",
+                                   "Each replica's circuit breaker: 0 closed, 1 half-open (one probe call in flight), "
+                                   "2 open (passed over after consecutive failures or timeouts)",
+                                   ["pool", "endpoint"], registry=r)
+        self.circuit_transitions = Counter(PREFIX + "endpoint_circuit_transitions",
+                                           "Changes of a replica's circuit breaker, by the state entered",
+                                           ["pool", "endpoint", "state"], registry=r)
         self._endpoint_labels: set[tuple[str, str]] = set()
         for path in ("reference", "inline"):
             self.embedding_bytes.labels(path)
@@ -98,10 +107,18 @@ class GatewayMetrics:
         labels = {(pool.name, address) for address in pool.endpoints}
         for gone in {lbl for lbl in self._endpoint_labels if lbl[0] == pool.name} - labels:
             self.endpoint_in_flight.remove(*gone)
+            self.circuit_state.remove(*gone)
             self._endpoint_labels.discard(gone)
         for address, endpoint in pool.endpoints.items():
             self.endpoint_in_flight.labels(pool.name, address).set(endpoint.in_flight)
+            if (pool.name, address) not in self._endpoint_labels:
+                self.circuit_state.labels(pool.name, address).set(State.CLOSED)  # a new replica's breaker
         self._endpoint_labels |= labels
+
+    def observe_circuit(self, pool: str, address: str, state: State) -> None:
+        """A replica's circuit breaker entered `state`."""
+        self.circuit_state.labels(pool, address).set(state)
+        self.circuit_transitions.labels(pool, address, state.name.lower()).inc()
 
     async def track_tokens(self, method: str, events: AsyncGenerator, started: float | None = None) -> AsyncGenerator:
         """Passes `events` through, recording the time to the first token (from `started`, a `time.perf_counter()`;

@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.circuit import Breakers
 from services.contract.errors import NotReadyError
 
 
@@ -133,15 +134,19 @@ class Router:
     first choice (that replica has room again, or the one it moved to has none), it is forgotten. A key moved by a
     failover is not remembered, so when its first choice is back it returns there. The memory is this gateway's own
     and bounded (`DIVERTED_KEYS`, least recently used out); another gateway without it routes the key by hashing.
+
+    With `breakers`, a ready replica whose circuit breaker is open is passed over like one that is not ready, while
+    some other ready replica's breaker admits calls (see `gateway.circuit`); its keys come back once it closes.
     """
 
     def __init__(self, pool: Pool, what: str, policy: Policy, epsilon: float,
-                 record: Callable[[Reason], None] | None = None):
+                 record: Callable[[Reason], None] | None = None, breakers: Breakers | None = None):
         self.pool = pool
         self.what = what
         self.policy = policy
         self.epsilon = epsilon
         self.record = record
+        self.breakers = breakers
         self._round_robin = RoundRobin()
         self._diverted: collections.OrderedDict[bytes, str] = collections.OrderedDict()
 
@@ -155,6 +160,8 @@ class Router:
             raise self.pool.unavailable(self.what)
         if key is not None and self.policy is Policy.AFFINITY:
             self._remember(key, choice)
+        if self.breakers is not None:
+            self.breakers[choice.address].picked()
         if self.record is not None:
             self.record(choice.reason)
         return choice.address
@@ -164,8 +171,20 @@ class Router:
         choice = self._choose(key, ())
         return None if choice is None else choice.address
 
-    def _choose(self, key: bytes | None, exclude: Collection[str]) -> Choice | None:
+    def _ready(self, exclude: Collection[str]) -> dict[str, int]:
+        """The pool's ready replicas and their loads, less those whose breaker is open unless every one not in
+        `exclude` is."""
         ready = self.pool.ready_loads()
+        if self.breakers is None:
+            return ready
+        self.breakers.retain(self.pool.endpoints)  # a replica removed and added again starts closed
+        admitting = self.breakers.admitting([a for a in ready if a not in exclude])
+        if not admitting:
+            return ready
+        return {a: load for a, load in ready.items() if a in admitting or a in exclude}
+
+    def _choose(self, key: bytes | None, exclude: Collection[str]) -> Choice | None:
+        ready = self._ready(exclude)
         if key is None or self.policy is Policy.ROUND_ROBIN:
             return self._round_robin.choose(list(ready), exclude)
         moved_to = self._diverted.get(key)

@@ -139,6 +139,10 @@ def error_from_rpc(error: grpc.aio.AioRpcError, peer: str) -> InternVLError:
         return EmbeddingsMissingError(list(detail.missing_keys) if detail is not None else [])
     index = detail.item_index if detail is not None and detail.HasField("item_index") else None
     text = _PEER_MESSAGES.get(code, "{message}").format(peer=peer, message=message)
+    if code == ErrorCode.NOT_READY and detail is not None:
+        # Our own peer says why (its Redis does not answer, its model is loading): the caller needs to know, and its
+        # messages are caller-safe. gRPC's own (no detail: a refused connection) name addresses, so are not passed on.
+        text = f"{text}: {message}"
     return ERROR_BY_CODE[code](text, item_index=index)
 
 

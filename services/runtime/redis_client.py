@@ -6,7 +6,8 @@ a Redis Cluster by some of its nodes (see `services.runtime.redis_cluster`). Bot
 Every client retries a command that failed on a broken connection (Redis restarted, a failover, an idle connection
 the network dropped) on a fresh one, with a short jittered backoff, for about three seconds; a cluster client also
 retries while the cluster is failing over or resharding (`CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`, slots without a
-master). So a restarted Redis or a promoted replica is picked up by itself and the services need no restart. Only
+master). So a restarted Redis or a promoted replica is picked up by itself and the services need no restart. A Redis
+that accepts connections but stops replying fails a command within `REPLY_TIMEOUT_S` (not retried). Only
 when Redis stays unreachable does a call fail, and then with `NotReadyError` (UNAVAILABLE: retry later), never as an
 internal error. A Redis out of memory that cannot evict (`maxmemory` with a `noeviction` policy) is `OverloadedError`
 (RESOURCE_EXHAUSTED).
@@ -51,10 +52,16 @@ CLUSTER_RETRY_BUDGET_S = 3.0
 MAX_CONNECTIONS = 100
 CONNECTION_WAIT_S = 30
 
+# Seconds to connect, and seconds one read or write on a connection may wait (a value of tens of MiB is read in many
+# reads, each far quicker). A Redis that accepts connections but never replies (a paused process, a full disk under
+# `appendfsync always`) fails a command after REPLY_TIMEOUT_S: timeouts are not retried, since a server that sat on
+# one command for that long will not answer the next within the caller's patience either.
+CONNECT_TIMEOUT_S = 5
+REPLY_TIMEOUT_S = 5
+
 _CONNECTION = {
-    "socket_connect_timeout": 5,
-    # A large embedding value is tens of MiB: generous, but never blocks forever on a hung server.
-    "socket_timeout": 30,
+    "socket_connect_timeout": CONNECT_TIMEOUT_S,
+    "socket_timeout": REPLY_TIMEOUT_S,
     "socket_keepalive": True,
     # An idle pooled connection is PINGed before reuse, so one that died while idle is replaced.
     "health_check_interval": 15,
@@ -77,8 +84,9 @@ def connect(url: str) -> RedisClient:
         max_connections=MAX_CONNECTIONS,
         timeout=CONNECTION_WAIT_S,
         **_CONNECTION,
-        retry=Retry(backoff, RETRIES),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        # Broken connections only (see REPLY_TIMEOUT_S).
+        retry=Retry(backoff, RETRIES, supported_errors=(redis.exceptions.ConnectionError,)),
+        retry_on_error=[redis.exceptions.ConnectionError],
     )
     client = Redis(connection_pool=pool)
     client.auto_close_connection_pool = True  # closing the client closes its pool, as Redis.from_url's would
@@ -104,7 +112,9 @@ def redis_errors(what: str) -> Iterator[None]:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
             redis.exceptions.ReadOnlyError, *_CLUSTER_UNAVAILABLE) as exc:  # BusyLoadingError: a ConnectionError
         log.warning("%s unreachable: %s", what, exc)
-        raise NotReadyError(f"the {what} is unreachable; retry later") from None
+        timed_out = isinstance(exc, redis.exceptions.TimeoutError)
+        cause = "did not answer in time" if timed_out else "is down or failing over"
+        raise NotReadyError(f"the {what} is unreachable (Redis {cause}); retry later") from None
     except redis.exceptions.ResponseError as exc:
         if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
             log.warning("%s is out of memory: %s", what, exc)

@@ -33,7 +33,13 @@ from services.contract.errors import (
     http_status,
     retry_after,
 )
-from services.runtime.grpc_errors import RETRY_AFTER_KEY, STATUS_BY_CODE, error_detail
+from services.runtime.grpc_errors import (
+    RETRY_AFTER_KEY,
+    STATUS_BY_CODE,
+    error_detail,
+    error_from_rpc,
+    rich_status,
+)
 from services.runtime.grpc_server import GrpcServer, ServerOptions
 from services.runtime.request_metrics import RequestMetrics
 
@@ -260,3 +266,21 @@ def test_retry_after_is_whole_seconds_and_at_least_one():
     assert [retry_after(ShedError("x", retry_after_s=s)) for s in (0.01, 1.0, 59.5)] == ["1", "1", "60"]
     assert retry_after(ShedError("x")) is None and retry_after(RuntimeError("x")) is None
     assert http_status(ShedError("x", retry_after_s=1)) == 503
+
+
+def _aio_error(status: grpc.StatusCode, message: str, detail: common_pb2.ErrorDetail | None) -> grpc.aio.AioRpcError:
+    trailing = grpc.aio.Metadata(*rich_status(status, message, detail).trailing_metadata) if detail is not None \
+        else grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(status, grpc.aio.Metadata(), trailing, message)
+
+
+def test_a_peer_not_ready_says_why_and_a_bare_unavailable_names_no_address():
+    ours = _aio_error(grpc.StatusCode.UNAVAILABLE, "the embedding cache is unreachable (Redis did not answer in time); "
+                      "retry later", common_pb2.ErrorDetail(code=int(ErrorCode.NOT_READY)))
+    error = error_from_rpc(ours, "the vision service")
+    assert isinstance(error, NotReadyError)
+    assert str(error) == ("the vision service is unavailable, retry later: the embedding cache is unreachable (Redis "
+                          "did not answer in time); retry later")
+    bare = _aio_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: ipv4:10.1.2.3:50052",
+                      None)
+    assert str(error_from_rpc(bare, "the vision service")) == "the vision service is unavailable, retry later"

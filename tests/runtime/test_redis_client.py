@@ -15,7 +15,13 @@ from redis.backoff import NoBackoff
 
 from services.contract.errors import NotReadyError, OverloadedError
 from services.runtime.embedding_store import EmbeddingCache
-from services.runtime.redis_client import CLUSTER_RETRY_BUDGET_S, MAX_CONNECTIONS, connect, redis_errors
+from services.runtime.redis_client import (
+    CLUSTER_RETRY_BUDGET_S,
+    MAX_CONNECTIONS,
+    REPLY_TIMEOUT_S,
+    connect,
+    redis_errors,
+)
 from services.runtime.redis_cluster import (
     ClusterUnreachableError,
     ResilientRedisCluster,
@@ -201,6 +207,36 @@ async def test_an_unreachable_cluster_is_not_ready_after_the_retries():
     finally:
         await client.aclose()
     assert 0.3 <= time.monotonic() - start < 2
+
+
+@pytest.mark.asyncio
+async def test_a_redis_that_accepts_and_never_replies_fails_within_the_reply_timeout():
+    """A gray failure: the TCP connection opens (a paused redis-server's kernel still accepts), nothing ever comes
+    back. The command fails once, after REPLY_TIMEOUT_S, as UNAVAILABLE naming Redis, instead of hanging or being
+    retried for RETRIES x the timeout."""
+    connections = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while await reader.read(1 << 16):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://127.0.0.1:{port}/0")
+    start = time.monotonic()
+    try:
+        expected = r"embedding cache is unreachable \(Redis did not answer in time\)"
+        with pytest.raises(NotReadyError, match=expected), redis_errors("embedding cache"):
+            await EmbeddingCache(client, "fp").get("a")
+    finally:
+        await client.aclose()
+        server.close()
+        for writer in connections:
+            writer.close()
+    elapsed = time.monotonic() - start
+    assert REPLY_TIMEOUT_S - 0.5 <= elapsed < 2 * REPLY_TIMEOUT_S, elapsed
+    assert len(connections) == 1  # one connection, one command: the timeout was not retried
 
 
 # ------------------------------------------------------------------------------------------------ redis_errors

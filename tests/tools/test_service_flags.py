@@ -36,7 +36,9 @@ FLAGS_BEFORE = {
                 "--encode-items-per-call", "--namespace", "--default-timeout-s", "--max-in-flight",
                 "--critical-reserve", "--max-queued", "--queue-wait-s", "--default-priority", "--media-threads",
                 "--api-token-file", "--upstream-tls-ca", "--upstream-tls-cert", "--upstream-tls-key",
-                "--upstream-tls-server-name", "--api-keys-file", "--shared-prefix-cache", "--shared-embedding-cache"],
+                "--upstream-tls-server-name", "--api-keys-file", "--shared-prefix-cache", "--shared-embedding-cache",
+                # Gray failures.
+                "--vision-attempt-timeout-s", "--circuit-failure-threshold", "--circuit-cooldown-s"],
 }
 
 
