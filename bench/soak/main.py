@@ -1,0 +1,127 @@
+"""`python -m bench.soak` (`make soak`): thousands of mixed requests against `internvl-serve up` with replicas,
+sampling memory, file descriptors, Redis memory and the in-flight gauges every `--sample-every` requests; writes
+OUT/NAME.md and OUT/NAME.json and exits 1 when the stack grew past a threshold, left work in flight, or answered a
+request with a status it should not have.
+
+Requests go out in rounds of `--sample-every`, `--concurrency` at a time; after each round the stack is let go idle
+and sampled, so every sample sees the same state (nothing in flight) and the gauges can be checked at each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import random
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from bench.machine import machine_info
+from bench.soak import mix, probe, report
+from bench.stack import RunningStack, redis_client
+from tools.launcher import REPO
+
+log = logging.getLogger("soak")
+IDLE_TIMEOUT_S = 30.0
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(REPO / "checkpoints" / "tiny-qwen2-300m"),
+                   help="checkpoint directory (written with the tiny preset if it has no config.json)")
+    p.add_argument("--requests", type=int, default=3000, help="requests to send (a session's turns count each)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    p.add_argument("--sample-every", type=int, default=250, help="requests between samples")
+    p.add_argument("--warmup", type=int, default=500, help="requests before the first sample the fit uses")
+    p.add_argument("--vision-replicas", type=int, default=2)
+    p.add_argument("--llm-replicas", type=int, default=2)
+    p.add_argument("--engine", default="transformers")
+    p.add_argument("--max-rss-mib-per-1000", type=float, default=5.0,
+                   help="fail when a process's RSS grows faster (MiB per 1000 requests; Redis exempt: a cache)")
+    p.add_argument("--max-fds-per-1000", type=float, default=1.0,
+                   help="fail when a process's open file descriptors grow faster (per 1000 requests)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mix (the same seed sends the same requests)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    p.add_argument("--name", default=f"{datetime.date.today().isoformat()}-soak", help="result files' stem")
+    p.add_argument("--log-dir", default=None, help="the stack's logs (default: a new temporary directory)")
+    return p.parse_args(argv)
+
+
+def _checkpoint(path: str) -> str:
+    if not (Path(path) / "config.json").exists():
+        from services.model.tiny import make_tiny
+
+        log.info("writing the tiny checkpoint to %s", path)
+        make_tiny(path, preset="tiny")
+    return path
+
+
+def _round(pool: ThreadPoolExecutor, target: mix.Target, rng: random.Random, want: int, concurrency: int,
+           next_seed: list[int]) -> list[mix.Outcome]:
+    """Tasks drawn from the mix until `want` requests are done (a task in flight counts as its kind's requests),
+    never more than `concurrency` at once; their outcomes."""
+    outcomes: list[mix.Outcome] = []
+    running: dict[Future, int] = {}
+    while len(outcomes) < want or running:
+        while len(running) < concurrency and (room := want - len(outcomes) - sum(running.values())) > 0:
+            kind = mix.draw(rng)
+            while mix.requests_of(kind) > room:  # a session's three turns would overshoot the round: redraw
+                kind = mix.draw(rng)
+            running[pool.submit(mix.run_task, target, kind, next_seed[0])] = mix.requests_of(kind)
+            next_seed[0] += 1
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            del running[future]
+            outcomes += future.result()
+    return outcomes
+
+
+def soak(a: argparse.Namespace, stack: RunningStack) -> tuple[list[probe.Sample], list[mix.Outcome], dict, float]:
+    """The rounds and their samples: (samples, outcomes, final gauges, seconds of traffic)."""
+    pids = {"up": stack.process.pid, **stack.pids}
+    metrics_ports = {n: s.metrics_port for n, s in stack.services.items() if s.metrics_port}
+    redis = redis_client(stack.redis_url) if stack.redis_url else None
+    target = mix.Target.build(stack.channel, stack.services["gateway"].http_port)
+    rng, next_seed = random.Random(a.seed), [a.seed * 1_000_000]
+    outcomes: list[mix.Outcome] = []
+    started = time.perf_counter()
+    samples = [probe.take(0, 0.0, pids, metrics_ports, redis, IDLE_TIMEOUT_S)]
+    with ThreadPoolExecutor(a.concurrency, thread_name_prefix="soak") as pool:
+        while len(outcomes) < a.requests:
+            want = min(a.sample_every, a.requests - len(outcomes))
+            outcomes += _round(pool, target, rng, want, a.concurrency, next_seed)
+            samples.append(probe.take(len(outcomes), time.perf_counter() - started, pids, metrics_ports, redis,
+                                      IDLE_TIMEOUT_S))
+            unexpected = sum(not o.expected for o in outcomes)
+            log.info("%d requests, %.0f s, %d unexpected; RSS MiB %s", len(outcomes), samples[-1].elapsed_s,
+                     unexpected, {k: round(v) for k, v in samples[-1].rss_mib.items()})
+    elapsed = time.perf_counter() - started
+    return samples, outcomes, samples[-1].gauges, elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse(argv)
+    model = _checkpoint(a.model)
+    machine = machine_info("float32", "cpu")
+    log.info("starting up: %d vision + %d LLM replicas on %s", a.vision_replicas, a.llm_replicas, model)
+    with RunningStack(model, "float32", a.vision_replicas, log_dir=Path(a.log_dir) if a.log_dir else None,
+                      llm_replicas=a.llm_replicas, engine=a.engine, http=True) as stack:
+        log.info("up in %.0f s; logs in %s", stack.startup_s, stack.log_dir)
+        samples, outcomes, final_gauges, elapsed = soak(a, stack)
+    limits = report.Thresholds(a.max_rss_mib_per_1000, a.max_fds_per_1000)
+    g, counts = report.growth(samples, a.warmup), report.outcome_counts(outcomes)
+    doc = {"requests": len(outcomes), "elapsed_s": elapsed,
+           "config": {"argv": argv, "model": Path(model).name, "engine": a.engine,
+                      "vision_replicas": a.vision_replicas, "llm_replicas": a.llm_replicas,
+                      "concurrency": a.concurrency, "sample_every": a.sample_every, "warmup": a.warmup,
+                      "max_rss_mib_per_1000": a.max_rss_mib_per_1000, "max_fds_per_1000": a.max_fds_per_1000},
+           "machine": machine, "growth": g, "outcomes": counts, "final_gauges": final_gauges,
+           "failures": report.failures(g, counts, final_gauges, limits), "samples": samples}
+    js, md = report.write(doc, Path(a.out), a.name)
+    print(md.read_text())
+    print(f"wrote {md} and {js}")
+    return 1 if doc["failures"] else 0
