@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import random
 import sys
 import time
@@ -46,7 +47,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--llm-prefix-cache-mb", type=float, default=32.0,
                    help="each LLM replica's prefix KV cache budget (up's --kv-cache-budget-mb): small, so that the "
                         "cache is full within the warm-up and its growth, which is by design, is not taken for a leak")
-    p.add_argument("--max-rss-mib-per-1000", type=float, default=5.0,
+    # glibc gives each thread that allocates an arena of its own (up to 8 per core) and keeps freed blocks in them:
+    # with its default, a vision replica's RSS wandered in a ~110 MiB band over 3000 requests (up and down, as the
+    # busy threads changed), which a linear fit over a few thousand requests cannot tell from a leak. Two arenas make
+    # RSS follow live memory; a leak still grows it.
+    p.add_argument("--malloc-arena-max", type=int, default=2,
+                   help="MALLOC_ARENA_MAX for the stack's processes (0: glibc's default)")
+    # Even with two arenas a replica's RSS flips by ~45 MiB between samples (a large block mapped and unmapped), so
+    # slopes of healthy processes fitted over 2000 requests reached +12 and -21 MiB per 1000 in the runs measured;
+    # 20 passes them and still catches a leak of 20 KB per request (one image's tiles are 2.4 MB, its embeddings
+    # 0.9 MB on the tiny checkpoint). A smaller leak needs a longer soak.
+    p.add_argument("--max-rss-mib-per-1000", type=float, default=20.0,
                    help="fail when a process's RSS grows faster (MiB per 1000 requests; Redis exempt: a cache)")
     p.add_argument("--max-fds-per-1000", type=float, default=1.0,
                    help="fail when a process's open file descriptors grow faster (per 1000 requests)")
@@ -118,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     model = _checkpoint(a.model)
     machine = machine_info("float32", "cpu")
+    if a.malloc_arena_max:
+        os.environ["MALLOC_ARENA_MAX"] = str(a.malloc_arena_max)  # read by the stack's processes as they start
     log.info("starting up: %d vision + %d LLM replicas on %s", a.vision_replicas, a.llm_replicas, model)
     with RunningStack(model, "float32", a.vision_replicas, log_dir=Path(a.log_dir) if a.log_dir else None,
                       llm_replicas=a.llm_replicas, engine=a.engine, http=True,
@@ -129,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"requests": len(outcomes), "elapsed_s": elapsed,
            "config": {"argv": argv, "model": Path(model).name, "engine": a.engine,
                       "vision_replicas": a.vision_replicas, "llm_replicas": a.llm_replicas,
-                      "llm_prefix_cache_mb": a.llm_prefix_cache_mb, "concurrency": a.concurrency, "sample_every": a.sample_every, "warmup": a.warmup,
+                      "llm_prefix_cache_mb": a.llm_prefix_cache_mb,
+                      "malloc_arena_max": a.malloc_arena_max, "concurrency": a.concurrency, "sample_every": a.sample_every, "warmup": a.warmup,
                       "max_rss_mib_per_1000": a.max_rss_mib_per_1000, "max_fds_per_1000": a.max_fds_per_1000},
            "machine": machine, "growth": g, "outcomes": counts, "final_gauges": final_gauges,
            "failures": report.failures(g, counts, final_gauges, limits), "samples": samples}

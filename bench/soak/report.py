@@ -90,7 +90,8 @@ def _header(doc: dict) -> list[str]:
     c, m, g = doc["config"], doc["machine"], doc["growth"]
     setup = (f"`python -m bench.soak {' '.join(c['argv'])}`: `internvl-serve up` with {c['vision_replicas']} vision "
              f"and {c['llm_replicas']} LLM replicas ({c['engine']} engine, {c['model']}, float32, a prefix KV cache of "
-             f"{c['llm_prefix_cache_mb']:g} MiB per LLM replica) and its own "
+             f"{c['llm_prefix_cache_mb']:g} MiB per LLM replica; MALLOC_ARENA_MAX="
+             f"{c['malloc_arena_max'] or 'unset'}) and its own "
              f"redis-server; {c['concurrency']} concurrent clients over gRPC and HTTP; a sample every "
              f"{c['sample_every']} requests once the stack is idle; growth fitted from request {g['from_requests']} "
              f"on ({g['fitted_samples']} samples). {doc['elapsed_s']:.0f} s in all, "
