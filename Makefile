@@ -10,7 +10,7 @@ TINY_CHECKPOINT := checkpoints/tiny-qwen2-300m
 MODEL ?= $(TINY_CHECKPOINT)
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap system-deps run demo test test-fast fuzz bench bench-quick bench-peer bench-lora gpu-check protos protos-check lint clean
+.PHONY: bootstrap system-deps run demo test test-fast fuzz bench bench-quick bench-peer bench-lora soak gpu-check protos protos-check lint clean
 
 bootstrap: system-deps $(STAMP)
 
@@ -81,6 +81,12 @@ bench-peer: bootstrap
 # LoRA adapters batched with the base (decode step, time to first token); bench/results/<date>-lora.{json,md}.
 bench-lora: bootstrap
 	$(BIN)/internvl-serve bench-lora --out bench/results
+
+# 3000 mixed requests (text, images, video, sessions, constrained, cancelled, refused; gRPC and HTTP) against `up` with
+# 2 vision and 2 LLM replicas on the tiny checkpoint, sampling RSS, fds, Redis memory and in-flight gauges every 250;
+# fails on growth past its limits; bench/results/<date>-soak.{md,json}. `make soak SOAK_ARGS="--requests 500"`.
+soak: bootstrap $(TINY_CHECKPOINT)/config.json
+	$(BIN)/python -m bench.soak --model $(TINY_CHECKPOINT) --out bench/results $(SOAK_ARGS)
 
 # On a CUDA machine: vLLM's official wheel in an environment of its own (.venv-gpu), the vLLM engine's parity tests in
 # bfloat16 and float32 on the GPU, and both engines' quick benchmark; bench/results/<date>-gpu-check.{json,md}.
