@@ -39,6 +39,12 @@ from gateway.chat_request import ChatRequest
 from gateway.chat_response import ChatResult, Delta, Finish
 from gateway.config import GatewayConfig
 from gateway.errors import SessionMediaEvictedError
+from gateway.limits import (
+    check_conversation_media,
+    check_request_media,
+    request_media_items,
+    session_media_items,
+)
 from gateway.media import MediaResolver
 from gateway.metrics import GatewayMetrics
 from gateway.planning import (
@@ -171,7 +177,9 @@ class Orchestrator:
         deadline = Deadline(timeout if timeout is not None else self.config.default_timeout_s)
         if not request.content:
             raise InvalidArgumentError("content is empty: the new user turn needs text, an image or a video")
-        request.sampling.validate()
+        request.sampling.validate(self.config.sampling_limits)
+        media_items = request_media_items(request)
+        check_request_media(media_items, self.config.max_media_items)
         adapter = self._adapter(request.model)
         check_max_num(request.max_num, "max_num", MAX_NUM_LIMIT)
         for where, video in _videos(request):
@@ -202,6 +210,8 @@ class Orchestrator:
                 adapter = self._adapter(session.adapter)  # still served?
             else:
                 session = Session(session_id, request.system_message, adapter=adapter)
+            check_conversation_media(media_items, session_media_items(session),
+                                     self.config.max_conversation_media_items)
             with tracing.tracer().start_as_current_span("media.plan") as span:
                 plan = await self._plan(request, adapter)
                 tracing.set_attributes({"internvl.images": len(plan.images),
