@@ -11,7 +11,7 @@ serialisation (never pickle) and is rebuilt here against the service's own Token
 grammar, in the default executor).
 
 `WORKERS` processes compile concurrently; a compile waits for a free one, at most the budget of the compile it waits
-behind (plus a respawn, started at once when a worker is killed), so a pathological constraint delays the others by
+behind (plus a respawn, started at once when a worker is killed; the first ones start on first use), so a pathological constraint delays the others by
 no more than the budget and never touches the model's step (the engine's thread). Grammars compiled here are kept
 (`CACHE_BYTES`, least recently used out), so a schema many requests share is compiled once. The vLLM engine compiles
 the same EBNF again in vLLM's structured-output manager, asynchronously to its step; only constraints that compiled
@@ -85,8 +85,9 @@ class GrammarPool:
     def __init__(self, grammars: Grammars, timeout_s: float):
         self.grammars = grammars
         self.timeout_s = timeout_s
-        # Each slot: a worker starting or started (a task), taken by one compile at a time; None until first use.
-        self._slots: asyncio.Queue[asyncio.Task[_Worker]] | None = None
+        # Each slot: a worker starting or started (a task), or None (none yet: started by the first compile that
+        # takes the slot), taken by one compile at a time. The queue itself is made on first use.
+        self._slots: asyncio.Queue[asyncio.Task[_Worker] | None] | None = None
         self._all: set[asyncio.Task[_Worker]] = set()
         self._cache: collections.OrderedDict[Constraint, xgrammar.CompiledGrammar] = collections.OrderedDict()
         self._cached_bytes = 0
@@ -101,7 +102,7 @@ class GrammarPool:
             self._cache.move_to_end(constraint)
             return cached
         slots = await self._ready_slots()
-        task = await slots.get()
+        task = await slots.get() or self._spawn()
         try:
             worker = await asyncio.shield(task)  # a cancelled request leaves the worker starting for the next one
         except asyncio.CancelledError:
@@ -142,7 +143,7 @@ class GrammarPool:
         self._remember(constraint, compiled)
         return compiled
 
-    async def _ready_slots(self) -> asyncio.Queue[asyncio.Task[_Worker]]:
+    async def _ready_slots(self) -> asyncio.Queue[asyncio.Task[_Worker] | None]:
         if self._slots is None:
             # The vocabulary is built once (about a second for 150k tokens), off the loop.
             vocabulary, metadata = await asyncio.get_running_loop().run_in_executor(
@@ -151,7 +152,7 @@ class GrammarPool:
                 self._setup = grammar_worker.encode_frame({"vocabulary": vocabulary, "metadata": metadata})
                 self._slots = asyncio.Queue()
                 for _ in range(WORKERS):
-                    self._slots.put_nowait(self._spawn())
+                    self._slots.put_nowait(None)
         return self._slots
 
     def _spawn(self) -> asyncio.Task[_Worker]:
