@@ -106,9 +106,7 @@ class SamplingParams:
                 raise InvalidArgumentError(f"logit_bias: token id {token} is not a token id")
             if not -100 <= bias <= 100:
                 raise InvalidArgumentError(f"logit_bias[{token}] must be in [-100, 100], got {bias}")
-        if self.n < 0:
-            raise InvalidArgumentError(f"n must be >= 1, got {self.n}")
-        if self.n > limits.max_n:
+        if not 0 <= self.n <= limits.max_n:
             raise InvalidArgumentError(f"n must be between 1 and {limits.max_n} (--max-n), got {self.n}")
         if self.constraint is not None:
             self.constraint.validate(limits.constraint)
