@@ -140,7 +140,11 @@ async def test_a_model_not_served_and_a_full_queue_are_refused_before_any_work(m
     service, fake = make_fake_service(max_queue=3)
     work = []
     monkeypatch.setattr(service.prompts, "build", lambda conversation: work.append("tokenise"))
-    monkeypatch.setattr(service.grammars, "compile", lambda constraint: work.append("compile"))
+
+    async def compile_grammar(constraint):
+        work.append("compile")
+
+    monkeypatch.setattr(service.grammar_pool, "compile", compile_grammar)
     constrained = hi(constraint=Constraint(ConstraintKind.CHOICE, choices=("yes", "no")))
     with pytest.raises(NotFoundError, match=r"^model 'nope' is not served by this LLM server \(adapters: none\)$"):
         unknown = dataclasses.replace(constrained.conversation, adapter="nope")
