@@ -1,8 +1,10 @@
 """The LLM service's transport-free core: conversation in, stream of generation events out.
 
 `LLMService.generate` first refuses what it will not take (services.llm.intake: a model it does not serve, a full
-queue), then validates the request, builds the prompt (tokenisation off the event loop), resolves every referenced
-image's embeddings (from the shared Redis cache, or from what the client sent inline), checks them against the prompt,
+queue), then validates the request against its limits (`LLMConfig.sampling_limits`), builds the prompt (tokenisation
+off the event loop), refuses a prompt over --max-prompt-tokens or an asked max_new_tokens that does not fit beside it,
+compiles the constraint's grammar within its budget (services.llm.grammar_pool), resolves every referenced image's
+embeddings (from the shared Redis cache, or from what the client sent inline), checks them against the prompt,
 and hands the request to the engine. The service knows the engine interface (services.llm.engine.api, events) and the
 factory that builds the engine `LLMConfig.engine` names (services.llm.engine.factory), never a concrete engine. Errors
 are domain errors (services.contract.errors); the gRPC layer maps them to statuses.
