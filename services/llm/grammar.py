@@ -80,16 +80,27 @@ class Grammars:
 
     def compile(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
         """The grammar of `constraint`; InvalidArgumentError naming the kind and xgrammar's reason if it has none."""
-        return compile_constraint(self.compiler, constraint)
+        return compile_ebnf(self.compiler, grammar_text(constraint), constraint.kind.value)
 
 
-def compile_constraint(compiler: xgrammar.GrammarCompiler, constraint: Constraint) -> xgrammar.CompiledGrammar:
-    """`constraint`'s grammar compiled by `compiler`; InvalidArgumentError naming the kind and xgrammar's reason if
-    it has none (blocking, unbounded: the service runs it in services.llm.grammar_pool's worker processes)."""
+def grammar_text(constraint: Constraint) -> str:
+    """`constraint_ebnf`, its failure an InvalidArgumentError naming the kind and xgrammar's reason. Fast (the
+    conversion writes a rule per schema node or regex operator, linear in the constraint's bounded text): the
+    expensive, unbounded part is `compile_ebnf`."""
     try:
-        return compiler.compile_grammar(constraint_ebnf(constraint))
+        return constraint_ebnf(constraint)
     except (RuntimeError, ValueError) as exc:  # xgrammar raises RuntimeError; ValueError: e.g. unencodable text
         raise InvalidArgumentError(f"{constraint.kind.value}: {_reason(exc)}") from None
+
+
+def compile_ebnf(compiler: xgrammar.GrammarCompiler, ebnf: str, kind: str) -> xgrammar.CompiledGrammar:
+    """The grammar `ebnf` (of a constraint of `kind`) compiled against `compiler`'s vocabulary; InvalidArgumentError
+    naming the kind and xgrammar's reason if it fails. Blocking and unbounded in time and memory: the service runs it
+    in services.llm.grammar_pool's worker processes."""
+    try:
+        return compiler.compile_grammar(ebnf)
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidArgumentError(f"{kind}: {_reason(exc)}") from None
 
 
 def constraint_ebnf(constraint: Constraint) -> str:

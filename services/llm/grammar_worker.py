@@ -7,8 +7,8 @@ big-endian length, then that many bytes of JSON; never pickle):
 
     parent -> child   {"vocabulary": [...], "metadata": "..."}       once, first: the TokenizerInfo to compile for
     child -> parent   {"ready": true}                                 once its first (warm-up) compile is done
-    parent -> child   {"kind": ..., "schema": ..., "strict": ..., "pattern": ..., "choices": [...]}   a Constraint
-    child -> parent   {"grammar": "<CompiledGrammar.serialize_json()>"} or {"error": "<reason>"}
+    parent -> child   {"ebnf": "<a constraint's grammar text>", "kind": "<its kind, for the error>"}
+    child -> parent   {"grammar": "<CompiledGrammar.serialize_json()>"} or {"error": "<kind>: <reason>"}
 
 The child's file descriptor 1 becomes stderr, so nothing a library prints can corrupt the frames.
 """
@@ -25,7 +25,7 @@ import xgrammar
 
 from services.contract.constraint import Constraint, ConstraintKind
 from services.contract.errors import InvalidArgumentError
-from services.llm.grammar import compile_constraint
+from services.llm.grammar import compile_ebnf, grammar_text
 
 _LENGTH = struct.Struct(">I")
 # What the child's compiler keeps of grammars it compiled (xgrammar's cache), so a schema many requests share is
@@ -42,11 +42,6 @@ def decode_length(header: bytes) -> int:
     return _LENGTH.unpack(header)[0]
 
 
-def constraint_message(constraint: Constraint) -> dict:
-    return {"kind": constraint.kind.value, "schema": constraint.schema, "strict": constraint.strict,
-            "pattern": constraint.pattern, "choices": list(constraint.choices)}
-
-
 def _read(stream: BinaryIO) -> dict | None:
     header = stream.read(_LENGTH.size)
     if len(header) < _LENGTH.size:
@@ -55,10 +50,8 @@ def _read(stream: BinaryIO) -> dict | None:
 
 
 def _answer(compiler: xgrammar.GrammarCompiler, message: dict) -> dict:
-    constraint = Constraint(ConstraintKind(message["kind"]), schema=message["schema"], strict=message["strict"],
-                            pattern=message["pattern"], choices=tuple(message["choices"]))
     try:
-        return {"grammar": compile_constraint(compiler, constraint).serialize_json()}
+        return {"grammar": compile_ebnf(compiler, message["ebnf"], message["kind"]).serialize_json()}
     except InvalidArgumentError as exc:
         return {"error": str(exc)}
 
@@ -77,7 +70,7 @@ def main() -> None:
     compiler = xgrammar.GrammarCompiler(info, cache_enabled=True, cache_limit_bytes=CACHE_LIMIT_BYTES)
     # The first compile prepares the vocabulary (seconds for 150k tokens): done before "ready", so that it never
     # counts against a request's budget.
-    compile_constraint(compiler, Constraint(ConstraintKind.CHOICE, choices=("ready",)))
+    compile_ebnf(compiler, grammar_text(Constraint(ConstraintKind.CHOICE, choices=("ready",))), "choice")
     frames_out.write(encode_frame({"ready": True}))
     frames_out.flush()
     while (message := _read(frames_in)) is not None:
