@@ -1,8 +1,9 @@
 """Media items per request and per conversation: counted from the request's parts and the session's references,
 before any media is fetched, read, decoded or encoded.
 
-An item is one image or one video (a video counts one, whatever the frames it is sampled into: `--max-video-frames`
-and `--max-request-tiles` bound those). Images under one combined placeholder count one each, as the caller sent them.
+An item is one image or one video (a video counts one, whatever the frames it is sampled into: `--max-video-
+frames` and `--max-request-tiles` bound those). Images under one combined placeholder count one each, as the
+caller sent them.
 """
 
 from __future__ import annotations

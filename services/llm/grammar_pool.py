@@ -1,23 +1,24 @@
 """Structured-output grammars compiled within a time budget, in worker processes killed when they overrun it.
 
-xgrammar compiles a grammar against the whole vocabulary, and the cost is not bounded by the constraint's size: on
-the tiny checkpoint's 151k-token vocabulary (2 loaded cores) the 17-character regex `(.{1,200}){1,200}` took 11.7 s,
-and a 27 KB JSON schema of 600 optional string properties 51 s and 400 MB, while ordinary schemas take milliseconds.
-Writing a constraint's grammar as EBNF text (`grammar_text`) is fast and stays here, so a constraint without a
-grammar is refused without a worker; compiling that text against the vocabulary is what can explode. A compile in a
-thread cannot be stopped: a bounded thread pool could refuse the request at the budget but would keep
-computing (and holding the memory) for the minute, and the next compiles would queue behind it. So each compile runs
-in a worker process (services.llm.grammar_worker) that is killed (SIGKILL) when it passes --grammar-compile-timeout-s,
-and the request is refused with INVALID_ARGUMENT naming the budget. The compiled grammar comes back as xgrammar's JSON
-serialisation (never pickle) and is rebuilt here against the service's own TokenizerInfo (about 0.1 s for a 5 MB
-grammar, in the default executor).
+xgrammar compiles a grammar against the whole vocabulary, and the cost is not bounded by the constraint's
+size: on the tiny checkpoint's 151k-token vocabulary (2 loaded cores) the 17-character regex
+`(.{1,200}){1,200}` took 11.7 s, and a 27 KB JSON schema of 600 optional string properties 51 s and 400 MB,
+while ordinary schemas take milliseconds. Writing a constraint's grammar as EBNF text (`grammar_text`) is fast
+and stays here, so a constraint without a grammar is refused without a worker; compiling that text against the
+vocabulary is what can explode. A compile in a thread cannot be stopped: a bounded thread pool could refuse
+the request at the budget but would keep computing (and holding the memory) for the minute, and the next
+compiles would queue behind it. So each compile runs in a worker process (services.llm.grammar_worker) that is
+killed (SIGKILL) when it passes --grammar-compile-timeout-s, and the request is refused with INVALID_ARGUMENT
+naming the budget. The compiled grammar comes back as xgrammar's JSON serialisation (never pickle) and is
+rebuilt here against the service's own TokenizerInfo (about 0.1 s for a 5 MB grammar, in the default
+executor).
 
-`WORKERS` processes compile concurrently (started on first use); a compile waits for a free one at most the budget
-of the compile it waits behind (plus a respawn, started at once when a worker is killed), so a pathological
-constraint delays the others by no more than the budget and never touches the model's step (the engine's thread).
-Grammars compiled here are kept (`CACHE_BYTES`, least recently used out), so a schema many requests share is
-compiled once. The vLLM engine compiles the same EBNF again in vLLM's structured-output manager, asynchronously to
-its step; only constraints that compiled here within the budget get there.
+`WORKERS` processes compile concurrently (started on first use); a compile waits for a free one at most the
+budget of the compile it waits behind (plus a respawn, started at once when a worker is killed), so a
+pathological constraint delays the others by no more than the budget and never touches the model's step (the
+engine's thread). Grammars compiled here are kept (`CACHE_BYTES`, least recently used out), so a schema many
+requests share is compiled once. The vLLM engine compiles the same EBNF again in vLLM's structured-output
+manager, asynchronously to its step; only constraints that compiled here within the budget get there.
 """
 
 from __future__ import annotations

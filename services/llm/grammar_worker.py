@@ -1,9 +1,9 @@
-"""The grammar compile worker: a child process of the LLM service that compiles constraints, one at a time.
+"""The grammar compile worker: a child process of the LLM service that compiles grammars, one at a time.
 
-Run as `python -m services.llm.grammar_worker` by `services.llm.grammar_pool`, which kills it when a compile overruns
---grammar-compile-timeout-s: a thread cannot be stopped, and xgrammar's compile of a small pathological constraint
-can take minutes and gigabytes (see the pool's docstring). Protocol on stdin/stdout, every message one frame (a 4-byte
-big-endian length, then that many bytes of JSON; never pickle):
+Run as `python -m services.llm.grammar_worker` by `services.llm.grammar_pool`, which kills it when a compile
+overruns --grammar-compile-timeout-s: a thread cannot be stopped, and xgrammar's compile of a small
+pathological constraint can take minutes and gigabytes (see the pool's docstring). Protocol on stdin/stdout,
+every message one frame (a 4-byte big-endian length, then that many bytes of JSON; never pickle):
 
     parent -> child   {"vocabulary": [...], "metadata": "..."}       once, first: the TokenizerInfo to compile for
     child -> parent   {"ready": true}                                 once its first (warm-up) compile is done
