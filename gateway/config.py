@@ -22,6 +22,7 @@ from gateway.tenants import KeyDirectory, load_keys_file
 from services.contract.cache_keys import DEFAULT_NAMESPACE
 from services.contract.errors import InvalidArgumentError
 from services.contract.priority import Priority
+from services.contract.sampling import SamplingLimits
 from services.contract.tiling import DEFAULT_MAX_PIXELS
 from services.runtime import flags
 from services.runtime.flags import flag, flag_group
@@ -123,6 +124,13 @@ class GatewayConfig:
     # prompt, checked before anything is encoded. Each tile is 256 tokens: 128 tiles fill a 32k context.
     max_request_tiles: int = flag(128, "most image tiles one request may put in the prompt, refused before encoding "
                                        "(default %(default)s: 256 tokens each, a 32k context)")
+    # Most images and videos (a video counts one, whatever its frames) one request may carry, history included, and
+    # one conversation may hold (a session's earlier turns too): refused before any media is read or encoded.
+    max_media_items: int = flag(32, "most images and videos one request may carry, its history included, refused "
+                                    "before any media is read (default %(default)s)")
+    max_conversation_media_items: int = flag(
+        64, "most images and videos of a conversation, a session's earlier turns included, refused before any media "
+            "is read (default %(default)s)")
     # Images per vision Encode call: a request's cache misses are grouped by the replica their keys prefer and split
     # into calls of at most this many, sent concurrently.
     encode_items_per_call: int = flag(4, "images per vision Encode call when fanning out (default %(default)s)")
@@ -166,6 +174,10 @@ class GatewayConfig:
     # reveal nothing of other tenants). On: one image is encoded once for all tenants.
     shared_embedding_cache: bool = flag(False, "let tenants share image embeddings (default: one key scope per "
                                                "tenant, so reused tiles never reveal another tenant's image)")
+    # How much one request's sampling parameters may ask for (n, logit_bias, stop strings, constraint size),
+    # checked before any media work (the LLM service checks its own again).
+    sampling_limits: SamplingLimits = flag_group(SamplingLimits, title="request limits",
+                                                 default_factory=SamplingLimits)
     # TLS (and mutual TLS) towards the vision and LLM services; None: plaintext.
     upstream_tls: ClientTls | None = flag_group(
         UpstreamTlsFlags, title="TLS to the vision and LLM services (default: plaintext)",
@@ -194,6 +206,10 @@ class GatewayConfig:
             (self.max_pixels >= 1, f"--max-pixels must be >= 1, got {self.max_pixels}"),
             (self.max_video_frames >= 1, f"--max-video-frames must be >= 1, got {self.max_video_frames}"),
             (self.max_request_tiles >= 1, f"--max-request-tiles must be >= 1, got {self.max_request_tiles}"),
+            (self.max_media_items >= 1, f"--max-media-items must be >= 1, got {self.max_media_items}"),
+            (self.max_conversation_media_items >= self.max_media_items,
+             (f"--max-conversation-media-items ({self.max_conversation_media_items}) must be >= --max-media-items "
+              f"({self.max_media_items})")),
             (self.encode_items_per_call >= 1,
              f"--encode-items-per-call must be >= 1, got {self.encode_items_per_call}"),
             (bool(self.namespace) and ":" not in self.namespace,
@@ -216,6 +232,7 @@ class GatewayConfig:
              (f"--api-keys-file and --api-token-file (or ${ENV_API_TOKEN}) exclude each other: give the token to "
              f"a tenant in the key file instead")),
         ]
+        checks += [(False, problem) for problem in self.sampling_limits.problems()]
         for ok, message in checks:
             if not ok:
                 raise InvalidArgumentError(message)

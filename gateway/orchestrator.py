@@ -45,6 +45,12 @@ from gateway.chat_request import ChatRequest
 from gateway.chat_response import ChatResult, Delta, Finish
 from gateway.config import GatewayConfig
 from gateway.errors import SessionMediaEvictedError
+from gateway.limits import (
+    check_conversation_media,
+    check_request_media,
+    request_media_items,
+    session_media_items,
+)
 from gateway.media import MediaResolver
 from gateway.metrics import GatewayMetrics
 from gateway.planning import (
@@ -186,7 +192,9 @@ class Orchestrator:
         deadline = Deadline(timeout if timeout is not None else self.config.default_timeout_s)
         if not request.content:
             raise InvalidArgumentError("content is empty: the new user turn needs text, an image or a video")
-        request.sampling.validate()
+        request.sampling.validate(self.config.sampling_limits)
+        media_items = request_media_items(request)
+        check_request_media(media_items, self.config.max_media_items)
         adapter = self._adapter(request.model)
         check_max_num(request.max_num, "max_num", MAX_NUM_LIMIT)
         for where, video in _videos(request):
@@ -231,6 +239,8 @@ class Orchestrator:
                 adapter = self._adapter(session.adapter)  # still served?
             else:
                 session = Session(session_id, request.system_message, adapter=adapter, tenant=tenant)
+            check_conversation_media(request_media_items(request), session_media_items(session),
+                                     self.config.max_conversation_media_items)
             with tracing.tracer().start_as_current_span("media.plan") as span:
                 plan = await self._plan(request, adapter, key_salt)
                 tracing.set_attributes({"internvl.images": len(plan.images),

@@ -9,11 +9,29 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from internvl.common.v1 import common_pb2
 
 from services.contract.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class ConstraintLimits:
+    """How large a constraint may be, before anything compiles it. Each field is a flag of the gateway and of the
+    LLM service (plain metadata: the contract is below the runtime's `flag()`)."""
+
+    max_constraint_chars: int = field(default=64 * 1024, metadata={
+        "help": "most characters of a constraint's schema, pattern or choices together (default %(default)s)"})
+    max_constraint_choices: int = field(default=1024, metadata={
+        "help": "most choices of a choice constraint (default %(default)s)"})
+
+    def problems(self) -> list[str]:
+        return [f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                for name in ("max_constraint_chars", "max_constraint_choices") if getattr(self, name) < 1]
+
+
+DEFAULT_CONSTRAINT_LIMITS = ConstraintLimits()
 
 
 class ConstraintKind(enum.Enum):
@@ -34,18 +52,18 @@ class Constraint:
     pattern: str = ""
     choices: tuple[str, ...] = ()
 
-    MAX_SPEC_CHARS = 64 * 1024
-    MAX_CHOICES = 1024
-
-    def validate(self) -> None:
-        if len(self.schema) + len(self.pattern) + sum(map(len, self.choices)) > self.MAX_SPEC_CHARS:
-            raise InvalidArgumentError(f"the constraint is larger than {self.MAX_SPEC_CHARS} characters")
+    def validate(self, limits: ConstraintLimits = DEFAULT_CONSTRAINT_LIMITS) -> None:
+        """Refuses a constraint above `limits` (naming the limit and its flag) or one that cannot have a grammar."""
+        size = len(self.schema) + len(self.pattern) + sum(map(len, self.choices))
+        if size > limits.max_constraint_chars:
+            raise InvalidArgumentError(f"the constraint is larger than {limits.max_constraint_chars} characters "
+                                       f"(--max-constraint-chars), got {size}")
         if self.kind is ConstraintKind.JSON_SCHEMA:
             try:
                 schema = json.loads(self.schema)
             except ValueError as exc:
                 raise InvalidArgumentError(f"json_schema: the schema is not valid JSON ({exc})") from None
-            except RecursionError:  # thousands of nested arrays or objects fit in MAX_SPEC_CHARS
+            except RecursionError:  # thousands of nested arrays or objects fit in --max-constraint-chars
                 raise InvalidArgumentError("json_schema: the schema is nested too deeply to parse") from None
             if not isinstance(schema, (dict, bool)):
                 raise InvalidArgumentError("json_schema: a schema must be a JSON object (or true/false)")
@@ -54,8 +72,9 @@ class Constraint:
         elif self.kind is ConstraintKind.CHOICE:
             if not self.choices:
                 raise InvalidArgumentError("choice: the list of choices is empty")
-            if len(self.choices) > self.MAX_CHOICES:
-                raise InvalidArgumentError(f"choice: at most {self.MAX_CHOICES} choices, got {len(self.choices)}")
+            if len(self.choices) > limits.max_constraint_choices:
+                raise InvalidArgumentError(f"choice: at most {limits.max_constraint_choices} choices "
+                                           f"(--max-constraint-choices), got {len(self.choices)}")
             if not all(self.choices):
                 raise InvalidArgumentError("choice: a choice is an empty string")
 

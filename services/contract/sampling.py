@@ -9,14 +9,45 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from internvl.common.v1 import common_pb2
 
-from services.contract.constraint import Constraint
+from services.contract.constraint import Constraint, ConstraintLimits
 from services.contract.errors import InvalidArgumentError
 
 _INT32 = 1 << 31
+
+
+def _limit(default: int, help: str) -> int:
+    """A field that is also a flag of the services that hold a `SamplingLimits` (plain metadata: the contract is
+    below the runtime's `flag()`)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SamplingLimits:
+    """How much one request's sampling parameters may ask for. Each field is a flag (`--max-n`, ...) of the gateway
+    and of the LLM service, which both validate (the gateway before any media work, the LLM service before any model
+    work); a refusal names the flag and the limit."""
+
+    max_n: int = _limit(16, "most answers (n) one request may ask for (default %(default)s)")
+    max_logit_bias: int = _limit(300, "most logit_bias entries per request (default %(default)s, OpenAI's)")
+    max_stop_strings: int = _limit(16, "most stop strings per request (default %(default)s)")
+    max_stop_string_chars: int = _limit(256, "most characters of one stop string (default %(default)s)")
+    constraint: ConstraintLimits = field(default_factory=ConstraintLimits,
+                                         metadata={"group": ConstraintLimits, "title": None, "build": None,
+                                                   "defaults": {}})
+
+    def problems(self) -> list[str]:
+        """What is wrong with these limits, naming each flag (every one must be >= 1)."""
+        out = [f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+               for name in ("max_n", "max_logit_bias", "max_stop_strings", "max_stop_string_chars")
+               if getattr(self, name) < 1]
+        return out + self.constraint.problems()
+
+
+DEFAULT_LIMITS = SamplingLimits()
 
 
 @dataclass(frozen=True)
@@ -39,14 +70,11 @@ class SamplingParams:
     constraint: Constraint | None = None
 
     MAX_TOP_LOGPROBS = 20
-    MAX_CHOICES = 16
-    MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
-    MAX_STOP_STRINGS = 16
-    MAX_STOP_STRING_CHARS = 256
     SEED_LIMIT = 1 << 64
 
-    def validate(self) -> None:
-        """Refuses what no server can honour, naming the field: the wire's integer ranges, then each option's."""
+    def validate(self, limits: SamplingLimits = DEFAULT_LIMITS) -> None:
+        """Refuses what no server can honour, naming the field: the wire's integer ranges, then each option's; and
+        what is above `limits`, naming the field, the limit and its flag."""
         for name in ("max_new_tokens", "top_k", "top_logprobs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not -_INT32 <= value < _INT32:
@@ -70,24 +98,27 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise InvalidArgumentError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if len(self.logit_bias) > self.MAX_LOGIT_BIAS:
-            raise InvalidArgumentError(f"logit_bias may have at most {self.MAX_LOGIT_BIAS} entries, got "
-                                       f"{len(self.logit_bias)}")
+        if len(self.logit_bias) > limits.max_logit_bias:
+            raise InvalidArgumentError(f"logit_bias may have at most {limits.max_logit_bias} entries "
+                                       f"(--max-logit-bias), got {len(self.logit_bias)}")
         for token, bias in self.logit_bias:
             if not 0 <= token < _INT32:
                 raise InvalidArgumentError(f"logit_bias: token id {token} is not a token id")
             if not -100 <= bias <= 100:
                 raise InvalidArgumentError(f"logit_bias[{token}] must be in [-100, 100], got {bias}")
-        if not 0 <= self.n <= self.MAX_CHOICES:
-            raise InvalidArgumentError(f"n must be between 1 and {self.MAX_CHOICES}, got {self.n}")
+        if not 0 <= self.n <= limits.max_n:
+            raise InvalidArgumentError(f"n must be between 1 and {limits.max_n} (--max-n), got {self.n}")
         if self.constraint is not None:
-            self.constraint.validate()
-        if len(self.stop_strings) > self.MAX_STOP_STRINGS:
-            raise InvalidArgumentError(f"at most {self.MAX_STOP_STRINGS} stop strings, got {len(self.stop_strings)}")
+            self.constraint.validate(limits.constraint)
+        if len(self.stop_strings) > limits.max_stop_strings:
+            raise InvalidArgumentError(f"at most {limits.max_stop_strings} stop strings (--max-stop-strings), got "
+                                       f"{len(self.stop_strings)}")
         if any(not s for s in self.stop_strings):
             raise InvalidArgumentError("stop_strings must not contain an empty string")
-        if any(len(s) > self.MAX_STOP_STRING_CHARS for s in self.stop_strings):
-            raise InvalidArgumentError(f"each stop string may have at most {self.MAX_STOP_STRING_CHARS} characters")
+        longest = max(map(len, self.stop_strings), default=0)
+        if longest > limits.max_stop_string_chars:
+            raise InvalidArgumentError(f"each stop string may have at most {limits.max_stop_string_chars} characters "
+                                       f"(--max-stop-string-chars), got {longest}")
 
     @property
     def greedy(self) -> bool:

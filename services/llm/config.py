@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from services.contract.dtypes import DTYPE_NAMES
 from services.contract.errors import InvalidArgumentError
+from services.contract.sampling import SamplingLimits
 from services.model.adapter_options import AdapterOptions
 from services.runtime import flags
 from services.runtime.flags import flag, flag_group
@@ -53,6 +54,16 @@ class LLMConfig:
     max_new_tokens_default: int = flag(512, "max_new_tokens when a request leaves it 0")
     # Longest prompt + answer in tokens; None: the language model's max_position_embeddings.
     max_context_tokens: int | None = flag(None, "prompt + answer limit (default: the model's max_position_embeddings)")
+    # Longest prompt in tokens, refused before prefill; None: the context (--max-context-tokens or the model's).
+    max_prompt_tokens: int | None = flag(None, "longest prompt in tokens, images included, refused before prefill "
+                                               "(default: the context)")
+    # Seconds a constraint's grammar may take to compile, in a worker process killed when it overruns
+    # (services.llm.grammar_pool); a constraint that takes longer is refused.
+    grammar_compile_timeout_s: float = flag(5.0, "seconds a structured-output grammar may take to compile; longer "
+                                                 "is refused (default %(default)s)")
+    # How much one request's sampling parameters may ask for (n, logit_bias, stop strings, constraint size).
+    sampling_limits: SamplingLimits = flag_group(SamplingLimits, title="request limits",
+                                                 default_factory=SamplingLimits)
     # LoRA adapters served beside the base (--lora NAME=DIR, --max-loras, --max-lora-rank).
     adapters: AdapterOptions = flag_group(AdapterOptions, default_factory=AdapterOptions)
     # The engine that computes the tokens, by its name in services.llm.engine.factory.ENGINES.
@@ -79,10 +90,14 @@ class LLMConfig:
             (self.kv_budget_mb >= 0, f"--kv-budget-mb must be >= 0 (0: from the free memory), got {self.kv_budget_mb}"),
             (self.max_context_tokens is None or self.max_context_tokens >= 2,
              f"--max-context-tokens must be >= 2, got {self.max_context_tokens}"),
+            (self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+             f"--max-prompt-tokens must be >= 1, got {self.max_prompt_tokens}"),
+            (0 < self.grammar_compile_timeout_s <= 600,
+             f"--grammar-compile-timeout-s must be in (0, 600], got {self.grammar_compile_timeout_s}"),
             (self.tensor_parallel_size == 1 or self.engine == "vllm",
              f"--tensor-parallel-size {self.tensor_parallel_size} needs --engine vllm (one device otherwise)"),
         ]
-        checks += [(False, problem) for problem in self.adapters.problems()]
+        checks += [(False, problem) for problem in (*self.adapters.problems(), *self.sampling_limits.problems())]
         for ok, message in checks:
             if not ok:
                 raise InvalidArgumentError(message)

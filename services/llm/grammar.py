@@ -21,12 +21,15 @@ from __future__ import annotations
 import json
 import re
 import threading
+from typing import TYPE_CHECKING
 
 import xgrammar
-from transformers import PreTrainedTokenizerBase
 
 from services.contract.constraint import Constraint, ConstraintKind
 from services.contract.errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # the compile worker (services.llm.grammar_worker) imports this module without transformers
+    from transformers import PreTrainedTokenizerBase
 
 # xgrammar's C++ messages start with a time and the source position that raised them ("[22:48:56]
 # /project/cpp/json_schema_converter.cc:5082: Unsupported type ..."): of no use to the caller.
@@ -47,6 +50,15 @@ class Grammars:
         self._lock = threading.Lock()
         self._info: xgrammar.TokenizerInfo | None = None
         self._compiler: xgrammar.GrammarCompiler | None = None
+        self._vocabulary: tuple[list[str], str] | None = None
+
+    @property
+    def vocabulary(self) -> tuple[list[str], str]:
+        """(encoded vocabulary, metadata JSON): what `xgrammar.TokenizerInfo.from_vocab_and_metadata` rebuilds the
+        tokenizer info from (in a compile worker process); built once."""
+        self._ensure()
+        assert self._vocabulary is not None
+        return self._vocabulary
 
     @property
     def tokenizer_info(self) -> xgrammar.TokenizerInfo:
@@ -60,18 +72,35 @@ class Grammars:
     def _ensure(self) -> tuple[xgrammar.TokenizerInfo, xgrammar.GrammarCompiler]:
         with self._lock:
             if self._info is None or self._compiler is None:
-                info = build_tokenizer_info(self.tokenizer, self.vocab_size, self.stop_token_id)
+                self._vocabulary = tokenizer_vocabulary(self.tokenizer, self.vocab_size, self.stop_token_id)
+                info = xgrammar.TokenizerInfo.from_vocab_and_metadata(*self._vocabulary)
                 self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
                 self._info = info
             return self._info, self._compiler
 
     def compile(self, constraint: Constraint) -> xgrammar.CompiledGrammar:
         """The grammar of `constraint`; InvalidArgumentError naming the kind and xgrammar's reason if it has none."""
-        compiler = self.compiler
-        try:
-            return compiler.compile_grammar(constraint_ebnf(constraint))
-        except (RuntimeError, ValueError) as exc:  # xgrammar raises RuntimeError; ValueError: e.g. unencodable text
-            raise InvalidArgumentError(f"{constraint.kind.value}: {_reason(exc)}") from None
+        return compile_ebnf(self.compiler, grammar_text(constraint), constraint.kind.value)
+
+
+def grammar_text(constraint: Constraint) -> str:
+    """`constraint_ebnf`, its failure an InvalidArgumentError naming the kind and xgrammar's reason. Fast (the
+    conversion writes a rule per schema node or regex operator, linear in the constraint's bounded text): the
+    expensive, unbounded part is `compile_ebnf`."""
+    try:
+        return constraint_ebnf(constraint)
+    except (RuntimeError, ValueError) as exc:  # xgrammar raises RuntimeError; ValueError: e.g. unencodable text
+        raise InvalidArgumentError(f"{constraint.kind.value}: {_reason(exc)}") from None
+
+
+def compile_ebnf(compiler: xgrammar.GrammarCompiler, ebnf: str, kind: str) -> xgrammar.CompiledGrammar:
+    """The grammar `ebnf` (of a constraint of `kind`) compiled against `compiler`'s vocabulary; InvalidArgumentError
+    naming the kind and xgrammar's reason if it fails. Blocking and unbounded in time and memory: the service runs it
+    in services.llm.grammar_pool's worker processes."""
+    try:
+        return compiler.compile_grammar(ebnf)
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidArgumentError(f"{kind}: {_reason(exc)}") from None
 
 
 def constraint_ebnf(constraint: Constraint) -> str:
@@ -138,6 +167,13 @@ def _reason(exc: BaseException) -> str:
 def build_tokenizer_info(tokenizer: PreTrainedTokenizerBase, vocab_size: int,
                          stop_token_id: int) -> xgrammar.TokenizerInfo:
     """xgrammar's TokenizerInfo of `tokenizer` over `vocab_size` rows, the added tokens' strings emptied."""
+    return xgrammar.TokenizerInfo.from_vocab_and_metadata(*tokenizer_vocabulary(tokenizer, vocab_size, stop_token_id))
+
+
+def tokenizer_vocabulary(tokenizer: PreTrainedTokenizerBase, vocab_size: int,
+                         stop_token_id: int) -> tuple[list[str], str]:
+    """The encoded vocabulary (`vocab_size` strings, the added tokens' emptied) and the metadata JSON of xgrammar's
+    TokenizerInfo of `tokenizer`: what `build_tokenizer_info` makes it from."""
     # from_huggingface detects how the vocabulary is encoded (byte-level BPE, byte fallback, raw) and whether a
     # space is prepended; its metadata is kept and the vocabulary rebuilt without the added tokens.
     detected = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
@@ -151,7 +187,7 @@ def build_tokenizer_info(tokenizer: PreTrainedTokenizerBase, vocab_size: int,
     for index in added_token_ids(tokenizer):
         if index < vocab_size:
             encoded[index] = ""  # the stop token too: xgrammar allows a stop token by its id, not by its string
-    return xgrammar.TokenizerInfo.from_vocab_and_metadata(encoded, json.dumps(metadata))
+    return encoded, json.dumps(metadata)
 
 
 def added_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -1,8 +1,10 @@
 """The LLM service's transport-free core: conversation in, stream of generation events out.
 
 `LLMService.generate` first refuses what it will not take (services.llm.intake: a model it does not serve, a full
-queue), then validates the request, builds the prompt (tokenisation off the event loop), resolves every referenced
-image's embeddings (from the shared Redis cache, or from what the client sent inline), checks them against the prompt,
+queue), then validates the request against its limits (`LLMConfig.sampling_limits`), builds the prompt (tokenisation
+off the event loop), refuses a prompt over --max-prompt-tokens or an asked max_new_tokens that does not fit beside it,
+compiles the constraint's grammar within its budget (services.llm.grammar_pool), resolves every referenced image's
+embeddings (from the shared Redis cache, or from what the client sent inline), checks them against the prompt,
 and hands the request to the engine. The service knows the engine interface (services.llm.engine.api, events) and the
 factory that builds the engine `LLMConfig.engine` names (services.llm.engine.factory), never a concrete engine. Errors
 are domain errors (services.contract.errors); the gRPC layer maps them to statuses.
@@ -21,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from services.contract import template
 from services.contract.conversation import Conversation, GenerateRequest
-from services.contract.errors import EmbeddingsMissingError, InvalidArgumentError
+from services.contract.errors import ContextTooLongError, EmbeddingsMissingError, InvalidArgumentError
 from services.contract.model_info import AdapterInfo, ModelInfo
 from services.contract.priority import Priority
 from services.contract.sampling import SamplingParams
@@ -30,6 +32,7 @@ from services.llm.engine.api import Engine, GenerationStream
 from services.llm.engine.events import EngineRequest
 from services.llm.engine.factory import build_engine
 from services.llm.grammar import Grammars
+from services.llm.grammar_pool import GrammarPool
 from services.llm.intake import Intake
 from services.llm.metrics import LLMMetrics
 from services.llm.prompt import Prompt, PromptBuilder
@@ -62,6 +65,7 @@ class LLMService:
         self.tokens_per_tile = spec.tokens_per_tile
         positions = spec.text_hf_config().max_position_embeddings
         self.max_context_tokens = min(config.max_context_tokens or positions, positions)
+        self.max_prompt_tokens = min(config.max_prompt_tokens or self.max_context_tokens, self.max_context_tokens)
         self.prompts = PromptBuilder(tokenizer, self.tokens_per_tile, spec.system_message, self.max_context_tokens)
         self.engine: Engine = build_engine(config, checkpoint, tokenizer, self.prompts, self.max_context_tokens,
                                            adapters=adapters, model=model)
@@ -72,6 +76,7 @@ class LLMService:
             metrics.model_name = checkpoint.name
         self.vocab_size = spec.text_hf_config().vocab_size
         self.grammars = Grammars(tokenizer, self.vocab_size, tokenizer.convert_tokens_to_ids(template.STOP_TOKEN))
+        self.grammar_pool = GrammarPool(self.grammars, config.grammar_compile_timeout_s)
         self.embedding_cache = None
         # Tokenisation, off the event loop and out of the model's worker thread.
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-prompt")
@@ -107,6 +112,7 @@ class LLMService:
 
     async def close(self) -> None:
         await self.engine.close()
+        await self.grammar_pool.close()
         self._cpu.shutdown(wait=False, cancel_futures=True)
         if self.embedding_cache is not None:
             await self.embedding_cache.redis.aclose()
@@ -118,33 +124,46 @@ class LLMService:
                        timeout: float | None = None) -> GenerationStream:
         """Starts generating; the returned stream yields TokenDelta events and one Finish per answer.
 
-        Raises NotFoundError (a model this server does not serve), InvalidArgumentError (a constraint xgrammar cannot
-        compile among them), ContextTooLongError, EmbeddingsMissingError (listing every missing key) or
+        Raises NotFoundError (a model this server does not serve), InvalidArgumentError (among them a max_new_tokens
+        that does not fit, a constraint xgrammar cannot compile or one that takes longer than
+        --grammar-compile-timeout-s), ContextTooLongError (also above --max-prompt-tokens), EmbeddingsMissingError (listing every missing key) or
         OverloadedError (the queue is full, or the engine can never fit the request) before anything is generated.
         """
         arrival = time.monotonic()
         self.intake.check_adapter(request.conversation.adapter)
         sampling = request.sampling
-        sampling.validate()
+        sampling.validate(self.config.sampling_limits)
         outside = [token for token, _ in sampling.logit_bias if token >= self.vocab_size]
         if outside:
             raise InvalidArgumentError(f"logit_bias: token id {outside[0]} is outside the vocabulary of "
                                        f"{self.vocab_size} tokens")
         with self.intake.queued():  # before any work; the request counts as queued until the engine takes it
             loop = asyncio.get_running_loop()
-            # Compiled in the default executor: a large schema must not hold up other requests' tokenisation.
-            grammar = (None if sampling.constraint is None
-                       else await loop.run_in_executor(None, self.grammars.compile, sampling.constraint))
             prompt = await loop.run_in_executor(self._cpu, self.prompts.build, request.conversation)
+            max_new = self._max_new_tokens(len(prompt), sampling.max_new_tokens)
+            # In a worker process killed past --grammar-compile-timeout-s: never the model's thread, never unbounded.
+            grammar = None if sampling.constraint is None else await self.grammar_pool.compile(sampling.constraint)
             rows = await self._image_rows(prompt, inline if request.inline_embeddings else None,
                                           request.inline_embeddings)
-            room = self.max_context_tokens - len(prompt)
-            max_new = min(request.sampling.max_new_tokens or self.config.max_new_tokens_default, room)
             return self.engine.submit(EngineRequest(
                 prompt=prompt, sampling=sampling, max_new_tokens=max_new, image_rows=rows,
                 deadline=None if timeout is None else arrival + timeout, arrival=arrival,
                 request_id=request.request_id, grammar=grammar, adapter=request.conversation.adapter,
                 cache_salt=request.conversation.cache_salt, priority=request.priority or Priority.STANDARD))
+
+    def _max_new_tokens(self, prompt_tokens: int, asked: int) -> int:
+        """The answer's token budget: `asked` (max_new_tokens; 0: --max-new-tokens-default, cut to the room the
+        context leaves). Refuses, before prefill, a prompt over --max-prompt-tokens and an asked budget that does not
+        fit beside the prompt (as vLLM and OpenAI do: a cut would hold a slot for an answer nobody asked for)."""
+        if prompt_tokens > self.max_prompt_tokens:
+            raise ContextTooLongError(f"the prompt has {prompt_tokens} tokens (images included); at most "
+                                      f"{self.max_prompt_tokens} (--max-prompt-tokens)")
+        room = self.max_context_tokens - prompt_tokens
+        if asked > room:
+            raise InvalidArgumentError(
+                f"max_new_tokens {asked} does not fit: the prompt has {prompt_tokens} tokens and the context "
+                f"{self.max_context_tokens} (--max-context-tokens), so at most {room} can be generated")
+        return asked or min(self.config.max_new_tokens_default, room)
 
     async def _image_rows(self, prompt: Prompt, inline: dict[str, torch.Tensor] | None,
                           inline_expected: bool) -> tuple[torch.Tensor, ...]:

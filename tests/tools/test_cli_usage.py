@@ -33,6 +33,19 @@ CASES = [
     (["llm", "--model", "{model}", "--redis-url", "redis+cluster://h:1/2"], "--redis-url: a Redis Cluster has only"),
     (["llm", "--model", "{model}", "--redis-url", "http://h:1"], "--redis-url: Redis URL must specify"),
     (["bench", "--quick", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    # The request limits (issue 25): each named with its value.
+    (["llm", "--model", "{model}", "--max-prompt-tokens", "0"], "--max-prompt-tokens must be >= 1, got 0"),
+    (["llm", "--model", "{model}", "--grammar-compile-timeout-s", "0"], "--grammar-compile-timeout-s must be in (0, 600]"),
+    (["llm", "--model", "{model}", "--max-constraint-choices", "0"], "--max-constraint-choices must be >= 1, got 0"),
+    (["gateway", "--vision-target", "127.0.0.1:1", "--llm-target", "127.0.0.1:2", "--max-media-items", "0"],
+     "--max-media-items must be >= 1, got 0"),
+    (["gateway", "--vision-target", "127.0.0.1:1", "--llm-target", "127.0.0.1:2", "--max-conversation-media-items", "8"],
+     "--max-conversation-media-items (8) must be >= --max-media-items (32)"),
+    (["gateway", "--vision-target", "127.0.0.1:1", "--llm-target", "127.0.0.1:2", "--max-stop-string-chars", "0"],
+     "--max-stop-string-chars must be >= 1, got 0"),
+    # Shared by the gateway and the LLM service: `up` passes it to both, each checks it.
+    (["up", "--model", "{model}", "--max-n", "0"], "--max-n must be >= 1, got 0"),
+    (["up", "--model", "{model}", "--max-logit-bias", "-1"], "--max-logit-bias must be >= 1, got -1"),
 ]
 
 

@@ -19,16 +19,20 @@ CONFIGS = {"vision": VisionConfig, "llm": LLMConfig, "gateway": GatewayConfig}
 _SERVER = ["--port", "--host", "--metrics-port", "--max-message-bytes", "--drain-seconds", "--otlp-endpoint",
            "--port-file", "--tls-cert", "--tls-key", "--tls-client-ca"]
 _LORA = ["--lora", "--max-loras", "--max-lora-rank"]
+_REQUEST_LIMITS = ["--max-n", "--max-logit-bias", "--max-stop-strings", "--max-stop-string-chars",
+                   "--max-constraint-chars", "--max-constraint-choices"]
 # Every flag of each service by name, so a flag renamed or dropped fails here: the command lines as they were written
 # by hand before the flags were generated from the configs, and --port-file, --engine, --tensor-parallel-size, the
-# gateway's tenant flags and its admission flags (--max-in-flight ... --default-priority), added since.
+# gateway's tenant flags, its admission flags (--max-in-flight ... --default-priority) and the request limits (issue
+# 25), added since.
 FLAGS_BEFORE = {
     "vision": [*_SERVER, *_LORA, "--model", "--redis-url", "--dtype", "--device", "--max-batch-tiles", "--max-wait-ms",
                "--cache-ttl-s", "--max-image-pixels", "--max-items", "--namespace", "--preprocess-threads",
                "--memory-cache-mb"],
     "llm": [*_SERVER, *_LORA, "--model", "--redis-url", "--dtype", "--device", "--max-batch-size", "--max-queue",
             "--kv-cache-budget-mb", "--kv-budget-mb", "--max-step-tokens", "--max-new-tokens-default",
-            "--max-context-tokens", "--engine", "--tensor-parallel-size", "--pipeline-parallel-size"],
+            "--max-context-tokens", "--engine", "--tensor-parallel-size", "--pipeline-parallel-size",
+            "--max-prompt-tokens", "--grammar-compile-timeout-s", *_REQUEST_LIMITS],
     "gateway": [*_SERVER, "--http-port", "--vision-target", "--llm-target", "--llm-routing", "--routing-epsilon",
                 "--resolve-interval-s", "--redis-url", "--session-ttl-s", "--media-root", "--max-media-bytes",
                 "--allowed-media-domains", "--allow-private-media-addresses", "--media-connect-timeout-s",
@@ -37,6 +41,7 @@ FLAGS_BEFORE = {
                 "--critical-reserve", "--max-queued", "--queue-wait-s", "--default-priority", "--media-threads",
                 "--api-token-file", "--upstream-tls-ca", "--upstream-tls-cert", "--upstream-tls-key",
                 "--upstream-tls-server-name", "--api-keys-file", "--shared-prefix-cache", "--shared-embedding-cache",
+                "--max-media-items", "--max-conversation-media-items", *_REQUEST_LIMITS,
                 # Gray failures.
                 "--vision-attempt-timeout-s", "--circuit-failure-threshold", "--circuit-cooldown-s"],
 }

@@ -101,6 +101,31 @@ def test_dynamic_tiles_are_row_major_with_thumbnail_last():
     assert len(dynamic_tiles(image, max_num=1)) == 1  # a single tile never gets a thumbnail
 
 
+@pytest.mark.parametrize(("width", "height"), [(1, 20000), (20000, 1), (3, 19999), (7919, 2), (1, 1)])
+@pytest.mark.parametrize("max_num", [1, 12, 40])
+def test_extreme_aspect_ratios_stay_within_max_num_tiles(width, height, max_num):
+    """A strip of 1x20000 pixels gets at most `max_num` grid tiles (+1 thumbnail), never a grid that follows its
+    ratio: the resized image the tiles are cut from has at most max_num * 448**2 pixels (the blow-up of the
+    original's dynamic_preprocess in OpenGVLab/InternVL PR 1256)."""
+    cols, rows = tile_grid(width, height, 1, max_num)
+    assert cols * rows <= max_num
+    # The grid follows the strip's orientation as far as max_num allows.
+    assert (cols, rows) == ((max_num, 1) if width > 2 * height else (1, max_num) if height > 2 * width else (cols, rows))
+    resized: list[tuple[int, int]] = []
+    original = Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        resized.append(tuple(size))
+        return original(self, size, *args, **kwargs)
+
+    image = Image.new("RGB", (width, height), (200, 10, 10))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Image.Image, "resize", recording)
+        tiles = dynamic_tiles(image, max_num=max_num)
+    assert len(tiles) == count_tiles(width, height, max_num) <= max_num + 1
+    assert all(w * h <= max_num * 448 * 448 for w, h in resized), resized
+
+
 def test_tiles_to_tensor_converts_mode_and_resizes():
     out = tiles_to_tensor([Image.new("L", (100, 50), 255)])
     assert out.shape == (1, 3, 448, 448) and out.dtype == torch.float32

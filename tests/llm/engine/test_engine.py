@@ -9,7 +9,7 @@ from helpers.engine import Recorder, ask, until
 from torch_kernels import Kernels
 
 from services.contract.conversation import ImageRef, Turn
-from services.contract.errors import ContextTooLongError, OverloadedError
+from services.contract.errors import ContextTooLongError, InvalidArgumentError, OverloadedError
 from services.contract.template import clean_response
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
@@ -141,8 +141,12 @@ async def test_context_limit(make_service, collect):
     async with make_service(max_context_tokens=60) as service:
         with pytest.raises(ContextTooLongError):
             await service.generate(ask("word " * 80))
-        # A prompt that fits is cut at the context: prompt + answer never exceed it.
-        result = await collect(await service.generate(ask("Hi", max_new_tokens=100)))
+        # An asked max_new_tokens that does not fit beside the prompt is refused, naming both numbers; an unset one
+        # (--max-new-tokens-default, 512) is cut at the context: prompt + answer never exceed it.
+        with pytest.raises(InvalidArgumentError, match=r"^max_new_tokens 100 does not fit: the prompt has \d+ tokens "
+                                                       r"and the context 60 \(--max-context-tokens\)"):
+            await service.generate(ask("Hi", max_new_tokens=100))
+        result = await collect(await service.generate(ask("Hi", max_new_tokens=0)))
         assert result.reason == "length"
         assert result.finish.usage.prompt_tokens + result.finish.usage.completion_tokens == 60
 

@@ -19,9 +19,9 @@ from internvl.llm.v1 import llm_pb2
 
 from services.contract.constraint import Constraint, ConstraintKind
 from services.contract.conversation import Conversation, GenerateRequest, ImageRef
-from services.contract.errors import InvalidArgumentError, NotFoundError, OverloadedError
+from services.contract.errors import ContextTooLongError, InvalidArgumentError, NotFoundError, OverloadedError
 from services.contract.finish import FinishReason, Usage
-from services.contract.sampling import SamplingParams
+from services.contract.sampling import SamplingLimits, SamplingParams
 from services.llm import service as service_module
 from services.llm.config import LLMConfig
 from services.llm.engine import factory
@@ -140,7 +140,11 @@ async def test_a_model_not_served_and_a_full_queue_are_refused_before_any_work(m
     service, fake = make_fake_service(max_queue=3)
     work = []
     monkeypatch.setattr(service.prompts, "build", lambda conversation: work.append("tokenise"))
-    monkeypatch.setattr(service.grammars, "compile", lambda constraint: work.append("compile"))
+
+    async def compile_grammar(constraint):
+        work.append("compile")
+
+    monkeypatch.setattr(service.grammar_pool, "compile", compile_grammar)
     constrained = hi(constraint=Constraint(ConstraintKind.CHOICE, choices=("yes", "no")))
     with pytest.raises(NotFoundError, match=r"^model 'nope' is not served by this LLM server \(adapters: none\)$"):
         unknown = dataclasses.replace(constrained.conversation, adapter="nope")
@@ -149,6 +153,44 @@ async def test_a_model_not_served_and_a_full_queue_are_refused_before_any_work(m
     with pytest.raises(OverloadedError, match=r"^the LLM server's queue is full \(3 waiting requests\)$"):
         await service.generate(constrained)
     assert work == [] and fake.requests == []
+
+
+async def test_the_request_limits_are_refused_before_the_engine_gets_anything(make_fake_service, monkeypatch):
+    """The LLM service's own limits (it has callers other than the gateway): sampling limits before tokenising,
+    --max-prompt-tokens and a max_new_tokens that does not fit beside the prompt before any compile or prefill; an
+    unset max_new_tokens is --max-new-tokens-default cut to the room the context leaves."""
+    service, fake = make_fake_service(max_context_tokens=200, max_prompt_tokens=60, max_new_tokens_default=500,
+                                      sampling_limits=SamplingLimits(max_n=2, max_stop_strings=1))
+    work = []
+    build = service.prompts.build
+
+    def recorded(conversation):
+        work.append("tokenise")
+        return build(conversation)
+
+    async def compile_grammar(constraint):
+        work.append("compile")
+
+    monkeypatch.setattr(service.prompts, "build", recorded)
+    monkeypatch.setattr(service.grammar_pool, "compile", compile_grammar)
+    with pytest.raises(InvalidArgumentError, match=r"^n must be between 1 and 2 \(--max-n\), got 3$"):
+        await service.generate(hi(n=3))
+    with pytest.raises(InvalidArgumentError, match=r"^at most 1 stop strings \(--max-stop-strings\), got 2$"):
+        await service.generate(hi(stop_strings=("a", "b")))
+    assert work == []
+    choice = Constraint(ConstraintKind.CHOICE, choices=("yes", "no"))
+    long = GenerateRequest(Conversation(user_parts=("word " * 80,)), SamplingParams(constraint=choice))
+    with pytest.raises(ContextTooLongError, match=r"^the prompt has \d+ tokens \(images included\); at most 60 "
+                                                  r"\(--max-prompt-tokens\)$"):
+        await service.generate(long)
+    with pytest.raises(InvalidArgumentError, match=r"^max_new_tokens 1000000000 does not fit: the prompt has (\d+) "
+                                                   r"tokens and the context 200 \(--max-context-tokens\), so at most "
+                                                   r"\d+ can be generated$"):
+        await service.generate(hi(max_new_tokens=10**9, constraint=choice))
+    assert work == ["tokenise", "tokenise"] and fake.requests == []
+    await service.generate(hi())
+    [taken] = fake.requests
+    assert taken.max_new_tokens == 200 - len(taken.prompt)
 
 
 async def test_requests_being_prepared_hold_their_place_in_the_queue(make_fake_service, monkeypatch):
