@@ -79,7 +79,7 @@ def gateway(stack, name: str, **labels) -> float:
 def test_sheddable_is_refused_and_critical_goes_before_queued_standard_under_saturation(stack):
     assert template.STOP_TOKEN == "<|im_end|>"
     stub = stack.stub
-    blocker = Streamed(stub, request("Count slowly.", common_pb2.PRIORITY_STANDARD, 100_000, endless=True))
+    blocker = Streamed(stub, request("Count slowly.", common_pb2.PRIORITY_STANDARD, 30_000, endless=True))
     try:
         wait_until(lambda: blocker.first_token_at is not None or blocker.ended_at is not None)
         assert blocker.error is None and blocker.ended_at is None, blocker.error
