@@ -52,7 +52,8 @@ class VisionBackend(Protocol):
     async def encode(self, items: Sequence[MediaItem], max_num: int, use_thumbnail: bool,
                      timeout: float | None, route_key: str | None = None) -> list[EncodedItem]: ...
 
-    async def fetch(self, key: str, timeout: float | None) -> Embeddings: ...
+    async def fetch(self, key: str, timeout: float | None, item: MediaItem | None = None, max_num: int = 0,
+                    adapter: str = "") -> Embeddings: ...
 
 
 class LLMBackend(Protocol):
