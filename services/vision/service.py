@@ -98,7 +98,7 @@ class VisionService:
         self.metrics = metrics if metrics is not None else VisionMetrics()
         self.batcher = MicroBatcher(encoder, max_batch_tiles=config.max_batch_tiles, max_wait_s=config.max_wait_s,
                                     on_batch=self.metrics.observe_batch)
-        self.metrics.watch_queue(lambda: self.batcher.queued_tiles)
+        self.metrics.watch_queue(lambda: self.batcher.queued_tiles, lambda: self.batcher.tiles_cancelled)
         self.metrics.watch_cache(lambda: self.cache.bytes_written, lambda: self.cache.corrupt)
         self.metrics.set_model(checkpoint.fingerprint, checkpoint.name, self.dtype_name)
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="vision-preprocess")

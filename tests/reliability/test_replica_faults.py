@@ -51,11 +51,14 @@ def test_cancelled_request_leaves_the_vision_queue(stack):
     victim = wait_for(lambda: holding(stack), 2, "tiles queued on a vision replica")
     encoded = victim.metric("internvl_vision_tiles_encoded_total")
     cancelled = victim.metric("internvl_vision_requests_total", method="Encode", code="CANCELLED")
+    dropped = victim.metric("internvl_vision_tiles_cancelled_total")
+    queued = victim.metric("internvl_vision_queue_tiles")
     call.cancel()
     wait_for(lambda: victim.metric("internvl_vision_queue_tiles") == 0, 1.5, "the queue to drop the tiles")
     time.sleep(SLOW_BATCH_MS / 1000 + 0.5)  # past the moment the batch would have run
     assert victim.metric("internvl_vision_tiles_encoded_total") == encoded
     assert victim.metric("internvl_vision_requests_total", method="Encode", code="CANCELLED") == cancelled + 1
+    assert victim.metric("internvl_vision_tiles_cancelled_total") == dropped + queued > dropped
     stack.wait_idle()
 
 
