@@ -54,7 +54,8 @@ class VisionBackend(Protocol):
                      timeout: float | None, route_key: str | None = None, adapter: str = "",
                      key_salt: str = "") -> list[EncodedItem]: ...
 
-    async def fetch(self, key: str, timeout: float | None) -> Embeddings: ...
+    async def fetch(self, key: str, timeout: float | None, item: MediaItem | None = None, max_num: int = 0,
+                    adapter: str = "") -> Embeddings: ...
 
 
 class LLMBackend(Protocol):

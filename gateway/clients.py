@@ -176,20 +176,32 @@ class VisionClient:
             raise RuntimeError(f"vision Encode answered {len(reply.items)} items for {len(items)}")
         return [EncodedItem.from_pb(r) for r in reply.items]
 
-    async def fetch(self, key: str, timeout: float | None) -> Embeddings:
-        """One cached tensor; EmbeddingsMissingError when the key is not (or no longer) cached."""
+    async def fetch(self, key: str, timeout: float | None, item: MediaItem | None = None, max_num: int = 0,
+                    adapter: str = "", key_salt: str = "") -> Embeddings:
+        """One cached tensor; EmbeddingsMissingError when the key is not (or no longer) cached.
+
+        With `item` (the image `key` was encoded from, with `max_num`, `adapter` and `key_salt`), a key the cache lost is encoded
+        again and its rows come back in this call, whatever the cache does meanwhile; the call then goes to the
+        replica the key prefers, as its Encode would.
+        """
+        request = vision_pb2.FetchEmbeddingsRequest(key=key)
+        if item is not None:
+            request.item.CopyFrom(item.to_pb())
+            request.options.CopyFrom(PreprocessOptions(max_num, True).to_pb())
+            request.adapter = adapter
+            request.key_salt = key_salt
 
         async def attempt(stub: vision_pb2_grpc.VisionServiceStub, left: float | None, metadata: Metadata):
             header, parts = None, []
-            async for reply in stub.FetchEmbeddings(vision_pb2.FetchEmbeddingsRequest(key=key), timeout=left,
-                                                    metadata=metadata):
+            async for reply in stub.FetchEmbeddings(request, timeout=left, metadata=metadata):
                 if reply.chunk.HasField("header"):
                     header = reply.chunk.header
                 parts.append(reply.chunk.data)
             return header, parts
 
         try:
-            header, parts = await self._retrying("FetchEmbeddings", attempt, timeout)
+            header, parts = await self._retrying("FetchEmbeddings", attempt, timeout,
+                                                 None if item is None else key)
         except NotFoundError:
             raise EmbeddingsMissingError([key]) from None
         data = b"".join(parts)

@@ -6,7 +6,8 @@ Requests of both transports (gRPC and the OpenAI-compatible HTTP API) are counte
 same `track`. `track_tokens` adds what only a generation has: time to first token and tokens streamed. The
 orchestrator reports the cache side: tiles encoded vs reused (hit ratio = reused / (encoded + reused)), image bytes
 sent to the vision pool (misses only), and embedding bytes moved, by reference (read by the LLM from the cache) or
-inline (through the gateway, combined multi-image mode only). The routers report each replica choice by reason, and
+inline (through the gateway: combined multi-image mode, and the images the LLM found evicted, handed over after the
+miss). The routers report each replica choice by reason, and
 the pools their replicas by readiness and this gateway's calls in flight to each; each replica's circuit breaker
 (`gateway.circuit`) reports its state and its transitions. Admission control (gateway.admission) reports admitted and
 shed requests by priority, its queue and its wait.
@@ -63,7 +64,7 @@ class GatewayMetrics:
                                        "the LLM service) or inline (through the gateway)", ["path"], registry=r)
         self.encode_calls = Counter(PREFIX + "encode_calls", "Encode calls made to the vision pool", registry=r)
         self.missing_retries = Counter(PREFIX + "missing_embeddings_retries",
-                                       "Generate calls retried after re-encoding evicted embeddings", registry=r)
+                                       "Generate calls retried with the embeddings the LLM found evicted handed over inline", registry=r)
         self.upstream_retries = Counter(PREFIX + "upstream_retries",
                                         "Calls to the vision or LLM pool tried again after failing UNAVAILABLE "
                                         "(a replica died, drained or lost Redis)", ["service", "method"], registry=r)

@@ -10,8 +10,10 @@ For each request:
    concurrently (so duplicates meet in one replica's single-flight, and misses still spread over the pool).
 3. Stream `Generate` from the LLM service with the images by reference, on the replica the conversation's prefix
    identity prefers (gateway.clients, gateway.routing). If it answers FAILED_PRECONDITION with
-   missing keys (evicted between Lookup and Generate), re-encode those and retry (twice at most; then the caller
-   gets UNAVAILABLE: the cache is evicting faster than requests can use it, retry later).
+   missing keys (evicted between Lookup and Generate), get those images' rows from the vision service (FetchEmbeddings
+   with the image: encoded again if need be, returned whatever the cache does meanwhile) and retry with them inline,
+   the rest still by reference; each retry hands over at least one more key, so a request whose images were encoded
+   is answered however fast the cache evicts.
 4. Store the round in the session (texts and keys, never pixels), so any replica can continue it.
 
 The caller's deadline bounds every call to both services, and cancelling the request (the transport cancels this
@@ -93,10 +95,6 @@ log = logging.getLogger(__name__)
 _ITEM_PREFIX = re.compile(r"^items\[\d+\]:\s*")
 T = TypeVar("T")
 MAX_BATCH_REQUESTS = 64
-# Pause before Generate is tried again after failing UNAVAILABLE before its first token.
-# Times Generate is tried again after the LLM found some of the request's embeddings evicted (each time after
-# re-encoding exactly those).
-MISSING_EMBEDDINGS_RETRIES = 2
 
 
 class Deadline:
@@ -414,12 +412,14 @@ class Orchestrator:
         return ImageRef(combined_key([leaf.key for leaf in leaves], self.config.namespace),
                         sum(r.num_tiles for r in leaves), leaves)
 
-    async def _inline(self, conversation: Conversation, deadline: Deadline) -> dict[str, Embeddings]:
-        """Every referenced image's embeddings, fetched from the vision service (combined mode)."""
+    async def _inline(self, conversation: Conversation, deadline: Deadline, pending: dict[str, PendingImage],
+                      key_salt: str) -> dict[str, Embeddings]:
+        """Every referenced image's embeddings, fetched from the vision service (combined mode); this request's own
+        images (`pending`, by key) are encoded again should the cache have lost them."""
         refs = {ref.key: ref for ref in conversation.images()}
         leaves = list(dict.fromkeys(leaf.key for ref in refs.values() for leaf in ref.leaves()))
-        fetched = dict(zip(leaves, await asyncio.gather(*(self.vision.fetch(k, deadline.remaining())
-                                                          for k in leaves)), strict=True))
+        fetched = dict(zip(leaves, await asyncio.gather(*(self._fetch(k, pending.get(k), conversation.adapter,
+                                                                      deadline, key_salt) for k in leaves)), strict=True))
         out = {}
         for key, ref in refs.items():
             parts = [fetched[leaf.key] for leaf in ref.leaves()]
@@ -427,16 +427,29 @@ class Orchestrator:
             out[key] = Embeddings(parts[0].dtype, (rows, *parts[0].shape[1:]), b"".join(p.data for p in parts))
         return out
 
+    async def _fetch(self, key: str, image: PendingImage | None, adapter: str, deadline: Deadline,
+                     key_salt: str) -> Embeddings:
+        """`key`'s rows from the vision service: with `image` (keyed under `key_salt`), encoded again if the cache
+        lost them (so no eviction can make this miss); without, EmbeddingsMissingError on a miss."""
+        if image is None:
+            return await self.vision.fetch(key, deadline.remaining())
+        self.metrics.media_bytes_sent.labels(image.item.kind).inc(len(image.item.data))
+        return await self.vision.fetch(key, deadline.remaining(), image.item, image.max_num, adapter, key_salt)
+
     # -------------------------------------------------------------------------------------------- generate
 
     async def _generate(self, conversation: Conversation, plan: Plan, request: ChatRequest, deadline: Deadline,
                         key_salt: str) -> AsyncIterator[Delta | GenerateFinish]:
+        """Generate with the images by reference; the images of this request that the LLM finds evicted are handed
+        over inline in the next try (the LLM reads inline keys first, the rest from the cache). Each try hands over
+        at least one more key, so this ends after at most one try per image of the request."""
         pending = {image.key: image for image in plan.images}
-        missing_retries = 0
+        handed: dict[str, Embeddings] = {}
         while True:
             started = False
             try:
-                inline = await self._inline(conversation, deadline) if conversation.inline else None
+                inline = (await self._inline(conversation, deadline, pending, key_salt) if conversation.inline
+                          else handed or None)
                 self._count_embedding_bytes(conversation, inline)
                 stream = self.llm.generate(conversation, request.sampling, request.request_id, inline,
                                            deadline.remaining(), priority=request.priority)
@@ -451,22 +464,20 @@ class Orchestrator:
                 lost = [key for key in exc.missing_keys if key not in pending]
                 if lost:
                     raise SessionMediaEvictedError(lost) from None
-                if missing_retries == MISSING_EMBEDDINGS_RETRIES:
-                    # Evicted again each time before the LLM read them: the cache is too small for the load now.
-                    # Transient for the caller, who can do nothing about it but retry: UNAVAILABLE.
+                if any(key in handed for key in exc.missing_keys):
+                    # Only an LLM service that ignores inline rows does this; the caller can only retry.
                     raise NotReadyError("the embedding cache evicted this request's images again before they could "
                                         "be read (it is full); retry later") from None
-                log.info("re-encoding %d evicted image(s) and retrying Generate", len(exc.missing_keys))
-                missing_retries += 1
+                log.info("handing %d evicted image(s) over inline and retrying Generate", len(exc.missing_keys))
                 self.metrics.missing_retries.inc()
-                await self._encode([pending[key] for key in exc.missing_keys], deadline, conversation.adapter,
-                                   key_salt)
+                rows = await asyncio.gather(*(self._fetch(key, pending[key], conversation.adapter, deadline, key_salt)
+                                              for key in exc.missing_keys))
+                handed.update(zip(exc.missing_keys, rows, strict=True))
 
     def _count_embedding_bytes(self, conversation: Conversation, inline: dict[str, Embeddings] | None) -> None:
-        if inline is not None:
-            self.metrics.embedding_bytes.labels("inline").inc(sum(len(e.data) for e in inline.values()))
-            return
-        tiles = {ref.key: ref.num_tiles for ref in conversation.images()}
+        inline = inline or {}
+        self.metrics.embedding_bytes.labels("inline").inc(sum(len(e.data) for e in inline.values()))
+        tiles = {ref.key: ref.num_tiles for ref in conversation.images() if ref.key not in inline}
         self.metrics.embedding_bytes.labels("reference").inc(sum(tiles.values()) * self.model.bytes_per_tile)
 
     def _tile_usage(self, conversation: Conversation, plan: Plan) -> Usage:

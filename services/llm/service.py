@@ -167,39 +167,29 @@ class LLMService:
 
     async def _image_rows(self, prompt: Prompt, inline: dict[str, torch.Tensor] | None,
                           inline_expected: bool) -> tuple[torch.Tensor, ...]:
-        """The embeddings of each of the prompt's images, in order: [tiles * tokens_per_tile, hidden] each."""
+        """The embeddings of each of the prompt's images, in order: [tiles * tokens_per_tile, hidden] each.
+
+        Those sent inline are used as sent; the others are read from the shared cache (EmbeddingsMissingError lists
+        the ones it does not hold). So a client may send only the images the cache lost after they were encoded."""
         tiles: dict[str, int] = {}
         for image in prompt.images:
             if tiles.setdefault(image.key, image.num_tiles) != image.num_tiles:
                 raise InvalidArgumentError(f"image {image.key} is referenced with {tiles[image.key]} and "
                                            f"{image.num_tiles} tiles")
-        if inline_expected:
-            inline = inline or {}
-            absent = [key for key in tiles if key not in inline]
-            extra = [key for key in inline if key not in tiles]
-            if absent or extra:
-                problems = ([f"not sent: {', '.join(absent)}"] if absent else []) + (
-                    [f"not referenced: {', '.join(extra)}"] if extra else [])
-                raise InvalidArgumentError("with inline_embeddings every referenced image must be sent exactly "
-                                           f"once ({'; '.join(problems)})")
-            found = inline
-        elif not tiles:
-            return ()
-        elif self.embedding_cache is None:
-            raise InvalidArgumentError("this LLM server has no shared embedding cache (--redis-url); send the "
-                                       "embeddings inline (inline_embeddings = true)")
-        else:
-            keys = list(tiles)
-            with redis_errors("embedding cache"), tracing.tracer().start_as_current_span("embeddings.fetch") as span:
-                values = await asyncio.gather(*(self.embedding_cache.get(key) for key in keys))
-                tracing.set_attributes({"internvl.images": len(keys), "internvl.bytes": sum(
-                    v.numel() * v.element_size() for v in values if v is not None)}, span)
-            missing = [key for key, value in zip(keys, values, strict=True) if value is None]
-            if missing:
-                raise EmbeddingsMissingError(missing)
-            found = dict(zip(keys, values, strict=True))
+        found = dict(inline or {}) if inline_expected else {}
+        extra = [key for key in found if key not in tiles]
+        if extra:
+            raise InvalidArgumentError(f"inline embeddings sent for images the prompt does not reference: "
+                                       f"{', '.join(extra)}")
         if not tiles:
             return ()
+        keys = [key for key in tiles if key not in found]
+        if keys and self.embedding_cache is None:
+            raise InvalidArgumentError(
+                "this LLM server has no shared embedding cache (--redis-url); send the embeddings inline "
+                f"(inline_embeddings = true){' (not sent: ' + ', '.join(keys) + ')' if inline_expected else ''}")
+        if keys:
+            found.update(await self._cached_rows(keys))
         for key, num_tiles in tiles.items():
             shape = tuple(found[key].shape)
             expected = (num_tiles * self.tokens_per_tile, self.hidden_size)
@@ -208,3 +198,14 @@ class LLMService:
                                            f"this model need {list(expected)}")
         # Concatenated (and checked for NaN) by the engine, on the thread that runs its torch kernels.
         return tuple(found[image.key] for image in prompt.images)
+
+    async def _cached_rows(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Each key's rows from the shared cache; EmbeddingsMissingError listing every key it does not hold."""
+        with redis_errors("embedding cache"), tracing.tracer().start_as_current_span("embeddings.fetch") as span:
+            values = await asyncio.gather(*(self.embedding_cache.get(key) for key in keys))
+            tracing.set_attributes({"internvl.images": len(keys), "internvl.bytes": sum(
+                v.numel() * v.element_size() for v in values if v is not None)}, span)
+        missing = [key for key, value in zip(keys, values, strict=True) if value is None]
+        if missing:
+            raise EmbeddingsMissingError(missing)
+        return dict(zip(keys, values, strict=True))

@@ -94,6 +94,8 @@ class MicroBatcher:
         # Counters; they only grow. ``history`` keeps the most recent batches for tests and debugging.
         self.batches = 0
         self.tiles_encoded = 0
+        # Queued tiles dropped before reaching a batch because their caller was cancelled (never encoded).
+        self.tiles_cancelled = 0
         self.history: collections.deque[BatchStats] = collections.deque(maxlen=history)
 
     @property
@@ -132,9 +134,10 @@ class MicroBatcher:
                                 links=job.batch_spans)
             return rows
         finally:
-            if job.remaining and job in self._pending:  # cancelled (or failed) before all its tiles ran
+            if job.remaining and job in self._pending:  # cancelled before all its tiles ran (_fail dequeues)
                 self._pending.remove(job)
                 self._queued_tiles -= job.remaining
+                self.tiles_cancelled += job.remaining
 
     async def close(self) -> None:
         """Stops taking work, fails what is queued, and waits for a running forward to finish."""
@@ -191,6 +194,7 @@ class MicroBatcher:
             if job.future.done():  # its caller went away before encode()'s cleanup ran
                 self._pending.popleft()
                 self._queued_tiles -= job.remaining
+                self.tiles_cancelled += job.remaining
                 continue
             n = min(room, job.remaining)
             pieces.append((job, job.scheduled, job.scheduled + n))

@@ -71,8 +71,11 @@ class VisionMetrics:
     def observe_item(self, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses).inc()
 
-    def watch_queue(self, read: Callable[[], int]) -> None:
+    def watch_queue(self, read: Callable[[], int], cancelled: Callable[[], int]) -> None:
+        """The queue depth, and the queued tiles dropped unencoded because their caller cancelled."""
         self.queue_tiles.set_function(read)
+        self._callbacks.add(PREFIX + "tiles_cancelled", "Queued tiles dropped before the encoder ran them because "
+                            "their request was cancelled (the client went away or its deadline passed)", cancelled)
 
     def watch_cache(self, bytes_written: Callable[[], int], corrupt: Callable[[], int]) -> None:
         self._callbacks.add(PREFIX + "cache_written_bytes", "Bytes of values written to the embedding cache",

@@ -66,7 +66,12 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                               context) -> AsyncIterator[vision_pb2.FetchEmbeddingsResponse]:
         service = self._ready()
         chunk_bytes = service.config.chunk_bytes(request.max_chunk_bytes)
-        embeddings = await service.fetch(request.key)
+        if request.HasField("item"):
+            embeddings = await service.fetch_or_encode(request.key, MediaItem.from_pb(request.item),
+                                                       PreprocessOptions.from_pb(request.options), request.adapter,
+                                                       request.key_salt)
+        else:
+            embeddings = await service.fetch(request.key)
         tracing.set_attributes({"internvl.bytes": embeddings.nbytes})
         for chunk in tensor_chunks(DTYPE_TO_PB[embeddings.dtype], embeddings.shape, embeddings.data, chunk_bytes):
             yield vision_pb2.FetchEmbeddingsResponse(chunk=chunk)

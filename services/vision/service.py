@@ -47,7 +47,7 @@ from services.model.modules import (
     load_vision,
     resolve_dtype,
 )
-from services.runtime.embedding_store import EmbeddingCache, StoredEmbeddings
+from services.runtime.embedding_store import EmbeddingCache, StoredEmbeddings, tensor_to_bytes
 from services.runtime.own_thread import in_own_thread
 from services.runtime.redis_client import RedisClient, redis_errors
 from services.runtime.redis_client import connect as connect_redis
@@ -98,7 +98,7 @@ class VisionService:
         self.metrics = metrics if metrics is not None else VisionMetrics()
         self.batcher = MicroBatcher(encoder, max_batch_tiles=config.max_batch_tiles, max_wait_s=config.max_wait_s,
                                     on_batch=self.metrics.observe_batch)
-        self.metrics.watch_queue(lambda: self.batcher.queued_tiles)
+        self.metrics.watch_queue(lambda: self.batcher.queued_tiles, lambda: self.batcher.tiles_cancelled)
         self.metrics.watch_cache(lambda: self.cache.bytes_written, lambda: self.cache.corrupt)
         self.metrics.set_model(checkpoint.fingerprint, checkpoint.name, self.dtype_name)
         self._pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="vision-preprocess")
@@ -228,6 +228,13 @@ class VisionService:
 
     async def _encode_item(self, index: int, item: MediaItem, key: str, max_num: int,
                            use_thumbnail: bool, slot: int) -> EncodedItem:
+        tensor, hit = await self._embeddings(index, item, key, max_num, use_thumbnail, slot)
+        rows = tensor.shape[0]
+        return EncodedItem(key=key, num_tiles=rows // self.tokens_per_tile, num_tokens=rows, cache_hit=hit)
+
+    async def _embeddings(self, index: int, item: MediaItem, key: str, max_num: int, use_thumbnail: bool,
+                          slot: int) -> tuple[torch.Tensor, bool]:
+        """`item`'s embeddings [tiles * tokens_per_tile, hidden] from the cache, or encoded and stored: (rows, hit)."""
         compute = functools.partial(self._compute, item, max_num, use_thumbnail, slot)
         # A hit reads and checks the whole value: one the LLM service would reject must not count as present.
         try:
@@ -241,8 +248,7 @@ class VisionService:
             # Raised once for every request sharing the key: each caller names its own item.
             raise InvalidMediaError(f"items[{index}]: {exc}", item_index=index) from None
         self.metrics.observe_item(hit)
-        rows = tensor.shape[0]
-        return EncodedItem(key=key, num_tiles=rows // self.tokens_per_tile, num_tokens=rows, cache_hit=hit)
+        return tensor, hit
 
     def _well_formed(self, tensor: torch.Tensor) -> bool:
         return (tensor.dim() == 2 and tensor.shape[1] == self.hidden_size and tensor.shape[0] > 0
@@ -281,6 +287,30 @@ class VisionService:
         if value is None:
             raise NotFoundError(f"no embeddings under {key} (never encoded, expired or evicted): encode it again")
         return value
+
+    async def fetch_or_encode(self, key: str, item: MediaItem, options: PreprocessOptions = _DEFAULT_OPTIONS,
+                              adapter: str = "", key_salt: str = "") -> StoredEmbeddings:
+        """The embeddings under ``key`` (``item``'s key under `options`, `adapter` and `key_salt`), encoded from
+        ``item`` (and stored) when the cache does not hold them.
+
+        What is returned is the tensor this call read or computed, never read back from the cache: an eviction
+        right after the write cannot take it away (the caller hands it to the LLM service inline).
+        """
+        self._check_key(key, "key")
+        if adapter and self.info.adapter(adapter) is None:
+            raise NotFoundError(f"model {adapter!r} is not served by this vision server")
+        max_num, use_thumbnail = self._resolve(options)
+        self._check_item(0, item)
+        loop = asyncio.get_running_loop()
+        expected = await loop.run_in_executor(self._pool, self.key_for, item, max_num, use_thumbnail, adapter,
+                                              key_salt)
+        if expected != key:
+            raise InvalidArgumentError(f"key {key[:80]!r} is not the key of the item under these options "
+                                       f"({expected[:80]!r}): send the options, adapter and salt it was encoded with")
+        with self._cache_errors():
+            tensor, _ = await self._embeddings(0, item, key, max_num, use_thumbnail, self._slots.get(adapter, 0))
+        dtype, shape, data = await loop.run_in_executor(self._pool, tensor_to_bytes, tensor)
+        return StoredEmbeddings(dtype, tuple(shape), memoryview(data))
 
     def _check_key(self, key: str, where: str, index: int | None = None) -> None:
         if not key.startswith(self._prefix) or len(key) > MAX_KEY_CHARS:

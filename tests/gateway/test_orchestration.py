@@ -2,7 +2,7 @@
 
 What the fakes let us check without a model: keys are looked up before any bytes are sent and only misses are
 encoded; parts reach the LLM in order, by reference; a video's frames fan out over the vision replicas; evicted
-embeddings are re-encoded and Generate retried once; sessions continue by id; deadlines and cancellation reach the
+embeddings are handed over inline and Generate retried; sessions continue by id; deadlines and cancellation reach the
 services; bad input is refused with the right status, naming the part.
 """
 
@@ -20,7 +20,7 @@ from helpers.media import png, write_video
 from internvl.common.v1 import common_pb2
 from internvl.gateway.v1 import gateway_pb2
 
-from gateway.orchestrator import MISSING_EMBEDDINGS_RETRIES, check_same_model
+from gateway.orchestrator import check_same_model
 from services.contract.errors import (
     ERROR_BY_CODE,
     STATUS_BY_CODE,
@@ -124,7 +124,7 @@ async def test_video_frames_fan_out_over_vision_replicas():
         assert len(start.user_parts[0].video.frames) == 6
 
 
-async def test_evicted_embeddings_are_reencoded_and_generate_retried_once():
+async def test_evicted_embeddings_are_handed_over_inline_and_generate_retried_once():
     async with fake_stack() as stack:
         evictions = []
 
@@ -136,16 +136,36 @@ async def test_evicted_embeddings_are_reencoded_and_generate_retried_once():
         stack.llm.before_read = evict_first_time
         _, finish = await chat(stack, G.ChatRequest(content=[image_part(png(300, 200)), text_part("Hi")]))
         assert finish.reason == G.FINISH_REASON_STOP and evictions
-        assert len(stack.llm.starts) == 2 and stack.vision_calls("Encode") == [1, 1]
+        assert len(stack.llm.starts) == 2 and stack.vision_calls("Encode") == [1]
+        # The evicted image's rows came back from the vision service (encoded again: FetchEmbeddings with the image)
+        # and went to the LLM inline; the retry sent nothing else.
+        assert stack.vision_calls("FetchEmbeddings") == [1]
+        assert stack.llm.starts[-1].inline_embeddings and list(stack.llm.inline[-1]) == evictions
+        assert stack.llm.inline[-1][evictions[0]] == embedding_bytes(evictions[0], finish.usage.image_tiles[0])
         assert stack.metrics.missing_retries._value.get() == 1
+        assert stack.metrics.embedding_bytes.labels("inline")._value.get() == len(stack.llm.inline[-1][evictions[0]])
 
-        # Evicted again on every retry: after MISSING_EMBEDDINGS_RETRIES re-encodes the caller gets UNAVAILABLE (the
-        # cache is too full right now: retry later), not a loop.
-        stack.llm.before_read = lambda start: stack.cache.tiles.clear()
-        starts = len(stack.llm.starts)
-        code, details = await status_of(stack, G.ChatRequest(content=[image_part(png(301, 200)), text_part("Hi")]))
-        assert code == grpc.StatusCode.UNAVAILABLE and "evicted" in details and "retry later" in details
-        assert len(stack.llm.starts) - starts == 1 + MISSING_EMBEDDINGS_RETRIES
+
+async def test_a_cache_that_evicts_every_read_still_answers_one_retry_per_image():
+    """The cache loses one more of the request's images before each read (as under heavy churn): each retry hands
+    one more over inline, the others stay references, and the request is answered, not refused UNAVAILABLE."""
+    async with fake_stack() as stack:
+        images = [png(300 + i, 200) for i in range(3)]
+
+        def evict_one(start):
+            refs = [p.image.key for p in start.user_parts if p.HasField("image")]
+            cached = [key for key in refs if key not in stack.llm.inline[-1] and key in stack.cache.tiles]
+            if cached:
+                stack.cache.tiles.pop(cached[0])
+
+        stack.llm.before_read = evict_one
+        _, finish = await chat(stack, G.ChatRequest(content=[*map(image_part, images), text_part("Hi")]))
+        assert finish.reason == G.FINISH_REASON_STOP
+        assert len(stack.llm.starts) == 4 and stack.metrics.missing_retries._value.get() == 3
+        keys = [p.image.key for p in stack.llm.starts[-1].user_parts if p.HasField("image")]
+        assert [sorted(sent) for sent in stack.llm.inline] == [[], sorted(keys[:1]), sorted(keys[:2]), sorted(keys)]
+        # Each image encoded once by Encode, and each evicted one once more by its FetchEmbeddings.
+        assert sum(stack.vision_calls("Encode")) == 3 and stack.vision_calls("FetchEmbeddings") == [1, 1, 1]
 
 
 async def test_session_continues_by_reference_and_reports_reuse():

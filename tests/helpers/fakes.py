@@ -30,7 +30,12 @@ from gateway.orchestrator import Orchestrator
 from gateway.server import ChatServicer
 from gateway.sessions import MemorySessionStore
 from services.contract.cache_keys import cache_key, frame_media, model_identity
-from services.contract.errors import EmbeddingsMissingError, InvalidMediaError, NotFoundError
+from services.contract.errors import (
+    EmbeddingsMissingError,
+    InvalidArgumentError,
+    InvalidMediaError,
+    NotFoundError,
+)
 from services.contract.service_names import GATEWAY_SERVICE, LLM_SERVICE, VISION_SERVICE
 from services.contract.tiling import count_tiles
 from services.runtime.grpc_server import GrpcServer, ServerOptions
@@ -66,37 +71,47 @@ class FakeVision(vision_pb2_grpc.VisionServiceServicer):
         if self.fail_encode is not None:
             error, self.fail_encode = self.fail_encode, None
             raise error
-        max_num, thumb = request.options.max_num, request.options.use_thumbnail
         out = []
         for i, item in enumerate(request.items):
-            if item.WhichOneof("media") == "image_bytes":
-                if item.image_bytes.startswith(b"\x89PNG") and b"BROKEN" in item.image_bytes:
-                    raise InvalidMediaError(f"items[{i}]: cannot decode image: broken", item_index=i)
-                width, height = Image.open(io.BytesIO(item.image_bytes)).size
-                media, kind = item.image_bytes, "image"
-            else:
-                frame = item.frame
-                width, height = frame.width, frame.height
-                media, kind = frame_media(frame.rgb, frame.height, frame.width), "frame"
-            key = cache_key(model_identity(self.fingerprint, "float32"), max_num, thumb, 448, media, kind)
-            tiles = count_tiles(width, height, max_num, 448, thumb)
+            key, tiles = self._key_and_tiles(i, item, request.options)
             hit = key in self.cache.tiles
             self.cache.tiles[key] = tiles
             out.append(vision_pb2.EncodedItem(key=key, num_tiles=tiles, num_tokens=tiles * TOKENS_PER_TILE,
                                               cache_hit=hit))
         return vision_pb2.EncodeResponse(items=out)
 
+    def _key_and_tiles(self, i: int, item: vision_pb2.EncodeItem, options) -> tuple[str, int]:
+        max_num, thumb = options.max_num, options.use_thumbnail
+        if item.WhichOneof("media") == "image_bytes":
+            if item.image_bytes.startswith(b"\x89PNG") and b"BROKEN" in item.image_bytes:
+                raise InvalidMediaError(f"items[{i}]: cannot decode image: broken", item_index=i)
+            width, height = Image.open(io.BytesIO(item.image_bytes)).size
+            media, kind = item.image_bytes, "image"
+        else:
+            frame = item.frame
+            width, height = frame.width, frame.height
+            media, kind = frame_media(frame.rgb, frame.height, frame.width), "frame"
+        key = cache_key(model_identity(self.fingerprint, "float32"), max_num, thumb, 448, media, kind)
+        return key, count_tiles(width, height, max_num, 448, thumb)
+
     async def Lookup(self, request, context):
         self.calls.append(("Lookup", len(request.keys)))
         return vision_pb2.LookupResponse(exists=[k in self.cache.tiles for k in request.keys])
 
     async def FetchEmbeddings(self, request, context):
+        """With `item`, a key the cache lacks is "encoded" again (and stored), as the real service does."""
         self.calls.append(("FetchEmbeddings", 1))
-        if request.key not in self.cache.tiles:
+        tiles = self.cache.tiles.get(request.key)
+        if tiles is None and request.HasField("item"):
+            key, tiles = self._key_and_tiles(0, request.item, request.options)
+            if key != request.key:
+                raise InvalidArgumentError(f"key {request.key} is not the item's key {key}")
+            self.cache.tiles[key] = tiles
+        if tiles is None:
             raise NotFoundError(f"no embeddings under {request.key}")
-        data = embedding_bytes(request.key, self.cache.tiles[request.key])
+        data = embedding_bytes(request.key, tiles)
         header = common_pb2.TensorHeader(dtype=common_pb2.DTYPE_FLOAT32, total_bytes=len(data),
-                                         shape=[self.cache.tiles[request.key] * TOKENS_PER_TILE, HIDDEN])
+                                         shape=[tiles * TOKENS_PER_TILE, HIDDEN])
         half = len(data) // 2
         yield vision_pb2.FetchEmbeddingsResponse(chunk=common_pb2.TensorChunk(header=header, offset=0,
                                                                               data=data[:half]))
@@ -118,7 +133,8 @@ def model_info(fingerprint: str) -> common_pb2.ModelInfo:
 
 
 class FakeLLM(llm_pb2_grpc.LLMServiceServicer):
-    """Answers "a b c" (token ids 1 2 3); reads referenced keys from the fake cache like the real service."""
+    """Answers "a b c" (token ids 1 2 3); reads referenced keys not sent inline from the fake cache like the real
+    service."""
 
     def __init__(self, cache: FakeCache, fingerprint: str = FINGERPRINT):
         self.cache = cache
@@ -143,13 +159,12 @@ class FakeLLM(llm_pb2_grpc.LLMServiceServicer):
         self.inline.append({k: bytes(v) for k, v in inline.items()})
         if self.before_read is not None:
             self.before_read(start)
-        if not start.inline_embeddings:
-            refs = [p.image for t in [*start.history, start] for p in t.user_parts if p.HasField("image")]
-            refs += [f for t in [*start.history, start] for p in t.user_parts if p.HasField("video")
-                     for f in p.video.frames]
-            missing = list(dict.fromkeys(r.key for r in refs if r.key not in self.cache.tiles))
-            if missing:
-                raise EmbeddingsMissingError(missing)
+        refs = [p.image for t in [*start.history, start] for p in t.user_parts if p.HasField("image")]
+        refs += [f for t in [*start.history, start] for p in t.user_parts if p.HasField("video")
+                 for f in p.video.frames]
+        missing = list(dict.fromkeys(r.key for r in refs if r.key not in inline and r.key not in self.cache.tiles))
+        if missing:
+            raise EmbeddingsMissingError(missing)
         if self.block:
             self.blocked.set()
             try:

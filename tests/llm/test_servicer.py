@@ -14,9 +14,11 @@ from internvl.llm.v1 import llm_pb2, llm_pb2_grpc
 
 from services.contract.service_names import LLM_SERVICE
 from services.llm.server import LLMServicer, ReadinessFollower
+from services.runtime.embedding_store import EmbeddingCache
 from services.runtime.grpc_errors import error_detail
 from services.runtime.grpc_server import GrpcServer, ServerOptions
 from services.runtime.request_metrics import RequestMetrics
+from services.vision.memstore import InProcessRedis
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -67,6 +69,29 @@ async def test_bad_inline_embeddings_are_invalid_argument(make_service, wide, mu
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await tokens_of(stub.Generate(iter([start_message(part, inline=True), *chunks])))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_inline_keys_win_and_the_others_are_read_from_the_cache(make_service, reference, pixels,
+                                                                     embeddings_of, wide):
+    """Some images inline (those the cache lost), the rest from the cache: the same answer as all inline; a key
+    neither sent nor cached is FAILED_PRECONDITION naming only that key."""
+    small = embeddings_of(reference("qwen2"), pixels["small"])
+    parts = [llm_pb2.ContentPart(image=llm_pb2.ImageRef(key="wide", num_tiles=3)),
+             llm_pb2.ContentPart(image=llm_pb2.ImageRef(key="small", num_tiles=1)),
+             llm_pb2.ContentPart(text="Compare them.")]
+    async with make_service() as service, serving(service) as stub:
+        everything = await tokens_of(stub.Generate(iter([start_message(*parts, inline=True),
+                                                         *embedding_messages("wide", wide),
+                                                         *embedding_messages("small", small)])))
+        service.embedding_cache = EmbeddingCache(InProcessRedis(), service.checkpoint.fingerprint)
+        await service.embedding_cache.put("small", small)
+        mixed = await tokens_of(stub.Generate(iter([start_message(*parts, inline=True),
+                                                    *embedding_messages("wide", wide)])))
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await tokens_of(stub.Generate(iter([start_message(*parts)])))
+    assert mixed == everything and everything
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert list(error_detail(failure.value).missing_keys) == ["wide"]
 
 
 async def test_first_message_must_be_start(make_service, wide):

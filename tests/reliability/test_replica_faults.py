@@ -48,14 +48,18 @@ def test_cancelled_request_leaves_the_vision_queue(stack):
     request = G.ChatRequest(content=[image_part(media.noise_png(seed=500)), text_part("?")],
                             sampling=G.SamplingParams(max_new_tokens=2))
     call = stack.stub.Chat(request, timeout=30)
-    victim = wait_for(lambda: holding(stack), 2, "tiles queued on a vision replica")
+    # Polled well within the 2.5 s a batch waits; the gateway's planning may take seconds on a loaded machine.
+    victim = wait_for(lambda: holding(stack), 10, "tiles queued on a vision replica")
     encoded = victim.metric("internvl_vision_tiles_encoded_total")
     cancelled = victim.metric("internvl_vision_requests_total", method="Encode", code="CANCELLED")
+    dropped = victim.metric("internvl_vision_tiles_cancelled_total")
+    queued = victim.metric("internvl_vision_queue_tiles")
     call.cancel()
     wait_for(lambda: victim.metric("internvl_vision_queue_tiles") == 0, 1.5, "the queue to drop the tiles")
     time.sleep(SLOW_BATCH_MS / 1000 + 0.5)  # past the moment the batch would have run
     assert victim.metric("internvl_vision_tiles_encoded_total") == encoded
     assert victim.metric("internvl_vision_requests_total", method="Encode", code="CANCELLED") == cancelled + 1
+    assert victim.metric("internvl_vision_tiles_cancelled_total") == dropped + queued > dropped
     stack.wait_idle()
 
 

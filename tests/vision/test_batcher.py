@@ -193,10 +193,11 @@ async def test_cancelled_request_drops_its_queued_tiles():
         doomed.cancel()
         with pytest.raises(asyncio.CancelledError):
             await doomed
-        assert batcher.queued_tiles == 0
+        assert batcher.queued_tiles == 0 and batcher.tiles_cancelled == 3
         assert torch.equal(await busy, expected(1, 2))
         assert torch.equal(await batcher.encode(tiles(6)), expected(6))
         assert [3.0] not in encoder.batches and all(3 not in b for b in encoder.batches)
+        assert batcher.tiles_cancelled == 3  # counted once, and nothing that ran counts
     finally:
         await batcher.close()
 
@@ -213,6 +214,7 @@ async def test_close_fails_queued_work_and_refuses_new_work():
     with pytest.raises(NotReadyError):
         await queued
     assert running.done()
+    assert batcher.tiles_cancelled == 0  # failed by the shutdown, not cancelled by its caller
     with pytest.raises(NotReadyError):
         await batcher.encode(tiles(3))
 

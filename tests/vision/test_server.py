@@ -104,6 +104,13 @@ async def test_encode_lookup_and_chunked_fetch(stack):
     fetched = torch.frombuffer(bytearray(b"".join(c.data for c in chunks)), dtype=torch.float32).reshape(768, 64)
     assert torch.equal(fetched, (await service.fetch(image.key)).to_tensor())
 
+    # Given the image, a key the cache lost comes back all the same (encoded again), in the same chunks.
+    await service.store.delete(image.key)
+    again = [r.chunk async for r in stub.FetchEmbeddings(vision_pb2.FetchEmbeddingsRequest(
+        key=image.key, max_chunk_bytes=50_000, item=vision_pb2.EncodeItem(image_bytes=data),
+        options=common_pb2.PreprocessOptions(max_num=2)))]
+    assert again == chunks
+
 
 @pytest.mark.asyncio
 async def test_fetch_errors(stack):

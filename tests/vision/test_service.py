@@ -385,3 +385,41 @@ def test_store_without_a_redis_url_is_in_process_and_redis_errors_are_one_line()
     with pytest.raises(NotReadyError) as info:
         asyncio.run(connect_store(VisionConfig(model="m", redis_url="redis://:hunter2@127.0.0.1:1/0")))
     assert "hunter2" not in str(info.value) and "redis://:***@127.0.0.1:1/0" in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_fetch_with_the_item_encodes_what_the_cache_lost(service):
+    """FetchEmbeddings given the image: the rows even when the cache no longer holds them (encoded again, stored
+    again), equal to what Encode stored; a key that is not the item's is refused."""
+    data = png(300, 200)
+    options = PreprocessOptions(max_num=2)
+    [item] = await service.encode([MediaItem.image(data)], options)
+    stored = (await service.fetch(item.key)).to_tensor()
+    await service.store.delete(item.key)
+    tiles = service.batcher.tiles_encoded
+    fetched = await service.fetch_or_encode(item.key, MediaItem.image(data), options)
+    assert torch.equal(fetched.to_tensor(), stored)
+    assert service.batcher.tiles_encoded - tiles == item.num_tiles
+    assert await service.lookup([item.key]) == [True]  # stored again for the next reader
+    # Present: read, not encoded.
+    assert torch.equal((await service.fetch_or_encode(item.key, MediaItem.image(data), options)).to_tensor(), stored)
+    assert service.batcher.tiles_encoded - tiles == item.num_tiles
+    with pytest.raises(InvalidArgumentError, match="not the key of the item"):
+        await service.fetch_or_encode(item.key, MediaItem.image(data), PreprocessOptions(max_num=1))
+
+
+@pytest.mark.asyncio
+async def test_fetch_with_the_item_encodes_under_the_salt_its_key_was_made_with(service):
+    """A tenant's salted key (Encode with key_salt) is re-encoded by FetchEmbeddings given the same salt; without the
+    salt the key is not the item's."""
+    data = png(200, 300)
+    options = PreprocessOptions(max_num=2)
+    [item] = await service.encode([MediaItem.image(data)], options, key_salt="tenant-a")
+    [unsalted] = await service.encode([MediaItem.image(data)], options)
+    assert item.key != unsalted.key
+    stored = (await service.fetch(item.key)).to_tensor()
+    await service.store.delete(item.key)
+    fetched = await service.fetch_or_encode(item.key, MediaItem.image(data), options, key_salt="tenant-a")
+    assert torch.equal(fetched.to_tensor(), stored)
+    with pytest.raises(InvalidArgumentError, match="not the key of the item"):
+        await service.fetch_or_encode(item.key, MediaItem.image(data), options)

@@ -55,7 +55,7 @@ class LLMServiceServicer:
 
     def Generate(self, request_iterator, context):
         """Bidirectional stream. The client sends one GenerateRequest carrying `start`, then, only when
-        start.inline_embeddings is true, the embeddings of every referenced image as `embedding` chunks,
+        start.inline_embeddings is true, the embeddings of referenced images as `embedding` chunks,
         then half-closes. The server streams `delta` messages and ends with one `finish` per answer
         (SamplingParams.n answers, told apart by `index`; the prompt is prefilled once for all).
         Errors abort the stream with a status; embeddings missing from the cache abort it with

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from internvl.common.v1 import common_pb2 as internvl_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1finternvl/vision/v1/vision.proto\x12\x12internvl.vision.v1\x1a\x1finternvl/common/v1/common.proto\"6\n\x08RawFrame\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\"[\n\nEncodeItem\x12\x15\n\x0bimage_bytes\x18\x01 \x01(\x0cH\x00\x12-\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1c.internvl.vision.v1.RawFrameH\x00\x42\x07\n\x05media\"\x99\x01\n\rEncodeRequest\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.internvl.vision.v1.EncodeItem\x12\x36\n\x07options\x18\x02 \x01(\x0b\x32%.internvl.common.v1.PreprocessOptions\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x10\n\x08key_salt\x18\x04 \x01(\t\"T\n\x0b\x45ncodedItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnum_tiles\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"@\n\x0e\x45ncodeResponse\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.internvl.vision.v1.EncodedItem\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\" \n\x0eLookupResponse\x12\x0e\n\x06\x65xists\x18\x01 \x03(\x08\">\n\x16\x46\x65tchEmbeddingsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x05\"I\n\x17\x46\x65tchEmbeddingsResponse\x12.\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1f.internvl.common.v1.TensorChunk\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.internvl.common.v1.ModelInfo2\x82\x03\n\rVisionService\x12O\n\x06\x45ncode\x12!.internvl.vision.v1.EncodeRequest\x1a\".internvl.vision.v1.EncodeResponse\x12O\n\x06Lookup\x12!.internvl.vision.v1.LookupRequest\x1a\".internvl.vision.v1.LookupResponse\x12l\n\x0f\x46\x65tchEmbeddings\x12*.internvl.vision.v1.FetchEmbeddingsRequest\x1a+.internvl.vision.v1.FetchEmbeddingsResponse0\x01\x12\x61\n\x0cGetModelInfo\x12\'.internvl.vision.v1.GetModelInfoRequest\x1a(.internvl.vision.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1finternvl/vision/v1/vision.proto\x12\x12internvl.vision.v1\x1a\x1finternvl/common/v1/common.proto\"6\n\x08RawFrame\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\"[\n\nEncodeItem\x12\x15\n\x0bimage_bytes\x18\x01 \x01(\x0cH\x00\x12-\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1c.internvl.vision.v1.RawFrameH\x00\x42\x07\n\x05media\"\x99\x01\n\rEncodeRequest\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.internvl.vision.v1.EncodeItem\x12\x36\n\x07options\x18\x02 \x01(\x0b\x32%.internvl.common.v1.PreprocessOptions\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x10\n\x08key_salt\x18\x04 \x01(\t\"T\n\x0b\x45ncodedItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnum_tiles\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"@\n\x0e\x45ncodeResponse\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.internvl.vision.v1.EncodedItem\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\" \n\x0eLookupResponse\x12\x0e\n\x06\x65xists\x18\x01 \x03(\x08\"\xc7\x01\n\x16\x46\x65tchEmbeddingsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x05\x12,\n\x04item\x18\x03 \x01(\x0b\x32\x1e.internvl.vision.v1.EncodeItem\x12\x36\n\x07options\x18\x04 \x01(\x0b\x32%.internvl.common.v1.PreprocessOptions\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x10\n\x08key_salt\x18\x06 \x01(\t\"I\n\x17\x46\x65tchEmbeddingsResponse\x12.\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1f.internvl.common.v1.TensorChunk\"\x15\n\x13GetModelInfoRequest\"I\n\x14GetModelInfoResponse\x12\x31\n\nmodel_info\x18\x01 \x01(\x0b\x32\x1d.internvl.common.v1.ModelInfo2\x82\x03\n\rVisionService\x12O\n\x06\x45ncode\x12!.internvl.vision.v1.EncodeRequest\x1a\".internvl.vision.v1.EncodeResponse\x12O\n\x06Lookup\x12!.internvl.vision.v1.LookupRequest\x1a\".internvl.vision.v1.LookupResponse\x12l\n\x0f\x46\x65tchEmbeddings\x12*.internvl.vision.v1.FetchEmbeddingsRequest\x1a+.internvl.vision.v1.FetchEmbeddingsResponse0\x01\x12\x61\n\x0cGetModelInfo\x12\'.internvl.vision.v1.GetModelInfoRequest\x1a(.internvl.vision.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,14 +46,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPREQUEST']._serialized_end=574
   _globals['_LOOKUPRESPONSE']._serialized_start=576
   _globals['_LOOKUPRESPONSE']._serialized_end=608
-  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_start=610
-  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_end=672
-  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_start=674
-  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_end=747
-  _globals['_GETMODELINFOREQUEST']._serialized_start=749
-  _globals['_GETMODELINFOREQUEST']._serialized_end=770
-  _globals['_GETMODELINFORESPONSE']._serialized_start=772
-  _globals['_GETMODELINFORESPONSE']._serialized_end=845
-  _globals['_VISIONSERVICE']._serialized_start=848
-  _globals['_VISIONSERVICE']._serialized_end=1234
+  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_start=611
+  _globals['_FETCHEMBEDDINGSREQUEST']._serialized_end=810
+  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_start=812
+  _globals['_FETCHEMBEDDINGSRESPONSE']._serialized_end=885
+  _globals['_GETMODELINFOREQUEST']._serialized_start=887
+  _globals['_GETMODELINFOREQUEST']._serialized_end=908
+  _globals['_GETMODELINFORESPONSE']._serialized_start=910
+  _globals['_GETMODELINFORESPONSE']._serialized_end=983
+  _globals['_VISIONSERVICE']._serialized_start=986
+  _globals['_VISIONSERVICE']._serialized_end=1372
 # @@protoc_insertion_point(module_scope)

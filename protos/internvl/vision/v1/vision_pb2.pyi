@@ -68,12 +68,20 @@ class LookupResponse(_message.Message):
     def __init__(self, exists: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class FetchEmbeddingsRequest(_message.Message):
-    __slots__ = ("key", "max_chunk_bytes")
+    __slots__ = ("key", "max_chunk_bytes", "item", "options", "adapter", "key_salt")
     KEY_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    KEY_SALT_FIELD_NUMBER: _ClassVar[int]
     key: str
     max_chunk_bytes: int
-    def __init__(self, key: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    item: EncodeItem
+    options: _common_pb2.PreprocessOptions
+    adapter: str
+    key_salt: str
+    def __init__(self, key: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., item: _Optional[_Union[EncodeItem, _Mapping]] = ..., options: _Optional[_Union[_common_pb2.PreprocessOptions, _Mapping]] = ..., adapter: _Optional[str] = ..., key_salt: _Optional[str] = ...) -> None: ...
 
 class FetchEmbeddingsResponse(_message.Message):
     __slots__ = ("chunk",)

@@ -80,7 +80,8 @@ class VisionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchEmbeddings(self, request, context):
-        """Streams one cached embedding tensor in chunks, for clients without access to the cache.
+        """Streams one cached embedding tensor in chunks, for clients without access to the cache; given
+        the image too, encodes it when the cache no longer holds it (a hand-off no eviction can break).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
