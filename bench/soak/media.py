@@ -1,12 +1,11 @@
-"""The soak's media, made on the fly: small noise PNGs (one per seed, so a seed is a cache key) and short MPEG-4 clips
-(PyAV), small enough that thousands of requests stay cheap on the tiny checkpoint."""
+"""The soak's media, made on the fly: small noise PNGs (one per seed, so a seed is a cache key); its clips are the
+benchmark's (bench.workload.video_mp4). Small enough that thousands of requests stay cheap on the tiny checkpoint."""
 
 from __future__ import annotations
 
 import base64
 import io
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -18,21 +17,6 @@ def noise_png(seed: int, width: int = 64, height: int = 48) -> bytes:
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
 
-
-def clip(seed: int, frames: int = 6, fps: int = 6, width: int = 64, height: int = 48) -> bytes:
-    """An MP4 of `frames` frames of random pixels (MPEG-4 part 2, which every PyAV build can write)."""
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for _ in range(frames):
-            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

@@ -26,6 +26,7 @@ from internvl.gateway.v1 import gateway_pb2 as G
 from internvl.gateway.v1 import gateway_pb2_grpc
 
 from bench.soak import media
+from bench.workload import video_mp4
 
 MAX_NEW = 6  # tokens per ordinary answer: the soak measures the stack's bookkeeping, not decoding
 CANCEL_MAX_NEW = 256  # long enough that a cancel after the first token lands mid-stream
@@ -58,7 +59,7 @@ class Target:
     def build(cls, channel: grpc.Channel, http_port: int) -> Target:
         return cls(gateway_pb2_grpc.ChatServiceStub(channel), f"http://127.0.0.1:{http_port}",
                    [media.noise_png(seed) for seed in range(IMAGE_POOL)],
-                   [media.clip(seed) for seed in range(VIDEO_POOL)])
+                   [video_mp4(seed, frames=3, side=64) for seed in range(VIDEO_POOL)])
 
 
 # ------------------------------------------------------------------------------------------------------- gRPC
