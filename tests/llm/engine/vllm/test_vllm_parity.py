@@ -108,8 +108,10 @@ async def test_a_second_turn_reuses_the_first_turns_prefix(family):
 async def test_a_cache_salt_keeps_cached_prefixes_to_requests_of_the_same_salt(family):
     """The gateway's per-tenant salt (EngineRequest.cache_salt, vLLM's prompt `cache_salt`): a prompt is a prefix-cache
     hit only for requests of its own salt."""
-    text = f"Case {uuid.uuid4().hex}: " + "tell me a long story about a blue boat on a grey sea. " * 30
-    conversation = Conversation(user_parts=(text,))
+    # Unique from the system message on: the engine is shared, and its unsalted scope holds other tests' prompts, which
+    # all begin with the template's default system message.
+    text = "Tell me a long story about a blue boat on a grey sea. " * 30
+    conversation = Conversation(user_parts=(text,), system_message=f"Case {uuid.uuid4().hex}.")
 
     async def cached(salt: str) -> int:
         request = dataclasses.replace(family.request(conversation, max_new_tokens=2), cache_salt=salt)
