@@ -21,7 +21,7 @@ from gateway.routing import Policy
 from gateway.tenants import KeyDirectory, load_keys_file
 from services.contract.cache_keys import DEFAULT_NAMESPACE
 from services.contract.errors import InvalidArgumentError
-from services.contract.priority import Priority
+from services.contract.priority import LABELS as PRIORITY_LABELS
 from services.contract.sampling import SamplingLimits
 from services.contract.tiling import DEFAULT_MAX_PIXELS
 from services.runtime import flags
@@ -33,7 +33,6 @@ from services.runtime.tls import ClientTls, UpstreamTlsFlags
 ENV_REDIS_URL = "INTERNVL_REDIS_URL"
 ENV_API_TOKEN = "INTERNVL_API_TOKEN"
 ROUTING_POLICIES = tuple(p.value for p in Policy)
-PRIORITIES = tuple(p.label for p in Priority)
 DEFAULT_PORT = 50051
 
 
@@ -151,7 +150,7 @@ class GatewayConfig:
                                      "UNAVAILABLE with Retry-After (critical ones wait up to their deadline; "
                                      "default %(default)s)")
     default_priority: str = flag("standard", "priority of requests that name none: critical, standard or sheddable "
-                                             "(default %(default)s)", choices=PRIORITIES)
+                                             "(default %(default)s)", choices=PRIORITY_LABELS)
     # Threads for media work (file reads, base64, image probing, video decoding, key hashing).
     media_threads: int = flag(4, "threads reading and decoding media (default %(default)s)")
     # Bearer token every public call must carry (gRPC `authorization` metadata, HTTP Authorization header);
@@ -220,8 +219,8 @@ class GatewayConfig:
              f"--critical-reserve must be >= 0 and below --max-in-flight, got {self.critical_reserve}"),
             (self.max_queued >= 0, f"--max-queued must be >= 0, got {self.max_queued}"),
             (0 < self.queue_wait_s < math.inf, f"--queue-wait-s must be > 0, got {self.queue_wait_s}"),
-            (self.default_priority in PRIORITIES,
-             f"--default-priority must be one of {', '.join(PRIORITIES)}, got {self.default_priority!r}"),
+            (self.default_priority in PRIORITY_LABELS,
+             f"--default-priority must be one of {', '.join(PRIORITY_LABELS)}, got {self.default_priority!r}"),
             (self.media_threads >= 1, f"--media-threads must be >= 1, got {self.media_threads}"),
             (self.media_root is None or os.path.isdir(self.media_root),
              f"--media-root {self.media_root!r} is not a directory"),

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.contract.errors import InvalidArgumentError
+from services.contract.priority import LABELS as PRIORITY_LABELS
 from services.contract.priority import Priority
 from services.runtime import logs
 
 ANONYMOUS = "anonymous"
 DEFAULT = "default"
-PRIORITIES = tuple(p.label for p in Priority)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MIN_KEY_CHARS = 16
 _SETTINGS = frozenset({"keys", "rate", "burst", "max_concurrent", "priority"})
@@ -182,8 +182,8 @@ def _tenant(name: str, settings: object) -> tuple[Tenant, list[str]]:
     if burst is not None and rate is None:
         raise InvalidArgumentError(f"tenant {name!r}: 'burst' needs a 'rate'")
     priority = settings.get("priority")
-    if priority is not None and priority not in PRIORITIES:
-        raise InvalidArgumentError(f"tenant {name!r}: 'priority' must be one of {', '.join(PRIORITIES)}, got "
+    if priority is not None and priority not in PRIORITY_LABELS:
+        raise InvalidArgumentError(f"tenant {name!r}: 'priority' must be one of {', '.join(PRIORITY_LABELS)}, got "
                                    f"{priority!r}")
     return Tenant(name, rate, burst, _number(name, settings, "max_concurrent", int, minimum=1),
                   None if priority is None else Priority.parse(priority)), keys

@@ -54,6 +54,10 @@ class Priority(enum.IntEnum):
         return int(self)
 
 
+
+# Every priority's name, most important first: what flags, headers and the tenants' key file accept.
+LABELS = tuple(p.label for p in Priority)
+
 def effective_priority(explicit: Priority | None, tenant_default: Priority | None, default: Priority) -> Priority:
     """The one place a request's priority is decided: the request's own (gRPC field or HTTP header), else its
     tenant's default, else the gateway's --default-priority."""
