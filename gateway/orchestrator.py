@@ -209,12 +209,13 @@ class Orchestrator:
         tracing.set_attributes({"internvl.priority": priority.label})
         request = dataclasses.replace(request, priority=priority)
         async with (self.admission.slot(priority, deadline.at),
-                    contextlib.aclosing(self._answer(request, adapter, deadline)) as events):
+                    contextlib.aclosing(self._answer(request, adapter, deadline, media_items)) as events):
             async for event in events:
                 yield event
 
-    async def _answer(self, request: ChatRequest, adapter: str, deadline: Deadline) -> AsyncIterator[Delta | Finish]:
-        """`chat` of a validated request that holds an admission slot."""
+    async def _answer(self, request: ChatRequest, adapter: str, deadline: Deadline,
+                      media_items: int) -> AsyncIterator[Delta | Finish]:
+        """`chat` of a validated request (with `media_items` images and videos) that holds an admission slot."""
         tenant = tenants.current().name
         cache_salt, key_salt = self._salts(tenant)
         # Remote URLs become their bytes (fetched by the allowlist) before planning: the cache keys cover the bytes.
@@ -237,7 +238,7 @@ class Orchestrator:
                 adapter = self._adapter(session.adapter)  # still served?
             else:
                 session = Session(session_id, request.system_message, adapter=adapter, tenant=tenant)
-            check_conversation_media(request_media_items(request), session_media_items(session),
+            check_conversation_media(media_items, session_media_items(session),
                                      self.config.max_conversation_media_items)
             with tracing.tracer().start_as_current_span("media.plan") as span:
                 plan = await self._plan(request, adapter, key_salt)
